@@ -1,0 +1,213 @@
+//! One client connection: the byte stream adapter that watches for progress, and the
+//! watchdog that closes connections that stall.
+//!
+//! hyper's own header timeout needs a `Send + Sync` timer, which monoio's thread-local
+//! timers are not; rather than pretend, the watchdog tracks the connection's state itself
+//! and enforces three limits:
+//! - header: once a client has sent the first byte of a request, it has `header_timeout`
+//!   to complete the headers (a slowloris client is cut here);
+//! - idle: a connection with no request in progress is closed after `idle_timeout`;
+//! - io: a request in progress that reads or writes nothing for `io_timeout` is aborted
+//!   (a stalled upload, or a client that stops reading its response).
+
+use std::{
+    cell::Cell,
+    io,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::TimeoutKind;
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub header: Duration,
+    pub idle: Duration,
+    pub io: Duration,
+}
+
+/// What a connection is doing, as far as the watchdog is concerned.
+pub struct Activity {
+    /// Requests whose response has not been fully handed to the socket.
+    active: Cell<u32>,
+    /// When the connection last had no request in progress.
+    idle_since: Cell<Instant>,
+    /// First byte of a request that has not reached the service yet.
+    partial_since: Cell<Option<Instant>>,
+    /// Last time a byte moved in either direction.
+    last_progress: Cell<Instant>,
+}
+
+impl Activity {
+    pub fn new(now: Instant) -> Self {
+        Self { active: Cell::new(0), idle_since: Cell::new(now), partial_since: Cell::new(None), last_progress: Cell::new(now) }
+    }
+
+    fn on_read(&self, now: Instant) {
+        self.last_progress.set(now);
+        if self.active.get() == 0 && self.partial_since.get().is_none() {
+            self.partial_since.set(Some(now));
+        }
+    }
+
+    fn on_write(&self, now: Instant) {
+        self.last_progress.set(now);
+    }
+
+    /// Marks a request as in progress until the returned guard is dropped (with the
+    /// response body, once hyper has written it).
+    pub fn begin_request(self: &Rc<Self>) -> ActiveGuard {
+        self.active.set(self.active.get() + 1);
+        self.partial_since.set(None);
+        ActiveGuard(self.clone())
+    }
+
+    /// The limit this connection has overrun, if any.
+    pub fn expired(&self, now: Instant, t: &Timeouts) -> Option<TimeoutKind> {
+        let (since, limit, kind) = self.current_limit(t);
+        (now.saturating_duration_since(since) >= limit).then_some(kind)
+    }
+
+    /// When to look again. The state can change between checks (a request may start),
+    /// so never sleep longer than the shortest limit.
+    pub fn next_check(&self, now: Instant, t: &Timeouts) -> Instant {
+        let (since, limit, _) = self.current_limit(t);
+        let shortest = t.header.min(t.idle).min(t.io);
+        (since + limit).min(now + shortest).max(now + Duration::from_millis(1))
+    }
+
+    fn current_limit(&self, t: &Timeouts) -> (Instant, Duration, TimeoutKind) {
+        if self.active.get() > 0 {
+            (self.last_progress.get(), t.io, TimeoutKind::Io)
+        } else if let Some(since) = self.partial_since.get() {
+            (since, t.header, TimeoutKind::Header)
+        } else {
+            (self.idle_since.get(), t.idle, TimeoutKind::Idle)
+        }
+    }
+}
+
+/// Ends a request's in-progress state when dropped.
+pub struct ActiveGuard(Rc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let remaining = activity.active.get().saturating_sub(1);
+        activity.active.set(remaining);
+        if remaining == 0 {
+            let now = Instant::now();
+            activity.idle_since.set(now);
+            activity.last_progress.set(now);
+        }
+    }
+}
+
+/// The connection's socket, reporting progress to its `Activity`.
+pub struct TrackedStream {
+    inner: TcpStreamPoll,
+    activity: Rc<Activity>,
+}
+
+impl TrackedStream {
+    pub fn new(inner: TcpStreamPoll, activity: Rc<Activity>) -> Self {
+        Self { inner, activity }
+    }
+
+    fn wrote(&self, result: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result {
+            if *n > 0 {
+                self.activity.on_write(Instant::now());
+            }
+        }
+    }
+}
+
+impl AsyncRead for TrackedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.on_read(Instant::now());
+        }
+        result
+    }
+}
+
+impl AsyncWrite for TrackedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.wrote(&result);
+        result
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(&result);
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Timeouts = Timeouts { header: Duration::from_secs(10), idle: Duration::from_secs(60), io: Duration::from_secs(30) };
+
+    #[test]
+    fn idle_connection_expires_after_the_idle_timeout() {
+        let start = Instant::now();
+        let a = Activity::new(start);
+        assert!(a.expired(start + Duration::from_secs(59), &T).is_none());
+        assert!(matches!(a.expired(start + Duration::from_secs(60), &T), Some(TimeoutKind::Idle)));
+    }
+
+    #[test]
+    fn partial_request_expires_after_the_header_timeout() {
+        let start = Instant::now();
+        let a = Activity::new(start);
+        a.on_read(start + Duration::from_secs(1));
+        // A slow trickle of bytes does not extend the header deadline.
+        a.on_read(start + Duration::from_secs(9));
+        assert!(matches!(a.expired(start + Duration::from_secs(11), &T), Some(TimeoutKind::Header)));
+    }
+
+    #[test]
+    fn request_in_progress_expires_only_without_progress() {
+        let start = Instant::now();
+        let a = Rc::new(Activity::new(start));
+        let guard = a.begin_request();
+        a.on_write(start + Duration::from_secs(25));
+        assert!(a.expired(start + Duration::from_secs(50), &T).is_none());
+        assert!(matches!(a.expired(start + Duration::from_secs(56), &T), Some(TimeoutKind::Io)));
+        drop(guard);
+        assert!(a.expired(Instant::now() + Duration::from_secs(1), &T).is_none());
+    }
+
+    #[test]
+    fn checks_are_never_further_apart_than_the_shortest_limit() {
+        let start = Instant::now();
+        let a = Activity::new(start);
+        assert!(a.next_check(start, &T) <= start + T.header);
+    }
+}

@@ -1,0 +1,237 @@
+//! The HTTP side of a node: one accept loop per runtime thread, hyper connections
+//! (HTTP/1.1 keep-alive, and HTTP/2 with prior knowledge, detected per connection), and a
+//! graceful drain.
+
+mod conn;
+pub mod service;
+
+use std::{
+    cell::Cell,
+    future::Future,
+    net::TcpListener as StdTcpListener,
+    rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hyper_util::{rt::TokioIo, server::conn::auto};
+use monoio::{
+    io::{AsyncWriteRentExt, IntoPollIo},
+    net::{TcpListener, TcpStream},
+};
+
+use self::conn::{Activity, Timeouts, TrackedStream};
+use crate::{
+    config::HttpConfig,
+    metrics::{CoreMetrics, Metrics},
+    store::{CoreStore, Store},
+};
+
+/// State shared by every runtime thread of a node.
+pub struct Node {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub http: HttpConfig,
+    pub shutdown_timeout: Duration,
+    /// Set at SIGTERM: /health answers 503.
+    draining: AtomicBool,
+    /// Set when the drain grace is over: listeners close, connections finish and close.
+    stopping: AtomicBool,
+}
+
+impl Node {
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, http: HttpConfig, shutdown_timeout: Duration) -> Self {
+        Self { store, metrics, http, shutdown_timeout, draining: AtomicBool::new(false), stopping: AtomicBool::new(false) }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stop(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// One runtime thread's context.
+pub struct CoreContext {
+    pub node: Arc<Node>,
+    pub store: Rc<CoreStore>,
+    core: usize,
+    connections: Cell<usize>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl CoreContext {
+    pub fn metrics(&self) -> &CoreMetrics {
+        self.node.metrics.core(self.core)
+    }
+}
+
+/// Spawns hyper's HTTP/2 stream tasks on the current monoio thread.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, future: F) {
+        monoio::spawn(future);
+    }
+}
+
+/// How often each thread looks at the node's stop flag; it bounds how late a thread
+/// notices SIGTERM and costs one timer wake-up per interval.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+/// Runs one thread's accept loop until the node stops, then waits (up to the shutdown
+/// timeout) for its connections to finish. `ready` is called once the thread serves.
+pub async fn serve_core(node: Arc<Node>, core: usize, listener: StdTcpListener, ready: impl FnOnce(Result<(), String>)) {
+    let setup = node
+        .store
+        .for_core(core)
+        .map_err(|e| format!("thread {core}: cannot open the store: {e}"))
+        .and_then(|store| TcpListener::from_std(listener).map(|l| (store, l)).map_err(|e| format!("thread {core}: {e}")));
+    let (store, listener) = match setup {
+        Ok(ok) => {
+            ready(Ok(()));
+            ok
+        }
+        Err(e) => return ready(Err(e)),
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ctx = Rc::new(CoreContext { node: node.clone(), store: Rc::new(store), core, connections: Cell::new(0), stop: stop_rx });
+    monoio::spawn({
+        let node = node.clone();
+        async move {
+            while !node.is_stopping() {
+                monoio::time::sleep(STOP_POLL).await;
+            }
+            let _ = stop_tx.send(true);
+        }
+    });
+
+    let mut stop = ctx.stop.clone();
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => admit(&ctx, stream),
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning on the error.
+                    tracing::warn!(core, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = stop.wait_for(|stopping| *stopping) => break,
+        }
+    }
+    drop(listener);
+
+    let deadline = Instant::now() + node.shutdown_timeout;
+    while ctx.connections.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if ctx.connections.get() > 0 {
+        tracing::warn!(core, connections = ctx.connections.get(), "shutdown timeout: closing connections with requests in flight");
+    }
+}
+
+fn admit(ctx: &Rc<CoreContext>, stream: TcpStream) {
+    let node = &ctx.node;
+    let open = node.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    if open >= node.http.max_connections as u64 {
+        node.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::add(&ctx.metrics().connections_rejected, 1);
+        monoio::spawn(reject(stream));
+        return;
+    }
+    crate::metrics::add(&ctx.metrics().connections_accepted, 1);
+    ctx.connections.set(ctx.connections.get() + 1);
+    let ctx = ctx.clone();
+    monoio::spawn(async move {
+        serve_connection(&ctx, stream).await;
+        ctx.connections.set(ctx.connections.get() - 1);
+        ctx.node.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Tells a client over the connection limit why it is being closed, without waiting on it.
+async fn reject(mut stream: TcpStream) {
+    const REPLY: &[u8] =
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
+    let _ = monoio::time::timeout(Duration::from_secs(1), stream.write_all(REPLY)).await;
+}
+
+async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let stream = match stream.into_poll_io() {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set up connection");
+            return;
+        }
+    };
+    let now = Instant::now();
+    let activity = Rc::new(Activity::new(now));
+    let io = TokioIo::new(TrackedStream::new(stream, activity.clone()));
+    let service = {
+        let ctx = ctx.clone();
+        let activity = activity.clone();
+        hyper::service::service_fn(move |req| service::handle(ctx.clone(), req, activity.begin_request()))
+    };
+
+    let mut builder = auto::Builder::new(LocalExec);
+    builder.http1().keep_alive(true).max_buf_size(1 << 20);
+    // Flow-control windows sized for 128 KiB-4 MiB shards: the default 64 KiB window would
+    // cost a round trip per 64 KiB on every large GET or PUT.
+    builder
+        .http2()
+        .max_concurrent_streams(256)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(256 << 10)
+        .max_send_buf_size(4 << 20);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+
+    let timeouts = Timeouts { header: ctx.node.http.header_timeout, idle: ctx.node.http.idle_timeout, io: ctx.node.http.io_timeout };
+    let mut stop = ctx.stop.clone();
+    let mut stopping = false;
+    loop {
+        if !stopping && *stop.borrow() {
+            stopping = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        let now = Instant::now();
+        if let Some(kind) = activity.expired(now, &timeouts) {
+            ctx.metrics().record_timeout(kind);
+            tracing::debug!(?kind, "closing a stalled connection");
+            return;
+        }
+        let check_at = activity.next_check(now, &timeouts);
+        monoio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = monoio::time::sleep_until(check_at.into()) => {}
+            _ = stop.changed(), if !stopping => {}
+        }
+    }
+}

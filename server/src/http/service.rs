@@ -1,0 +1,246 @@
+//! Request routing and the shard API.
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use slapshot_core::ShardKey;
+
+use super::{CoreContext, conn::ActiveGuard};
+use crate::{
+    metrics::{self, add},
+    store::{PendingRecord, PutOutcome, StoreError, Tier},
+};
+
+/// Header carrying the decimal crc32 (IEEE) of a shard's bytes, on PUT and on GET.
+pub const CRC_HEADER: &str = "x-slapshot-crc32";
+/// Header telling which tier served a GET (memory or flash); for operators and tests.
+pub const TIER_HEADER: &str = "x-slapshot-tier";
+
+const SHARD_PREFIX: &str = "/v1/shards/";
+
+/// A response body held in memory. It keeps the connection's request in progress until
+/// hyper drops it, which happens once the bytes have been handed to the socket.
+pub struct ResponseBody {
+    data: Option<Bytes>,
+    _in_progress: ActiveGuard,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.get_mut().data.take().map(|data| Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
+/// Serves one request and counts it.
+pub async fn handle(ctx: Rc<CoreContext>, req: Request<Incoming>, in_progress: ActiveGuard) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    let method = metrics::method_slot(req.method());
+    let response = route(&ctx, req).await;
+    let m = ctx.metrics();
+    m.record_request(method, response.status().as_u16(), started.elapsed());
+    if let Some(data) = response.body() {
+        add(&m.response_bytes, data.len() as u64);
+    }
+    Ok(response.map(|data| ResponseBody { data: data.filter(|d| !d.is_empty()), _in_progress: in_progress }))
+}
+
+type Reply = Response<Option<Bytes>>;
+
+async fn route(ctx: &Rc<CoreContext>, req: Request<Incoming>) -> Reply {
+    let path = req.uri().path();
+    if let Some(key) = path.strip_prefix(SHARD_PREFIX) {
+        let key = key.to_owned();
+        return shard(ctx, &key, req).await;
+    }
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/health") => {
+            if ctx.node.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ok\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let body = ctx.node.metrics.render(ctx.node.store.gauges(), ctx.node.is_draining());
+            let mut reply = Response::new(Some(Bytes::from(body)));
+            reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            reply
+        }
+        (_, "/health" | "/metrics") => method_not_allowed("GET, HEAD"),
+        _ => text(StatusCode::NOT_FOUND, "no such endpoint; shards live under /v1/shards/{key}\n"),
+    }
+}
+
+async fn shard(ctx: &Rc<CoreContext>, key: &str, req: Request<Incoming>) -> Reply {
+    let method = req.method().clone();
+    let needs_token = match method {
+        Method::GET | Method::HEAD => ctx.node.http.auth_reads,
+        Method::PUT | Method::DELETE => true,
+        _ => return method_not_allowed("GET, HEAD, PUT, DELETE"),
+    };
+    if needs_token && !authorized(ctx, &req) {
+        let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+        reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return reply;
+    }
+    let key = match ShardKey::parse(key) {
+        Ok(key) => key,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")),
+    };
+    match method {
+        Method::GET => get(ctx, key, true).await,
+        Method::HEAD => get(ctx, key, false).await,
+        Method::PUT => put(ctx, key, req).await,
+        _ => delete(ctx, key).await,
+    }
+}
+
+fn authorized(ctx: &CoreContext, req: &Request<Incoming>) -> bool {
+    let Some(token) = &ctx.node.http.token else { return true };
+    let Some(given) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    constant_time_eq(given, token.as_bytes())
+}
+
+/// Compares without an early exit, so response timing does not reveal how much of a
+/// guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>, with_body: bool) -> Reply {
+    let Some(shard) = ctx.store.get(key).await else {
+        return text(StatusCode::NOT_FOUND, "shard not found\n");
+    };
+    let len = shard.data.len();
+    let mut reply = Response::new(with_body.then_some(shard.data));
+    let headers = reply.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(CRC_HEADER, HeaderValue::from(shard.crc));
+    headers.insert(TIER_HEADER, HeaderValue::from_static(if shard.tier == Tier::Memory { "memory" } else { "flash" }));
+    if !with_body {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    reply
+}
+
+async fn put(ctx: &Rc<CoreContext>, key: ShardKey<'_>, req: Request<Incoming>) -> Reply {
+    let max = ctx.store.max_payload();
+    let expected_crc = match req.headers().get(CRC_HEADER) {
+        None => None,
+        Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u32>().ok()) {
+            Some(crc) => Some(crc),
+            None => return text(StatusCode::BAD_REQUEST, format!("{CRC_HEADER} must be a decimal crc32\n")),
+        },
+    };
+    let mut body = req.into_body();
+    let hint = body.size_hint();
+    if let Some(len) = hint.exact() {
+        if len > max {
+            return too_large(max);
+        }
+    }
+    let mut record = PendingRecord::new(key, hint.lower().min(max) as usize);
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    if (record.payload_len() + data.len()) as u64 > max {
+                        return too_large(max);
+                    }
+                    add(&ctx.metrics().request_bytes, data.len() as u64);
+                    record.push(&data);
+                }
+            }
+            // The client closed or broke the stream before the body ended.
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("incomplete request body: {e}\n")),
+        }
+    }
+    if let Some(expected) = expected_crc {
+        let actual = record.crc();
+        if actual != expected {
+            return text(StatusCode::BAD_REQUEST, format!("crc32 mismatch: {CRC_HEADER} says {expected}, the body has {actual}\n"));
+        }
+    }
+    match ctx.store.put(key, record).await {
+        Ok(PutOutcome::Created) => empty(StatusCode::CREATED),
+        Ok(PutOutcome::Replaced) => empty(StatusCode::NO_CONTENT),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+async fn delete(ctx: &Rc<CoreContext>, key: ShardKey<'_>) -> Reply {
+    match ctx.store.delete(key).await {
+        Ok(true) => empty(StatusCode::NO_CONTENT),
+        Ok(false) => text(StatusCode::NOT_FOUND, "shard not found\n"),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+fn store_unavailable(e: &StoreError) -> Reply {
+    let status = match e {
+        StoreError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, format!("store unavailable: {e}\n"))
+}
+
+fn too_large(max: u64) -> Reply {
+    text(StatusCode::PAYLOAD_TOO_LARGE, format!("shard larger than the {max}-byte limit\n"))
+}
+
+fn method_not_allowed(allow: &'static str) -> Reply {
+    let mut reply = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    reply
+}
+
+fn empty(status: StatusCode) -> Reply {
+    let mut reply = Response::new(None);
+    *reply.status_mut() = status;
+    reply
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut reply = Response::new(Some(body.into()));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -1,0 +1,303 @@
+//! Prometheus metrics, kept per runtime thread and summed when scraped.
+//!
+//! Each runtime thread owns one `CoreMetrics` (on its own cache lines) and is its only
+//! writer, so counting is an uncontended relaxed add. Metric names live in [`names`] and
+//! nowhere else.
+
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+pub mod names {
+    pub const HTTP_REQUESTS: &str = "slapshot_http_requests_total";
+    pub const HTTP_REQUEST_BYTES: &str = "slapshot_http_request_body_bytes_total";
+    pub const HTTP_RESPONSE_BYTES: &str = "slapshot_http_response_body_bytes_total";
+    pub const HTTP_DURATION: &str = "slapshot_http_request_duration_seconds";
+    pub const CONNECTIONS_OPEN: &str = "slapshot_http_connections_open";
+    pub const CONNECTIONS_ACCEPTED: &str = "slapshot_http_connections_accepted_total";
+    pub const CONNECTIONS_REJECTED: &str = "slapshot_http_connections_rejected_total";
+    pub const CONNECTION_TIMEOUTS: &str = "slapshot_http_connection_timeouts_total";
+    pub const CACHE_HITS: &str = "slapshot_cache_hits_total";
+    pub const CACHE_MISSES: &str = "slapshot_cache_misses_total";
+    pub const CHECKSUM_FAILURES: &str = "slapshot_checksum_failures_total";
+    pub const IO_ERRORS: &str = "slapshot_io_errors_total";
+    pub const EVICTED_REGIONS: &str = "slapshot_flash_evicted_regions_total";
+    pub const EVICTED_SHARDS: &str = "slapshot_flash_evicted_shards_total";
+    pub const REINSERTED_SHARDS: &str = "slapshot_flash_reinserted_shards_total";
+    pub const FLASH_BYTES_USED: &str = "slapshot_flash_bytes_used";
+    pub const FLASH_CAPACITY: &str = "slapshot_flash_capacity_bytes";
+    pub const FLASH_SHARDS: &str = "slapshot_flash_shards";
+    pub const FLASH_FREE_REGIONS: &str = "slapshot_flash_free_regions";
+    pub const FLASH_BROKEN_REGIONS: &str = "slapshot_flash_broken_regions";
+    pub const MEMORY_BYTES_USED: &str = "slapshot_memory_bytes_used";
+    pub const MEMORY_CAPACITY: &str = "slapshot_memory_capacity_bytes";
+    pub const MEMORY_SHARDS: &str = "slapshot_memory_shards";
+    pub const RECOVERED_SHARDS: &str = "slapshot_recovered_shards";
+    pub const RECOVERY_SECONDS: &str = "slapshot_recovery_duration_seconds";
+    pub const DRAINING: &str = "slapshot_draining";
+}
+
+/// Request methods that get their own label.
+pub const METHODS: [&str; 5] = ["GET", "HEAD", "PUT", "DELETE", "OTHER"];
+
+pub fn method_slot(method: &http::Method) -> usize {
+    match *method {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::PUT => 2,
+        http::Method::DELETE => 3,
+        _ => 4,
+    }
+}
+
+/// Status codes the node sends; anything else is counted under "other".
+pub const STATUSES: [u16; 13] = [200, 201, 204, 400, 401, 404, 405, 408, 413, 500, 503, 507, 0];
+
+fn status_slot(status: u16) -> usize {
+    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
+}
+
+/// Upper bounds of the latency histogram buckets, in seconds. They span the server-side
+/// figures that matter: under 50 µs for a memory GET, around 100-400 µs for a flash PUT,
+/// milliseconds when something queues.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 5.0,
+];
+
+#[derive(Default)]
+pub struct Histogram {
+    /// One counter per bucket plus the overflow (+Inf) bucket; not cumulative.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let slot = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        add(&self.buckets[slot], 1);
+        add(&self.sum_nanos, u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+    }
+}
+
+/// Where a connection was cut by a timeout.
+#[derive(Debug, Clone, Copy)]
+pub enum TimeoutKind {
+    Header = 0,
+    Idle = 1,
+    Io = 2,
+}
+
+const TIMEOUT_KINDS: [&str; 3] = ["header", "idle", "io"];
+
+/// Counters of one runtime thread.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct CoreMetrics {
+    requests: [[AtomicU64; STATUSES.len()]; METHODS.len()],
+    latency: [Histogram; METHODS.len()],
+    pub request_bytes: AtomicU64,
+    pub response_bytes: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_rejected: AtomicU64,
+    timeouts: [AtomicU64; TIMEOUT_KINDS.len()],
+    pub hits_memory: AtomicU64,
+    pub hits_flash: AtomicU64,
+    pub misses: AtomicU64,
+    pub checksum_failures_read: AtomicU64,
+    pub io_errors_read: AtomicU64,
+    pub io_errors_write: AtomicU64,
+    pub evicted_regions: AtomicU64,
+    pub evicted_shards: AtomicU64,
+    pub reinserted_shards: AtomicU64,
+}
+
+impl CoreMetrics {
+    pub fn record_request(&self, method: usize, status: u16, elapsed: Duration) {
+        add(&self.requests[method][status_slot(status)], 1);
+        self.latency[method].observe(elapsed);
+    }
+
+    pub fn record_timeout(&self, kind: TimeoutKind) {
+        add(&self.timeouts[kind as usize], 1);
+    }
+}
+
+/// Increments a counter owned by the calling thread.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+/// Values read from the store at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreGauges {
+    pub flash_bytes_used: u64,
+    pub flash_capacity: u64,
+    pub flash_shards: u64,
+    pub free_regions: u64,
+    pub broken_regions: u64,
+    pub memory_bytes_used: u64,
+    pub memory_capacity: u64,
+    pub memory_shards: u64,
+}
+
+/// Facts about start-up recovery, fixed once the node serves.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecoveryReport {
+    pub shards: u64,
+    pub checksum_failures: u64,
+    pub duration: Duration,
+}
+
+pub struct Metrics {
+    pub cores: Box<[CoreMetrics]>,
+    pub connections_open: AtomicU64,
+    recovery: std::sync::OnceLock<RecoveryReport>,
+}
+
+impl Metrics {
+    pub fn new(threads: usize) -> Self {
+        Self {
+            cores: (0..threads.max(1)).map(|_| CoreMetrics::default()).collect(),
+            connections_open: AtomicU64::new(0),
+            recovery: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn core(&self, core: usize) -> &CoreMetrics {
+        &self.cores[core]
+    }
+
+    pub fn set_recovery(&self, report: RecoveryReport) {
+        let _ = self.recovery.set(report);
+    }
+
+    pub fn recovery(&self) -> RecoveryReport {
+        self.recovery.get().copied().unwrap_or_default()
+    }
+
+    fn sum(&self, f: impl Fn(&CoreMetrics) -> &AtomicU64) -> u64 {
+        self.cores.iter().map(|c| get(f(c))).sum()
+    }
+
+    /// Renders everything in the Prometheus text exposition format.
+    pub fn render(&self, gauges: StoreGauges, draining: bool) -> String {
+        let mut out = String::with_capacity(8192);
+        let w = &mut out;
+
+        header(w, names::HTTP_REQUESTS, "counter", "HTTP requests by method and status (0 = any other status).");
+        for (m, method) in METHODS.iter().enumerate() {
+            for (s, status) in STATUSES.iter().enumerate() {
+                let n = self.sum(|c| &c.requests[m][s]);
+                if n > 0 {
+                    let _ = writeln!(w, "{}{{method=\"{method}\",status=\"{status}\"}} {n}", names::HTTP_REQUESTS);
+                }
+            }
+        }
+        counter(w, names::HTTP_REQUEST_BYTES, "Request body bytes received.", self.sum(|c| &c.request_bytes));
+        counter(w, names::HTTP_RESPONSE_BYTES, "Response body bytes sent.", self.sum(|c| &c.response_bytes));
+
+        header(w, names::HTTP_DURATION, "histogram", "Time from request headers to response, by method.");
+        for (m, method) in METHODS.iter().enumerate() {
+            let mut cumulative = 0;
+            let mut total = 0;
+            for (b, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += self.sum(|c| &c.latency[m].buckets[b]);
+                let _ = writeln!(w, "{}_bucket{{method=\"{method}\",le=\"{bound}\"}} {cumulative}", names::HTTP_DURATION);
+            }
+            total += cumulative + self.sum(|c| &c.latency[m].buckets[LATENCY_BUCKETS.len()]);
+            let _ = writeln!(w, "{}_bucket{{method=\"{method}\",le=\"+Inf\"}} {total}", names::HTTP_DURATION);
+            let sum = self.sum(|c| &c.latency[m].sum_nanos) as f64 / 1e9;
+            let _ = writeln!(w, "{}_sum{{method=\"{method}\"}} {sum}", names::HTTP_DURATION);
+            let _ = writeln!(w, "{}_count{{method=\"{method}\"}} {total}", names::HTTP_DURATION);
+        }
+
+        gauge(w, names::CONNECTIONS_OPEN, "Open client connections.", get(&self.connections_open));
+        counter(w, names::CONNECTIONS_ACCEPTED, "Connections accepted.", self.sum(|c| &c.connections_accepted));
+        counter(w, names::CONNECTIONS_REJECTED, "Connections refused at --max-connections.", self.sum(|c| &c.connections_rejected));
+        header(w, names::CONNECTION_TIMEOUTS, "counter", "Connections closed by a timeout, by kind.");
+        for (k, kind) in TIMEOUT_KINDS.iter().enumerate() {
+            let _ = writeln!(w, "{}{{kind=\"{kind}\"}} {}", names::CONNECTION_TIMEOUTS, self.sum(|c| &c.timeouts[k]));
+        }
+
+        header(w, names::CACHE_HITS, "counter", "Shard reads served, by tier.");
+        let _ = writeln!(w, "{}{{tier=\"memory\"}} {}", names::CACHE_HITS, self.sum(|c| &c.hits_memory));
+        let _ = writeln!(w, "{}{{tier=\"flash\"}} {}", names::CACHE_HITS, self.sum(|c| &c.hits_flash));
+        counter(w, names::CACHE_MISSES, "Shard reads that found nothing.", self.sum(|c| &c.misses));
+
+        let recovery = self.recovery();
+        header(w, names::CHECKSUM_FAILURES, "counter", "Records dropped because their checksum failed, by phase.");
+        let _ = writeln!(w, "{}{{phase=\"read\"}} {}", names::CHECKSUM_FAILURES, self.sum(|c| &c.checksum_failures_read));
+        let _ = writeln!(w, "{}{{phase=\"recovery\"}} {}", names::CHECKSUM_FAILURES, recovery.checksum_failures);
+        header(w, names::IO_ERRORS, "counter", "Device I/O errors, by operation.");
+        let _ = writeln!(w, "{}{{op=\"read\"}} {}", names::IO_ERRORS, self.sum(|c| &c.io_errors_read));
+        let _ = writeln!(w, "{}{{op=\"write\"}} {}", names::IO_ERRORS, self.sum(|c| &c.io_errors_write));
+
+        counter(w, names::EVICTED_REGIONS, "Flash regions reclaimed.", self.sum(|c| &c.evicted_regions));
+        counter(w, names::EVICTED_SHARDS, "Shards dropped from flash by eviction.", self.sum(|c| &c.evicted_shards));
+        counter(w, names::REINSERTED_SHARDS, "Hot shards rewritten instead of evicted.", self.sum(|c| &c.reinserted_shards));
+
+        gauge(w, names::FLASH_BYTES_USED, "Flash bytes held by live shard records.", gauges.flash_bytes_used);
+        gauge(w, names::FLASH_CAPACITY, "Flash bytes available for shard records.", gauges.flash_capacity);
+        gauge(w, names::FLASH_SHARDS, "Shards indexed on flash.", gauges.flash_shards);
+        gauge(w, names::FLASH_FREE_REGIONS, "Regions ready for writing.", gauges.free_regions);
+        gauge(w, names::FLASH_BROKEN_REGIONS, "Regions out of service after write errors.", gauges.broken_regions);
+        gauge(w, names::MEMORY_BYTES_USED, "Bytes held by the memory tier.", gauges.memory_bytes_used);
+        gauge(w, names::MEMORY_CAPACITY, "Capacity of the memory tier.", gauges.memory_capacity);
+        gauge(w, names::MEMORY_SHARDS, "Shards in the memory tier.", gauges.memory_shards);
+        gauge(w, names::RECOVERED_SHARDS, "Shards found on flash at start-up.", recovery.shards);
+        header(w, names::RECOVERY_SECONDS, "gauge", "Time spent rebuilding the index at start-up.");
+        let _ = writeln!(w, "{} {}", names::RECOVERY_SECONDS, recovery.duration.as_secs_f64());
+        gauge(w, names::DRAINING, "1 while the node is shutting down.", u64::from(draining));
+        out
+    }
+}
+
+fn header(w: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn counter(w: &mut String, name: &str, help: &str, value: u64) {
+    header(w, name, "counter", help);
+    let _ = writeln!(w, "{name} {value}");
+}
+
+fn gauge(w: &mut String, name: &str, help: &str, value: u64) {
+    header(w, name, "gauge", help);
+    let _ = writeln!(w, "{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_cores_and_renders_cumulative_buckets() {
+        let metrics = Metrics::new(2);
+        metrics.core(0).record_request(0, 200, Duration::from_micros(30));
+        metrics.core(1).record_request(0, 200, Duration::from_millis(2));
+        metrics.core(1).record_request(2, 201, Duration::from_secs(9));
+        let text = metrics.render(StoreGauges::default(), false);
+        assert!(text.contains("slapshot_http_requests_total{method=\"GET\",status=\"200\"} 2"));
+        assert!(text.contains("slapshot_http_requests_total{method=\"PUT\",status=\"201\"} 1"));
+        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"GET\",le=\"0.00005\"} 1"));
+        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"GET\",le=\"0.0025\"} 2"));
+        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"PUT\",le=\"5\"} 0"));
+        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"PUT\",le=\"+Inf\"} 1"));
+        assert!(text.contains("slapshot_http_request_duration_seconds_count{method=\"PUT\"} 1"));
+    }
+
+    #[test]
+    fn unknown_status_is_counted_as_other() {
+        let metrics = Metrics::new(1);
+        metrics.core(0).record_request(4, 418, Duration::ZERO);
+        let text = metrics.render(StoreGauges::default(), false);
+        assert!(text.contains("{method=\"OTHER\",status=\"0\"} 1"));
+    }
+}

@@ -1,0 +1,518 @@
+//! One runtime thread's view of the store: its io_uring file handle, its open region, and
+//! the read, write, delete and eviction paths.
+
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use slapshot_core::ShardKey;
+
+use super::{
+    Store, StoreError,
+    aligned::AlignedBuf,
+    device::random_u64,
+    format::{BLOCK_SIZE, RegionHeader, RegionState, decode_record_header, encode_record_header, record_blocks, record_header_len},
+    index::{Entry, Location, key_hash},
+    memory::MemShard,
+    regions::{CounterGuard, wait_for_zero},
+};
+use crate::metrics::{CoreMetrics, add};
+
+/// Where a shard was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Memory,
+    Flash,
+}
+
+/// A shard ready to be served: verified bytes and their crc32.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub data: Bytes,
+    pub crc: u32,
+    pub tier: Tier,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Replaced,
+}
+
+/// A shard being received, laid out as the record that will be written: space for the
+/// header, then the payload, with the crc32 computed as bytes arrive.
+pub struct PendingRecord {
+    buf: AlignedBuf,
+    header_len: usize,
+    hasher: crc32fast::Hasher,
+}
+
+impl PendingRecord {
+    pub fn new(key: ShardKey<'_>, expected_payload: usize) -> Self {
+        let header_len = record_header_len(key.as_bytes().len());
+        let mut buf = AlignedBuf::with_capacity(header_len + expected_payload);
+        buf.resize_zeroed(header_len);
+        Self { buf, header_len, hasher: crc32fast::Hasher::new() }
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        self.hasher.update(data);
+    }
+
+    pub fn payload_len(&self) -> usize {
+        self.buf.len() - self.header_len
+    }
+
+    pub fn crc(&self) -> u32 {
+        self.hasher.clone().finalize()
+    }
+}
+
+/// The region this thread appends to.
+struct OpenRegion {
+    region: u32,
+    nonce: u64,
+    next_block: u32,
+}
+
+/// Blocks reserved in an open region; holding it keeps the region from being evicted.
+struct Slot<'a> {
+    location: Location,
+    nonce: u64,
+    _writing: CounterGuard<'a>,
+}
+
+/// A record on the device, not yet in the index.
+struct Appended<'a> {
+    location: Location,
+    buf: AlignedBuf,
+    _writing: CounterGuard<'a>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AppendMode {
+    /// A client's PUT: may evict inline when no region is free.
+    Put,
+    /// Eviction rewriting a hot shard: never evicts, so eviction cannot recurse.
+    Reinsert,
+}
+
+/// Why a record read from flash cannot be served.
+enum ReadFault {
+    /// The record is intact but belongs to another key with the same hash.
+    OtherKey,
+    /// A checksum, length or header check failed.
+    Corrupt,
+}
+
+pub struct CoreStore {
+    store: Arc<Store>,
+    core: usize,
+    file: monoio::fs::File,
+    open: RefCell<Option<OpenRegion>>,
+    /// Serialises region switches on this thread (a switch awaits the header write).
+    switching: futures::lock::Mutex<()>,
+    evicting: Cell<bool>,
+}
+
+impl CoreStore {
+    pub(super) fn new(store: Arc<Store>, core: usize) -> Result<Self, StoreError> {
+        let file = monoio::fs::File::from_std(store.device.file.try_clone()?)?;
+        Ok(Self { store, core, file, open: RefCell::new(None), switching: futures::lock::Mutex::new(()), evicting: Cell::new(false) })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The largest payload a PUT may carry.
+    pub fn max_payload(&self) -> u64 {
+        self.store.max_payload
+    }
+
+    fn metrics(&self) -> &CoreMetrics {
+        self.store.metrics.core(self.core)
+    }
+
+    fn offset(&self, location: Location) -> u64 {
+        self.store.device.region_offset(location.region) + u64::from(location.block) * BLOCK_SIZE as u64
+    }
+
+    /// Looks the shard up in memory, then on flash. Any failure to read or verify it is a
+    /// miss: a read never returns bytes that failed verification.
+    pub async fn get(&self, key: ShardKey<'_>) -> Option<Shard> {
+        let store = &*self.store;
+        let hash = key_hash(key.as_bytes());
+        if let Some(shard) = store.memory.get(key.as_str()) {
+            if let Some(entry) = store.index.lock(hash).get_mut(&hash) {
+                entry.hits = entry.hits.saturating_add(1);
+            }
+            add(&self.metrics().hits_memory, 1);
+            return Some(Shard { data: shard.data, crc: shard.crc, tier: Tier::Memory });
+        }
+
+        let (entry, nonce, pin) = {
+            let mut map = store.index.lock(hash);
+            let Some(entry) = map.get_mut(&hash) else {
+                drop(map);
+                add(&self.metrics().misses, 1);
+                return None;
+            };
+            entry.hits = entry.hits.saturating_add(1);
+            let region = entry.location.region;
+            (*entry, store.regions.get(region).nonce.load(Ordering::Acquire), store.regions.pin(region))
+        };
+        let read = self.read_blocks(entry.location, entry.blocks()).await;
+        drop(pin);
+
+        let fault = match read {
+            Ok(buf) => match self.verify(buf, nonce, key.as_bytes(), entry.payload_len) {
+                Ok((data, crc)) => {
+                    // Cache the bytes only if the entry still points at what we read, so a
+                    // PUT or DELETE that raced with this read is never undone.
+                    let map = store.index.lock(hash);
+                    if map.get(&hash).is_some_and(|e| e.location == entry.location) {
+                        store.memory.insert(key.as_str(), MemShard { data: data.clone(), crc });
+                    }
+                    drop(map);
+                    add(&self.metrics().hits_flash, 1);
+                    return Some(Shard { data, crc, tier: Tier::Flash });
+                }
+                Err(fault) => fault,
+            },
+            Err(e) => {
+                add(&self.metrics().io_errors_read, 1);
+                tracing::warn!(key = %key, region = entry.location.region, error = %e, "shard read failed; serving a miss");
+                ReadFault::Corrupt
+            }
+        };
+        add(&self.metrics().misses, 1);
+        if let ReadFault::Corrupt = fault {
+            // A concurrent DELETE or PUT may have invalidated the record under us; only a
+            // record the index still points at is really damaged.
+            if let Some(_pin) = self.forget_pinned(hash, entry.location) {
+                add(&self.metrics().checksum_failures_read, 1);
+                tracing::warn!(key = %key, region = entry.location.region, block = entry.location.block, "dropping a shard whose checksum fails");
+                let _ = self.invalidate(entry.location).await;
+            }
+        }
+        None
+    }
+
+    fn verify(&self, buf: AlignedBuf, nonce: u64, key: &[u8], payload_len: u32) -> Result<(Bytes, u32), ReadFault> {
+        let header = decode_record_header(buf.as_slice(), nonce, self.store.max_payload).map_err(|_| ReadFault::Corrupt)?;
+        if header.key != key {
+            return Err(ReadFault::OtherKey);
+        }
+        if header.payload_len != payload_len {
+            return Err(ReadFault::Corrupt);
+        }
+        let start = header.header_len();
+        let end = start + payload_len as usize;
+        let crc = header.payload_crc;
+        if crc32fast::hash(&buf.as_slice()[start..end]) != crc {
+            return Err(ReadFault::Corrupt);
+        }
+        Ok((buf.into_bytes().slice(start..end), crc))
+    }
+
+    /// Removes the index entry of `hash` if it still points at `location`.
+    fn forget(&self, hash: u64, location: Location) -> bool {
+        self.forget_pinned(hash, location).is_some()
+    }
+
+    /// Like `forget`, and pins the record's region (under the same index lock, as the
+    /// reuse protocol requires) so that the caller may still write to the record.
+    fn forget_pinned(&self, hash: u64, location: Location) -> Option<CounterGuard<'_>> {
+        let mut map = self.store.index.lock(hash);
+        let entry = map.get(&hash).copied().filter(|e| e.location == location)?;
+        map.remove(&hash);
+        let pin = self.store.regions.pin(location.region);
+        drop(map);
+        self.store.sub_used(entry.disk_bytes());
+        Some(pin)
+    }
+
+    /// Stores a shard. It is acknowledged (Ok) only once the record is on the device and
+    /// indexed, and any previous version has been invalidated on the device.
+    pub async fn put(self: &Rc<Self>, key: ShardKey<'_>, record: PendingRecord) -> Result<PutOutcome, StoreError> {
+        let store = &*self.store;
+        let hash = key_hash(key.as_bytes());
+        let payload_len = record.payload_len();
+        let crc = record.crc();
+        let header_len = record.header_len;
+        let seq = store.next_seq();
+        let appended = self.append(hash, key.as_bytes(), record.buf, payload_len, crc, seq, AppendMode::Put).await?;
+
+        let data = appended.buf.into_bytes().slice(header_len..header_len + payload_len);
+        let entry = Entry { location: appended.location, payload_len: payload_len as u32, key_len: key.as_bytes().len() as u8, hits: 0 };
+        let (previous, was_in_memory, pin) = {
+            let mut map = store.index.lock(hash);
+            let previous = map.insert(hash, entry);
+            let was_in_memory = store.memory.contains(key.as_str());
+            store.memory.insert(key.as_str(), MemShard { data, crc });
+            let pin = previous.map(|p| store.regions.pin(p.location.region));
+            (previous, was_in_memory, pin)
+        };
+        drop(appended._writing);
+        store.add_used(entry.disk_bytes());
+        if let Some(previous) = previous {
+            store.sub_used(previous.disk_bytes());
+            // If this fails the old record may come back after a restart, but the new one
+            // has a higher sequence number and wins there too.
+            let _ = self.invalidate(previous.location).await;
+            drop(pin);
+            return Ok(PutOutcome::Replaced);
+        }
+        Ok(if was_in_memory { PutOutcome::Replaced } else { PutOutcome::Created })
+    }
+
+    /// Deletes a shard; true if it existed. The record is invalidated on the device before
+    /// the delete is acknowledged, so it cannot come back after a restart.
+    pub async fn delete(&self, key: ShardKey<'_>) -> Result<bool, StoreError> {
+        let store = &*self.store;
+        let hash = key_hash(key.as_bytes());
+        let (removed, was_in_memory, pin) = {
+            let mut map = store.index.lock(hash);
+            let was_in_memory = store.memory.remove(key.as_str());
+            let removed = map.remove(&hash);
+            let pin = removed.map(|e| store.regions.pin(e.location.region));
+            (removed, was_in_memory, pin)
+        };
+        if let Some(entry) = removed {
+            store.sub_used(entry.disk_bytes());
+            let result = self.invalidate(entry.location).await;
+            drop(pin);
+            result?;
+        }
+        Ok(removed.is_some() || was_in_memory)
+    }
+
+    async fn read_blocks(&self, location: Location, blocks: u32) -> std::io::Result<AlignedBuf> {
+        let buf = AlignedBuf::with_capacity(blocks as usize * BLOCK_SIZE);
+        let (result, buf) = self.file.read_exact_at(buf, self.offset(location)).await;
+        result.map(|()| buf)
+    }
+
+    /// Overwrites the first block of a record with zeros so that recovery never sees it.
+    /// The caller holds a pin on the region.
+    async fn invalidate(&self, location: Location) -> Result<(), StoreError> {
+        let zeros = AlignedBuf::zeroed(BLOCK_SIZE);
+        let (result, _) = self.file.write_all_at(zeros, self.offset(location)).await;
+        result.map_err(|e| {
+            add(&self.metrics().io_errors_write, 1);
+            tracing::error!(region = location.region, block = location.block, error = %e, "cannot invalidate a record");
+            StoreError::Io(e)
+        })
+    }
+
+    /// Writes a record (header filled in here) at the end of this thread's open region.
+    #[allow(clippy::too_many_arguments)]
+    async fn append(
+        self: &Rc<Self>,
+        hash: u64,
+        key: &[u8],
+        mut buf: AlignedBuf,
+        payload_len: usize,
+        payload_crc: u32,
+        seq: u64,
+        mode: AppendMode,
+    ) -> Result<Appended<'_>, StoreError> {
+        let blocks = record_blocks(key.len(), payload_len);
+        let slot = self.reserve(blocks, mode).await?;
+        encode_record_header(buf.as_mut_slice(), slot.nonce, seq, key, payload_len as u32, payload_crc);
+        buf.pad_to_block();
+        let (result, buf) = self.file.write_all_at(buf, self.offset(slot.location)).await;
+        if let Err(e) = result {
+            add(&self.metrics().io_errors_write, 1);
+            tracing::error!(region = slot.location.region, error = %e, "shard write failed");
+            return Err(StoreError::Io(e));
+        }
+        self.store.regions.get(slot.location.region).push_key(hash);
+        Ok(Appended { location: slot.location, buf, _writing: slot._writing })
+    }
+
+    async fn reserve(self: &Rc<Self>, blocks: u32, mode: AppendMode) -> Result<Slot<'_>, StoreError> {
+        loop {
+            if let Some(slot) = self.try_bump(blocks) {
+                return Ok(slot);
+            }
+            let _switching = self.switching.lock().await;
+            if let Some(slot) = self.try_bump(blocks) {
+                return Ok(slot);
+            }
+            self.switch_region(mode).await?;
+        }
+    }
+
+    fn try_bump(&self, blocks: u32) -> Option<Slot<'_>> {
+        let mut open = self.open.borrow_mut();
+        let region = open.as_mut()?;
+        if region.next_block + blocks > self.store.region_blocks {
+            return None;
+        }
+        let location = Location { region: region.region, block: region.next_block };
+        region.next_block += blocks;
+        Some(Slot { location, nonce: region.nonce, _writing: self.store.regions.start_write(location.region) })
+    }
+
+    /// Seals the full open region and opens a free one, evicting inline if none is free.
+    async fn switch_region(self: &Rc<Self>, mode: AppendMode) -> Result<(), StoreError> {
+        let store = &*self.store;
+        let full = self.open.borrow_mut().take();
+        if let Some(full) = full {
+            store.regions.seal(full.region);
+        }
+        let region = loop {
+            if let Some(region) = store.regions.pop_free() {
+                break region;
+            }
+            // Boxed: eviction can append (reinsertion), which can switch regions again.
+            if mode == AppendMode::Reinsert || !Box::pin(self.evict_one(false)).await {
+                return Err(StoreError::NoSpace);
+            }
+        };
+        let nonce = random_u64();
+        if let Err(e) = self.write_region_header(region, RegionState::Live, nonce, store.next_seq()).await {
+            add(&self.metrics().io_errors_write, 1);
+            store.regions.mark_broken(region);
+            return Err(StoreError::Io(e));
+        }
+        let meta = store.regions.get(region);
+        meta.nonce.store(nonce, Ordering::Release);
+        meta.take_keys();
+        *self.open.borrow_mut() = Some(OpenRegion { region, nonce, next_block: 1 });
+        self.maybe_start_eviction();
+        Ok(())
+    }
+
+    async fn write_region_header(&self, region: u32, state: RegionState, nonce: u64, open_seq: u64) -> std::io::Result<()> {
+        let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
+        let store_id = self.store.device.superblock.store_id;
+        RegionHeader { region, state, nonce, open_seq, store_id }.encode(buf.as_mut_slice());
+        let (result, _) = self.file.write_all_at(buf, self.store.device.region_offset(region)).await;
+        result
+    }
+
+    /// Keeps the free pool above the low watermark from a background task, so that PUTs
+    /// almost never wait for an eviction.
+    fn maybe_start_eviction(self: &Rc<Self>) {
+        if self.evicting.get() || self.store.regions.free_count() >= self.store.low_watermark {
+            return;
+        }
+        self.evicting.set(true);
+        let this = self.clone();
+        monoio::spawn(async move {
+            while this.store.regions.free_count() < this.store.low_watermark {
+                if !this.evict_one(true).await {
+                    break;
+                }
+            }
+            this.evicting.set(false);
+        });
+    }
+
+    /// Reclaims the oldest sealed region. Shards read at least `reinsert_hits` times since
+    /// they were written are rewritten into the open region (up to half a region's worth,
+    /// so that every eviction frees space); the rest are dropped. Returns false if there
+    /// was nothing to evict.
+    async fn evict_one(self: &Rc<Self>, reinsert: bool) -> bool {
+        let store = &*self.store;
+        let Some(victim) = store.regions.pop_victim() else { return false };
+        let meta = store.regions.get(victim);
+        wait_for_zero(&meta.writers).await;
+        let nonce = meta.nonce.load(Ordering::Acquire);
+        let threshold = store.reinsert_hits;
+        let mut budget = if reinsert && threshold > 0 { store.region_blocks / 2 } else { 0 };
+
+        let mut hot = Vec::new();
+        let mut evicted = 0;
+        for hash in meta.take_keys() {
+            let mut map = store.index.lock(hash);
+            let Some(entry) = map.get(&hash).copied() else { continue };
+            if entry.location.region != victim {
+                continue;
+            }
+            if threshold > 0 && entry.hits >= threshold && entry.blocks() <= budget {
+                budget -= entry.blocks();
+                hot.push((hash, entry));
+                continue;
+            }
+            map.remove(&hash);
+            drop(map);
+            store.sub_used(entry.disk_bytes());
+            evicted += 1;
+        }
+
+        let mut reinserted = 0;
+        for (hash, entry) in hot {
+            if self.reinsert(nonce, hash, entry).await {
+                reinserted += 1;
+            } else if self.forget(hash, entry.location) {
+                evicted += 1;
+            }
+        }
+
+        wait_for_zero(&meta.pins).await;
+        let retired = random_u64();
+        match self.write_region_header(victim, RegionState::Retired, retired, 0).await {
+            Ok(()) => {
+                meta.nonce.store(retired, Ordering::Release);
+                store.regions.push_free(victim);
+            }
+            Err(e) => {
+                add(&self.metrics().io_errors_write, 1);
+                tracing::error!(region = victim, error = %e, "cannot retire an evicted region");
+                store.regions.mark_broken(victim);
+            }
+        }
+        let m = self.metrics();
+        add(&m.evicted_regions, 1);
+        add(&m.evicted_shards, evicted);
+        add(&m.reinserted_shards, reinserted);
+        tracing::debug!(region = victim, evicted, reinserted, "region evicted");
+        true
+    }
+
+    /// Rewrites a hot shard of a region being evicted. The copy keeps its sequence number
+    /// so that a newer PUT of the same key still wins at recovery. Returns true if the
+    /// index now points at the copy.
+    async fn reinsert(self: &Rc<Self>, victim_nonce: u64, hash: u64, entry: Entry) -> bool {
+        let Ok(buf) = self.read_blocks(entry.location, entry.blocks()).await else {
+            add(&self.metrics().io_errors_read, 1);
+            return false;
+        };
+        let (key, seq, crc) = match decode_record_header(buf.as_slice(), victim_nonce, self.store.max_payload) {
+            Ok(h) if h.payload_len == entry.payload_len && key_hash(h.key) == hash => (h.key.to_vec(), h.seq, h.payload_crc),
+            _ => return false,
+        };
+        let start = record_header_len(key.len());
+        if crc32fast::hash(&buf.as_slice()[start..start + entry.payload_len as usize]) != crc {
+            return false;
+        }
+        let Ok(appended) = self.append(hash, &key, buf, entry.payload_len as usize, crc, seq, AppendMode::Reinsert).await else {
+            return false;
+        };
+        let moved = {
+            let mut map = self.store.index.lock(hash);
+            match map.get_mut(&hash) {
+                Some(current) if current.location == entry.location => {
+                    current.location = appended.location;
+                    current.hits = 0;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !moved {
+            // The shard was replaced or deleted while we copied it: the copy must not
+            // resurface at recovery.
+            let _ = self.invalidate(appended.location).await;
+        }
+        moved
+    }
+}

@@ -1,0 +1,209 @@
+//! Opening, sizing and formatting the block device or preallocated file behind a store.
+//!
+//! This runs once at start-up with blocking system calls; the running node does all its
+//! data I/O through io_uring on per-thread handles cloned from the file opened here.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Seek, SeekFrom},
+    os::{fd::AsRawFd, unix::fs::{FileExt, OpenOptionsExt}},
+    path::{Path, PathBuf},
+};
+
+use slapshot_core::ByteSize;
+
+use super::{
+    StoreError,
+    aligned::AlignedBuf,
+    format::{BLOCK_SIZE, Superblock},
+};
+
+/// Name of the preallocated store file inside `--data-dir`.
+pub const DATA_FILE_NAME: &str = "shards.slap";
+
+/// Where the shards live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreTarget {
+    /// A directory; the store is one preallocated file in it.
+    DataDir(PathBuf),
+    /// A raw block device (or an existing file used as one).
+    Device(PathBuf),
+}
+
+/// Whether to bypass the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectIo {
+    /// O_DIRECT when the filesystem supports it, buffered I/O (with a warning) otherwise.
+    #[default]
+    Auto,
+    /// O_DIRECT or refuse to start.
+    On,
+    /// Buffered I/O through the page cache.
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    pub target: StoreTarget,
+    /// Bytes to use; `None` means the whole device (required for a data dir).
+    pub capacity: Option<u64>,
+    pub region_size: u64,
+    pub direct_io: DirectIo,
+    /// Erase a store whose shape does not match instead of refusing to start.
+    pub reformat: bool,
+}
+
+/// An open store device with a valid superblock.
+pub struct Device {
+    pub path: PathBuf,
+    pub file: File,
+    pub direct: bool,
+    pub superblock: Superblock,
+    /// True if the superblock was written just now (nothing to recover).
+    pub formatted: bool,
+}
+
+impl Device {
+    pub fn open(opts: &DeviceOptions) -> Result<Self, StoreError> {
+        let (path, requested) = match &opts.target {
+            StoreTarget::DataDir(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Open { path: dir.clone(), source })?;
+                let capacity = opts.capacity.ok_or(StoreError::CapacityRequired)?;
+                (dir.join(DATA_FILE_NAME), capacity)
+            }
+            StoreTarget::Device(path) => {
+                let size = device_size(path)?;
+                let capacity = match opts.capacity {
+                    Some(c) if c > size => {
+                        return Err(StoreError::DeviceTooSmall { path: path.clone(), size, capacity: c });
+                    }
+                    Some(c) => c,
+                    None => size,
+                };
+                (path.clone(), capacity)
+            }
+        };
+
+        let region_count = requested.saturating_sub(BLOCK_SIZE as u64) / opts.region_size;
+        let region_count = u32::try_from(region_count).map_err(|_| StoreError::TooManyRegions(region_count))?;
+        let wanted = Superblock { region_size: opts.region_size, region_count, store_id: 0 };
+        let len = BLOCK_SIZE as u64 + u64::from(region_count) * opts.region_size;
+
+        let is_data_dir = matches!(opts.target, StoreTarget::DataDir(_));
+        let (file, direct) = open_file(&path, is_data_dir, opts.direct_io)?;
+        if is_data_dir {
+            preallocate(&file, &path, len)?;
+        }
+
+        let mut block = AlignedBuf::zeroed(BLOCK_SIZE);
+        file.read_exact_at(block.as_mut_slice(), 0).map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        let existing = match Superblock::decode(block.as_slice()) {
+            Ok(existing) => existing,
+            Err(e) if opts.reformat => {
+                tracing::warn!(path = %path.display(), error = %e, "reformatting an unreadable store");
+                None
+            }
+            Err(source) => return Err(StoreError::Superblock { path, source }),
+        };
+
+        let (superblock, formatted) = match existing {
+            Some(sb) if sb.region_size == wanted.region_size && sb.region_count == wanted.region_count => (sb, false),
+            Some(sb) if !opts.reformat => {
+                return Err(StoreError::ShapeMismatch {
+                    path,
+                    found: describe(sb.region_size, sb.region_count),
+                    wanted: describe(wanted.region_size, wanted.region_count),
+                });
+            }
+            _ => {
+                let sb = Superblock { store_id: random_u64(), ..wanted };
+                block.resize_zeroed(BLOCK_SIZE);
+                sb.encode(block.as_mut_slice());
+                file.write_all_at(block.as_slice(), 0).map_err(StoreError::Io)?;
+                file.sync_all().map_err(StoreError::Io)?;
+                tracing::info!(path = %path.display(), regions = region_count, region_size = %ByteSize(opts.region_size), "formatted a new store");
+                (sb, true)
+            }
+        };
+        Ok(Self { path, file, direct, superblock, formatted })
+    }
+
+    /// Byte offset of the first block (the region header) of `region`.
+    pub fn region_offset(&self, region: u32) -> u64 {
+        region_offset(self.superblock.region_size, region)
+    }
+}
+
+pub fn region_offset(region_size: u64, region: u32) -> u64 {
+    BLOCK_SIZE as u64 + u64::from(region) * region_size
+}
+
+fn describe(region_size: u64, region_count: u32) -> String {
+    format!(
+        "{} regions of {} ({} in all)",
+        region_count,
+        ByteSize(region_size),
+        ByteSize(BLOCK_SIZE as u64 + u64::from(region_count) * region_size)
+    )
+}
+
+fn open_file(path: &Path, create: bool, mode: DirectIo) -> Result<(File, bool), StoreError> {
+    let open = |direct: bool| {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(create);
+        if direct {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        options.open(path)
+    };
+    let open_error = |source| StoreError::Open { path: path.to_owned(), source };
+    match mode {
+        DirectIo::Off => Ok((open(false).map_err(open_error)?, false)),
+        DirectIo::On => match open(true) {
+            Ok(file) => Ok((file, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(StoreError::NoDirectIo(path.to_owned())),
+            Err(e) => Err(open_error(e)),
+        },
+        DirectIo::Auto => match open(true) {
+            Ok(file) => Ok((file, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(path = %path.display(), "the filesystem does not support O_DIRECT; using buffered I/O");
+                Ok((open(false).map_err(open_error)?, false))
+            }
+            Err(e) => Err(open_error(e)),
+        },
+    }
+}
+
+/// Reserves the whole file up front so that a full disk shows at start-up, not as failed
+/// writes later.
+fn preallocate(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
+    let current = file.metadata().map_err(StoreError::Io)?.len();
+    if current > len {
+        // A smaller store in a bigger old file: the superblock check decides whether the
+        // contents are usable; the tail beyond our regions is simply never touched.
+        return Ok(());
+    }
+    let len_arg = libc::off_t::try_from(len).map_err(|_| StoreError::TooManyRegions(len))?;
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is open and owned
+    // by `file` for the duration of the call.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_arg) };
+    if rc != 0 {
+        let source = io::Error::last_os_error();
+        return Err(StoreError::Allocate { path: path.to_owned(), size: ByteSize(len), source });
+    }
+    Ok(())
+}
+
+fn device_size(path: &Path) -> Result<u64, StoreError> {
+    let mut file = File::open(path).map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
+    file.seek(SeekFrom::End(0)).map_err(|source| StoreError::Open { path: path.to_owned(), source })
+}
+
+/// A random 64-bit value for store ids and region nonces.
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the operating system's random source works");
+    u64::from_le_bytes(bytes)
+}

@@ -1,0 +1,216 @@
+//! The flash shard store: a log-structured cache of shard records on a block device.
+//!
+//! Shape (after CacheLib's large-object engine and memcached's extstore): the device is cut
+//! into regions of tens of MiB; each runtime thread appends records to its own open region
+//! with one aligned O_DIRECT write per record; an in-memory index maps a key hash to the
+//! record's location; a GET is one aligned read, verified against the record's checksums
+//! before any byte is served. When free regions run low, the oldest sealed region is
+//! evicted whole; shards read since they were written are rewritten into the open region
+//! instead of dropped (hits-based reinsertion), which keeps a hot working set alive through
+//! scans that would flush a plain FIFO. A memory tier of hot shards sits in front.
+//!
+//! `Store` is shared by all runtime threads; `CoreStore` is one thread's handle with its
+//! own io_uring file descriptor and its own open region.
+
+pub mod aligned;
+mod core_store;
+pub mod device;
+pub mod format;
+pub mod index;
+pub mod memory;
+mod recovery;
+mod regions;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use slapshot_core::ByteSize;
+
+pub use self::core_store::{CoreStore, PendingRecord, PutOutcome, Shard, Tier};
+use self::{
+    device::{Device, DeviceOptions},
+    format::{BLOCK_SIZE, record_blocks},
+    index::Index,
+    memory::MemoryTier,
+    regions::Regions,
+};
+use crate::metrics::{Metrics, RecoveryReport, StoreGauges};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("a --data-dir store needs a --capacity")]
+    CapacityRequired,
+    #[error("{path} holds {size} bytes, less than the requested capacity of {capacity} bytes")]
+    DeviceTooSmall { path: PathBuf, size: u64, capacity: u64 },
+    #[error("cannot reserve {size} for the store at {path}: {source}")]
+    Allocate { path: PathBuf, size: ByteSize, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Superblock { path: PathBuf, source: format::SuperblockError },
+    #[error(
+        "{path} holds a store of {found}, but this node was configured for {wanted}; \
+         start with the same --capacity and --region-size, or pass --reformat to erase it"
+    )]
+    ShapeMismatch { path: PathBuf, found: String, wanted: String },
+    #[error("{0} regions is more than this store can address")]
+    TooManyRegions(u64),
+    #[error(
+        "the store has {regions} regions but needs at least {needed} for {threads} threads; \
+         raise --capacity or lower --region-size"
+    )]
+    TooFewRegions { regions: u32, needed: u32, threads: usize },
+    #[error("--region-size {region_size} cannot hold a --max-shard-size {max_shard} shard; it needs at least {needed}")]
+    RegionTooSmall { region_size: ByteSize, max_shard: ByteSize, needed: ByteSize },
+    #[error("--region-size must be a multiple of 4KiB and at least 64KiB, not {0}")]
+    BadRegionSize(ByteSize),
+    #[error("the filesystem under {0} does not support O_DIRECT (use --direct-io auto or off)")]
+    NoDirectIo(PathBuf),
+    #[error("device I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no free region: the store is busy evicting or its regions are out of service")]
+    NoSpace,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub device: DeviceOptions,
+    /// Bytes of hot shards kept in RAM; zero disables the memory tier, `None` means 10%
+    /// of the flash capacity.
+    pub memory_bytes: Option<u64>,
+    /// Largest shard payload accepted.
+    pub max_shard_size: u64,
+    /// A shard read at least this many times since it was written survives the eviction
+    /// of its region by being rewritten; zero turns eviction into plain FIFO.
+    pub reinsert_hits: u8,
+    /// Runtime threads that will each hold one open region.
+    pub threads: usize,
+}
+
+pub struct Store {
+    device: Device,
+    index: Index,
+    regions: Regions,
+    memory: MemoryTier,
+    metrics: Arc<Metrics>,
+    /// Orders records of the same key; the highest wins at recovery.
+    seq: AtomicU64,
+    /// Disk bytes of the records the index points at.
+    bytes_used: AtomicU64,
+    region_blocks: u32,
+    max_payload: u64,
+    reinsert_hits: u8,
+    /// Eviction starts when fewer regions than this are free: one per thread to open next,
+    /// plus one for reinsertion to spill into.
+    low_watermark: usize,
+}
+
+impl Store {
+    /// Opens (formatting if new) the device and rebuilds the index from it.
+    pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
+        let region_size = config.device.region_size;
+        if region_size % BLOCK_SIZE as u64 != 0 || region_size < 16 * BLOCK_SIZE as u64 {
+            return Err(StoreError::BadRegionSize(ByteSize(region_size)));
+        }
+        let region_blocks = u32::try_from(region_size / BLOCK_SIZE as u64).map_err(|_| StoreError::BadRegionSize(ByteSize(region_size)))?;
+        // A region holds its header block and at least one record of the largest shard
+        // with the longest key.
+        let max_record = u64::from(record_blocks(slapshot_core::MAX_SHARD_KEY_LEN, config.max_shard_size as usize)) * BLOCK_SIZE as u64;
+        if max_record + BLOCK_SIZE as u64 > region_size {
+            return Err(StoreError::RegionTooSmall {
+                region_size: ByteSize(region_size),
+                max_shard: ByteSize(config.max_shard_size),
+                needed: ByteSize(max_record + BLOCK_SIZE as u64),
+            });
+        }
+
+        let device = Device::open(&config.device)?;
+        let region_count = device.superblock.region_count;
+        let threads = config.threads.max(1);
+        let low_watermark = threads + 1;
+        // Open regions, the free reserve, and at least two sealed regions to evict.
+        let needed = u32::try_from(threads + low_watermark + 2).unwrap_or(u32::MAX);
+        if region_count < needed {
+            return Err(StoreError::TooFewRegions { regions: region_count, needed, threads });
+        }
+
+        let flash_bytes = u64::from(region_count) * region_size;
+        let memory_bytes = config.memory_bytes.unwrap_or(flash_bytes / 100 * crate::config::DEFAULT_MEMORY_PERCENT);
+        let store = Self {
+            index: Index::new(),
+            regions: Regions::new(region_count),
+            memory: MemoryTier::new(memory_bytes),
+            metrics,
+            seq: AtomicU64::new(1),
+            bytes_used: AtomicU64::new(0),
+            region_blocks,
+            max_payload: config.max_shard_size,
+            reinsert_hits: config.reinsert_hits,
+            low_watermark,
+            device,
+        };
+
+        let started = Instant::now();
+        let report = recovery::recover(&store, threads)?;
+        let report = RecoveryReport { duration: started.elapsed(), ..report };
+        tracing::info!(
+            path = %store.device.path.display(),
+            direct_io = store.device.direct,
+            regions = region_count,
+            region_size = %ByteSize(region_size),
+            shards = report.shards,
+            checksum_failures = report.checksum_failures,
+            bytes_used = %ByteSize(store.bytes_used.load(Ordering::Relaxed)),
+            seconds = report.duration.as_secs_f64(),
+            "store recovered"
+        );
+        store.metrics.set_recovery(report);
+        Ok(Arc::new(store))
+    }
+
+    /// A handle for the calling runtime thread. Must be called on that thread, inside its
+    /// monoio runtime, because the file handle is registered with its io_uring.
+    pub fn for_core(self: &Arc<Self>, core: usize) -> Result<CoreStore, StoreError> {
+        CoreStore::new(self.clone(), core)
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn direct_io(&self) -> bool {
+        self.device.direct
+    }
+
+    pub fn gauges(&self) -> StoreGauges {
+        StoreGauges {
+            flash_bytes_used: self.bytes_used.load(Ordering::Relaxed),
+            flash_capacity: self.flash_capacity(),
+            flash_shards: self.index.len() as u64,
+            free_regions: self.regions.free_count() as u64,
+            broken_regions: u64::from(self.regions.broken_count()),
+            memory_bytes_used: self.memory.bytes_used(),
+            memory_capacity: self.memory.capacity(),
+            memory_shards: self.memory.len() as u64,
+        }
+    }
+
+    /// Bytes of the device usable for records (every region minus its header block).
+    pub fn flash_capacity(&self) -> u64 {
+        u64::from(self.device.superblock.region_count) * u64::from(self.region_blocks - 1) * BLOCK_SIZE as u64
+    }
+
+    fn add_used(&self, bytes: u64) {
+        self.bytes_used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn sub_used(&self, bytes: u64) {
+        self.bytes_used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
