@@ -102,11 +102,11 @@ async fn shard(ctx: &Rc<CoreContext>, key: &str, req: Request<Incoming>) -> Repl
     if needs_token && !authorized(ctx, &req) {
         let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
         reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return reply;
+        return reject_body(reply, req.into_body()).await;
     }
     let key = match ShardKey::parse(key) {
         Ok(key) => key,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")),
+        Err(e) => return reject_body(text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")), req.into_body()).await,
     };
     match method {
         Method::GET => get(ctx, key, true).await,
@@ -114,6 +114,29 @@ async fn shard(ctx: &Rc<CoreContext>, key: &str, req: Request<Incoming>) -> Repl
         Method::PUT => put(ctx, key, req).await,
         _ => delete(ctx, key).await,
     }
+}
+
+/// Bodies up to this size are read and dropped when a request is refused before its body
+/// was looked at, so that the client's keep-alive connection stays usable; larger ones
+/// are left unread and hyper closes the connection after the reply.
+const DISCARD_LIMIT: u64 = 64 * 1024;
+
+async fn reject_body(reply: Reply, body: Incoming) -> Reply {
+    discard(reply, body, DISCARD_LIMIT).await
+}
+
+/// Reads and drops up to `limit` bytes of a refused request's body before replying.
+/// Closing a socket with unread input makes the kernel send a reset, which can destroy
+/// the reply before the client reads it; draining first makes the refusal arrive.
+async fn discard(reply: Reply, mut body: Incoming, limit: u64) -> Reply {
+    let mut discarded = 0u64;
+    while discarded <= limit {
+        match body.frame().await {
+            Some(Ok(frame)) => discarded += frame.data_ref().map_or(0, |d| d.len() as u64),
+            _ => break,
+        }
+    }
+    reply
 }
 
 fn authorized(ctx: &CoreContext, req: &Request<Incoming>) -> bool {
@@ -155,14 +178,19 @@ async fn put(ctx: &Rc<CoreContext>, key: ShardKey<'_>, req: Request<Incoming>) -
         None => None,
         Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u32>().ok()) {
             Some(crc) => Some(crc),
-            None => return text(StatusCode::BAD_REQUEST, format!("{CRC_HEADER} must be a decimal crc32\n")),
+            None => {
+                let reply = text(StatusCode::BAD_REQUEST, format!("{CRC_HEADER} must be a decimal crc32\n"));
+                return reject_body(reply, req.into_body()).await;
+            }
         },
     };
     let mut body = req.into_body();
+    // An oversized body is drained (up to a bound) so that the 413 reaches the client.
+    let drain_limit = max.saturating_mul(4).max(DISCARD_LIMIT);
     let hint = body.size_hint();
     if let Some(len) = hint.exact() {
         if len > max {
-            return too_large(max);
+            return discard(too_large(max), body, drain_limit).await;
         }
     }
     let mut record = PendingRecord::new(key, hint.lower().min(max) as usize);
@@ -171,7 +199,7 @@ async fn put(ctx: &Rc<CoreContext>, key: ShardKey<'_>, req: Request<Incoming>) -
             Ok(frame) => {
                 if let Ok(data) = frame.into_data() {
                     if (record.payload_len() + data.len()) as u64 > max {
-                        return too_large(max);
+                        return discard(too_large(max), body, drain_limit).await;
                     }
                     add(&ctx.metrics().request_bytes, data.len() as u64);
                     record.push(&data);

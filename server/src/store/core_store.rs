@@ -417,9 +417,10 @@ impl CoreStore {
     }
 
     /// Reclaims the oldest sealed region. Shards read at least `reinsert_hits` times since
-    /// they were written are rewritten into the open region (up to half a region's worth,
-    /// so that every eviction frees space); the rest are dropped. Returns false if there
-    /// was nothing to evict.
+    /// they were written are rewritten into the open region (up to three quarters of a
+    /// region, so that every eviction frees space and the rewrite traffic stays within 4x
+    /// of the client's writes even when everything is hot); the rest are dropped. Returns
+    /// false if there was nothing to evict.
     async fn evict_one(self: &Rc<Self>, reinsert: bool) -> bool {
         let store = &*self.store;
         let Some(victim) = store.regions.pop_victim() else { return false };
@@ -427,7 +428,7 @@ impl CoreStore {
         wait_for_zero(&meta.writers).await;
         let nonce = meta.nonce.load(Ordering::Acquire);
         let threshold = store.reinsert_hits;
-        let mut budget = if reinsert && threshold > 0 { store.region_blocks / 2 } else { 0 };
+        let mut budget = if reinsert && threshold > 0 { store.region_blocks / 4 * 3 } else { 0 };
 
         let mut hot = Vec::new();
         let mut evicted = 0;

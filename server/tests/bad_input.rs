@@ -1,0 +1,203 @@
+//! Bad input never hurts others: each kind of broken client gets a clean status or a
+//! closed connection while a well-behaved client keeps being served.
+
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{Client, Rng, TestNode};
+
+/// A client doing PUT and GET round trips in a loop until told to stop.
+struct Bystander {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    handle: thread::JoinHandle<Result<(), String>>,
+}
+
+impl Bystander {
+    fn start(node: &TestNode) -> Bystander {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let addr = node.addr;
+        let handle = thread::spawn({
+            let (stop, done) = (stop.clone(), done.clone());
+            move || {
+                let mut client = Client::connect(addr);
+                let mut rng = Rng::new(99);
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let data = rng.bytes(64 * 1024);
+                    let key = format!("/v1/shards/bystander{}", i % 50);
+                    let put = client.put(&key, &data);
+                    if put.status != 201 && put.status != 204 {
+                        return Err(format!("PUT {key}: {}", put.status));
+                    }
+                    let get = client.get(&key);
+                    if get.status != 200 || get.body != data {
+                        return Err(format!("GET {key}: {}", get.status));
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                Ok(())
+            }
+        });
+        Bystander { stop, done, handle }
+    }
+
+    /// Waits until the bystander completed a few more round trips.
+    fn still_served(&self) {
+        let before = self.done.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.done.load(Ordering::Relaxed) < before + 3 {
+            assert!(!self.handle.is_finished(), "the bystander stopped");
+            assert!(Instant::now() < deadline, "the bystander made no progress");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap().expect("the bystander was always served correctly");
+    }
+}
+
+fn raw(node: &TestNode) -> TcpStream {
+    let stream = TcpStream::connect(node.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection; returns what it sent and how long that
+/// took. Panics if the server neither answers nor closes within the read timeout.
+fn read_until_closed(mut stream: TcpStream) -> (String, Duration) {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("server neither answered nor closed: {e}; got {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+}
+
+#[test]
+fn broken_clients_get_clean_answers_while_others_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(
+        dir.path(),
+        &[
+            "--capacity", "128MiB", "--region-size", "4MiB", "--max-shard-size", "1MiB",
+            "--header-timeout", "1s", "--idle-timeout", "2s", "--io-timeout", "1s",
+        ],
+    );
+    let bystander = Bystander::start(&node);
+    bystander.still_served();
+
+    // Bad key, oversized body, wrong crc: clean statuses.
+    let mut client = node.client();
+    assert_eq!(client.put("/v1/shards/bad%key", b"x").status, 400);
+    assert_eq!(client.put("/v1/shards/big", &vec![0u8; (1 << 20) + 1]).status, 413);
+    let mut client = node.client();
+    assert_eq!(client.request("PUT", "/v1/shards/crc", &[("x-slapshot-crc32", "12345")], b"data").status, 400);
+    bystander.still_served();
+
+    // Garbage instead of HTTP: a 400 and a closed connection.
+    let mut garbage = raw(&node);
+    garbage.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").unwrap();
+    let (reply, _) = read_until_closed(garbage);
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    bystander.still_served();
+
+    // A body cut short by the client: nothing stored.
+    let mut truncated = raw(&node);
+    truncated.write_all(b"PUT /v1/shards/truncated HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n").unwrap();
+    truncated.write_all(&[7u8; 50_000]).unwrap();
+    truncated.shutdown(Shutdown::Write).unwrap();
+    let _ = read_until_closed(truncated);
+    assert_eq!(node.client().get("/v1/shards/truncated").status, 404);
+    bystander.still_served();
+
+    // A client that stalls in the middle of its headers is cut at the header timeout.
+    let mut slow_headers = raw(&node);
+    slow_headers.write_all(b"GET /v1/shards/bystander1 HTTP/1.1\r\nhost:").unwrap();
+    let (reply, waited) = read_until_closed(slow_headers);
+    assert!(!reply.contains("200 OK"), "{reply:?}");
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+
+    // A client that stalls in the middle of its body is cut at the I/O timeout; nothing
+    // is stored.
+    let mut slow_body = raw(&node);
+    slow_body.write_all(b"PUT /v1/shards/stalled HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n0123456789").unwrap();
+    let (_, waited) = read_until_closed(slow_body);
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+    assert_eq!(node.client().get("/v1/shards/stalled").status, 404);
+
+    // A connection that never sends anything is closed at the idle timeout.
+    let (_, waited) = read_until_closed(raw(&node));
+    assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
+
+    // Oversized headers.
+    let mut huge = raw(&node);
+    let header = format!("GET /v1/shards/x HTTP/1.1\r\nhost: t\r\nx-big: {}\r\n\r\n", "a".repeat(2 << 20));
+    let _ = huge.write_all(header.as_bytes());
+    let (reply, _) = read_until_closed(huge);
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    bystander.still_served();
+
+    assert!(node.metric("slapshot_http_connection_timeouts_total{kind=\"header\"}") >= 1.0);
+    assert!(node.metric("slapshot_http_connection_timeouts_total{kind=\"io\"}") >= 1.0);
+    assert!(node.metric("slapshot_http_connection_timeouts_total{kind=\"idle\"}") >= 1.0);
+    bystander.finish();
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused_and_others_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &["--capacity", "128MiB", "--region-size", "4MiB", "--max-shard-size", "1MiB", "--max-connections", "10"]);
+    let bystander = Bystander::start(&node);
+    bystander.still_served();
+
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        let mut stream = raw(&node);
+        stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut buf = [0u8; 256];
+        match stream.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 503"));
+                refused += 1;
+            }
+            _ => held.push(stream),
+        }
+    }
+    // The bystander holds one slot; nine more fit under the limit of ten.
+    assert_eq!(held.len(), 9);
+    assert_eq!(refused, 11);
+    bystander.still_served();
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until the node has seen the closes, even this probe may be refused.
+    while node.client().get("/health").status != 200 || node.metric("slapshot_http_connections_open") > 2.0 {
+        assert!(Instant::now() < deadline, "closed connections were not released");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(node.client().get("/health").status, 200);
+    assert_eq!(node.metric("slapshot_http_connections_rejected_total"), 11.0);
+    bystander.finish();
+}
