@@ -12,6 +12,7 @@
 
 use std::{
     alloc::{self, Layout},
+    mem::MaybeUninit,
     ptr::NonNull,
 };
 
@@ -76,16 +77,21 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// The whole allocation, initialised or not.
+    fn allocation_mut(&mut self) -> &mut [MaybeUninit<u8>] {
+        // SAFETY: the allocation holds `cap` bytes owned by this buffer and exclusively
+        // borrowed here; any byte, initialised or not, is a valid MaybeUninit<u8>.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<MaybeUninit<u8>>(), self.cap) }
+    }
+
     /// Appends `data`, growing the allocation (by doubling) if needed.
     pub fn extend_from_slice(&mut self, data: &[u8]) {
-        let new_len = self.len + data.len();
-        if new_len > self.cap {
-            self.grow(new_len.max(self.cap * 2));
+        let (start, end) = (self.len, self.len + data.len());
+        if end > self.cap {
+            self.grow(end.max(self.cap * 2));
         }
-        // SAFETY: the destination range [len, new_len) lies inside the allocation, and
-        // `data` cannot overlap it because we hold `&mut self`.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(self.len), data.len()) };
-        self.len = new_len;
+        self.allocation_mut()[start..end].write_copy_of_slice(data);
+        self.len = end;
     }
 
     /// Sets the length to `new_len`, zero-filling any bytes added.
@@ -93,9 +99,11 @@ impl AlignedBuf {
         if new_len > self.cap {
             self.grow(new_len);
         }
-        if new_len > self.len {
-            // SAFETY: [len, new_len) lies inside the allocation.
-            unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(self.len), 0, new_len - self.len) };
+        let start = self.len;
+        if new_len > start {
+            for byte in &mut self.allocation_mut()[start..new_len] {
+                byte.write(0);
+            }
         }
         self.len = new_len;
     }
