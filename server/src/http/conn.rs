@@ -120,11 +120,10 @@ impl TrackedStream {
     }
 
     fn wrote(&self, result: &Poll<io::Result<usize>>) {
-        if let Poll::Ready(Ok(n)) = result {
-            if *n > 0 {
+        if let Poll::Ready(Ok(n)) = result
+            && *n > 0 {
                 self.activity.on_write(Instant::now());
             }
-        }
     }
 }
 

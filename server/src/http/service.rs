@@ -188,11 +188,10 @@ async fn put(ctx: &Rc<CoreContext>, key: ShardKey<'_>, req: Request<Incoming>) -
     // An oversized body is drained (up to a bound) so that the 413 reaches the client.
     let drain_limit = max.saturating_mul(4).max(DISCARD_LIMIT);
     let hint = body.size_hint();
-    if let Some(len) = hint.exact() {
-        if len > max {
+    if let Some(len) = hint.exact()
+        && len > max {
             return discard(too_large(max), body, drain_limit).await;
         }
-    }
     let mut record = PendingRecord::new(key, hint.lower().min(max) as usize);
     while let Some(frame) = body.frame().await {
         match frame {

@@ -115,7 +115,7 @@ impl Store {
     /// Opens (formatting if new) the device and rebuilds the index from it.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
         let region_size = config.device.region_size;
-        if region_size % BLOCK_SIZE as u64 != 0 || region_size < 16 * BLOCK_SIZE as u64 {
+        if !region_size.is_multiple_of(BLOCK_SIZE as u64) || region_size < 16 * BLOCK_SIZE as u64 {
             return Err(StoreError::BadRegionSize(ByteSize(region_size)));
         }
         let region_blocks = u32::try_from(region_size / BLOCK_SIZE as u64).map_err(|_| StoreError::BadRegionSize(ByteSize(region_size)))?;

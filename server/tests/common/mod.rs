@@ -54,12 +54,11 @@ impl TestNode {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                if let Ok(addr) = text.trim().parse() {
+            if let Ok(text) = std::fs::read_to_string(&addr_file)
+                && let Ok(addr) = text.trim().parse() {
                     self.addr = addr;
                     return;
                 }
-            }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("slapshot-server exited with {status} during start-up:\n{}", self.log());
             }
