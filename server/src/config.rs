@@ -128,6 +128,11 @@ pub struct Options {
     #[arg(long, value_name = "FILE")]
     pub addr_file: Option<PathBuf>,
 
+    /// Pin each runtime thread to its own CPU: auto pins when --threads equals the number
+    /// of CPUs (a dedicated machine), and not when nodes share a host [default: auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub pin_threads: Option<PinThreads>,
+
     /// Log filter, e.g. "info" or "slapshot_server=debug" [default: info, or RUST_LOG].
     #[arg(long, value_name = "FILTER")]
     pub log: Option<String>,
@@ -158,7 +163,28 @@ impl Options {
             drain_grace: self.drain_grace.or(file.drain_grace),
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout),
             addr_file: self.addr_file.or(file.addr_file),
+            pin_threads: self.pin_threads.or(file.pin_threads),
             log: self.log.or(file.log),
+        }
+    }
+}
+
+/// Whether runtime threads are pinned to CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinThreads {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl PinThreads {
+    pub fn resolve(self, threads: usize) -> bool {
+        match self {
+            PinThreads::On => true,
+            PinThreads::Off => false,
+            PinThreads::Auto => std::thread::available_parallelism().is_ok_and(|cpus| cpus.get() == threads),
         }
     }
 }
@@ -183,6 +209,7 @@ pub struct ServerConfig {
     pub drain_grace: Duration,
     pub shutdown_timeout: Duration,
     pub addr_file: Option<PathBuf>,
+    pub pin_threads: PinThreads,
     pub log: Option<String>,
 }
 
@@ -260,6 +287,7 @@ impl ServerConfig {
             drain_grace: duration(options.drain_grace, 0),
             shutdown_timeout: duration(options.shutdown_timeout, 30),
             addr_file: options.addr_file,
+            pin_threads: options.pin_threads.unwrap_or_default(),
             log: options.log,
         })
     }

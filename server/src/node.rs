@@ -38,6 +38,7 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
         .context("cannot install signal handlers")?;
 
+    let pin = config.pin_threads.resolve(config.threads);
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut cores = Vec::with_capacity(listeners.len());
     for (core, listener) in listeners.into_iter().enumerate() {
@@ -45,7 +46,7 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
         let ready = ready_tx.clone();
         let handle = thread::Builder::new()
             .name(format!("slapshot-core-{core}"))
-            .spawn(move || run_core(node, core, listener, ready))
+            .spawn(move || run_core(node, core, pin, listener, ready))
             .context("cannot start a runtime thread")?;
         cores.push(handle);
     }
@@ -57,7 +58,7 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     if let Some(path) = &config.addr_file {
         write_atomically(path, &addr.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    tracing::info!(%addr, threads = cores.len(), direct_io = node.store.direct_io(), "serving on http://{addr}");
+    tracing::info!(%addr, threads = cores.len(), pinned = pin, direct_io = node.store.direct_io(), "serving on http://{addr}");
 
     let drain_grace = config.drain_grace;
     thread::Builder::new().name("slapshot-signals".into()).spawn({
@@ -84,11 +85,15 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_core(node: Arc<Node>, core: usize, listener: TcpListener, ready: mpsc::Sender<Result<(), String>>) {
+fn run_core(node: Arc<Node>, core: usize, pin: bool, listener: TcpListener, ready: mpsc::Sender<Result<(), String>>) {
     // Thread per core: pin each runtime so that its ring, its caches and its connections
     // stay on one CPU. Failure (e.g. a restricted cpuset) only costs locality.
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-    let _ = monoio::utils::bind_to_cpu_set([core % cpus]);
+    if pin {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        if let Err(e) = monoio::utils::bind_to_cpu_set([core % cpus]) {
+            tracing::warn!(core, error = %e, "cannot pin the runtime thread to its core");
+        }
+    }
     let runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(RING_ENTRIES).build();
     let mut runtime = match runtime {
         Ok(runtime) => runtime,
