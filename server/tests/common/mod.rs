@@ -22,16 +22,13 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Starts a node storing under `dir/data`, with `extra` flags added.
+    /// Starts a node storing under `dir/data` (unless `extra` names a `--device`), with
+    /// `extra` flags added.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
-        let mut args: Vec<String> = vec![
-            "--data-dir".into(),
-            dir.join("data").display().to_string(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--threads".into(),
-            "2".into(),
-        ];
+        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into(), "--threads".into(), "2".into()];
+        if !extra.contains(&"--device") {
+            args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut node = TestNode { child: None, addr: "127.0.0.1:0".parse().unwrap(), dir: dir.to_owned(), args };
         node.launch();
