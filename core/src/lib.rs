@@ -3,8 +3,15 @@
 //! Invariant: nothing in this crate performs I/O. Every function is deterministic in its
 //! inputs, which is what lets the server, the client and the tests agree byte for byte.
 
+pub mod chunk;
+pub mod erasure;
+pub mod placement;
+pub mod shard_frame;
 pub mod shard_key;
 pub mod units;
 
-pub use shard_key::{ShardKey, ShardKeyError, MAX_SHARD_KEY_LEN};
+pub use chunk::{CHUNK_SIZE, ChunkKey, ChunkName};
+pub use erasure::{CodeParams, ErasureCodec, codec_for};
+pub use placement::{Member, Placement};
+pub use shard_key::{MAX_SHARD_KEY_LEN, ShardKey, ShardKeyError};
 pub use units::{ByteSize, HumanDuration, UnitParseError};
