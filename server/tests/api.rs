@@ -1,10 +1,8 @@
 //! The shard API through the real binary: round trips, status codes, auth, HTTP/2.
 
-mod common;
-
 use std::process::Command;
 
-use common::{Rng, TestNode, crc32};
+use slapshot_testkit::{Rng, TestNode, crc32};
 
 fn node(extra: &[&str]) -> (tempfile::TempDir, TestNode) {
     let dir = tempfile::tempdir().unwrap();

@@ -1,8 +1,6 @@
 //! Bad input never hurts others: each kind of broken client gets a clean status or a
 //! closed connection while a well-behaved client keeps being served.
 
-mod common;
-
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpStream},
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Client, Rng, TestNode};
+use slapshot_testkit::{Client, Rng, TestNode};
 
 /// A client doing PUT and GET round trips in a loop until told to stop.
 struct Bystander {

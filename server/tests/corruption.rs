@@ -1,15 +1,13 @@
 //! A byte flipped on the device turns the shard into a miss and is counted; it is never
 //! served, whether the damage is found on read or during recovery.
 
-mod common;
-
 use std::{
     fs::OpenOptions,
     os::unix::fs::FileExt,
     path::Path,
 };
 
-use common::{Rng, TestNode};
+use slapshot_testkit::{Rng, TestNode};
 
 /// Offset of `needle` in the store file.
 fn find(store: &Path, needle: &[u8]) -> u64 {

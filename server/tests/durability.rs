@@ -1,11 +1,9 @@
 //! Acknowledged shards survive a graceful restart and a kill -9; deletes and replacements
 //! stay in effect across restarts.
 
-mod common;
-
 use std::{collections::BTreeMap, sync::Arc, thread};
 
-use common::{Rng, TestNode, crc32};
+use slapshot_testkit::{Rng, TestNode, crc32};
 
 /// 1,000 shards of 1 KiB to 512 KiB, as the issue asks: about 256 MiB in all.
 const SHARDS: usize = 1000;
@@ -30,7 +28,7 @@ fn put_all(node: &TestNode, shards: &Arc<BTreeMap<String, Vec<u8>>>) {
             let keys: Vec<String> = keys.iter().skip(w).step_by(WRITERS).cloned().collect();
             let addr = node.addr;
             thread::spawn(move || {
-                let mut client = common::Client::connect(addr);
+                let mut client = slapshot_testkit::Client::connect(addr);
                 for key in keys {
                     let crc = crc32(&shards[&key]).to_string();
                     let response = client.request("PUT", &format!("/v1/shards/{key}"), &[("x-slapshot-crc32", &crc)], &shards[&key]);

@@ -4,14 +4,12 @@
 //! Needs root, loop devices and tmpfs mounts, as on the CI machine. Where those are not
 //! available the test says so and skips.
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
     process::Command,
 };
 
-use common::{Rng, TestNode};
+use slapshot_testkit::{Rng, TestNode};
 
 /// A loop device over a sparse 96 MiB file on a 16 MiB tmpfs: writes past 16 MiB of real
 /// data fail with EIO, like a thin volume out of space.

@@ -72,11 +72,19 @@ impl PendingRecord {
     }
 }
 
-/// The region this thread appends to.
+/// The region a stream appends to.
 struct OpenRegion {
     region: u32,
     nonce: u64,
     next_block: u32,
+}
+
+/// One sequence of appends: its open region and the lock that serialises switching it
+/// (a switch awaits the new region's header write).
+#[derive(Default)]
+struct AppendStream {
+    open: RefCell<Option<OpenRegion>>,
+    switching: futures::lock::Mutex<()>,
 }
 
 /// Blocks reserved in an open region; holding it keeps the region from being evicted.
@@ -93,13 +101,19 @@ struct Appended<'a> {
     _writing: CounterGuard<'a>,
 }
 
+/// Which stream a record goes to. Client writes and eviction's rewrites use separate open
+/// regions, so that eviction never waits for a region switch that is itself waiting for
+/// eviction to free a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AppendMode {
-    /// A client's PUT: may evict inline when no region is free.
+    /// A client's PUT: waits (bounded) for eviction when no region is free.
     Put,
-    /// Eviction rewriting a hot shard: never evicts, so eviction cannot recurse.
+    /// Eviction rewriting a hot shard: takes a free region or gives up, never waits.
     Reinsert,
 }
+
+/// How long a PUT waits for eviction to free a region before it is refused.
+const FREE_REGION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a record read from flash cannot be served.
 enum ReadFault {
@@ -113,16 +127,15 @@ pub struct CoreStore {
     store: Arc<Store>,
     core: usize,
     file: monoio::fs::File,
-    open: RefCell<Option<OpenRegion>>,
-    /// Serialises region switches on this thread (a switch awaits the header write).
-    switching: futures::lock::Mutex<()>,
+    puts: AppendStream,
+    reinserts: AppendStream,
     evicting: Cell<bool>,
 }
 
 impl CoreStore {
     pub(super) fn new(store: Arc<Store>, core: usize) -> Result<Self, StoreError> {
         let file = monoio::fs::File::from_std(store.device.file.try_clone()?)?;
-        Ok(Self { store, core, file, open: RefCell::new(None), switching: futures::lock::Mutex::new(()), evicting: Cell::new(false) })
+        Ok(Self { store, core, file, puts: AppendStream::default(), reinserts: AppendStream::default(), evicting: Cell::new(false) })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -336,21 +349,29 @@ impl CoreStore {
         Ok(Appended { location: slot.location, buf, _writing: slot._writing })
     }
 
-    async fn reserve(self: &Rc<Self>, blocks: u32, mode: AppendMode) -> Result<Slot<'_>, StoreError> {
-        loop {
-            if let Some(slot) = self.try_bump(blocks) {
-                return Ok(slot);
-            }
-            let _switching = self.switching.lock().await;
-            if let Some(slot) = self.try_bump(blocks) {
-                return Ok(slot);
-            }
-            self.switch_region(mode).await?;
+    fn stream(&self, mode: AppendMode) -> &AppendStream {
+        match mode {
+            AppendMode::Put => &self.puts,
+            AppendMode::Reinsert => &self.reinserts,
         }
     }
 
-    fn try_bump(&self, blocks: u32) -> Option<Slot<'_>> {
-        let mut open = self.open.borrow_mut();
+    async fn reserve(self: &Rc<Self>, blocks: u32, mode: AppendMode) -> Result<Slot<'_>, StoreError> {
+        let stream = self.stream(mode);
+        loop {
+            if let Some(slot) = self.try_bump(stream, blocks) {
+                return Ok(slot);
+            }
+            let _switching = stream.switching.lock().await;
+            if let Some(slot) = self.try_bump(stream, blocks) {
+                return Ok(slot);
+            }
+            self.switch_region(stream, mode).await?;
+        }
+    }
+
+    fn try_bump(&self, stream: &AppendStream, blocks: u32) -> Option<Slot<'_>> {
+        let mut open = stream.open.borrow_mut();
         let region = open.as_mut()?;
         if region.next_block + blocks > self.store.region_blocks {
             return None;
@@ -360,21 +381,16 @@ impl CoreStore {
         Some(Slot { location, nonce: region.nonce, _writing: self.store.regions.start_write(location.region) })
     }
 
-    /// Seals the full open region and opens a free one, evicting inline if none is free.
-    async fn switch_region(self: &Rc<Self>, mode: AppendMode) -> Result<(), StoreError> {
+    /// Seals the stream's full region and opens a free one.
+    async fn switch_region(self: &Rc<Self>, stream: &AppendStream, mode: AppendMode) -> Result<(), StoreError> {
         let store = &*self.store;
-        let full = self.open.borrow_mut().take();
+        let full = stream.open.borrow_mut().take();
         if let Some(full) = full {
             store.regions.seal(full.region);
         }
-        let region = loop {
-            if let Some(region) = store.regions.pop_free() {
-                break region;
-            }
-            // Boxed: eviction can append (reinsertion), which can switch regions again.
-            if mode == AppendMode::Reinsert || !Box::pin(self.evict_one(false)).await {
-                return Err(StoreError::NoSpace);
-            }
+        let region = match mode {
+            AppendMode::Put => self.wait_for_free_region().await?,
+            AppendMode::Reinsert => store.regions.pop_free().ok_or(StoreError::NoSpace)?,
         };
         let nonce = random_u64();
         if let Err(e) = self.write_region_header(region, RegionState::Live, nonce, store.next_seq()).await {
@@ -385,9 +401,28 @@ impl CoreStore {
         let meta = store.regions.get(region);
         meta.nonce.store(nonce, Ordering::Release);
         meta.take_keys();
-        *self.open.borrow_mut() = Some(OpenRegion { region, nonce, next_block: 1 });
+        *stream.open.borrow_mut() = Some(OpenRegion { region, nonce, next_block: 1 });
         self.maybe_start_eviction();
         Ok(())
+    }
+
+    /// A free region for client writes. When none is free, eviction is started (if it is
+    /// not running already) and the write waits for it, up to `FREE_REGION_WAIT`; writes
+    /// are refused only if nothing can be evicted.
+    async fn wait_for_free_region(self: &Rc<Self>) -> Result<u32, StoreError> {
+        let store = &*self.store;
+        let deadline = std::time::Instant::now() + FREE_REGION_WAIT;
+        loop {
+            if let Some(region) = store.regions.pop_free() {
+                return Ok(region);
+            }
+            self.maybe_start_eviction();
+            let evicting = store.evictions_running.load(Ordering::Acquire) > 0;
+            if (!evicting && !store.regions.has_sealed()) || std::time::Instant::now() >= deadline {
+                return Err(StoreError::NoSpace);
+            }
+            monoio::time::sleep(std::time::Duration::from_micros(200)).await;
+        }
     }
 
     async fn write_region_header(&self, region: u32, state: RegionState, nonce: u64, open_seq: u64) -> std::io::Result<()> {
@@ -399,36 +434,44 @@ impl CoreStore {
     }
 
     /// Keeps the free pool above the low watermark from a background task, so that PUTs
-    /// almost never wait for an eviction.
+    /// rarely wait for an eviction.
     fn maybe_start_eviction(self: &Rc<Self>) {
-        if self.evicting.get() || self.store.regions.free_count() >= self.store.low_watermark {
+        let store = &*self.store;
+        if self.evicting.get() || store.regions.free_count() >= store.low_watermark || !store.regions.has_sealed() {
             return;
         }
         self.evicting.set(true);
+        store.evictions_running.fetch_add(1, Ordering::AcqRel);
         let this = self.clone();
         monoio::spawn(async move {
             while this.store.regions.free_count() < this.store.low_watermark {
-                if !this.evict_one(true).await {
+                if !this.evict_one().await {
                     break;
                 }
             }
             this.evicting.set(false);
+            this.store.evictions_running.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
     /// Reclaims the oldest sealed region. Shards read at least `reinsert_hits` times since
-    /// they were written are rewritten into the open region (up to three quarters of a
-    /// region, so that every eviction frees space and the rewrite traffic stays within 4x
-    /// of the client's writes even when everything is hot); the rest are dropped. Returns
-    /// false if there was nothing to evict.
-    async fn evict_one(self: &Rc<Self>, reinsert: bool) -> bool {
+    /// they were written are rewritten (reinserted) while the store's reinsertion credit
+    /// lasts; the rest are dropped. Returns false if there was nothing to evict.
+    async fn evict_one(self: &Rc<Self>) -> bool {
         let store = &*self.store;
         let Some(victim) = store.regions.pop_victim() else { return false };
         let meta = store.regions.get(victim);
         wait_for_zero(&meta.writers).await;
         let nonce = meta.nonce.load(Ordering::Acquire);
         let threshold = store.reinsert_hits;
-        let mut budget = if reinsert && threshold > 0 { store.region_blocks / 4 * 3 } else { 0 };
+        // Credit is capped at four regions' worth so that a long cold spell cannot bank
+        // an unbounded burst of rewrites.
+        let region_blocks = i64::from(store.region_blocks);
+        let earned = region_blocks / 4 * 3;
+        let credit = store.reinsert_credit.fetch_add(earned, Ordering::AcqRel) + earned;
+        if credit > 4 * region_blocks {
+            store.reinsert_credit.fetch_sub(credit - 4 * region_blocks, Ordering::AcqRel);
+        }
 
         let mut hot = Vec::new();
         let mut evicted = 0;
@@ -438,10 +481,14 @@ impl CoreStore {
             if entry.location.region != victim {
                 continue;
             }
-            if threshold > 0 && entry.hits >= threshold && entry.blocks() <= budget {
-                budget -= entry.blocks();
+            let blocks = i64::from(entry.blocks());
+            if threshold > 0 && entry.hits >= threshold && store.reinsert_credit.fetch_sub(blocks, Ordering::AcqRel) >= blocks {
                 hot.push((hash, entry));
                 continue;
+            }
+            if threshold > 0 && entry.hits >= threshold {
+                // Not enough credit: give the blocks back and let the shard go.
+                store.reinsert_credit.fetch_add(blocks, Ordering::AcqRel);
             }
             map.remove(&hash);
             drop(map);

@@ -109,6 +109,15 @@ pub struct Store {
     /// Eviction starts when fewer regions than this are free: one per thread to open next,
     /// plus one for reinsertion to spill into.
     low_watermark: usize,
+    /// Blocks that eviction may still rewrite (reinsert). Each evicted region earns three
+    /// quarters of a region; each reinserted block spends one. Rewrites therefore stay
+    /// within 4x of the evicted volume on average, every eviction makes progress once the
+    /// credit is spent, and a region that happens to hold only hot shards can still be
+    /// kept whole when the evictions before it were cold.
+    reinsert_credit: std::sync::atomic::AtomicI64,
+    /// Evictions running on any thread, so that a writer waiting for a free region knows
+    /// whether one is coming.
+    evictions_running: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
@@ -134,8 +143,9 @@ impl Store {
         let region_count = device.superblock.region_count;
         let threads = config.threads.max(1);
         let low_watermark = threads + 1;
-        // Open regions, the free reserve, and at least two sealed regions to evict.
-        let needed = u32::try_from(threads + low_watermark + 2).unwrap_or(u32::MAX);
+        // Two open regions per thread (client writes and reinsertions), the free reserve,
+        // and at least two sealed regions to evict.
+        let needed = u32::try_from(2 * threads + low_watermark + 2).unwrap_or(u32::MAX);
         if region_count < needed {
             return Err(StoreError::TooFewRegions { regions: region_count, needed, threads });
         }
@@ -153,6 +163,8 @@ impl Store {
             max_payload: config.max_shard_size,
             reinsert_hits: config.reinsert_hits,
             low_watermark,
+            reinsert_credit: std::sync::atomic::AtomicI64::new(0),
+            evictions_running: std::sync::atomic::AtomicUsize::new(0),
             device,
         };
 

@@ -111,6 +111,10 @@ impl Regions {
         lock(&self.sealed).pop_front()
     }
 
+    pub fn has_sealed(&self) -> bool {
+        !lock(&self.sealed).is_empty()
+    }
+
     /// A region whose header cannot be written is taken out of service until restart.
     pub fn mark_broken(&self, region: u32) {
         tracing::error!(region, "region taken out of service after a write error");

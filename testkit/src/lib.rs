@@ -1,17 +1,46 @@
-//! Test support: start the real `slapshot-server` binary on a loopback port and talk
-//! HTTP/1.1 to it over plain sockets (so that tests can also send broken requests).
-
-#![allow(dead_code)]
+//! Test support shared by the workspace's end-to-end tests: start the real
+//! `slapshot-server` binary on a loopback port, talk HTTP/1.1 to it over plain sockets (so
+//! that tests can also send broken requests), and make deterministic test data.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_slapshot-server");
+/// The `slapshot-server` binary to test: `$SLAPSHOT_SERVER_BIN` if set, else the one in
+/// the same target directory as the running test. `cargo test --workspace` builds it
+/// before any test runs; when it is missing (a single package's tests), it is built here.
+pub fn server_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| locate_binary("slapshot-server", "slapshot-server", "SLAPSHOT_SERVER_BIN")).clone()
+}
+
+/// Finds a workspace binary next to the running test executable (target/PROFILE/deps/..),
+/// building its package with cargo if it is not there.
+pub fn locate_binary(name: &str, package: &str, env_override: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env_override) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/PROFILE/deps/TEST");
+    let binary = profile_dir.join(name);
+    if !binary.exists() {
+        let release = profile_dir.file_name().is_some_and(|p| p == "release");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", package]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success() && binary.exists(), "cannot build {name} ({})", binary.display());
+    }
+    binary
+}
 
 /// A running node with its data and log under one directory.
 pub struct TestNode {
@@ -39,7 +68,7 @@ impl TestNode {
         let addr_file = self.dir.join("addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(server_binary())
             .args(&self.args)
             .arg("--addr-file")
             .arg(&addr_file)
@@ -101,6 +130,11 @@ impl TestNode {
             assert!(Instant::now() < deadline, "slapshot-server did not exit in {timeout:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Starts the node again with the same flags and data.
