@@ -6,6 +6,7 @@
 pub mod chunk;
 pub mod erasure;
 pub mod placement;
+pub mod prometheus;
 pub mod shard_frame;
 pub mod shard_key;
 pub mod units;

@@ -3,7 +3,7 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitParseError {
@@ -78,6 +78,12 @@ impl fmt::Display for ByteSize {
     }
 }
 
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ByteSizeVisitor)
@@ -146,6 +152,12 @@ impl fmt::Display for HumanDuration {
         } else {
             write!(f, "{}us", d.as_micros())
         }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -266,6 +278,14 @@ mod tests {
             assert_eq!(input.parse::<HumanDuration>().unwrap().0, expected, "{input}");
         }
         assert!("5 fortnights".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn display_round_trips_through_parse() {
+        for d in ["250ms", "30s", "100us"] {
+            assert_eq!(d.parse::<HumanDuration>().unwrap().to_string(), d);
+        }
+        assert_eq!("512MiB".parse::<ByteSize>().unwrap().to_string().parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
     }
 
     #[test]

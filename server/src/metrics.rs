@@ -5,10 +5,11 @@
 //! nowhere else.
 
 use std::{
-    fmt::Write as _,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
+
+use slapshot_core::prometheus::{Histogram, counter, gauge, header, histogram_samples, sample};
 
 pub mod names {
     pub const HTTP_REQUESTS: &str = "slapshot_http_requests_total";
@@ -57,29 +58,6 @@ pub const STATUSES: [u16; 13] = [200, 201, 204, 400, 401, 404, 405, 408, 413, 50
 
 fn status_slot(status: u16) -> usize {
     STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
-}
-
-/// Upper bounds of the latency histogram buckets, in seconds. They span the server-side
-/// figures that matter: under 50 µs for a memory GET, around 100-400 µs for a flash PUT,
-/// milliseconds when something queues.
-pub const LATENCY_BUCKETS: [f64; 16] = [
-    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 5.0,
-];
-
-#[derive(Default)]
-pub struct Histogram {
-    /// One counter per bucket plus the overflow (+Inf) bucket; not cumulative.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        let slot = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
-        add(&self.buckets[slot], 1);
-        add(&self.sum_nanos, u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
-    }
 }
 
 /// Where a connection was cut by a timeout.
@@ -196,7 +174,7 @@ impl Metrics {
             for (s, status) in STATUSES.iter().enumerate() {
                 let n = self.sum(|c| &c.requests[m][s]);
                 if n > 0 {
-                    let _ = writeln!(w, "{}{{method=\"{method}\",status=\"{status}\"}} {n}", names::HTTP_REQUESTS);
+                    sample(w, names::HTTP_REQUESTS, &format!("method=\"{method}\",status=\"{status}\""), n);
                 }
             }
         }
@@ -205,17 +183,7 @@ impl Metrics {
 
         header(w, names::HTTP_DURATION, "histogram", "Time from request headers to response, by method.");
         for (m, method) in METHODS.iter().enumerate() {
-            let mut cumulative = 0;
-            let mut total = 0;
-            for (b, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                cumulative += self.sum(|c| &c.latency[m].buckets[b]);
-                let _ = writeln!(w, "{}_bucket{{method=\"{method}\",le=\"{bound}\"}} {cumulative}", names::HTTP_DURATION);
-            }
-            total += cumulative + self.sum(|c| &c.latency[m].buckets[LATENCY_BUCKETS.len()]);
-            let _ = writeln!(w, "{}_bucket{{method=\"{method}\",le=\"+Inf\"}} {total}", names::HTTP_DURATION);
-            let sum = self.sum(|c| &c.latency[m].sum_nanos) as f64 / 1e9;
-            let _ = writeln!(w, "{}_sum{{method=\"{method}\"}} {sum}", names::HTTP_DURATION);
-            let _ = writeln!(w, "{}_count{{method=\"{method}\"}} {total}", names::HTTP_DURATION);
+            histogram_samples(w, names::HTTP_DURATION, &format!("method=\"{method}\""), self.cores.iter().map(|c| &c.latency[m]));
         }
 
         gauge(w, names::CONNECTIONS_OPEN, "Open client connections.", get(&self.connections_open));
@@ -223,21 +191,21 @@ impl Metrics {
         counter(w, names::CONNECTIONS_REJECTED, "Connections refused at --max-connections.", self.sum(|c| &c.connections_rejected));
         header(w, names::CONNECTION_TIMEOUTS, "counter", "Connections closed by a timeout, by kind.");
         for (k, kind) in TIMEOUT_KINDS.iter().enumerate() {
-            let _ = writeln!(w, "{}{{kind=\"{kind}\"}} {}", names::CONNECTION_TIMEOUTS, self.sum(|c| &c.timeouts[k]));
+            sample(w, names::CONNECTION_TIMEOUTS, &format!("kind=\"{kind}\""), self.sum(|c| &c.timeouts[k]));
         }
 
         header(w, names::CACHE_HITS, "counter", "Shard reads served, by tier.");
-        let _ = writeln!(w, "{}{{tier=\"memory\"}} {}", names::CACHE_HITS, self.sum(|c| &c.hits_memory));
-        let _ = writeln!(w, "{}{{tier=\"flash\"}} {}", names::CACHE_HITS, self.sum(|c| &c.hits_flash));
+        sample(w, names::CACHE_HITS, "tier=\"memory\"", self.sum(|c| &c.hits_memory));
+        sample(w, names::CACHE_HITS, "tier=\"flash\"", self.sum(|c| &c.hits_flash));
         counter(w, names::CACHE_MISSES, "Shard reads that found nothing.", self.sum(|c| &c.misses));
 
         let recovery = self.recovery();
         header(w, names::CHECKSUM_FAILURES, "counter", "Records dropped because their checksum failed, by phase.");
-        let _ = writeln!(w, "{}{{phase=\"read\"}} {}", names::CHECKSUM_FAILURES, self.sum(|c| &c.checksum_failures_read));
-        let _ = writeln!(w, "{}{{phase=\"recovery\"}} {}", names::CHECKSUM_FAILURES, recovery.checksum_failures);
+        sample(w, names::CHECKSUM_FAILURES, "phase=\"read\"", self.sum(|c| &c.checksum_failures_read));
+        sample(w, names::CHECKSUM_FAILURES, "phase=\"recovery\"", recovery.checksum_failures);
         header(w, names::IO_ERRORS, "counter", "Device I/O errors, by operation.");
-        let _ = writeln!(w, "{}{{op=\"read\"}} {}", names::IO_ERRORS, self.sum(|c| &c.io_errors_read));
-        let _ = writeln!(w, "{}{{op=\"write\"}} {}", names::IO_ERRORS, self.sum(|c| &c.io_errors_write));
+        sample(w, names::IO_ERRORS, "op=\"read\"", self.sum(|c| &c.io_errors_read));
+        sample(w, names::IO_ERRORS, "op=\"write\"", self.sum(|c| &c.io_errors_write));
 
         counter(w, names::EVICTED_REGIONS, "Flash regions reclaimed.", self.sum(|c| &c.evicted_regions));
         counter(w, names::EVICTED_SHARDS, "Shards dropped from flash by eviction.", self.sum(|c| &c.evicted_shards));
@@ -253,24 +221,10 @@ impl Metrics {
         gauge(w, names::MEMORY_SHARDS, "Shards in the memory tier.", gauges.memory_shards);
         gauge(w, names::RECOVERED_SHARDS, "Shards found on flash at start-up.", recovery.shards);
         header(w, names::RECOVERY_SECONDS, "gauge", "Time spent rebuilding the index at start-up.");
-        let _ = writeln!(w, "{} {}", names::RECOVERY_SECONDS, recovery.duration.as_secs_f64());
+        sample(w, names::RECOVERY_SECONDS, "", recovery.duration.as_secs_f64());
         gauge(w, names::DRAINING, "1 while the node is shutting down.", u64::from(draining));
         out
     }
-}
-
-fn header(w: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn counter(w: &mut String, name: &str, help: &str, value: u64) {
-    header(w, name, "counter", help);
-    let _ = writeln!(w, "{name} {value}");
-}
-
-fn gauge(w: &mut String, name: &str, help: &str, value: u64) {
-    header(w, name, "gauge", help);
-    let _ = writeln!(w, "{name} {value}");
 }
 
 #[cfg(test)]

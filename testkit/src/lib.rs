@@ -54,7 +54,10 @@ impl TestNode {
     /// Starts a node storing under `dir/data` (unless `extra` names a `--device`), with
     /// `extra` flags added.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
-        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into(), "--threads".into(), "2".into()];
+        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        if !extra.contains(&"--threads") {
+            args.extend(["--threads".into(), "2".into()]);
+        }
         if !extra.contains(&"--device") {
             args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
         }
@@ -81,10 +84,15 @@ impl TestNode {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(text) = std::fs::read_to_string(&addr_file)
-                && let Ok(addr) = text.trim().parse() {
-                    self.addr = addr;
-                    return;
+                && let Ok(addr) = text.trim().parse()
+            {
+                self.addr = addr;
+                // A restart listens on the same port, as a real node would.
+                if let Some(listen) = self.args.iter().position(|a| a == "--listen") {
+                    self.args[listen + 1] = addr.to_string();
                 }
+                return;
+            }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("slapshot-server exited with {status} during start-up:\n{}", self.log());
             }
@@ -130,6 +138,16 @@ impl TestNode {
             assert!(Instant::now() < deadline, "slapshot-server did not exit in {timeout:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends SIGSTOP: the node keeps its sockets but answers nothing.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Sends SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("CONT");
     }
 
     /// True while the process runs.

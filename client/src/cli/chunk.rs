@@ -1,0 +1,48 @@
+//! `slapshot chunk put` and `slapshot chunk get`.
+
+use std::{io::Write, path::Path};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use slapshot_core::{CHUNK_SIZE, ChunkName};
+
+use crate::{FleetClient, FleetConfig};
+
+fn client(fleet: &Path) -> anyhow::Result<FleetClient> {
+    let config = FleetConfig::load(fleet)?;
+    Ok(FleetClient::new(config)?)
+}
+
+pub async fn put(fleet: &Path, path: &Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() > CHUNK_SIZE {
+        bail!("{} holds {} bytes; a chunk is at most {CHUNK_SIZE}", path.display(), bytes.len());
+    }
+    let client = client(fleet)?;
+    let name = ChunkName::of(&bytes);
+    let bytes = Bytes::from(bytes);
+    if let Some(origin) = client.origin() {
+        origin.put(&name, bytes.clone()).await.context("cannot store the chunk in the origin")?;
+    }
+    let report = client.put_chunk(&name, &bytes).await?;
+    if report.failed > 0 {
+        eprintln!("warning: {} of {} shards could not be stored", report.failed, report.written + report.failed);
+    }
+    println!("{name}");
+    Ok(())
+}
+
+pub async fn get(fleet: &Path, name: &str, output: Option<&Path>) -> anyhow::Result<()> {
+    let name: ChunkName = name.parse()?;
+    let client = client(fleet)?;
+    let bytes = client.get_chunk(&name).await?;
+    match output {
+        Some(path) => std::fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(&bytes)?;
+            stdout.flush()?;
+        }
+    }
+    Ok(())
+}

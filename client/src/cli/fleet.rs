@@ -1,0 +1,262 @@
+//! `slapshot fleet up` and `slapshot fleet status`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, anyhow, bail};
+use nix::{sys::signal::Signal, unistd::Pid};
+use slapshot_core::{ByteSize, prometheus::find_sample};
+use tokio::process::{Child, Command};
+
+use crate::{
+    FleetClient, FleetConfig,
+    config::NodeConfig,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Number of nodes.
+    #[arg(long, value_name = "N")]
+    pub nodes: usize,
+    /// Directory for the nodes' data and logs (DIR/node-I) and the fleet file (DIR/fleet.toml).
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Node I listens on 127.0.0.1:(P + I) [default: free ports chosen by the system].
+    #[arg(long, value_name = "P")]
+    pub base_port: Option<u16>,
+    /// Flash capacity of each node.
+    #[arg(long, value_name = "BYTES", default_value = "1GiB")]
+    pub capacity: ByteSize,
+    /// Memory tier of each node [default: the node's default, 10% of capacity].
+    #[arg(long, value_name = "BYTES")]
+    pub memory: Option<ByteSize>,
+    /// Runtime threads per node.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
+    /// k: shards a read needs.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    pub data_shards: usize,
+    /// M: shards written per chunk.
+    #[arg(long, value_name = "M", default_value_t = 5)]
+    pub total_shards: usize,
+    /// Origin recorded in the fleet file [default: DIR/origin, a local directory].
+    #[arg(long, value_name = "LOCATION")]
+    pub origin: Option<String>,
+    /// The slapshot-server binary [default: next to this binary, then on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub server_bin: Option<PathBuf>,
+    /// Extra flags passed to every node, e.g. --server-arg=--region-size=4MiB.
+    #[arg(long = "server-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+}
+
+/// How long nodes get to start, and to stop after SIGTERM.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct RunningNode {
+    id: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let code = slapshot_core::CodeParams::new(args.data_shards, args.total_shards)?;
+    if args.nodes < code.total() {
+        bail!("a {}-of-{} code needs at least {} nodes; --nodes is {}", code.data(), code.total(), code.total(), args.nodes);
+    }
+    let server = find_server_binary(args.server_bin.as_deref())?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+
+    let mut nodes = Vec::with_capacity(args.nodes);
+    let started = start_nodes(&args, &server, &mut nodes).await;
+    let configs = match started {
+        Ok(configs) => configs,
+        Err(e) => {
+            stop_nodes(&mut nodes).await;
+            return Err(e);
+        }
+    };
+
+    let mut fleet = FleetConfig::new(configs);
+    fleet.data_shards = code.data();
+    fleet.total_shards = code.total();
+    fleet.origin = Some(args.origin.clone().unwrap_or_else(|| "origin".into()));
+    let fleet_file = args.dir.join("fleet.toml");
+    let tmp = fleet_file.with_extension("toml.tmp");
+    std::fs::write(&tmp, fleet.to_toml()).and_then(|()| std::fs::rename(&tmp, &fleet_file))?;
+    println!("fleet of {} nodes ({}-of-{}) is up; fleet file: {}", nodes.len(), code.data(), code.total(), fleet_file.display());
+    for node in &fleet.nodes {
+        println!("  {}  http://{}", node.id, node.addr);
+    }
+    println!("press Ctrl-C (or send SIGTERM) to stop the fleet");
+
+    let reason = wait_for_stop(&mut nodes).await;
+    println!("{reason}: stopping the fleet");
+    stop_nodes(&mut nodes).await;
+    println!("fleet stopped");
+    Ok(())
+}
+
+async fn start_nodes(args: &UpArgs, server: &Path, nodes: &mut Vec<RunningNode>) -> anyhow::Result<Vec<NodeConfig>> {
+    for i in 0..args.nodes {
+        let id = format!("node-{i}");
+        let dir = args.dir.join(&id);
+        std::fs::create_dir_all(&dir)?;
+        let addr_file = dir.join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let port = match args.base_port {
+            Some(base) => base.checked_add(u16::try_from(i)?).ok_or_else(|| anyhow!("--base-port too high for {} nodes", args.nodes))?,
+            None => 0,
+        };
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let mut command = Command::new(server);
+        command
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--capacity", &args.capacity.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--threads", &args.threads.to_string()])
+            .arg("--addr-file")
+            .arg(&addr_file);
+        if let Some(memory) = args.memory {
+            command.args(["--memory", &memory.to_string()]);
+        }
+        command.args(&args.server_args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
+        let child = command.spawn().with_context(|| format!("cannot start {}", server.display()))?;
+        nodes.push(RunningNode { id, dir, child });
+    }
+
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut configs = Vec::with_capacity(nodes.len());
+    for node in nodes.iter_mut() {
+        let addr = loop {
+            if let Ok(text) = std::fs::read_to_string(node.dir.join("addr")) {
+                if !text.trim().is_empty() {
+                    break text.trim().to_owned();
+                }
+            }
+            if let Some(status) = node.child.try_wait()? {
+                bail!("{} exited with {status} while starting; its log:\n{}", node.id, log_tail(&node.dir));
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not start within {START_TIMEOUT:?}; its log:\n{}", node.id, log_tail(&node.dir));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        configs.push(NodeConfig { id: node.id.clone(), addr, weight: 1.0 });
+    }
+    Ok(configs)
+}
+
+fn log_tail(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Waits for Ctrl-C, SIGTERM, or a node exiting on its own.
+async fn wait_for_stop(nodes: &mut [RunningNode]) -> String {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let exited = async {
+        loop {
+            for node in nodes.iter_mut() {
+                if let Ok(Some(status)) = node.child.try_wait() {
+                    return format!("{} exited with {status} (log: {})", node.id, node.dir.join("server.log").display());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted".to_owned(),
+        _ = sigterm.recv() => "terminated".to_owned(),
+        reason = exited => reason,
+    }
+}
+
+/// SIGTERM to every node, then up to STOP_TIMEOUT for them to drain and exit, then SIGKILL.
+async fn stop_nodes(nodes: &mut [RunningNode]) {
+    for node in nodes.iter() {
+        if let Some(pid) = node.child.id() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+    for node in nodes.iter_mut() {
+        match tokio::time::timeout_at(deadline, node.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!("{} did not stop in time; killing it", node.id);
+                let _ = node.child.kill().await;
+            }
+        }
+    }
+}
+
+/// `--server-bin`, `$SLAPSHOT_SERVER_BIN`, the binary next to this one, or PATH.
+fn find_server_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = flag {
+        return Ok(path.to_owned());
+    }
+    if let Some(path) = std::env::var_os("SLAPSHOT_SERVER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some(sibling) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join("slapshot-server"))) {
+        if sibling.exists() {
+            return Ok(sibling);
+        }
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("slapshot-server"))
+        .find(|candidate| candidate.exists());
+    on_path.ok_or_else(|| anyhow!("cannot find slapshot-server next to this binary or on PATH; build it (cargo build -p slapshot-server) or pass --server-bin"))
+}
+
+pub async fn status(fleet_file: &Path) -> anyhow::Result<()> {
+    let config = FleetConfig::load(fleet_file)?;
+    let client = FleetClient::with_origin(config, None)?;
+    let health = client.get_from_each_node("/health").await;
+    let metrics = client.get_from_each_node("/metrics").await;
+    println!(
+        "{:<10} {:<22} {:<9} {:>8} {:>21} {:>10} {:>10} {:>8} {:>6}",
+        "node", "address", "health", "shards", "flash used/capacity", "mem hits", "flash hits", "misses", "conns"
+    );
+    let mut healthy = 0;
+    for ((id, addr, health), (_, _, metrics)) in health.into_iter().zip(metrics) {
+        let state = match &health {
+            Ok((200, _)) => {
+                healthy += 1;
+                "ok".to_owned()
+            }
+            Ok((503, _)) => "draining".to_owned(),
+            Ok((status, _)) => format!("http {status}"),
+            Err(e) => format!("down ({e})"),
+        };
+        let text = metrics.map(|(_, text)| text).unwrap_or_default();
+        let value = |series: &str| find_sample(&text, series).map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+        let bytes = |series: &str| find_sample(&text, series).map_or_else(|| "-".to_owned(), |v| ByteSize(v as u64).to_string());
+        println!(
+            "{:<10} {:<22} {:<9} {:>8} {:>21} {:>10} {:>10} {:>8} {:>6}",
+            id,
+            addr,
+            state,
+            value("slapshot_flash_shards"),
+            format!("{}/{}", bytes("slapshot_flash_bytes_used"), bytes("slapshot_flash_capacity_bytes")),
+            value("slapshot_cache_hits_total{tier=\"memory\"}"),
+            value("slapshot_cache_hits_total{tier=\"flash\"}"),
+            value("slapshot_cache_misses_total"),
+            value("slapshot_http_connections_open"),
+        );
+    }
+    println!("{healthy} of {} nodes healthy", client.config().nodes.len());
+    if healthy < client.config().data_shards {
+        bail!("fewer healthy nodes than the {} a read needs", client.config().data_shards);
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use slapshot_client::cli::{ChunkCommand, Cli, Command, FleetCommand, chunk, fleet};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match &cli.log {
+        Some(filter) => EnvFilter::new(filter),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("slapshot: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Fleet(FleetCommand::Up(args)) => fleet::up(args).await,
+            Command::Fleet(FleetCommand::Status { fleet }) => fleet::status(&fleet).await,
+            Command::Chunk(ChunkCommand::Put { fleet, path }) => chunk::put(&fleet, &path).await,
+            Command::Chunk(ChunkCommand::Get { fleet, name, output }) => chunk::get(&fleet, &name, output.as_deref()).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slapshot: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The origin: the object store every chunk lives in, behind a trait so that tests and
+//! tools can put anything there.
+//!
+//! Chunks are stored under their name (`chunks/ab/abcdef...`, the two-digit directory
+//! keeping local directories small), and writes skip names that exist: names are content
+//! hashes, so an existing object already holds the same bytes.
+
+use std::{path::Path, sync::Arc};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder, local::LocalFileSystem, path::Path as ObjectPath};
+use slapshot_core::ChunkName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("origin {origin}: {source}")]
+    Store { origin: String, source: object_store::Error },
+    #[error("cannot use {url:?} as an origin: {reason}")]
+    Url { url: String, reason: String },
+}
+
+/// Where chunks come from when the fleet does not have them.
+pub trait Origin: Send + Sync + 'static {
+    /// The chunk's bytes, or `None` if the origin does not have it.
+    fn get<'a>(&'a self, name: &'a ChunkName) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>>;
+
+    /// Stores a chunk unless its name exists; true if it was written.
+    fn put<'a>(&'a self, name: &'a ChunkName, bytes: Bytes) -> BoxFuture<'a, Result<bool, OriginError>>;
+
+    /// A human-readable location, for logs and errors.
+    fn describe(&self) -> String;
+}
+
+/// An origin backed by the `object_store` crate: a local directory or S3.
+pub struct ObjectStoreOrigin {
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    location: String,
+}
+
+impl ObjectStoreOrigin {
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: ObjectPath, location: String) -> Self {
+        Self { store, prefix, location }
+    }
+
+    fn path(&self, name: &ChunkName) -> ObjectPath {
+        let hex = name.to_hex();
+        self.prefix.clone().join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn error(&self, source: object_store::Error) -> OriginError {
+        OriginError::Store { origin: self.location.clone(), source }
+    }
+}
+
+impl Origin for ObjectStoreOrigin {
+    fn get<'a>(&'a self, name: &'a ChunkName) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
+        Box::pin(async move {
+            match self.store.get(&self.path(name)).await {
+                Ok(result) => result.bytes().await.map(Some).map_err(|e| self.error(e)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error(e)),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, name: &'a ChunkName, bytes: Bytes) -> BoxFuture<'a, Result<bool, OriginError>> {
+        Box::pin(async move {
+            let path = self.path(name);
+            match self.store.head(&path).await {
+                Ok(_) => return Ok(false),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error(e)),
+            }
+            self.store.put(&path, PutPayload::from_bytes(bytes)).await.map_err(|e| self.error(e))?;
+            Ok(true)
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.location.clone()
+    }
+}
+
+/// Opens an origin from a location:
+/// - `s3://bucket/prefix`: S3 or an S3-compatible server, configured by the standard AWS
+///   environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+///   and `AWS_ENDPOINT` plus `AWS_ALLOW_HTTP=true` for a plain-HTTP compatible server);
+/// - `file:///path` or a plain path: a local directory, created if missing.
+pub fn open_origin(location: &str) -> Result<Arc<dyn Origin>, OriginError> {
+    let url_error = |reason: String| OriginError::Url { url: location.to_owned(), reason };
+    if let Some(rest) = location.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(url_error("no bucket name".into()));
+        }
+        let store = AmazonS3Builder::from_env().with_bucket_name(bucket).build().map_err(|e| url_error(e.to_string()))?;
+        let prefix = ObjectPath::parse(prefix.trim_end_matches('/')).map_err(|e| url_error(e.to_string()))?;
+        return Ok(Arc::new(ObjectStoreOrigin::new(Arc::new(store), prefix, location.to_owned())));
+    }
+    if location.contains("://") && !location.starts_with("file://") {
+        return Err(url_error("use a directory, file:///path or s3://bucket/prefix".into()));
+    }
+    let dir = Path::new(location.strip_prefix("file://").unwrap_or(location));
+    std::fs::create_dir_all(dir).map_err(|e| url_error(e.to_string()))?;
+    let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| url_error(e.to_string()))?;
+    Ok(Arc::new(ObjectStoreOrigin::new(Arc::new(store), ObjectPath::default(), dir.display().to_string())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_origin_stores_once_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = open_origin(dir.path().to_str().unwrap()).unwrap();
+        let bytes = Bytes::from_static(b"sealed chunk bytes");
+        let name = ChunkName::of(&bytes);
+        assert_eq!(origin.get(&name).await.unwrap(), None);
+        assert!(origin.put(&name, bytes.clone()).await.unwrap());
+        assert!(!origin.put(&name, bytes.clone()).await.unwrap(), "an existing name is skipped");
+        assert_eq!(origin.get(&name).await.unwrap(), Some(bytes));
+        let hex = name.to_hex();
+        assert!(dir.path().join("chunks").join(&hex[..2]).join(&hex).exists());
+    }
+
+    #[test]
+    fn unknown_schemes_are_refused() {
+        assert!(matches!(open_origin("gs://bucket"), Err(OriginError::Url { .. })));
+        assert!(matches!(open_origin("s3:///nobucket"), Err(OriginError::Url { .. })));
+    }
+}
