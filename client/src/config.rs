@@ -4,6 +4,7 @@
 //! data-shards = 4          # k
 //! total-shards = 5         # M
 //! origin = "origin"        # a directory (relative to this file), file:///abs, or s3://bucket/prefix
+//! origin-options = { aws_endpoint = "http://10.0.0.5:9000", aws_allow_http = "true" }
 //! token-file = "token"     # optional bearer token for the nodes
 //!
 //! [timeouts]
@@ -49,6 +50,11 @@ pub struct FleetConfig {
     /// Where chunks come from on a fleet miss: a directory, file:///path or s3://bucket/prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// object_store settings for the origin, overriding the environment; for an
+    /// S3-compatible server for example `{ aws_endpoint = "http://10.0.0.5:9000",
+    /// aws_allow_http = "true" }`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub origin_options: std::collections::BTreeMap<String, String>,
     /// File holding the bearer token the nodes require.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
@@ -150,6 +156,7 @@ impl FleetConfig {
             data_shards: default_data_shards(),
             total_shards: default_total_shards(),
             origin: None,
+            origin_options: Default::default(),
             token_file: None,
             max_origin_fetches: default_max_origin_fetches(),
             timeouts: Timeouts::default(),

@@ -24,7 +24,7 @@ use crate::{
     hedge::{LatencyWindow, TokenBucket},
     metrics::{ClientMetrics, inc},
     node::{HttpClient, Node, NodeError, http_client},
-    origin::{Origin, open_origin},
+    origin::{Origin, open_origin_with},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,7 +118,7 @@ const HEDGE_BURST: f64 = 10.0;
 impl FleetClient {
     /// A client for the fleet in `config`, with the origin it names (if any).
     pub fn new(config: FleetConfig) -> Result<Self, ClientError> {
-        let origin = config.origin.as_deref().map(open_origin).transpose()?;
+        let origin = config.origin.as_deref().map(|o| open_origin_with(o, &config.origin_options)).transpose()?;
         Self::with_origin(config, origin)
     }
 

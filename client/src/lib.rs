@@ -17,4 +17,4 @@ pub mod origin;
 
 pub use config::FleetConfig;
 pub use fleet::{ChunkError, FleetClient, PutReport};
-pub use origin::{Origin, open_origin};
+pub use origin::{Origin, open_origin, open_origin_with};

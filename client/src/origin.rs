@@ -5,11 +5,16 @@
 //! keeping local directories small), and writes skip names that exist: names are content
 //! hashes, so an existing object already holds the same bytes.
 
-use std::{path::Path, sync::Arc};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder, local::LocalFileSystem, path::Path as ObjectPath};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutPayload,
+    aws::{AmazonS3Builder, AmazonS3ConfigKey},
+    local::LocalFileSystem,
+    path::Path as ObjectPath,
+};
 use slapshot_core::ChunkName;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,15 +94,29 @@ impl Origin for ObjectStoreOrigin {
 ///   and `AWS_ENDPOINT` plus `AWS_ALLOW_HTTP=true` for a plain-HTTP compatible server);
 /// - `file:///path` or a plain path: a local directory, created if missing.
 pub fn open_origin(location: &str) -> Result<Arc<dyn Origin>, OriginError> {
+    open_origin_with(location, &BTreeMap::new())
+}
+
+/// Like `open_origin`, with object_store configuration keys (for S3: `aws_endpoint`,
+/// `aws_allow_http`, `aws_region`, `aws_access_key_id`, ...) that override the environment.
+pub fn open_origin_with(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Origin>, OriginError> {
     let url_error = |reason: String| OriginError::Url { url: location.to_owned(), reason };
     if let Some(rest) = location.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(url_error("no bucket name".into()));
         }
-        let store = AmazonS3Builder::from_env().with_bucket_name(bucket).build().map_err(|e| url_error(e.to_string()))?;
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        for (key, value) in options {
+            let key: AmazonS3ConfigKey = key.parse().map_err(|e: object_store::Error| url_error(e.to_string()))?;
+            builder = builder.with_config(key, value);
+        }
+        let store = builder.build().map_err(|e| url_error(e.to_string()))?;
         let prefix = ObjectPath::parse(prefix.trim_end_matches('/')).map_err(|e| url_error(e.to_string()))?;
         return Ok(Arc::new(ObjectStoreOrigin::new(Arc::new(store), prefix, location.to_owned())));
+    }
+    if !options.is_empty() {
+        return Err(url_error("origin options apply to s3:// origins only".into()));
     }
     if location.contains("://") && !location.starts_with("file://") {
         return Err(url_error("use a directory, file:///path or s3://bucket/prefix".into()));

@@ -134,11 +134,10 @@ async fn start_nodes(args: &UpArgs, server: &Path, nodes: &mut Vec<RunningNode>)
     let mut configs = Vec::with_capacity(nodes.len());
     for node in nodes.iter_mut() {
         let addr = loop {
-            if let Ok(text) = std::fs::read_to_string(node.dir.join("addr")) {
-                if !text.trim().is_empty() {
+            if let Ok(text) = std::fs::read_to_string(node.dir.join("addr"))
+                && !text.trim().is_empty() {
                     break text.trim().to_owned();
                 }
-            }
             if let Some(status) = node.child.try_wait()? {
                 bail!("{} exited with {status} while starting; its log:\n{}", node.id, log_tail(&node.dir));
             }
@@ -205,11 +204,10 @@ fn find_server_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("SLAPSHOT_SERVER_BIN") {
         return Ok(PathBuf::from(path));
     }
-    if let Some(sibling) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join("slapshot-server"))) {
-        if sibling.exists() {
+    if let Some(sibling) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join("slapshot-server")))
+        && sibling.exists() {
             return Ok(sibling);
         }
-    }
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())

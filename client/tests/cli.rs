@@ -1,0 +1,99 @@
+//! The `slapshot` command line: a fleet brought up with `fleet up`, used with `chunk put`,
+//! `chunk get` and `fleet status`, and stopped with SIGTERM.
+
+use std::{
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+const SLAPSHOT: &str = env!("CARGO_BIN_EXE_slapshot");
+
+fn slapshot(args: &[&str]) -> Output {
+    Command::new(SLAPSHOT).args(args).output().unwrap()
+}
+
+fn wait_for(path: &Path, up: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        if let Some(status) = up.try_wait().unwrap() {
+            panic!("slapshot fleet up exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "the fleet did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn fleet_up_serves_chunks_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet_dir = dir.path().join("fleet");
+    let mut up = Command::new(SLAPSHOT)
+        .args(["fleet", "up", "--nodes", "5", "--capacity", "128MiB", "--server-arg=--region-size=8MiB", "--dir"])
+        .arg(&fleet_dir)
+        .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fleet_file = fleet_dir.join("fleet.toml");
+    wait_for(&fleet_file, &mut up);
+    let fleet = fleet_file.to_str().unwrap();
+
+    let data = slapshot_testkit::Rng::new(51).bytes(512 * 1024);
+    let file = dir.path().join("chunk");
+    std::fs::write(&file, &data).unwrap();
+    let put = slapshot(&["chunk", "put", "--fleet", fleet, file.to_str().unwrap()]);
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let name = String::from_utf8(put.stdout).unwrap().trim().to_owned();
+    assert_eq!(name, slapshot_core::ChunkName::of(&data).to_hex());
+
+    let get = slapshot(&["chunk", "get", "--fleet", fleet, &name]);
+    assert!(get.status.success());
+    assert!(get.stdout == data);
+    let out = dir.path().join("out");
+    assert!(slapshot(&["chunk", "get", "--fleet", fleet, &name, "-o", out.to_str().unwrap()]).status.success());
+    assert!(std::fs::read(&out).unwrap() == data);
+
+    let status = slapshot(&["fleet", "status", "--fleet", fleet]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    assert!(text.contains("5 of 5 nodes healthy"), "{text}");
+
+    // Bad input gets a clear message and a failing exit status.
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![0u8; 512 * 1024 + 1]).unwrap();
+    let too_big = slapshot(&["chunk", "put", "--fleet", fleet, big.to_str().unwrap()]);
+    assert!(!too_big.status.success());
+    assert!(String::from_utf8_lossy(&too_big.stderr).contains("a chunk is at most"));
+    let bad_name = slapshot(&["chunk", "get", "--fleet", fleet, "xyz"]);
+    assert!(String::from_utf8_lossy(&bad_name.stderr).contains("64 hexadecimal digits"));
+    let absent = slapshot(&["chunk", "get", "--fleet", fleet, &"0".repeat(64)]);
+    assert!(!absent.status.success());
+    assert!(String::from_utf8_lossy(&absent.stderr).contains("is in neither the fleet nor the origin"));
+
+    // SIGTERM stops the fleet cleanly, nodes included.
+    let addrs: Vec<String> = (0..5).map(|i| std::fs::read_to_string(fleet_dir.join(format!("node-{i}/addr"))).unwrap()).collect();
+    assert!(Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "fleet up did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    for addr in addrs {
+        assert!(std::net::TcpStream::connect(addr.trim()).is_err(), "node at {addr} still listens");
+    }
+    let after = slapshot(&["fleet", "status", "--fleet", fleet]);
+    assert!(!after.status.success(), "status of a stopped fleet fails");
+}
+
+#[test]
+fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = slapshot(&["fleet", "up", "--nodes", "3", "--dir", dir.path().to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("needs at least 5 nodes"));
+}
