@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use slapshot_client::cli::{ChunkCommand, Cli, Command, FleetCommand, chunk, fleet};
+use slapshot_client::cli::{ChunkCommand, Cli, Command, FleetCommand, chunk, demo, fleet};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Demo(args) => demo::run(args).await,
             Command::Fleet(FleetCommand::Up(args)) => fleet::up(args).await,
             Command::Fleet(FleetCommand::Status { fleet }) => fleet::status(&fleet).await,
             Command::Chunk(ChunkCommand::Put { fleet, path }) => chunk::put(&fleet, &path).await,

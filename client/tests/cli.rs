@@ -97,3 +97,16 @@ fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs at least 5 nodes"));
 }
+
+#[test]
+fn the_demo_runs_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(SLAPSHOT)
+        .args(["demo", "--chunks", "24", "--dir", dir.path().to_str().unwrap()])
+        .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("every chunk read matched its name"), "{stdout}");
+}

@@ -63,40 +63,72 @@ struct RunningNode {
     child: Child,
 }
 
-pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let code = slapshot_core::CodeParams::new(args.data_shards, args.total_shards)?;
-    if args.nodes < code.total() {
-        bail!("a {}-of-{} code needs at least {} nodes; --nodes is {}", code.data(), code.total(), code.total(), args.nodes);
-    }
-    let server = find_server_binary(args.server_bin.as_deref())?;
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+/// Nodes started by this process, and the fleet file describing them.
+pub struct LocalFleet {
+    nodes: Vec<RunningNode>,
+    pub config: FleetConfig,
+    pub fleet_file: PathBuf,
+}
 
-    let mut nodes = Vec::with_capacity(args.nodes);
-    let started = start_nodes(&args, &server, &mut nodes).await;
-    let configs = match started {
-        Ok(configs) => configs,
-        Err(e) => {
-            stop_nodes(&mut nodes).await;
-            return Err(e);
+impl LocalFleet {
+    /// Starts the nodes, waits until they serve, and writes DIR/fleet.toml.
+    pub async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
+        let code = slapshot_core::CodeParams::new(args.data_shards, args.total_shards)?;
+        if args.nodes < code.total() {
+            bail!("a {}-of-{} code needs at least {} nodes; --nodes is {}", code.data(), code.total(), code.total(), args.nodes);
         }
-    };
+        let server = find_server_binary(args.server_bin.as_deref())?;
+        std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
 
-    let mut fleet = FleetConfig::new(configs);
-    fleet.data_shards = code.data();
-    fleet.total_shards = code.total();
-    fleet.origin = Some(args.origin.clone().unwrap_or_else(|| "origin".into()));
-    let fleet_file = args.dir.join("fleet.toml");
-    let tmp = fleet_file.with_extension("toml.tmp");
-    std::fs::write(&tmp, fleet.to_toml()).and_then(|()| std::fs::rename(&tmp, &fleet_file))?;
-    println!("fleet of {} nodes ({}-of-{}) is up; fleet file: {}", nodes.len(), code.data(), code.total(), fleet_file.display());
-    for node in &fleet.nodes {
+        let mut nodes = Vec::with_capacity(args.nodes);
+        let configs = match start_nodes(args, &server, &mut nodes).await {
+            Ok(configs) => configs,
+            Err(e) => {
+                stop_nodes(&mut nodes).await;
+                return Err(e);
+            }
+        };
+        let mut config = FleetConfig::new(configs);
+        config.data_shards = code.data();
+        config.total_shards = code.total();
+        config.origin = Some(args.origin.clone().unwrap_or_else(|| "origin".into()));
+        let fleet_file = args.dir.join("fleet.toml");
+        let tmp = fleet_file.with_extension("toml.tmp");
+        std::fs::write(&tmp, config.to_toml()).and_then(|()| std::fs::rename(&tmp, &fleet_file))?;
+        // Read it back so that relative paths (the origin) resolve as any reader's would.
+        let config = FleetConfig::load(&fleet_file)?;
+        Ok(LocalFleet { nodes, config, fleet_file })
+    }
+
+    /// kill -9 of one node, as a crash would.
+    pub async fn kill_node(&mut self, index: usize) {
+        let _ = self.nodes[index].child.kill().await;
+    }
+
+    /// Stops every node cleanly (SIGTERM, then SIGKILL after a timeout).
+    pub async fn stop(&mut self) {
+        stop_nodes(&mut self.nodes).await;
+    }
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut fleet = LocalFleet::start(&args).await?;
+    let config = &fleet.config;
+    println!(
+        "fleet of {} nodes ({}-of-{}) is up; fleet file: {}",
+        config.nodes.len(),
+        config.data_shards,
+        config.total_shards,
+        fleet.fleet_file.display()
+    );
+    for node in &config.nodes {
         println!("  {}  http://{}", node.id, node.addr);
     }
     println!("press Ctrl-C (or send SIGTERM) to stop the fleet");
 
-    let reason = wait_for_stop(&mut nodes).await;
+    let reason = wait_for_stop(&mut fleet.nodes).await;
     println!("{reason}: stopping the fleet");
-    stop_nodes(&mut nodes).await;
+    fleet.stop().await;
     println!("fleet stopped");
     Ok(())
 }

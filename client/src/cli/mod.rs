@@ -1,6 +1,7 @@
 //! The `slapshot` command line.
 
 pub mod chunk;
+pub mod demo;
 pub mod fleet;
 
 use std::path::PathBuf;
@@ -20,6 +21,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the read path end to end on this machine: a 5-node fleet, sealed chunks in an
+    /// origin, cold, warm and node-killed reads, with a summary.
+    Demo(demo::DemoArgs),
     /// Run and inspect cache fleets.
     #[command(subcommand)]
     Fleet(FleetCommand),
