@@ -105,8 +105,8 @@ pub trait ErasureCodec: Send + Sync {
 /// The codec for `params`: XOR for single parity, Reed-Solomon otherwise.
 pub fn codec_for(params: CodeParams) -> Box<dyn ErasureCodec> {
     match params.codec() {
-        CodecKind::Xor => Box::new(XorCodec { params }),
-        CodecKind::ReedSolomon => Box::new(ReedSolomonCodec { params }),
+        CodecKind::Xor => Box::new(XorCodec::new(params)),
+        CodecKind::ReedSolomon => Box::new(ReedSolomonCodec::new(params)),
     }
 }
 
@@ -169,6 +169,14 @@ pub struct XorCodec {
     params: CodeParams,
 }
 
+impl XorCodec {
+    /// Panics unless `params` has exactly one parity shard.
+    pub fn new(params: CodeParams) -> Self {
+        assert_eq!(params.parity(), 1, "XOR parity covers exactly one lost shard");
+        Self { params }
+    }
+}
+
 impl ErasureCodec for XorCodec {
     fn params(&self) -> CodeParams {
         self.params
@@ -206,6 +214,13 @@ impl ErasureCodec for XorCodec {
 /// k data shards plus M - k Reed-Solomon parity shards.
 pub struct ReedSolomonCodec {
     params: CodeParams,
+}
+
+impl ReedSolomonCodec {
+    /// Works for any valid parameters, single parity included (for comparison with XOR).
+    pub fn new(params: CodeParams) -> Self {
+        Self { params }
+    }
 }
 
 impl ErasureCodec for ReedSolomonCodec {
