@@ -54,6 +54,16 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     assert!(slapshot(&["chunk", "get", "--fleet", fleet, &name, "-o", out.to_str().unwrap()]).status.success());
     assert!(std::fs::read(&out).unwrap() == data);
 
+    // Settings from flags override the fleet file; client metrics on request.
+    let hedged = slapshot(&["chunk", "get", "--fleet", fleet, &name, "--read-mode", "hedged", "--hedge-delay", "1s", "--metrics"]);
+    assert!(hedged.status.success());
+    assert!(hedged.stdout == data);
+    let metrics = String::from_utf8_lossy(&hedged.stderr);
+    assert!(metrics.contains("slapshot_client_chunk_reads_total{outcome=\"fleet_hit\"} 1"), "{metrics}");
+    assert!(metrics.contains("slapshot_client_hedges_sent_total 0"), "{metrics}");
+    let bad_mode = slapshot(&["chunk", "get", "--fleet", fleet, &name, "--read-mode", "sometimes"]);
+    assert!(String::from_utf8_lossy(&bad_mode.stderr).contains("--read-mode is all or hedged"));
+
     let status = slapshot(&["fleet", "status", "--fleet", fleet]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{text}");

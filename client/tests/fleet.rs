@@ -256,3 +256,36 @@ async fn a_wrong_origin_copy_is_refused() {
     assert!(matches!(client.get_chunk(&name).await, Err(ChunkError::CorruptOrigin { .. })));
     let _ = Arc::clone(client.metrics());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_flipped_in_a_nodes_data_file_is_read_around() {
+    let mut fleet = TestFleet::start(5);
+    let (client, origin) = fleet.client();
+    let chunks = random_chunks(9, 4);
+    put_everywhere(&client, &chunks).await;
+    let (name, bytes) = &chunks[0];
+    // The node holding shard 0: flip one byte of that shard in its store file, then
+    // restart it so that nothing is served from its memory tier.
+    let holder: usize = client.placement(name)[0].trim_start_matches("node-").parse().unwrap();
+    let stored = fleet.nodes[holder].client().get(&format!("/v1/shards/{name}")).body;
+    let store_file = fleet.dir.path().join(format!("node-{holder}/data/shards.slap"));
+    let image = std::fs::read(&store_file).unwrap();
+    let at = image.windows(64).position(|w| w == &stored[100..164]).expect("the shard is on the device");
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&store_file).unwrap();
+        file.write_all_at(&[image[at] ^ 0x01], at as u64).unwrap();
+        file.sync_all().unwrap();
+    }
+    fleet.nodes[holder].kill();
+    fleet.nodes[holder].restart();
+    assert_eq!(fleet.nodes[holder].client().get(&format!("/v1/shards/{name}")).status, 404, "the node drops the damaged shard");
+
+    let mut config = fleet.config();
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_secs(10)));
+    let (reader, _) = fleet.client_with(config);
+    assert_eq!(&reader.get_chunk(name).await.unwrap(), bytes);
+    assert_eq!(get(&reader.metrics().degraded_rebuilds), 1);
+    assert_eq!(origin.gets(), 0);
+}

@@ -6,14 +6,20 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use slapshot_core::{CHUNK_SIZE, ChunkName};
 
-use crate::{FleetClient, FleetConfig};
+use super::FleetArgs;
+use crate::FleetClient;
 
-fn client(fleet: &Path) -> anyhow::Result<FleetClient> {
-    let config = FleetConfig::load(fleet)?;
-    Ok(FleetClient::new(config)?)
+fn client(fleet: &FleetArgs) -> anyhow::Result<FleetClient> {
+    Ok(FleetClient::new(fleet.load()?)?)
 }
 
-pub async fn put(fleet: &Path, path: &Path) -> anyhow::Result<()> {
+fn print_metrics(fleet: &FleetArgs, client: &FleetClient) {
+    if fleet.metrics {
+        eprint!("{}", client.metrics().render());
+    }
+}
+
+pub async fn put(fleet: &FleetArgs, path: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() > CHUNK_SIZE {
         bail!("{} holds {} bytes; a chunk is at most {CHUNK_SIZE}", path.display(), bytes.len());
@@ -24,7 +30,9 @@ pub async fn put(fleet: &Path, path: &Path) -> anyhow::Result<()> {
     if let Some(origin) = client.origin() {
         origin.put(&name, bytes.clone()).await.context("cannot store the chunk in the origin")?;
     }
-    let report = client.put_chunk(&name, &bytes).await?;
+    let report = client.put_chunk(&name, &bytes).await;
+    print_metrics(fleet, &client);
+    let report = report?;
     if report.failed > 0 {
         eprintln!("warning: {} of {} shards could not be stored", report.failed, report.written + report.failed);
     }
@@ -32,10 +40,12 @@ pub async fn put(fleet: &Path, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn get(fleet: &Path, name: &str, output: Option<&Path>) -> anyhow::Result<()> {
+pub async fn get(fleet: &FleetArgs, name: &str, output: Option<&Path>) -> anyhow::Result<()> {
     let name: ChunkName = name.parse()?;
     let client = client(fleet)?;
-    let bytes = client.get_chunk(&name).await?;
+    let bytes = client.get_chunk(&name).await;
+    print_metrics(fleet, &client);
+    let bytes = bytes?;
     match output {
         Some(path) => std::fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?,
         None => {

@@ -248,8 +248,8 @@ fn find_server_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     on_path.ok_or_else(|| anyhow!("cannot find slapshot-server next to this binary or on PATH; build it (cargo build -p slapshot-server) or pass --server-bin"))
 }
 
-pub async fn status(fleet_file: &Path) -> anyhow::Result<()> {
-    let config = FleetConfig::load(fleet_file)?;
+pub async fn status(fleet: &super::FleetArgs) -> anyhow::Result<()> {
+    let config = fleet.load()?;
     let client = FleetClient::with_origin(config, None)?;
     let health = client.get_from_each_node("/health").await;
     let metrics = client.get_from_each_node("/metrics").await;
