@@ -121,6 +121,27 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Bytes from the network never make the parser panic, and whatever it accepts is
+        /// self-consistent.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok((header, payload)) = parse(&bytes) {
+                proptest::prop_assert_eq!(payload.len(), header.params.shard_len(header.chunk_len as usize));
+            }
+        }
+
+        /// Frames that start valid and are then damaged anywhere are rejected.
+        #[test]
+        fn damaged_frames_are_rejected(index in 0usize..100, flip in 1u8..=255) {
+            let (header, payload) = sample();
+            let mut framed = frame(&header, &payload);
+            let at = index % framed.len();
+            framed[at] ^= flip;
+            proptest::prop_assert!(parse(&framed).is_err());
+        }
+    }
+
     #[test]
     fn truncation_and_foreign_bytes_are_rejected() {
         let (header, payload) = sample();

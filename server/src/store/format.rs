@@ -288,6 +288,33 @@ mod tests {
         assert_eq!(decode_record_header(&buf, 5, 9), Err(RecordHeaderError::Corrupt), "payload beyond the limit");
     }
 
+    proptest::proptest! {
+        /// Whatever a device returns, the decoders never panic.
+        #[test]
+        fn decoders_never_panic_on_arbitrary_blocks(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), BLOCK_SIZE..=BLOCK_SIZE),
+            nonce in proptest::prelude::any::<u64>(),
+        ) {
+            let _ = Superblock::decode(&bytes);
+            let _ = RegionHeader::decode(&bytes, 3, nonce);
+            if let Ok(header) = decode_record_header(&bytes, nonce, 1 << 20) {
+                proptest::prop_assert!(header.key.len() <= slapshot_core::MAX_SHARD_KEY_LEN);
+                proptest::prop_assert!(header.payload_len <= 1 << 20);
+            }
+        }
+
+        /// A valid record header with its magic and nonce in place decodes, and any single
+        /// damaged byte after the magic and nonce is caught as corrupt.
+        #[test]
+        fn damaged_record_headers_are_corrupt(at in 4usize..40, flip in 1u8..=255) {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            encode_record_header(&mut buf, 5, 9, b"chunk.key", 100, 7);
+            let at = if (8..16).contains(&at) { at + 8 } else { at };
+            buf[at] ^= flip;
+            proptest::prop_assert!(decode_record_header(&buf, 5, 1 << 20).is_err());
+        }
+    }
+
     #[test]
     fn record_sizes_round_to_blocks() {
         assert_eq!(record_blocks(10, 0), 1);
