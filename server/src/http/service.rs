@@ -9,7 +9,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -52,28 +52,73 @@ impl Body for ResponseBody {
     }
 }
 
-/// Serves one request and counts it.
-pub async fn handle(ctx: Rc<CoreContext>, req: Request<Incoming>, in_progress: ActiveGuard) -> Result<Response<ResponseBody>, Infallible> {
-    let started = Instant::now();
-    let method = metrics::method_slot(req.method());
-    let response = route(&ctx, req).await;
-    let m = ctx.metrics();
-    m.record_request(method, response.status().as_u16(), started.elapsed());
-    if let Some(data) = response.body() {
-        add(&m.response_bytes, data.len() as u64);
+/// A request body as the service sees it, whichever HTTP engine carries it.
+// The futures stay on their runtime thread (thread per core), so they need not be Send.
+#[allow(async_fn_in_trait)]
+pub trait RequestBody {
+    /// Known lower bound and, when the length was declared, the exact length.
+    fn size_hint(&self) -> (u64, Option<u64>);
+
+    /// The next piece of the body; `None` at its end; an error if the client broke off.
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, String>>;
+}
+
+/// hyper's request body (HTTP/2, and HTTP/1.1 with `--http1 hyper`).
+pub struct HyperBody(pub Incoming);
+
+impl RequestBody for HyperBody {
+    fn size_hint(&self) -> (u64, Option<u64>) {
+        let hint = self.0.size_hint();
+        (hint.lower(), hint.exact())
     }
+
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        loop {
+            match self.0.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Marks a reply whose body may be handed to the kernel by reference (spliced) instead of
+/// copied: its memory is never reused while the kernel may still read it (see
+/// `store::aligned`). Engines that cannot splice simply copy.
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroCopy;
+
+/// Serves one request through hyper and counts it.
+pub async fn handle(ctx: Rc<CoreContext>, req: Request<Incoming>, in_progress: ActiveGuard) -> Result<Response<ResponseBody>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let response = respond(&ctx, &parts.method, parts.uri.path(), &parts.headers, &mut HyperBody(body)).await;
     Ok(response.map(|data| ResponseBody { data: data.filter(|d| !d.is_empty()), _in_progress: in_progress }))
 }
 
-type Reply = Response<Option<Bytes>>;
-
-async fn route(ctx: &Rc<CoreContext>, req: Request<Incoming>) -> Reply {
-    let path = req.uri().path();
-    if let Some(key) = path.strip_prefix(SHARD_PREFIX) {
-        let key = key.to_owned();
-        return shard(ctx, &key, req).await;
+/// Serves one request and counts it; the engine writes the reply.
+pub async fn respond<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, path: &str, headers: &HeaderMap, body: &mut B) -> Reply {
+    let started = Instant::now();
+    let slot = metrics::method_slot(method);
+    let response = route(ctx, method, path, headers, body).await;
+    let m = ctx.metrics();
+    m.record_request(slot, response.status().as_u16(), started.elapsed());
+    if let Some(data) = response.body() {
+        add(&m.response_bytes, data.len() as u64);
     }
-    match (req.method(), path) {
+    response
+}
+
+pub type Reply = Response<Option<Bytes>>;
+
+async fn route<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, path: &str, headers: &HeaderMap, body: &mut B) -> Reply {
+    if let Some(key) = path.strip_prefix(SHARD_PREFIX) {
+        return shard(ctx, method, key, headers, body).await;
+    }
+    match (method, path) {
         (&Method::GET | &Method::HEAD, "/health") => {
             if ctx.node.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
@@ -92,56 +137,55 @@ async fn route(ctx: &Rc<CoreContext>, req: Request<Incoming>) -> Reply {
     }
 }
 
-async fn shard(ctx: &Rc<CoreContext>, key: &str, req: Request<Incoming>) -> Reply {
-    let method = req.method().clone();
-    let needs_token = match method {
+async fn shard<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, key: &str, headers: &HeaderMap, body: &mut B) -> Reply {
+    let needs_token = match *method {
         Method::GET | Method::HEAD => ctx.node.http.auth_reads,
         Method::PUT | Method::DELETE => true,
         _ => return method_not_allowed("GET, HEAD, PUT, DELETE"),
     };
-    if needs_token && !authorized(ctx, &req) {
+    if needs_token && !authorized(ctx, headers) {
         let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
         reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return reject_body(reply, req.into_body()).await;
+        return reject_body(reply, body).await;
     }
     let key = match ShardKey::parse(key) {
         Ok(key) => key,
-        Err(e) => return reject_body(text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")), req.into_body()).await,
+        Err(e) => return reject_body(text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")), body).await,
     };
-    match method {
+    match *method {
         Method::GET => get(ctx, key, true).await,
         Method::HEAD => get(ctx, key, false).await,
-        Method::PUT => put(ctx, key, req).await,
+        Method::PUT => put(ctx, key, headers, body).await,
         _ => delete(ctx, key).await,
     }
 }
 
 /// Bodies up to this size are read and dropped when a request is refused before its body
 /// was looked at, so that the client's keep-alive connection stays usable; larger ones
-/// are left unread and hyper closes the connection after the reply.
+/// are left unread and the connection is closed after the reply.
 const DISCARD_LIMIT: u64 = 64 * 1024;
 
-async fn reject_body(reply: Reply, body: Incoming) -> Reply {
+async fn reject_body<B: RequestBody>(reply: Reply, body: &mut B) -> Reply {
     discard(reply, body, DISCARD_LIMIT).await
 }
 
 /// Reads and drops up to `limit` bytes of a refused request's body before replying.
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy
 /// the reply before the client reads it; draining first makes the refusal arrive.
-async fn discard(reply: Reply, mut body: Incoming, limit: u64) -> Reply {
+async fn discard<B: RequestBody>(reply: Reply, body: &mut B, limit: u64) -> Reply {
     let mut discarded = 0u64;
     while discarded <= limit {
-        match body.frame().await {
-            Some(Ok(frame)) => discarded += frame.data_ref().map_or(0, |d| d.len() as u64),
+        match body.next_chunk().await {
+            Some(Ok(data)) => discarded += data.len() as u64,
             _ => break,
         }
     }
     reply
 }
 
-fn authorized(ctx: &CoreContext, req: &Request<Incoming>) -> bool {
+fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {
     let Some(token) = &ctx.node.http.token else { return true };
-    let Some(given) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
         return false;
     };
     constant_time_eq(given, token.as_bytes())
@@ -172,37 +216,33 @@ async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>, with_body: bool) -> Reply
     reply
 }
 
-async fn put(ctx: &Rc<CoreContext>, key: ShardKey<'_>, req: Request<Incoming>) -> Reply {
+async fn put<B: RequestBody>(ctx: &Rc<CoreContext>, key: ShardKey<'_>, headers: &HeaderMap, body: &mut B) -> Reply {
     let max = ctx.store.max_payload();
-    let expected_crc = match req.headers().get(CRC_HEADER) {
+    let expected_crc = match headers.get(CRC_HEADER) {
         None => None,
         Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u32>().ok()) {
             Some(crc) => Some(crc),
             None => {
                 let reply = text(StatusCode::BAD_REQUEST, format!("{CRC_HEADER} must be a decimal crc32\n"));
-                return reject_body(reply, req.into_body()).await;
+                return reject_body(reply, body).await;
             }
         },
     };
-    let mut body = req.into_body();
     // An oversized body is drained (up to a bound) so that the 413 reaches the client.
     let drain_limit = max.saturating_mul(4).max(DISCARD_LIMIT);
-    let hint = body.size_hint();
-    if let Some(len) = hint.exact()
-        && len > max {
-            return discard(too_large(max), body, drain_limit).await;
-        }
-    let mut record = PendingRecord::new(key, hint.lower().min(max) as usize);
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(frame) => {
-                if let Ok(data) = frame.into_data() {
-                    if (record.payload_len() + data.len()) as u64 > max {
-                        return discard(too_large(max), body, drain_limit).await;
-                    }
-                    add(&ctx.metrics().request_bytes, data.len() as u64);
-                    record.push(&data);
+    let (lower, exact) = body.size_hint();
+    if exact.is_some_and(|len| len > max) {
+        return discard(too_large(max), body, drain_limit).await;
+    }
+    let mut record = PendingRecord::new(key, lower.min(max) as usize);
+    while let Some(chunk) = body.next_chunk().await {
+        match chunk {
+            Ok(data) => {
+                if (record.payload_len() + data.len()) as u64 > max {
+                    return discard(too_large(max), body, drain_limit).await;
                 }
+                add(&ctx.metrics().request_bytes, data.len() as u64);
+                record.push(&data);
             }
             // The client closed or broke the stream before the body ended.
             Err(e) => return text(StatusCode::BAD_REQUEST, format!("incomplete request body: {e}\n")),
