@@ -128,6 +128,11 @@ pub struct Options {
     #[arg(long, value_name = "FILE")]
     pub addr_file: Option<PathBuf>,
 
+    /// HTTP/1.1 engine: native (io_uring sockets, zero-copy GETs from memory) or hyper.
+    /// HTTP/2 is always served by hyper [default: native].
+    #[arg(long, value_enum, value_name = "ENGINE")]
+    pub http1: Option<Http1Engine>,
+
     /// Pin each runtime thread to its own CPU: auto pins when --threads equals the number
     /// of CPUs (a dedicated machine), and not when nodes share a host [default: auto].
     #[arg(long, value_enum, value_name = "MODE")]
@@ -164,6 +169,7 @@ impl Options {
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout),
             addr_file: self.addr_file.or(file.addr_file),
             pin_threads: self.pin_threads.or(file.pin_threads),
+            http1: self.http1.or(file.http1),
             log: self.log.or(file.log),
         }
     }
@@ -189,9 +195,19 @@ impl PinThreads {
     }
 }
 
+/// Which code serves HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http1Engine {
+    #[default]
+    Native,
+    Hyper,
+}
+
 /// HTTP behaviour of the node.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
+    pub http1: Http1Engine,
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -277,6 +293,7 @@ impl ServerConfig {
                 threads,
             },
             http: HttpConfig {
+                http1: options.http1.unwrap_or_default(),
                 max_connections: options.max_connections.unwrap_or(10_000),
                 header_timeout: duration(options.header_timeout, 10),
                 idle_timeout: duration(options.idle_timeout, 60),

@@ -48,14 +48,14 @@ impl Activity {
         Self { active: Cell::new(0), idle_since: Cell::new(now), partial_since: Cell::new(None), last_progress: Cell::new(now) }
     }
 
-    fn on_read(&self, now: Instant) {
+    pub(super) fn on_read(&self, now: Instant) {
         self.last_progress.set(now);
         if self.active.get() == 0 && self.partial_since.get().is_none() {
             self.partial_since.set(Some(now));
         }
     }
 
-    fn on_write(&self, now: Instant) {
+    pub(super) fn on_write(&self, now: Instant) {
         self.last_progress.set(now);
     }
 
@@ -65,6 +65,12 @@ impl Activity {
         self.active.set(self.active.get() + 1);
         self.partial_since.set(None);
         ActiveGuard(self.clone())
+    }
+
+    /// True when no request is in progress and none has started arriving: the connection
+    /// can be closed without cutting anybody off.
+    pub fn is_idle(&self) -> bool {
+        self.active.get() == 0 && self.partial_since.get().is_none()
     }
 
     /// The limit this connection has overrun, if any.
@@ -108,15 +114,18 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// The connection's socket, reporting progress to its `Activity`.
+/// The connection's socket, reporting progress to its `Activity`. Bytes already read
+/// from the socket (while deciding which protocol the client speaks) are replayed first.
 pub struct TrackedStream {
     inner: TcpStreamPoll,
     activity: Rc<Activity>,
+    replay: Vec<u8>,
+    replayed: usize,
 }
 
 impl TrackedStream {
-    pub fn new(inner: TcpStreamPoll, activity: Rc<Activity>) -> Self {
-        Self { inner, activity }
+    pub fn new(inner: TcpStreamPoll, activity: Rc<Activity>, replay: Vec<u8>) -> Self {
+        Self { inner, activity, replay, replayed: 0 }
     }
 
     fn wrote(&self, result: &Poll<io::Result<usize>>) {
@@ -130,6 +139,12 @@ impl TrackedStream {
 impl AsyncRead for TrackedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.replayed < this.replay.len() {
+            let n = buf.remaining().min(this.replay.len() - this.replayed);
+            buf.put_slice(&this.replay[this.replayed..this.replayed + n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {

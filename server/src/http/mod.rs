@@ -3,6 +3,7 @@
 //! graceful drain.
 
 mod conn;
+mod h1;
 pub mod service;
 
 use std::{
@@ -25,7 +26,7 @@ use monoio::{
 
 use self::conn::{Activity, Timeouts, TrackedStream};
 use crate::{
-    config::HttpConfig,
+    config::{Http1Engine, HttpConfig},
     metrics::{CoreMetrics, Metrics},
     store::{CoreStore, Store},
 };
@@ -178,6 +179,32 @@ async fn reject(mut stream: TcpStream) {
 
 async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let activity = Rc::new(Activity::new(Instant::now()));
+    match ctx.node.http.http1 {
+        Http1Engine::Native => {
+            let closing = std::cell::Cell::new(false);
+            let engine = h1::serve(ctx, stream, &activity, &closing);
+            let mut engine = std::pin::pin!(engine);
+            // At shutdown an idle connection is closed at once; a busy one finishes its
+            // request and closes after the reply.
+            let ended = supervise(ctx, &activity, engine.as_mut(), |_| {
+                closing.set(true);
+                activity.is_idle()
+            })
+            .await;
+            match ended {
+                Some(Ok(h1::Ended::Http2(stream, replay))) => serve_hyper(ctx, stream, replay, &activity).await,
+                Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                _ => {}
+            }
+        }
+        Http1Engine::Hyper => serve_hyper(ctx, stream, Vec::new(), &activity).await,
+    }
+}
+
+/// Serves a connection with hyper: HTTP/1.1, or HTTP/2 with prior knowledge. `replay`
+/// holds bytes already read from the stream.
+async fn serve_hyper(ctx: &Rc<CoreContext>, stream: TcpStream, replay: Vec<u8>, activity: &Rc<Activity>) {
     let stream = match stream.into_poll_io() {
         Ok(stream) => stream,
         Err(e) => {
@@ -185,9 +212,7 @@ async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
             return;
         }
     };
-    let now = Instant::now();
-    let activity = Rc::new(Activity::new(now));
-    let io = TokioIo::new(TrackedStream::new(stream, activity.clone()));
+    let io = TokioIo::new(TrackedStream::new(stream, activity.clone(), replay));
     let service = {
         let ctx = ctx.clone();
         let activity = activity.clone();
@@ -207,29 +232,44 @@ async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
         .max_send_buf_size(4 << 20);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
+    let ended = supervise(ctx, activity, conn.as_mut(), |conn| {
+        conn.graceful_shutdown();
+        false
+    })
+    .await;
+    if let Some(Err(e)) = ended {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
 
+/// Runs a connection's future under the watchdog: it is dropped (closing the socket) when
+/// the connection overruns a timeout. When the node stops, `on_stop` is called once; if it
+/// returns true the connection is dropped at once. `None` means the connection was cut.
+async fn supervise<F: Future>(
+    ctx: &Rc<CoreContext>,
+    activity: &Activity,
+    mut conn: std::pin::Pin<&mut F>,
+    mut on_stop: impl FnMut(std::pin::Pin<&mut F>) -> bool,
+) -> Option<F::Output> {
     let timeouts = Timeouts { header: ctx.node.http.header_timeout, idle: ctx.node.http.idle_timeout, io: ctx.node.http.io_timeout };
     let mut stop = ctx.stop.clone();
     let mut stopping = false;
     loop {
         if !stopping && *stop.borrow() {
             stopping = true;
-            conn.as_mut().graceful_shutdown();
+            if on_stop(conn.as_mut()) {
+                return None;
+            }
         }
         let now = Instant::now();
         if let Some(kind) = activity.expired(now, &timeouts) {
             ctx.metrics().record_timeout(kind);
             tracing::debug!(?kind, "closing a stalled connection");
-            return;
+            return None;
         }
         let check_at = activity.next_check(now, &timeouts);
         monoio::select! {
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
-                return;
-            }
+            output = conn.as_mut() => return Some(output),
             _ = monoio::time::sleep_until(check_at.into()) => {}
             _ = stop.changed(), if !stopping => {}
         }

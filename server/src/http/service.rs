@@ -61,6 +61,12 @@ pub trait RequestBody {
 
     /// The next piece of the body; `None` at its end; an error if the client broke off.
     async fn next_chunk(&mut self) -> Option<Result<Bytes, String>>;
+
+    /// True while the client waits for `100 Continue` before sending the body: reading
+    /// would invite a body the service means to refuse.
+    fn awaiting_continue(&self) -> bool {
+        false
+    }
 }
 
 /// hyper's request body (HTTP/2, and HTTP/1.1 with `--http1 hyper`).
@@ -173,6 +179,9 @@ async fn reject_body<B: RequestBody>(reply: Reply, body: &mut B) -> Reply {
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy
 /// the reply before the client reads it; draining first makes the refusal arrive.
 async fn discard<B: RequestBody>(reply: Reply, body: &mut B, limit: u64) -> Reply {
+    if body.awaiting_continue() {
+        return reply;
+    }
     let mut discarded = 0u64;
     while discarded <= limit {
         match body.next_chunk().await {

@@ -1,0 +1,148 @@
+//! HTTP/1.1 protocol details of the native engine (and the API on the hyper engine).
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    time::Duration,
+};
+
+use slapshot_testkit::{Client, Rng, TestNode};
+
+fn node(extra: &[&str]) -> (tempfile::TempDir, TestNode) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[&["--capacity", "128MiB", "--region-size", "8MiB", "--max-shard-size", "1MiB"], extra].concat());
+    (dir, node)
+}
+
+fn raw(node: &TestNode) -> TcpStream {
+    let stream = TcpStream::connect(node.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes.
+fn read_to_close(mut stream: TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let (_dir, node) = node(&[]);
+    let mut stream = raw(&node);
+    stream
+        .write_all(b"PUT /v1/shards/p HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhelloGET /v1/shards/p HTTP/1.1\r\nhost: t\r\n\r\nGET /v1/shards/missing HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let reply = read_to_close(stream);
+    let statuses: Vec<&str> = reply.match_indices("HTTP/1.1 ").map(|(i, _)| &reply[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["201", "200", "404"], "{reply}");
+    assert!(reply.contains("\r\n\r\nhello"));
+}
+
+#[test]
+fn expect_continue_invites_the_body_only_when_it_will_be_read() {
+    let (_dir, node) = node(&[]);
+    let mut stream = raw(&node);
+    stream.write_all(b"PUT /v1/shards/e HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n").unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"data").unwrap();
+    let mut client = Client::connect(node.addr);
+    let mut reply = [0u8; 12];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"HTTP/1.1 201");
+    assert_eq!(client.get("/v1/shards/e").body, b"data");
+
+    // Too large by its declared length: refused at once, no 100, connection closed.
+    let mut stream = raw(&node);
+    stream.write_all(b"PUT /v1/shards/big HTTP/1.1\r\nhost: t\r\ncontent-length: 2000000\r\nexpect: 100-continue\r\n\r\n").unwrap();
+    let reply = read_to_close(stream);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(!reply.contains("100 Continue"));
+}
+
+#[test]
+fn http10_closes_unless_asked_to_keep_alive() {
+    let (_dir, node) = node(&[]);
+    Client::connect(node.addr).put("/v1/shards/old", b"x");
+    let mut stream = raw(&node);
+    stream.write_all(b"GET /v1/shards/old HTTP/1.0\r\n\r\n").unwrap();
+    let reply = read_to_close(stream);
+    assert!(reply.starts_with("HTTP/1.1 200") && reply.ends_with("\r\n\r\nx"), "{reply}");
+
+    let mut stream = raw(&node);
+    stream.write_all(b"GET /v1/shards/old HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /health HTTP/1.0\r\n\r\n").unwrap();
+    let reply = read_to_close(stream);
+    assert_eq!(reply.matches("HTTP/1.1 200").count(), 2, "{reply}");
+}
+
+#[test]
+fn connection_close_is_honoured() {
+    let (_dir, node) = node(&[]);
+    let mut stream = raw(&node);
+    stream.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").unwrap();
+    let reply = read_to_close(stream);
+    assert!(reply.contains("connection: close") && reply.ends_with("ok\n"), "{reply}");
+}
+
+#[test]
+fn framing_errors_are_refused_and_close_the_connection() {
+    let (_dir, node) = node(&[]);
+    let cases: [(&[u8], &str); 6] = [
+        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", "501"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3x\r\n\r\nabc", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"GET /\x01 HTTP/1.1\r\n\r\n", "400"),
+    ];
+    for (request, status) in cases {
+        let mut stream = raw(&node);
+        stream.write_all(request).unwrap();
+        let reply = read_to_close(stream);
+        assert!(reply.starts_with(&format!("HTTP/1.1 {status}")), "{:?} -> {reply}", String::from_utf8_lossy(request));
+    }
+    let many: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let mut stream = raw(&node);
+    stream.write_all(format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes()).unwrap();
+    assert!(read_to_close(stream).starts_with("HTTP/1.1 431"));
+    assert_eq!(Client::connect(node.addr).get("/v1/shards/x").status, 404, "nothing was stored");
+}
+
+#[test]
+fn chunked_bodies_with_extensions_and_trailers_are_stored() {
+    let (_dir, node) = node(&[]);
+    let mut stream = raw(&node);
+    stream
+        .write_all(b"PUT /v1/shards/c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: yes\r\n\r\nGET /v1/shards/c HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let reply = read_to_close(stream);
+    assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
+    assert!(reply.ends_with("\r\n\r\nhello world"), "{reply}");
+}
+
+#[test]
+fn a_small_unread_body_keeps_the_connection() {
+    let (_dir, node) = node(&[]);
+    let mut client = Client::connect(node.addr);
+    assert_eq!(client.request("POST", "/v1/shards/k", &[], &[7u8; 1000]).status, 405);
+    assert_eq!(client.request("PATCH", "/health", &[], &[7u8; 1000]).status, 405);
+    assert_eq!(client.get("/health").status, 200, "the same connection goes on");
+}
+
+#[test]
+fn the_hyper_engine_serves_the_same_api() {
+    let (_dir, node) = node(&["--http1", "hyper"]);
+    let mut client = node.client();
+    let data = Rng::new(61).bytes(300_000);
+    assert_eq!(client.put("/v1/shards/h", &data).status, 201);
+    let got = client.get("/v1/shards/h");
+    assert_eq!(got.status, 200);
+    assert!(got.body == data);
+    assert_eq!(client.request("HEAD", "/v1/shards/h", &[], &[]).header("content-length"), Some("300000"));
+    assert_eq!(client.put("/v1/shards/big", &vec![0u8; (1 << 20) + 1]).status, 413);
+    assert_eq!(node.client().request("DELETE", "/v1/shards/h", &[], &[]).status, 204);
+    assert_eq!(node.client().get("/v1/shards/h").status, 404);
+}
