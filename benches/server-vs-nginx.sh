@@ -3,8 +3,9 @@
 # both driven by wrk (2 threads, 32 keep-alive connections, random keys) for the same time,
 # one after the other in one run:
 #   1. nginx: 2 workers, sendfile, keep-alive, files in the page cache;
-#   2. slapshot-server, warm: every GET served from the memory tier;
-#   3. slapshot-server with --memory 0: every GET an O_DIRECT read from flash through io_uring.
+#   2. slapshot-server, warm: every GET served from the memory tier (native HTTP/1.1 engine);
+#   3. the same with --http1 hyper, the hyper engine;
+#   4. slapshot-server with --memory 0: every GET an O_DIRECT read from flash through io_uring.
 # Prints req/s, GB/s, p50 and p99 for each run. Two busy servers and wrk share the cores,
 # so single runs are noisy: nginx and the memory tier are measured in ROUNDS alternating
 # rounds and compared by their medians.
@@ -107,8 +108,10 @@ start_node() {
     curl -sS --fail --no-progress-meter --parallel --parallel-max 16 -K "$work/$name.curl" -o /dev/null
 }
 start_node memory --memory 1GiB
+start_node hyper --memory 1GiB --http1 hyper
 start_node flash --memory 0
 memory_addr=$(cat "$work/memory.addr")
+hyper_addr=$(cat "$work/hyper.addr")
 flash_addr=$(cat "$work/flash.addr")
 sleep 1
 
@@ -117,6 +120,7 @@ echo "load: wrk -t$threads -c$connections -d${duration}s, $shards random keys of
 for _ in $(seq "$rounds"); do
     run "nginx (sendfile)" "http://127.0.0.1:18080"
     run "slapshot-server (memory)" "http://$memory_addr"
+    run "slapshot (memory, hyper)" "http://$hyper_addr"
 done
 run "slapshot-server (flash)" "http://$flash_addr"
 
@@ -127,7 +131,7 @@ median() {
 nginx_rps=$(median "nginx (sendfile)" 2)
 nginx_p99=$(median "nginx (sendfile)" 3)
 echo "medians over $rounds rounds:"
-for name in "nginx (sendfile)" "slapshot-server (memory)" "slapshot-server (flash)"; do
+for name in "nginx (sendfile)" "slapshot-server (memory)" "slapshot (memory, hyper)" "slapshot-server (flash)"; do
     rps=$(median "$name" 2)
     p99=$(median "$name" 3)
     awk -v n="$name" -v r="$rps" -v p="$p99" -v br="$nginx_rps" -v bp="$nginx_p99" 'BEGIN {

@@ -32,16 +32,21 @@ impl S3Server {
             .expect("moto_server is not installed: pip install 'moto[server]' (as .ci/run does)");
         let endpoint = format!("http://127.0.0.1:{port}");
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        // The port accepts connections a little before moto answers requests: retry the
+        // bucket creation until it gets an answer.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                break;
+            if let Ok(stream) = std::net::TcpStream::connect(addr) {
+                drop(stream);
+                let created = std::panic::catch_unwind(|| slapshot_testkit::Client::connect(addr).request("PUT", &format!("/{bucket}"), &[], &[]));
+                if let Ok(created) = created {
+                    assert_eq!(created.status, 200, "create bucket: {}", created.text());
+                    break;
+                }
             }
             assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let created = slapshot_testkit::Client::connect(addr).request("PUT", &format!("/{bucket}"), &[], &[]);
-        assert_eq!(created.status, 200, "create bucket: {}", created.text());
         S3Server { child, endpoint }
     }
 

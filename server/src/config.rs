@@ -133,6 +133,11 @@ pub struct Options {
     #[arg(long, value_enum, value_name = "ENGINE")]
     pub http1: Option<Http1Engine>,
 
+    /// Copy reply bodies into sockets instead of splicing shards' pages into them (the
+    /// native engine splices large GET bodies served from mmapped buffers by default).
+    #[arg(long)]
+    pub no_zero_copy: bool,
+
     /// Pin each runtime thread to its own CPU: auto pins when --threads equals the number
     /// of CPUs (a dedicated machine), and not when nodes share a host [default: auto].
     #[arg(long, value_enum, value_name = "MODE")]
@@ -170,6 +175,7 @@ impl Options {
             addr_file: self.addr_file.or(file.addr_file),
             pin_threads: self.pin_threads.or(file.pin_threads),
             http1: self.http1.or(file.http1),
+            no_zero_copy: self.no_zero_copy || file.no_zero_copy,
             log: self.log.or(file.log),
         }
     }
@@ -208,6 +214,8 @@ pub enum Http1Engine {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub http1: Http1Engine,
+    /// Splice large GET bodies from spliceable buffers instead of copying them.
+    pub zero_copy: bool,
     pub max_connections: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -294,6 +302,7 @@ impl ServerConfig {
             },
             http: HttpConfig {
                 http1: options.http1.unwrap_or_default(),
+                zero_copy: !options.no_zero_copy,
                 max_connections: options.max_connections.unwrap_or(10_000),
                 header_timeout: duration(options.header_timeout, 10),
                 idle_timeout: duration(options.idle_timeout, 60),

@@ -146,3 +146,70 @@ fn the_hyper_engine_serves_the_same_api() {
     assert_eq!(node.client().request("DELETE", "/v1/shards/h", &[], &[]).status, 204);
     assert_eq!(node.client().get("/v1/shards/h").status, 404);
 }
+
+/// Reads one response (head and content-length body) from a raw stream.
+fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+#[test]
+fn spliced_bytes_in_flight_survive_their_buffer_being_freed_and_reused() {
+    // With the memory tier off, a GET's buffer is dropped (unmapped) as soon as the reply has
+    // been spliced into the socket, while a client that is not reading still has the bytes
+    // queued. Lots of new buffers then take over the address space and are filled with
+    // other bytes. The queued reply must come out exactly as stored.
+    let (_dir, node) = node(&["--memory", "0"]);
+    let mut rng = Rng::new(71);
+    let original = rng.bytes(160 * 1024);
+    let mut client = node.client();
+    // Warm up: after a few buffers of this size have come and gone, a heap allocator would
+    // serve the next ones from reusable heap memory (glibc raises its mmap threshold), which
+    // is what this test must be able to catch.
+    for i in 0..10 {
+        let warm = rng.bytes(160 * 1024);
+        client.put(&format!("/v1/shards/warm{i}"), &warm);
+        assert!(client.get(&format!("/v1/shards/warm{i}")).body == warm);
+    }
+    assert_eq!(client.put("/v1/shards/in-flight", &original).status, 201);
+
+    // A receive buffer big enough for the whole reply, so that the node finishes sending
+    // (and frees the buffer) while every byte is still queued, unread.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4 << 20).unwrap();
+    socket.connect(&node.addr.into()).unwrap();
+    let mut slow: TcpStream = socket.into();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    slow.write_all(b"GET /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..60 {
+        let other = rng.bytes(160 * 1024);
+        assert_eq!(client.put(&format!("/v1/shards/churn{i}"), &other).status, 201);
+        assert!(client.get(&format!("/v1/shards/churn{i}")).body == other);
+    }
+    let (head, body) = read_response(&mut slow);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body == original, "a spliced reply changed after its buffer was freed");
+}
+
+#[test]
+fn zero_copy_can_be_turned_off() {
+    let (_dir, node) = node(&["--no-zero-copy"]);
+    let data = Rng::new(72).bytes(500_000);
+    let mut client = node.client();
+    client.put("/v1/shards/z", &data);
+    assert!(client.get("/v1/shards/z").body == data);
+}

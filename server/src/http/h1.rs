@@ -24,7 +24,8 @@ use monoio::{
 use super::{
     CoreContext,
     conn::Activity,
-    service::{self, Reply, RequestBody},
+    service::{self, Reply, RequestBody, ZeroCopy},
+    splice::{self, SplicePipe},
 };
 use crate::metrics;
 
@@ -57,6 +58,10 @@ struct Conn<'a> {
     /// Bytes read from the socket and not consumed yet.
     buf: Vec<u8>,
     activity: &'a Activity,
+    /// Send replies marked zero-copy by splicing (see `splice`).
+    zero_copy: bool,
+    /// Made on the first spliced reply.
+    pipe: Option<SplicePipe>,
 }
 
 struct Head {
@@ -81,7 +86,7 @@ impl Refusal {
 /// Serves HTTP/1.1 requests on `stream` until the client leaves, an error or a shutdown
 /// (`closing`) ends the connection.
 pub async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, activity: &Rc<Activity>, closing: &Cell<bool>) -> io::Result<Ended> {
-    let mut conn = Conn { stream, buf: Vec::with_capacity(READ_SIZE), activity };
+    let mut conn = Conn { stream, buf: Vec::with_capacity(READ_SIZE), activity, zero_copy: ctx.node.http.zero_copy, pipe: None };
 
     // Tell HTTP/2 with prior knowledge from HTTP/1 by the first bytes.
     while conn.buf.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(&conn.buf) {
@@ -188,6 +193,7 @@ impl Conn<'_> {
     /// Writes a reply: the head, then the body without copying it when it is large.
     async fn write_reply(&mut self, request: &Head, reply: Reply, keep_alive: bool) -> io::Result<()> {
         let (parts, body) = reply.into_parts();
+        let spliceable = parts.extensions.get::<ZeroCopy>().is_some();
         let head_only = request.method == Method::HEAD;
         let body = if head_only { None } else { body.filter(|b| !b.is_empty()) };
         let mut out = Vec::with_capacity(256);
@@ -222,6 +228,7 @@ impl Conn<'_> {
         out.extend_from_slice(b"\r\n");
 
         let result = match body {
+            Some(body) if body.len() > INLINE_BODY && spliceable && self.zero_copy => self.splice_reply(out, body).await,
             Some(body) if body.len() > INLINE_BODY => self.write_head_and_body(HeadAndBody::new(out, body)).await,
             Some(body) => {
                 out.extend_from_slice(&body);
@@ -231,6 +238,23 @@ impl Conn<'_> {
         };
         self.activity.on_write(Instant::now());
         result
+    }
+
+    /// Sends a reply whose body is spliceable without copying it; falls back to writev if
+    /// the connection cannot get a pipe.
+    async fn splice_reply(&mut self, head: Vec<u8>, body: Bytes) -> io::Result<()> {
+        if self.pipe.is_none() {
+            match SplicePipe::new() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no pipe for zero-copy replies; copying");
+                    self.zero_copy = false;
+                    return self.write_head_and_body(HeadAndBody::new(head, body)).await;
+                }
+            }
+        }
+        let pipe = self.pipe.as_ref().expect("made above");
+        splice::send(&self.stream, pipe, &head, &body, self.activity).await
     }
 
     /// Writes a head and body with writev until both are out. (monoio's own

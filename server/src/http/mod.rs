@@ -4,6 +4,7 @@
 
 mod conn;
 mod h1;
+mod splice;
 pub mod service;
 
 use std::{

@@ -214,7 +214,11 @@ async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>, with_body: bool) -> Reply
         return text(StatusCode::NOT_FOUND, "shard not found\n");
     };
     let len = shard.data.len();
+    let zero_copy = shard.zero_copy && with_body;
     let mut reply = Response::new(with_body.then_some(shard.data));
+    if zero_copy {
+        reply.extensions_mut().insert(ZeroCopy);
+    }
     let headers = reply.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     headers.insert(CRC_HEADER, HeaderValue::from(shard.crc));

@@ -9,6 +9,13 @@
 //! operation (and keeping it alive if the operation is cancelled), so `AlignedBuf` only has
 //! to promise that its pointer is stable and owned, which a heap allocation that is never
 //! reallocated while lent out guarantees.
+//!
+//! Buffers of `MAP_THRESHOLD` bytes or more are mapped from the kernel (anonymous mmap)
+//! rather than taken from the heap, and unmapped when dropped. That makes them
+//! *spliceable*: their pages may be handed to a socket by reference (vmsplice), because
+//! unmapping leaves pages the kernel still references intact and the address range is
+//! never reused while mapped. A heap buffer could be reused by the allocator, and new bytes
+//! written into it, while a slow client's socket still held its pages.
 
 use std::{
     alloc::{self, Layout},
@@ -24,7 +31,13 @@ pub struct AlignedBuf {
     len: usize,
     /// Allocated bytes, a multiple of `BLOCK_SIZE`, never zero.
     cap: usize,
+    /// Mapped with mmap (and spliceable) rather than allocated on the heap.
+    mapped: bool,
 }
+
+/// Buffers from this size up are mmapped. Shards are 128 KiB in the common 4-of-5 case;
+/// smaller buffers (headers, tiny shards) are not worth a system call.
+pub const MAP_THRESHOLD: usize = 64 * 1024;
 
 // SAFETY: AlignedBuf exclusively owns its heap allocation, like Vec<u8>; moving it to
 // another thread moves that ownership.
@@ -37,11 +50,22 @@ impl AlignedBuf {
     /// at least one block).
     pub fn with_capacity(capacity: usize) -> Self {
         let cap = round_up_to_block(capacity.max(1));
+        if cap >= MAP_THRESHOLD {
+            if let Some(ptr) = map(cap) {
+                return Self { ptr, len: 0, cap, mapped: true };
+            }
+        }
         let layout = Self::layout(cap);
         // SAFETY: the layout has a non-zero size (at least one block).
         let raw = unsafe { alloc::alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        Self { ptr, len: 0, cap }
+        Self { ptr, len: 0, cap, mapped: false }
+    }
+
+    /// True if the buffer's pages may be handed to the kernel by reference (see the
+    /// module documentation).
+    pub fn is_spliceable(&self) -> bool {
+        self.mapped
     }
 
     /// A buffer of `len` zero bytes.
@@ -126,10 +150,34 @@ impl AlignedBuf {
     }
 }
 
+/// Maps `len` bytes of fresh, populated, page-aligned anonymous memory.
+fn map(len: usize) -> Option<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches no
+    // existing memory; the result is checked before use.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED { None } else { NonNull::new(raw.cast()) }
+}
+
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated in `with_capacity` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) };
+        if self.mapped {
+            // SAFETY: `ptr` and `cap` are exactly what `map` returned and was asked for, and
+            // no reference into the buffer outlives `&mut self`. Pages the kernel still
+            // holds (spliced into a socket) stay alive until it lets them go.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+        } else {
+            // SAFETY: `ptr` was allocated in `with_capacity` with exactly this layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) };
+        }
     }
 }
 
@@ -184,6 +232,20 @@ mod tests {
         buf.pad_to_block();
         assert_eq!(buf.len(), 3 * BLOCK_SIZE);
         assert!(buf.as_slice()[10_000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn large_buffers_are_mapped_and_behave_the_same() {
+        let mut buf = AlignedBuf::with_capacity(MAP_THRESHOLD);
+        assert!(buf.is_spliceable());
+        assert_eq!(buf.as_slice().as_ptr() as usize % BLOCK_SIZE, 0);
+        let data: Vec<u8> = (0..MAP_THRESHOLD * 3).map(|i| (i % 251) as u8).collect();
+        buf.extend_from_slice(&data);
+        assert!(buf.is_spliceable(), "growth keeps the buffer mapped");
+        assert_eq!(buf.as_slice(), &data[..]);
+        assert!(!AlignedBuf::with_capacity(4096).is_spliceable());
+        let bytes = buf.into_bytes();
+        assert_eq!(&bytes[..], &data[..]);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Shard {
     pub data: Bytes,
     pub crc: u32,
     pub tier: Tier,
+    /// `data` lives in a spliceable buffer (see `aligned`): it may be sent by reference.
+    pub zero_copy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +167,7 @@ impl CoreStore {
                 entry.hits = entry.hits.saturating_add(1);
             }
             add(&self.metrics().hits_memory, 1);
-            return Some(Shard { data: shard.data, crc: shard.crc, tier: Tier::Memory });
+            return Some(Shard { data: shard.data, crc: shard.crc, tier: Tier::Memory, zero_copy: shard.zero_copy });
         }
 
         let (entry, nonce, pin) = {
@@ -183,20 +185,23 @@ impl CoreStore {
         drop(pin);
 
         let fault = match read {
-            Ok(buf) => match self.verify(buf, nonce, key.as_bytes(), entry.payload_len) {
-                Ok((data, crc)) => {
-                    // Cache the bytes only if the entry still points at what we read, so a
-                    // PUT or DELETE that raced with this read is never undone.
-                    let map = store.index.lock(hash);
-                    if map.get(&hash).is_some_and(|e| e.location == entry.location) {
-                        store.memory.insert(key.as_str(), MemShard { data: data.clone(), crc });
+            Ok(buf) => {
+                let zero_copy = buf.is_spliceable();
+                match self.verify(buf, nonce, key.as_bytes(), entry.payload_len) {
+                    Ok((data, crc)) => {
+                        // Cache the bytes only if the entry still points at what we read, so
+                        // a PUT or DELETE that raced with this read is never undone.
+                        let map = store.index.lock(hash);
+                        if map.get(&hash).is_some_and(|e| e.location == entry.location) {
+                            store.memory.insert(key.as_str(), MemShard { data: data.clone(), crc, zero_copy });
+                        }
+                        drop(map);
+                        add(&self.metrics().hits_flash, 1);
+                        return Some(Shard { data, crc, tier: Tier::Flash, zero_copy });
                     }
-                    drop(map);
-                    add(&self.metrics().hits_flash, 1);
-                    return Some(Shard { data, crc, tier: Tier::Flash });
+                    Err(fault) => fault,
                 }
-                Err(fault) => fault,
-            },
+            }
             Err(e) => {
                 add(&self.metrics().io_errors_read, 1);
                 tracing::warn!(key = %key, region = entry.location.region, error = %e, "shard read failed; serving a miss");
@@ -261,13 +266,14 @@ impl CoreStore {
         let seq = store.next_seq();
         let appended = self.append(hash, key.as_bytes(), record.buf, payload_len, crc, seq, AppendMode::Put).await?;
 
+        let zero_copy = appended.buf.is_spliceable();
         let data = appended.buf.into_bytes().slice(header_len..header_len + payload_len);
         let entry = Entry { location: appended.location, payload_len: payload_len as u32, key_len: key.as_bytes().len() as u8, hits: 0 };
         let (previous, was_in_memory, pin) = {
             let mut map = store.index.lock(hash);
             let previous = map.insert(hash, entry);
             let was_in_memory = store.memory.contains(key.as_str());
-            store.memory.insert(key.as_str(), MemShard { data, crc });
+            store.memory.insert(key.as_str(), MemShard { data, crc, zero_copy });
             let pin = previous.map(|p| store.regions.pin(p.location.region));
             (previous, was_in_memory, pin)
         };

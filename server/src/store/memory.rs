@@ -15,6 +15,8 @@ use super::format::{record_header_len, round_up_to_block};
 pub struct MemShard {
     pub data: Bytes,
     pub crc: u32,
+    /// `data` lives in a spliceable (mmapped) buffer.
+    pub zero_copy: bool,
 }
 
 #[derive(Clone)]
@@ -89,7 +91,7 @@ mod tests {
     fn stays_within_its_capacity() {
         let tier = MemoryTier::new(1 << 20);
         for i in 0..100 {
-            tier.insert(&format!("k{i}"), MemShard { data: Bytes::from(vec![i as u8; 60_000]), crc: 0 });
+            tier.insert(&format!("k{i}"), MemShard { data: Bytes::from(vec![i as u8; 60_000]), crc: 0, zero_copy: false });
         }
         assert!(tier.bytes_used() <= 1 << 20);
         assert!(tier.len() < 100);
@@ -98,7 +100,7 @@ mod tests {
     #[test]
     fn disabled_tier_holds_nothing() {
         let tier = MemoryTier::new(0);
-        tier.insert("k", MemShard { data: Bytes::from_static(b"x"), crc: 0 });
+        tier.insert("k", MemShard { data: Bytes::from_static(b"x"), crc: 0, zero_copy: false });
         assert!(tier.get("k").is_none());
         assert!(!tier.remove("k"));
     }
