@@ -45,8 +45,10 @@ impl SplicePipe {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: both descriptors were just created by pipe2 and are owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: the descriptor was just created by pipe2 and is owned by nobody else.
+        let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above, for the other end.
+        let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
         // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ only reads its integer argument.
         let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
         // If the kernel refuses the size, the default (64 KiB) works, in more rounds.

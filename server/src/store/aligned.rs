@@ -50,10 +50,10 @@ impl AlignedBuf {
     /// at least one block).
     pub fn with_capacity(capacity: usize) -> Self {
         let cap = round_up_to_block(capacity.max(1));
-        if cap >= MAP_THRESHOLD {
-            if let Some(ptr) = map(cap) {
-                return Self { ptr, len: 0, cap, mapped: true };
-            }
+        if cap >= MAP_THRESHOLD
+            && let Some(ptr) = map(cap)
+        {
+            return Self { ptr, len: 0, cap, mapped: true };
         }
         let layout = Self::layout(cap);
         // SAFETY: the layout has a non-zero size (at least one block).
