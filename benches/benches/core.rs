@@ -16,7 +16,9 @@ fn chunk() -> Vec<u8> {
     let mut state = 0x1234_5678_u64;
     (0..CHUNK_SIZE)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 56) as u8
         })
         .collect()
@@ -25,10 +27,22 @@ fn chunk() -> Vec<u8> {
 fn codecs() -> Vec<(&'static str, Box<dyn ErasureCodec>)> {
     let p = |k, m| CodeParams::new(k, m).unwrap();
     vec![
-        ("4-of-5 xor", Box::new(XorCodec::new(p(4, 5))) as Box<dyn ErasureCodec>),
-        ("4-of-5 reed-solomon", Box::new(ReedSolomonCodec::new(p(4, 5)))),
-        ("8-of-10 reed-solomon", Box::new(ReedSolomonCodec::new(p(8, 10)))),
-        ("10-of-14 reed-solomon", Box::new(ReedSolomonCodec::new(p(10, 14)))),
+        (
+            "4-of-5 xor",
+            Box::new(XorCodec::new(p(4, 5))) as Box<dyn ErasureCodec>,
+        ),
+        (
+            "4-of-5 reed-solomon",
+            Box::new(ReedSolomonCodec::new(p(4, 5))),
+        ),
+        (
+            "8-of-10 reed-solomon",
+            Box::new(ReedSolomonCodec::new(p(8, 10))),
+        ),
+        (
+            "10-of-14 reed-solomon",
+            Box::new(ReedSolomonCodec::new(p(10, 14))),
+        ),
     ]
 }
 
@@ -37,7 +51,9 @@ fn memory_bandwidth(c: &mut Criterion) {
     let mut dst = vec![0u8; CHUNK_SIZE];
     let mut group = c.benchmark_group("memory");
     group.throughput(Throughput::Bytes(CHUNK_SIZE as u64));
-    group.bench_function("memcpy 512 KiB", |b| b.iter(|| dst.copy_from_slice(black_box(&src))));
+    group.bench_function("memcpy 512 KiB", |b| {
+        b.iter(|| dst.copy_from_slice(black_box(&src)))
+    });
     group.finish();
 }
 
@@ -48,7 +64,9 @@ fn erasure(c: &mut Criterion) {
     for (label, codec) in codecs() {
         let k = codec.params().data();
         let total = codec.params().total();
-        group.bench_function(BenchmarkId::new("encode", label), |b| b.iter(|| codec.encode(black_box(&data)).unwrap()));
+        group.bench_function(BenchmarkId::new("encode", label), |b| {
+            b.iter(|| codec.encode(black_box(&data)).unwrap())
+        });
         let shards = codec.encode(&data).unwrap();
         // The normal read: the k data shards, no decoding.
         let data_only: Vec<(usize, &[u8])> = (0..k).map(|i| (i, shards[i].as_slice())).collect();
@@ -57,10 +75,12 @@ fn erasure(c: &mut Criterion) {
         });
         // The worst read: as many data shards lost as there is parity.
         let lost = total - k;
-        let degraded: Vec<(usize, &[u8])> = (lost..total).map(|i| (i, shards[i].as_slice())).collect();
-        group.bench_function(BenchmarkId::new(format!("decode {lost} lost"), label), |b| {
-            b.iter(|| codec.decode(CHUNK_SIZE, black_box(&degraded)).unwrap())
-        });
+        let degraded: Vec<(usize, &[u8])> =
+            (lost..total).map(|i| (i, shards[i].as_slice())).collect();
+        group.bench_function(
+            BenchmarkId::new(format!("decode {lost} lost"), label),
+            |b| b.iter(|| codec.decode(CHUNK_SIZE, black_box(&degraded)).unwrap()),
+        );
     }
     group.finish();
 }
@@ -76,17 +96,27 @@ fn sealing(c: &mut Criterion) {
             seal_in_place(b"salt", black_box(&mut buf))
         })
     });
-    group.bench_function("seal with copy", |b| b.iter(|| seal(b"salt", black_box(&data))));
-    group.bench_function("sha-256 (chunk name)", |b| b.iter(|| ChunkName::of(black_box(&data))));
-    group.bench_function("convergent key (salted sha-256)", |b| b.iter(|| chunk_key(b"salt", black_box(&data))));
+    group.bench_function("seal with copy", |b| {
+        b.iter(|| seal(b"salt", black_box(&data)))
+    });
+    group.bench_function("sha-256 (chunk name)", |b| {
+        b.iter(|| ChunkName::of(black_box(&data)))
+    });
+    group.bench_function("convergent key (salted sha-256)", |b| {
+        b.iter(|| chunk_key(b"salt", black_box(&data)))
+    });
     group.finish();
 }
 
 fn placement(c: &mut Criterion) {
-    let names: Vec<ChunkName> = (0..1024u32).map(|i| ChunkName::of(&i.to_le_bytes())).collect();
+    let names: Vec<ChunkName> = (0..1024u32)
+        .map(|i| ChunkName::of(&i.to_le_bytes()))
+        .collect();
     let mut group = c.benchmark_group("placement: top 5 of N");
     for nodes in [5, 50, 500] {
-        let members: Vec<Member> = (0..nodes).map(|i| Member::new(format!("node-{i}"))).collect();
+        let members: Vec<Member> = (0..nodes)
+            .map(|i| Member::new(format!("node-{i}")))
+            .collect();
         let placement = Placement::new(&members).unwrap();
         let mut i = 0;
         group.bench_function(BenchmarkId::from_parameter(nodes), |b| {

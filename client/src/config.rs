@@ -31,9 +31,15 @@ use slapshot_core::{CodeParams, HumanDuration, Member};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid fleet file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid fleet: {0}")]
     Invalid(String),
 }
@@ -145,7 +151,11 @@ pub struct ReadPolicy {
 
 impl Default for ReadPolicy {
     fn default() -> Self {
-        Self { mode: ReadMode::All, hedge_delay: None, hedge_budget: 0.05 }
+        Self {
+            mode: ReadMode::All,
+            hedge_delay: None,
+            hedge_budget: 0.05,
+        }
     }
 }
 
@@ -167,17 +177,26 @@ impl FleetConfig {
 
     /// Reads a fleet file; relative paths in it are taken relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(origin) = &config.origin
-            && !origin.contains("://") && Path::new(origin).is_relative() {
-                config.origin = Some(base.join(origin).display().to_string());
-            }
+            && !origin.contains("://")
+            && Path::new(origin).is_relative()
+        {
+            config.origin = Some(base.join(origin).display().to_string());
+        }
         if let Some(token) = &config.token_file
-            && token.is_relative() {
-                config.token_file = Some(base.join(token));
-            }
+            && token.is_relative()
+        {
+            config.token_file = Some(base.join(token));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -187,11 +206,18 @@ impl FleetConfig {
     }
 
     pub fn code(&self) -> Result<CodeParams, ConfigError> {
-        CodeParams::new(self.data_shards, self.total_shards).map_err(|e| ConfigError::Invalid(e.to_string()))
+        CodeParams::new(self.data_shards, self.total_shards)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     pub fn members(&self) -> Vec<Member> {
-        self.nodes.iter().map(|n| Member { id: n.id.clone(), weight: n.weight }).collect()
+        self.nodes
+            .iter()
+            .map(|n| Member {
+                id: n.id.clone(),
+                weight: n.weight,
+            })
+            .collect()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -205,20 +231,31 @@ impl FleetConfig {
                 self.nodes.len()
             )));
         }
-        slapshot_core::Placement::new(&self.members()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        slapshot_core::Placement::new(&self.members())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !(0.0..=1.0).contains(&self.read.hedge_budget) {
-            return Err(ConfigError::Invalid(format!("hedge-budget must be between 0 and 1, not {}", self.read.hedge_budget)));
+            return Err(ConfigError::Invalid(format!(
+                "hedge-budget must be between 0 and 1, not {}",
+                self.read.hedge_budget
+            )));
         }
         if self.max_origin_fetches == 0 {
-            return Err(ConfigError::Invalid("max-origin-fetches must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "max-origin-fetches must be at least 1".into(),
+            ));
         }
         Ok(())
     }
 
     /// The bearer token, if the fleet has one.
     pub fn token(&self) -> Result<Option<String>, ConfigError> {
-        let Some(path) = &self.token_file else { return Ok(None) };
-        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Some(token.trim().to_owned()))
     }
 }
@@ -228,7 +265,13 @@ mod tests {
     use super::*;
 
     fn nodes(n: usize) -> Vec<NodeConfig> {
-        (0..n).map(|i| NodeConfig { id: format!("node-{i}"), addr: format!("127.0.0.1:{}", 7000 + i), weight: 1.0 }).collect()
+        (0..n)
+            .map(|i| NodeConfig {
+                id: format!("node-{i}"),
+                addr: format!("127.0.0.1:{}", 7000 + i),
+                weight: 1.0,
+            })
+            .collect()
     }
 
     #[test]
@@ -237,7 +280,8 @@ mod tests {
         let text = config.to_toml();
         let parsed: FleetConfig = toml::from_str(&text).unwrap();
         assert_eq!(parsed, config);
-        let minimal: FleetConfig = toml::from_str("[[nodes]]\nid = \"a\"\naddr = \"h:1\"\n").unwrap();
+        let minimal: FleetConfig =
+            toml::from_str("[[nodes]]\nid = \"a\"\naddr = \"h:1\"\n").unwrap();
         assert_eq!((minimal.data_shards, minimal.total_shards), (4, 5));
         assert_eq!(minimal.read.mode, ReadMode::All);
     }
@@ -249,7 +293,10 @@ mod tests {
         config.origin = Some("origin".into());
         std::fs::write(dir.path().join("fleet.toml"), config.to_toml()).unwrap();
         let loaded = FleetConfig::load(&dir.path().join("fleet.toml")).unwrap();
-        assert_eq!(loaded.origin.unwrap(), dir.path().join("origin").display().to_string());
+        assert_eq!(
+            loaded.origin.unwrap(),
+            dir.path().join("origin").display().to_string()
+        );
     }
 
     #[test]

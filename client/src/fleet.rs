@@ -29,8 +29,14 @@ use crate::{
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkError {
-    #[error("chunk {name}: {have} of the {need} shards needed are in the fleet, and there is no origin to fall back to")]
-    FleetMiss { name: ChunkName, have: usize, need: usize },
+    #[error(
+        "chunk {name}: {have} of the {need} shards needed are in the fleet, and there is no origin to fall back to"
+    )]
+    FleetMiss {
+        name: ChunkName,
+        have: usize,
+        need: usize,
+    },
     #[error("chunk {name} is in neither the fleet nor the origin {origin}")]
     NotFound { name: ChunkName, origin: String },
     #[error("chunk {name} from the origin {origin} does not match its name")]
@@ -40,7 +46,12 @@ pub enum ChunkError {
     #[error("chunk {name}: the origin did not answer within {timeout:?}")]
     OriginTimeout { name: ChunkName, timeout: Duration },
     #[error("chunk {name}: {written} of {total} shards stored, fewer than the {need} a read needs")]
-    PutFailed { name: ChunkName, written: usize, total: usize, need: usize },
+    PutFailed {
+        name: ChunkName,
+        written: usize,
+        total: usize,
+        need: usize,
+    },
     #[error("a chunk of {len} bytes is too large for the shard format")]
     TooLarge { len: usize },
 }
@@ -88,7 +99,9 @@ pub struct FleetClient {
 
 impl Clone for FleetClient {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -118,22 +131,34 @@ const HEDGE_BURST: f64 = 10.0;
 impl FleetClient {
     /// A client for the fleet in `config`, with the origin it names (if any).
     pub fn new(config: FleetConfig) -> Result<Self, ClientError> {
-        let origin = config.origin.as_deref().map(|o| open_origin_with(o, &config.origin_options)).transpose()?;
+        let origin = config
+            .origin
+            .as_deref()
+            .map(|o| open_origin_with(o, &config.origin_options))
+            .transpose()?;
         Self::with_origin(config, origin)
     }
 
     /// A client with an origin of the caller's choosing (tests inject counting or failing
     /// origins here).
-    pub fn with_origin(config: FleetConfig, origin: Option<Arc<dyn Origin>>) -> Result<Self, ClientError> {
+    pub fn with_origin(
+        config: FleetConfig,
+        origin: Option<Arc<dyn Origin>>,
+    ) -> Result<Self, ClientError> {
         config.validate()?;
         let code = config.code()?;
-        let placement = Placement::new(&config.members()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let placement =
+            Placement::new(&config.members()).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let token = config
             .token()?
             .map(|t| HeaderValue::try_from(format!("Bearer {t}")))
             .transpose()
             .map_err(|_| ConfigError::Invalid("the token is not a valid header value".into()))?;
-        let nodes = config.nodes.iter().map(|n| Arc::new(Node::new(n.id.clone(), n.addr.clone()))).collect();
+        let nodes = config
+            .nodes
+            .iter()
+            .map(|n| Arc::new(Node::new(n.id.clone(), n.addr.clone())))
+            .collect();
         let inner = Inner {
             codec: codec_for(code),
             code,
@@ -149,7 +174,9 @@ impl FleetClient {
             latencies: Mutex::new(LatencyWindow::default()),
             config,
         };
-        Ok(Self { inner: Arc::new(inner) })
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn metrics(&self) -> &Arc<ClientMetrics> {
@@ -166,19 +193,41 @@ impl FleetClient {
 
     /// The nodes (in fleet-file order) that hold a chunk's shards, best first.
     pub fn placement(&self, name: &ChunkName) -> Vec<&str> {
-        self.inner.placement.rank(name, self.inner.code.total()).into_iter().map(|i| self.inner.nodes[i].id.as_str()).collect()
+        self.inner
+            .placement
+            .rank(name, self.inner.code.total())
+            .into_iter()
+            .map(|i| self.inner.nodes[i].id.as_str())
+            .collect()
     }
 
     /// Node ids and whether the client currently considers each up.
     pub fn node_health(&self) -> Vec<(String, bool)> {
-        self.inner.nodes.iter().map(|n| (n.id.clone(), n.is_up())).collect()
+        self.inner
+            .nodes
+            .iter()
+            .map(|n| (n.id.clone(), n.is_up()))
+            .collect()
     }
 
     /// GET a path on every node, concurrently, with the shard timeout.
-    pub async fn get_from_each_node(&self, path: &str) -> Vec<(String, String, Result<(u16, String), NodeError>)> {
-        let timeout = self.inner.config.timeouts.shard.0.max(Duration::from_secs(1));
+    pub async fn get_from_each_node(
+        &self,
+        path: &str,
+    ) -> Vec<(String, String, Result<(u16, String), NodeError>)> {
+        let timeout = self
+            .inner
+            .config
+            .timeouts
+            .shard
+            .0
+            .max(Duration::from_secs(1));
         let requests = self.inner.nodes.iter().map(|node| async move {
-            (node.id.clone(), node.addr.clone(), node.get_text(&self.inner.http, path, timeout).await)
+            (
+                node.id.clone(),
+                node.addr.clone(),
+                node.get_text(&self.inner.http, path, timeout).await,
+            )
         });
         futures::future::join_all(requests).await
     }
@@ -197,18 +246,26 @@ impl FleetClient {
             }
             // Read repair: nodes that answered without a valid shard get theirs back.
             if read.answers.contains(&Answer::Missing) {
-                self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| a == Answer::Missing);
+                self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| {
+                    a == Answer::Missing
+                });
             }
             return Ok(chunk);
         }
         if inner.origin.is_none() {
             inc(&inner.metrics.failures);
-            return Err(ChunkError::FleetMiss { name: *name, have: read.valid, need: inner.code.data() });
+            return Err(ChunkError::FleetMiss {
+                name: *name,
+                have: read.valid,
+                need: inner.code.data(),
+            });
         }
         match self.fetch_from_origin(name).await {
             Ok(chunk) => {
                 inc(&inner.metrics.origin_fills);
-                self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| !matches!(a, Answer::Shard(_)));
+                self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| {
+                    !matches!(a, Answer::Shard(_))
+                });
                 Ok(chunk)
             }
             Err(e) => {
@@ -225,7 +282,9 @@ impl FleetClient {
         let k = inner.code.data();
         let key = name.to_hex();
         let mut answers = vec![Answer::NotAsked; ranked.len()];
-        let up: Vec<usize> = (0..ranked.len()).filter(|&rank| inner.nodes[ranked[rank]].is_up()).collect();
+        let up: Vec<usize> = (0..ranked.len())
+            .filter(|&rank| inner.nodes[ranked[rank]].is_up())
+            .collect();
         let (first, mut reserve): (Vec<usize>, VecDeque<usize>) = match inner.config.read.mode {
             ReadMode::All => (up, VecDeque::new()),
             ReadMode::Hedged => {
@@ -234,7 +293,11 @@ impl FleetClient {
             }
         };
         if inner.config.read.mode == ReadMode::Hedged {
-            inner.hedge_bucket.lock().unwrap_or_else(|p| p.into_inner()).deposit();
+            inner
+                .hedge_bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .deposit();
         }
 
         let mut pending = FuturesUnordered::new();
@@ -299,16 +362,25 @@ impl FleetClient {
             };
             // In hedged mode an answer that brought no new shard is replaced at once by
             // the next node in rank order.
-            if shards.len() == before && inner.config.read.mode == ReadMode::Hedged
-                && let Some(rank) = reserve.pop_front() {
-                    pending.push(self.fetch_shard(rank, ranked[rank], &key));
-                }
+            if shards.len() == before
+                && inner.config.read.mode == ReadMode::Hedged
+                && let Some(rank) = reserve.pop_front()
+            {
+                pending.push(self.fetch_shard(rank, ranked[rank], &key));
+            }
         }
         drop(pending);
 
         let valid = shards.len();
-        let mut read = FleetRead { chunk: None, degraded: false, valid, answers };
-        let Some(chunk_len) = chunk_len.filter(|_| valid >= k) else { return read };
+        let mut read = FleetRead {
+            chunk: None,
+            degraded: false,
+            valid,
+            answers,
+        };
+        let Some(chunk_len) = chunk_len.filter(|_| valid >= k) else {
+            return read;
+        };
         let parts: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
         match inner.codec.decode(chunk_len as usize, &parts) {
             Ok(chunk) if name.matches(&chunk) => {
@@ -335,29 +407,54 @@ impl FleetClient {
         let inner = &self.inner;
         match inner.config.read.hedge_delay {
             Some(delay) => delay.0,
-            None => inner.latencies.lock().unwrap_or_else(|p| p.into_inner()).p95().unwrap_or(DEFAULT_HEDGE_DELAY),
+            None => inner
+                .latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .p95()
+                .unwrap_or(DEFAULT_HEDGE_DELAY),
         }
     }
 
     /// One shard GET, with its effects on metrics and the node's health.
-    async fn fetch_shard(&self, rank: usize, node: usize, key: &str) -> (usize, Result<Option<Bytes>, NodeError>) {
+    async fn fetch_shard(
+        &self,
+        rank: usize,
+        node: usize,
+        key: &str,
+    ) -> (usize, Result<Option<Bytes>, NodeError>) {
         let inner = &self.inner;
         let node = &inner.nodes[node];
         let started = Instant::now();
-        let result = node.get_shard(&inner.http, inner.token.as_ref(), key, inner.config.timeouts.shard.0).await;
+        let result = node
+            .get_shard(
+                &inner.http,
+                inner.token.as_ref(),
+                key,
+                inner.config.timeouts.shard.0,
+            )
+            .await;
         let m = &inner.metrics;
         match &result {
             Ok(Some(_)) => {
                 let latency = started.elapsed();
                 m.shard_latency.observe(latency);
-                inner.latencies.lock().unwrap_or_else(|p| p.into_inner()).record(latency);
+                inner
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .record(latency);
                 inc(&m.shards_ok);
             }
             Ok(None) => inc(&m.shards_absent),
             Err(NodeError::Timeout) => inc(&m.shards_timed_out),
             Err(_) => inc(&m.shards_failed),
         }
-        node.record(&result.as_ref().map(|_| ()).map_err(Clone::clone), &inner.http, m);
+        node.record(
+            &result.as_ref().map(|_| ()).map_err(Clone::clone),
+            &inner.http,
+            m,
+        );
         (rank, result)
     }
 
@@ -365,7 +462,11 @@ impl FleetClient {
     /// holding one of the limited origin permits while it runs.
     async fn fetch_from_origin(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
         let fetch = {
-            let mut inflight = self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut inflight = self
+                .inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             inflight
                 .entry(*name)
                 .or_insert_with(|| {
@@ -373,7 +474,11 @@ impl FleetClient {
                     let name = *name;
                     async move {
                         let result = inner.fetch_origin_once(&name).await;
-                        inner.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                        inner
+                            .inflight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&name);
                         result
                     }
                     .boxed()
@@ -387,41 +492,81 @@ impl FleetClient {
     /// Encodes a chunk and writes its shards to the nodes whose answers `needs_shard`
     /// picks, off the caller's path. Nodes that keep a valid shard keep its index; the
     /// missing indices go to the picked nodes in rank order.
-    fn spawn_fill(&self, name: ChunkName, chunk: Bytes, ranked: Vec<usize>, answers: Vec<Answer>, needs_shard: fn(Answer) -> bool) {
+    fn spawn_fill(
+        &self,
+        name: ChunkName,
+        chunk: Bytes,
+        ranked: Vec<usize>,
+        answers: Vec<Answer>,
+        needs_shard: fn(Answer) -> bool,
+    ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let held: HashSet<u8> = answers.iter().filter_map(|a| if let Answer::Shard(i) = a { Some(*i) } else { None }).collect();
+            let held: HashSet<u8> = answers
+                .iter()
+                .filter_map(|a| {
+                    if let Answer::Shard(i) = a {
+                        Some(*i)
+                    } else {
+                        None
+                    }
+                })
+                .collect();
             let missing = (0..this.inner.code.total() as u8).filter(|i| !held.contains(i));
-            let targets: Vec<(usize, u8)> =
-                (0..ranked.len()).filter(|&rank| needs_shard(answers[rank])).map(|rank| ranked[rank]).zip(missing).collect();
+            let targets: Vec<(usize, u8)> = (0..ranked.len())
+                .filter(|&rank| needs_shard(answers[rank]))
+                .map(|rank| ranked[rank])
+                .zip(missing)
+                .collect();
             if targets.is_empty() {
                 return;
             }
-            let Ok(frames) = this.frames(&chunk) else { return };
+            let Ok(frames) = this.frames(&chunk) else {
+                return;
+            };
             let report = this.put_frames(&name, &frames, &targets).await;
             let m = &this.inner.metrics;
-            m.fill_shards_written.fetch_add(report.written as u64, std::sync::atomic::Ordering::Relaxed);
-            m.fill_shards_failed.fetch_add(report.failed as u64, std::sync::atomic::Ordering::Relaxed);
+            m.fill_shards_written
+                .fetch_add(report.written as u64, std::sync::atomic::Ordering::Relaxed);
+            m.fill_shards_failed
+                .fetch_add(report.failed as u64, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(chunk = %name, written = report.written, failed = report.failed, "fleet filled");
         });
     }
 
     /// The M framed shards of a chunk.
     fn frames(&self, chunk: &[u8]) -> Result<Vec<Bytes>, ChunkError> {
-        let chunk_len = u32::try_from(chunk.len()).map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
-        let shards = self.inner.codec.encode(chunk).map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
+        let chunk_len =
+            u32::try_from(chunk.len()).map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
+        let shards = self
+            .inner
+            .codec
+            .encode(chunk)
+            .map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
         Ok(shards
             .iter()
             .enumerate()
             .map(|(index, payload)| {
-                Bytes::from(shard_frame::frame(&ShardHeader { params: self.inner.code, index: index as u8, chunk_len }, payload))
+                Bytes::from(shard_frame::frame(
+                    &ShardHeader {
+                        params: self.inner.code,
+                        index: index as u8,
+                        chunk_len,
+                    },
+                    payload,
+                ))
             })
             .collect())
     }
 
     /// PUTs shard `index` to node `node` for every target, concurrently. Nodes known to be
     /// down are not tried.
-    async fn put_frames(&self, name: &ChunkName, frames: &[Bytes], targets: &[(usize, u8)]) -> PutReport {
+    async fn put_frames(
+        &self,
+        name: &ChunkName,
+        frames: &[Bytes],
+        targets: &[(usize, u8)],
+    ) -> PutReport {
         let inner = &self.inner;
         let key = name.to_hex();
         let puts = targets.iter().map(|&(node, index)| {
@@ -432,14 +577,25 @@ impl FleetClient {
                     return false;
                 }
                 let timeout = inner.config.timeouts.shard.0 * 4;
-                let result = node.put_shard(&inner.http, inner.token.as_ref(), key, frames[usize::from(index)].clone(), timeout).await;
+                let result = node
+                    .put_shard(
+                        &inner.http,
+                        inner.token.as_ref(),
+                        key,
+                        frames[usize::from(index)].clone(),
+                        timeout,
+                    )
+                    .await;
                 node.record(&result, &inner.http, &inner.metrics);
                 result.is_ok()
             }
         });
         let results = futures::future::join_all(puts).await;
         let written = results.iter().filter(|ok| **ok).count();
-        PutReport { written, failed: results.len() - written }
+        PutReport {
+            written,
+            failed: results.len() - written,
+        }
     }
 
     /// Stores a chunk (bytes named by their SHA-256) across the fleet: shard i to the node
@@ -447,10 +603,19 @@ impl FleetClient {
     pub async fn put_chunk(&self, name: &ChunkName, chunk: &[u8]) -> Result<PutReport, ChunkError> {
         let frames = self.frames(chunk)?;
         let ranked = self.inner.placement.rank(name, self.inner.code.total());
-        let targets: Vec<(usize, u8)> = ranked.iter().enumerate().map(|(rank, &node)| (node, rank as u8)).collect();
+        let targets: Vec<(usize, u8)> = ranked
+            .iter()
+            .enumerate()
+            .map(|(rank, &node)| (node, rank as u8))
+            .collect();
         let report = self.put_frames(name, &frames, &targets).await;
         if report.written < self.inner.code.data() {
-            return Err(ChunkError::PutFailed { name: *name, written: report.written, total: frames.len(), need: self.inner.code.data() });
+            return Err(ChunkError::PutFailed {
+                name: *name,
+                written: report.written,
+                total: frames.len(),
+                need: self.inner.code.data(),
+            });
         }
         Ok(report)
     }
@@ -459,15 +624,33 @@ impl FleetClient {
 impl Inner {
     async fn fetch_origin_once(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
         let origin = self.origin.as_ref().expect("only called with an origin");
-        let _permit = self.origin_permits.acquire().await.expect("the semaphore is never closed");
+        let _permit = self
+            .origin_permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         inc(&self.metrics.origin_fetches);
         let timeout = self.config.timeouts.origin.0;
-        let fetched = tokio::time::timeout(timeout, origin.get(name)).await.map_err(|_| ChunkError::OriginTimeout { name: *name, timeout })?;
+        let fetched = tokio::time::timeout(timeout, origin.get(name))
+            .await
+            .map_err(|_| ChunkError::OriginTimeout {
+                name: *name,
+                timeout,
+            })?;
         match fetched {
             Ok(Some(bytes)) if name.matches(&bytes) => Ok(bytes),
-            Ok(Some(_)) => Err(ChunkError::CorruptOrigin { name: *name, origin: origin.describe() }),
-            Ok(None) => Err(ChunkError::NotFound { name: *name, origin: origin.describe() }),
-            Err(e) => Err(ChunkError::Origin { name: *name, message: e.to_string() }),
+            Ok(Some(_)) => Err(ChunkError::CorruptOrigin {
+                name: *name,
+                origin: origin.describe(),
+            }),
+            Ok(None) => Err(ChunkError::NotFound {
+                name: *name,
+                origin: origin.describe(),
+            }),
+            Err(e) => Err(ChunkError::Origin {
+                name: *name,
+                message: e.to_string(),
+            }),
         }
     }
 }

@@ -15,7 +15,11 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// `capacity` bounds a burst of hedges after a quiet spell.
     pub fn new(rate: f64, capacity: f64) -> Self {
-        Self { tokens: capacity.min(1.0), rate, capacity }
+        Self {
+            tokens: capacity.min(1.0),
+            rate,
+            capacity,
+        }
     }
 
     pub fn deposit(&mut self) {
@@ -48,7 +52,11 @@ const MIN_SAMPLES: usize = 32;
 
 impl Default for LatencyWindow {
     fn default() -> Self {
-        Self { samples: VecDeque::with_capacity(WINDOW), p95: None, since_update: 0 }
+        Self {
+            samples: VecDeque::with_capacity(WINDOW),
+            p95: None,
+            since_update: 0,
+        }
     }
 }
 
@@ -59,7 +67,9 @@ impl LatencyWindow {
         }
         self.samples.push_back(latency);
         self.since_update += 1;
-        if self.since_update >= RECOMPUTE_EVERY || (self.p95.is_none() && self.samples.len() >= MIN_SAMPLES) {
+        if self.since_update >= RECOMPUTE_EVERY
+            || (self.p95.is_none() && self.samples.len() >= MIN_SAMPLES)
+        {
             self.since_update = 0;
             let mut sorted: Vec<Duration> = self.samples.iter().copied().collect();
             sorted.sort_unstable();
@@ -87,7 +97,10 @@ mod tests {
                 hedges += 1;
             }
         }
-        assert!((495..=505).contains(&hedges), "{hedges} hedges for 10,000 reads");
+        assert!(
+            (495..=505).contains(&hedges),
+            "{hedges} hedges for 10,000 reads"
+        );
     }
 
     #[test]
@@ -98,6 +111,9 @@ mod tests {
             window.record(Duration::from_micros(i % 100));
         }
         let p95 = window.p95().unwrap();
-        assert!((Duration::from_micros(93)..=Duration::from_micros(96)).contains(&p95), "{p95:?}");
+        assert!(
+            (Duration::from_micros(93)..=Duration::from_micros(96)).contains(&p95),
+            "{p95:?}"
+        );
     }
 }

@@ -10,7 +10,10 @@ fn main() -> ExitCode {
         Some(filter) => EnvFilter::new(filter),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -25,7 +28,11 @@ fn main() -> ExitCode {
             Command::Fleet(FleetCommand::Up(args)) => fleet::up(args).await,
             Command::Fleet(FleetCommand::Status { fleet }) => fleet::status(&fleet).await,
             Command::Chunk(ChunkCommand::Put { fleet, path }) => chunk::put(&fleet, &path).await,
-            Command::Chunk(ChunkCommand::Get { fleet, name, output }) => chunk::get(&fleet, &name, output.as_deref()).await,
+            Command::Chunk(ChunkCommand::Get {
+                fleet,
+                name,
+                output,
+            }) => chunk::get(&fleet, &name, output.as_deref()).await,
         }
     });
     match result {

@@ -57,25 +57,115 @@ impl ClientMetrics {
         let mut out = String::new();
         let w = &mut out;
         header(w, names::CHUNK_READS, "counter", "Chunk reads by outcome.");
-        sample(w, names::CHUNK_READS, "outcome=\"fleet_hit\"", get(&self.fleet_hits));
-        sample(w, names::CHUNK_READS, "outcome=\"origin_fill\"", get(&self.origin_fills));
-        sample(w, names::CHUNK_READS, "outcome=\"failure\"", get(&self.failures));
+        sample(
+            w,
+            names::CHUNK_READS,
+            "outcome=\"fleet_hit\"",
+            get(&self.fleet_hits),
+        );
+        sample(
+            w,
+            names::CHUNK_READS,
+            "outcome=\"origin_fill\"",
+            get(&self.origin_fills),
+        );
+        sample(
+            w,
+            names::CHUNK_READS,
+            "outcome=\"failure\"",
+            get(&self.failures),
+        );
         header(w, names::SHARD_REQUESTS, "counter", "Shard GETs by result.");
-        sample(w, names::SHARD_REQUESTS, "result=\"ok\"", get(&self.shards_ok));
-        sample(w, names::SHARD_REQUESTS, "result=\"absent\"", get(&self.shards_absent));
-        sample(w, names::SHARD_REQUESTS, "result=\"error\"", get(&self.shards_failed));
-        sample(w, names::SHARD_REQUESTS, "result=\"timeout\"", get(&self.shards_timed_out));
-        header(w, names::SHARD_LATENCY, "histogram", "Latency of shard GETs that returned a shard.");
-        histogram_samples(w, names::SHARD_LATENCY, "", std::iter::once(&self.shard_latency));
-        counter(w, names::HEDGES, "Shard requests sent because the first ones were slow.", get(&self.hedges_sent));
-        counter(w, names::DEGRADED, "Chunks rebuilt using parity.", get(&self.degraded_rebuilds));
-        counter(w, names::CORRUPT_SHARDS, "Shards (or rebuilt chunks) that failed verification.", get(&self.corrupt_shards));
-        counter(w, names::ORIGIN_FETCHES, "Chunk fetches from the origin.", get(&self.origin_fetches));
-        header(w, names::FILL_SHARDS, "counter", "Shards written back to the fleet after a miss, by result.");
-        sample(w, names::FILL_SHARDS, "result=\"written\"", get(&self.fill_shards_written));
-        sample(w, names::FILL_SHARDS, "result=\"failed\"", get(&self.fill_shards_failed));
-        gauge(w, names::NODES_DOWN, "Nodes currently considered down.", get(&self.nodes_down));
-        counter(w, names::NODE_RECOVERIES, "Down nodes seen healthy again.", get(&self.node_recoveries));
+        sample(
+            w,
+            names::SHARD_REQUESTS,
+            "result=\"ok\"",
+            get(&self.shards_ok),
+        );
+        sample(
+            w,
+            names::SHARD_REQUESTS,
+            "result=\"absent\"",
+            get(&self.shards_absent),
+        );
+        sample(
+            w,
+            names::SHARD_REQUESTS,
+            "result=\"error\"",
+            get(&self.shards_failed),
+        );
+        sample(
+            w,
+            names::SHARD_REQUESTS,
+            "result=\"timeout\"",
+            get(&self.shards_timed_out),
+        );
+        header(
+            w,
+            names::SHARD_LATENCY,
+            "histogram",
+            "Latency of shard GETs that returned a shard.",
+        );
+        histogram_samples(
+            w,
+            names::SHARD_LATENCY,
+            "",
+            std::iter::once(&self.shard_latency),
+        );
+        counter(
+            w,
+            names::HEDGES,
+            "Shard requests sent because the first ones were slow.",
+            get(&self.hedges_sent),
+        );
+        counter(
+            w,
+            names::DEGRADED,
+            "Chunks rebuilt using parity.",
+            get(&self.degraded_rebuilds),
+        );
+        counter(
+            w,
+            names::CORRUPT_SHARDS,
+            "Shards (or rebuilt chunks) that failed verification.",
+            get(&self.corrupt_shards),
+        );
+        counter(
+            w,
+            names::ORIGIN_FETCHES,
+            "Chunk fetches from the origin.",
+            get(&self.origin_fetches),
+        );
+        header(
+            w,
+            names::FILL_SHARDS,
+            "counter",
+            "Shards written back to the fleet after a miss, by result.",
+        );
+        sample(
+            w,
+            names::FILL_SHARDS,
+            "result=\"written\"",
+            get(&self.fill_shards_written),
+        );
+        sample(
+            w,
+            names::FILL_SHARDS,
+            "result=\"failed\"",
+            get(&self.fill_shards_failed),
+        );
+        gauge(
+            w,
+            names::NODES_DOWN,
+            "Nodes currently considered down.",
+            get(&self.nodes_down),
+        );
+        counter(
+            w,
+            names::NODE_RECOVERIES,
+            "Down nodes seen healthy again.",
+            get(&self.node_recoveries),
+        );
         out
     }
 }

@@ -34,7 +34,10 @@ pub fn http_client(connect_timeout: Duration) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(50)).pool_max_idle_per_host(256).build(connector)
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(50))
+        .pool_max_idle_per_host(256)
+        .build(connector)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +69,12 @@ pub struct Node {
 impl Node {
     pub fn new(id: String, addr: String) -> Self {
         let base = format!("http://{addr}");
-        Self { id, addr, base, health: Mutex::new(Health::default()) }
+        Self {
+            id,
+            addr,
+            base,
+            health: Mutex::new(Health::default()),
+        }
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -77,30 +85,67 @@ impl Node {
         !self.health().down
     }
 
-    fn request(&self, method: Method, path: &str, token: Option<&HeaderValue>, body: Bytes) -> Request<Full<Bytes>> {
-        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.base));
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&HeaderValue>,
+        body: Bytes,
+    ) -> Request<Full<Bytes>> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, token.clone());
         }
-        request.body(Full::new(body)).expect("a well-formed request")
+        request
+            .body(Full::new(body))
+            .expect("a well-formed request")
     }
 
     /// Sends a request and reads the whole response within `timeout`.
-    async fn exchange(&self, http: &HttpClient, request: Request<Full<Bytes>>, timeout: Duration) -> Result<(StatusCode, Bytes), NodeError> {
+    async fn exchange(
+        &self,
+        http: &HttpClient,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, Bytes), NodeError> {
         let exchange = async {
             let response = http.request(request).await.map_err(|e| {
-                if e.is_connect() { NodeError::Unreachable } else { NodeError::Transport(e.to_string()) }
+                if e.is_connect() {
+                    NodeError::Unreachable
+                } else {
+                    NodeError::Transport(e.to_string())
+                }
             })?;
             let status = response.status();
-            let body = response.into_body().collect().await.map_err(|e| NodeError::Transport(e.to_string()))?.to_bytes();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| NodeError::Transport(e.to_string()))?
+                .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(timeout, exchange).await.map_err(|_| NodeError::Timeout)?
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| NodeError::Timeout)?
     }
 
     /// GET a shard: `Ok(None)` if the node does not have it.
-    pub async fn get_shard(&self, http: &HttpClient, token: Option<&HeaderValue>, key: &str, timeout: Duration) -> Result<Option<Bytes>, NodeError> {
-        let request = self.request(Method::GET, &format!("/v1/shards/{key}"), token, Bytes::new());
+    pub async fn get_shard(
+        &self,
+        http: &HttpClient,
+        token: Option<&HeaderValue>,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<Bytes>, NodeError> {
+        let request = self.request(
+            Method::GET,
+            &format!("/v1/shards/{key}"),
+            token,
+            Bytes::new(),
+        );
         match self.exchange(http, request, timeout).await? {
             (StatusCode::OK, body) => Ok(Some(body)),
             (StatusCode::NOT_FOUND, _) => Ok(None),
@@ -109,10 +154,19 @@ impl Node {
     }
 
     /// PUT a shard, with its crc32 so that the node refuses damaged bytes.
-    pub async fn put_shard(&self, http: &HttpClient, token: Option<&HeaderValue>, key: &str, body: Bytes, timeout: Duration) -> Result<(), NodeError> {
+    pub async fn put_shard(
+        &self,
+        http: &HttpClient,
+        token: Option<&HeaderValue>,
+        key: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(), NodeError> {
         let crc = crc32(&body);
         let mut request = self.request(Method::PUT, &format!("/v1/shards/{key}"), token, body);
-        request.headers_mut().insert("x-slapshot-crc32", HeaderValue::from(crc));
+        request
+            .headers_mut()
+            .insert("x-slapshot-crc32", HeaderValue::from(crc));
         match self.exchange(http, request, timeout).await? {
             (StatusCode::CREATED | StatusCode::NO_CONTENT, _) => Ok(()),
             (status, _) => Err(NodeError::Status(status.as_u16())),
@@ -120,7 +174,12 @@ impl Node {
     }
 
     /// GET a path (such as /health or /metrics) and return the status and text.
-    pub async fn get_text(&self, http: &HttpClient, path: &str, timeout: Duration) -> Result<(u16, String), NodeError> {
+    pub async fn get_text(
+        &self,
+        http: &HttpClient,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String), NodeError> {
         let request = self.request(Method::GET, path, None, Bytes::new());
         let (status, body) = self.exchange(http, request, timeout).await?;
         Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
@@ -128,7 +187,12 @@ impl Node {
 
     /// Notes a request's outcome for the node's health; a node that goes down starts
     /// being probed.
-    pub fn record(self: &Arc<Self>, outcome: &Result<(), NodeError>, http: &HttpClient, metrics: &Arc<ClientMetrics>) {
+    pub fn record(
+        self: &Arc<Self>,
+        outcome: &Result<(), NodeError>,
+        http: &HttpClient,
+        metrics: &Arc<ClientMetrics>,
+    ) {
         let went_down = {
             let mut health = self.health();
             match outcome {
@@ -160,7 +224,9 @@ impl Node {
             }
             health.probing = true;
         }
-        metrics.nodes_down.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .nodes_down
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(node = %self.id, addr = %self.addr, "node marked down");
         let (node, http, metrics) = (self.clone(), http.clone(), metrics.clone());
         tokio::spawn(async move { node.probe_until_up(&http, &metrics).await });
@@ -176,7 +242,9 @@ impl Node {
                 health.probing = false;
                 health.consecutive_timeouts = 0;
                 drop(health);
-                metrics.nodes_down.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                metrics
+                    .nodes_down
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 inc(&metrics.node_recoveries);
                 tracing::info!(node = %self.id, addr = %self.addr, "node is back up");
                 return;

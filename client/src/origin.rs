@@ -20,7 +20,10 @@ use slapshot_core::ChunkName;
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
     #[error("origin {origin}: {source}")]
-    Store { origin: String, source: object_store::Error },
+    Store {
+        origin: String,
+        source: object_store::Error,
+    },
     #[error("cannot use {url:?} as an origin: {reason}")]
     Url { url: String, reason: String },
 }
@@ -31,7 +34,11 @@ pub trait Origin: Send + Sync + 'static {
     fn get<'a>(&'a self, name: &'a ChunkName) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>>;
 
     /// Stores a chunk unless its name exists; true if it was written.
-    fn put<'a>(&'a self, name: &'a ChunkName, bytes: Bytes) -> BoxFuture<'a, Result<bool, OriginError>>;
+    fn put<'a>(
+        &'a self,
+        name: &'a ChunkName,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<bool, OriginError>>;
 
     /// A human-readable location, for logs and errors.
     fn describe(&self) -> String;
@@ -46,7 +53,11 @@ pub struct ObjectStoreOrigin {
 
 impl ObjectStoreOrigin {
     pub fn new(store: Arc<dyn ObjectStore>, prefix: ObjectPath, location: String) -> Self {
-        Self { store, prefix, location }
+        Self {
+            store,
+            prefix,
+            location,
+        }
     }
 
     fn path(&self, name: &ChunkName) -> ObjectPath {
@@ -55,7 +66,10 @@ impl ObjectStoreOrigin {
     }
 
     fn error(&self, source: object_store::Error) -> OriginError {
-        OriginError::Store { origin: self.location.clone(), source }
+        OriginError::Store {
+            origin: self.location.clone(),
+            source,
+        }
     }
 }
 
@@ -70,7 +84,11 @@ impl Origin for ObjectStoreOrigin {
         })
     }
 
-    fn put<'a>(&'a self, name: &'a ChunkName, bytes: Bytes) -> BoxFuture<'a, Result<bool, OriginError>> {
+    fn put<'a>(
+        &'a self,
+        name: &'a ChunkName,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<bool, OriginError>> {
         Box::pin(async move {
             let path = self.path(name);
             match self.store.head(&path).await {
@@ -78,7 +96,10 @@ impl Origin for ObjectStoreOrigin {
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.error(e)),
             }
-            self.store.put(&path, PutPayload::from_bytes(bytes)).await.map_err(|e| self.error(e))?;
+            self.store
+                .put(&path, PutPayload::from_bytes(bytes))
+                .await
+                .map_err(|e| self.error(e))?;
             Ok(true)
         })
     }
@@ -99,8 +120,14 @@ pub fn open_origin(location: &str) -> Result<Arc<dyn Origin>, OriginError> {
 
 /// Like `open_origin`, with object_store configuration keys (for S3: `aws_endpoint`,
 /// `aws_allow_http`, `aws_region`, `aws_access_key_id`, ...) that override the environment.
-pub fn open_origin_with(location: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Origin>, OriginError> {
-    let url_error = |reason: String| OriginError::Url { url: location.to_owned(), reason };
+pub fn open_origin_with(
+    location: &str,
+    options: &BTreeMap<String, String>,
+) -> Result<Arc<dyn Origin>, OriginError> {
+    let url_error = |reason: String| OriginError::Url {
+        url: location.to_owned(),
+        reason,
+    };
     if let Some(rest) = location.strip_prefix("s3://") {
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -108,23 +135,38 @@ pub fn open_origin_with(location: &str, options: &BTreeMap<String, String>) -> R
         }
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
         for (key, value) in options {
-            let key: AmazonS3ConfigKey = key.parse().map_err(|e: object_store::Error| url_error(e.to_string()))?;
+            let key: AmazonS3ConfigKey = key
+                .parse()
+                .map_err(|e: object_store::Error| url_error(e.to_string()))?;
             builder = builder.with_config(key, value);
         }
         let store = builder.build().map_err(|e| url_error(e.to_string()))?;
-        let prefix = ObjectPath::parse(prefix.trim_end_matches('/')).map_err(|e| url_error(e.to_string()))?;
-        return Ok(Arc::new(ObjectStoreOrigin::new(Arc::new(store), prefix, location.to_owned())));
+        let prefix = ObjectPath::parse(prefix.trim_end_matches('/'))
+            .map_err(|e| url_error(e.to_string()))?;
+        return Ok(Arc::new(ObjectStoreOrigin::new(
+            Arc::new(store),
+            prefix,
+            location.to_owned(),
+        )));
     }
     if !options.is_empty() {
-        return Err(url_error("origin options apply to s3:// origins only".into()));
+        return Err(url_error(
+            "origin options apply to s3:// origins only".into(),
+        ));
     }
     if location.contains("://") && !location.starts_with("file://") {
-        return Err(url_error("use a directory, file:///path or s3://bucket/prefix".into()));
+        return Err(url_error(
+            "use a directory, file:///path or s3://bucket/prefix".into(),
+        ));
     }
     let dir = Path::new(location.strip_prefix("file://").unwrap_or(location));
     std::fs::create_dir_all(dir).map_err(|e| url_error(e.to_string()))?;
     let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| url_error(e.to_string()))?;
-    Ok(Arc::new(ObjectStoreOrigin::new(Arc::new(store), ObjectPath::default(), dir.display().to_string())))
+    Ok(Arc::new(ObjectStoreOrigin::new(
+        Arc::new(store),
+        ObjectPath::default(),
+        dir.display().to_string(),
+    )))
 }
 
 #[cfg(test)]
@@ -139,15 +181,30 @@ mod tests {
         let name = ChunkName::of(&bytes);
         assert_eq!(origin.get(&name).await.unwrap(), None);
         assert!(origin.put(&name, bytes.clone()).await.unwrap());
-        assert!(!origin.put(&name, bytes.clone()).await.unwrap(), "an existing name is skipped");
+        assert!(
+            !origin.put(&name, bytes.clone()).await.unwrap(),
+            "an existing name is skipped"
+        );
         assert_eq!(origin.get(&name).await.unwrap(), Some(bytes));
         let hex = name.to_hex();
-        assert!(dir.path().join("chunks").join(&hex[..2]).join(&hex).exists());
+        assert!(
+            dir.path()
+                .join("chunks")
+                .join(&hex[..2])
+                .join(&hex)
+                .exists()
+        );
     }
 
     #[test]
     fn unknown_schemes_are_refused() {
-        assert!(matches!(open_origin("gs://bucket"), Err(OriginError::Url { .. })));
-        assert!(matches!(open_origin("s3:///nobucket"), Err(OriginError::Url { .. })));
+        assert!(matches!(
+            open_origin("gs://bucket"),
+            Err(OriginError::Url { .. })
+        ));
+        assert!(matches!(
+            open_origin("s3:///nobucket"),
+            Err(OriginError::Url { .. })
+        ));
     }
 }

@@ -29,7 +29,16 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let fleet_dir = dir.path().join("fleet");
     let mut up = Command::new(SLAPSHOT)
-        .args(["fleet", "up", "--nodes", "5", "--capacity", "128MiB", "--server-arg=--region-size=8MiB", "--dir"])
+        .args([
+            "fleet",
+            "up",
+            "--nodes",
+            "5",
+            "--capacity",
+            "128MiB",
+            "--server-arg=--region-size=8MiB",
+            "--dir",
+        ])
         .arg(&fleet_dir)
         .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
         .stdout(Stdio::null())
@@ -43,7 +52,11 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     let file = dir.path().join("chunk");
     std::fs::write(&file, &data).unwrap();
     let put = slapshot(&["chunk", "put", "--fleet", fleet, file.to_str().unwrap()]);
-    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
     let name = String::from_utf8(put.stdout).unwrap().trim().to_owned();
     assert_eq!(name, slapshot_core::ChunkName::of(&data).to_hex());
 
@@ -51,17 +64,54 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     assert!(get.status.success());
     assert!(get.stdout == data);
     let out = dir.path().join("out");
-    assert!(slapshot(&["chunk", "get", "--fleet", fleet, &name, "-o", out.to_str().unwrap()]).status.success());
+    assert!(
+        slapshot(&[
+            "chunk",
+            "get",
+            "--fleet",
+            fleet,
+            &name,
+            "-o",
+            out.to_str().unwrap()
+        ])
+        .status
+        .success()
+    );
     assert!(std::fs::read(&out).unwrap() == data);
 
     // Settings from flags override the fleet file; client metrics on request.
-    let hedged = slapshot(&["chunk", "get", "--fleet", fleet, &name, "--read-mode", "hedged", "--hedge-delay", "1s", "--metrics"]);
+    let hedged = slapshot(&[
+        "chunk",
+        "get",
+        "--fleet",
+        fleet,
+        &name,
+        "--read-mode",
+        "hedged",
+        "--hedge-delay",
+        "1s",
+        "--metrics",
+    ]);
     assert!(hedged.status.success());
     assert!(hedged.stdout == data);
     let metrics = String::from_utf8_lossy(&hedged.stderr);
-    assert!(metrics.contains("slapshot_client_chunk_reads_total{outcome=\"fleet_hit\"} 1"), "{metrics}");
-    assert!(metrics.contains("slapshot_client_hedges_sent_total 0"), "{metrics}");
-    let bad_mode = slapshot(&["chunk", "get", "--fleet", fleet, &name, "--read-mode", "sometimes"]);
+    assert!(
+        metrics.contains("slapshot_client_chunk_reads_total{outcome=\"fleet_hit\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("slapshot_client_hedges_sent_total 0"),
+        "{metrics}"
+    );
+    let bad_mode = slapshot(&[
+        "chunk",
+        "get",
+        "--fleet",
+        fleet,
+        &name,
+        "--read-mode",
+        "sometimes",
+    ]);
     assert!(String::from_utf8_lossy(&bad_mode.stderr).contains("--read-mode is all or hedged"));
 
     let status = slapshot(&["fleet", "status", "--fleet", fleet]);
@@ -79,11 +129,21 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     assert!(String::from_utf8_lossy(&bad_name.stderr).contains("64 hexadecimal digits"));
     let absent = slapshot(&["chunk", "get", "--fleet", fleet, &"0".repeat(64)]);
     assert!(!absent.status.success());
-    assert!(String::from_utf8_lossy(&absent.stderr).contains("is in neither the fleet nor the origin"));
+    assert!(
+        String::from_utf8_lossy(&absent.stderr).contains("is in neither the fleet nor the origin")
+    );
 
     // SIGTERM stops the fleet cleanly, nodes included.
-    let addrs: Vec<String> = (0..5).map(|i| std::fs::read_to_string(fleet_dir.join(format!("node-{i}/addr"))).unwrap()).collect();
-    assert!(Command::new("kill").args(["-TERM", &up.id().to_string()]).status().unwrap().success());
+    let addrs: Vec<String> = (0..5)
+        .map(|i| std::fs::read_to_string(fleet_dir.join(format!("node-{i}/addr"))).unwrap())
+        .collect();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &up.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let deadline = Instant::now() + Duration::from_secs(40);
     let status = loop {
         if let Some(status) = up.try_wait().unwrap() {
@@ -94,7 +154,10 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     };
     assert!(status.success());
     for addr in addrs {
-        assert!(std::net::TcpStream::connect(addr.trim()).is_err(), "node at {addr} still listens");
+        assert!(
+            std::net::TcpStream::connect(addr.trim()).is_err(),
+            "node at {addr} still listens"
+        );
     }
     let after = slapshot(&["fleet", "status", "--fleet", fleet]);
     assert!(!after.status.success(), "status of a stopped fleet fails");
@@ -103,7 +166,14 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
 #[test]
 fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
     let dir = tempfile::tempdir().unwrap();
-    let output = slapshot(&["fleet", "up", "--nodes", "3", "--dir", dir.path().to_str().unwrap()]);
+    let output = slapshot(&[
+        "fleet",
+        "up",
+        "--nodes",
+        "3",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs at least 5 nodes"));
 }
@@ -112,11 +182,24 @@ fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
 fn the_demo_runs_clean() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(SLAPSHOT)
-        .args(["demo", "--chunks", "24", "--dir", dir.path().to_str().unwrap()])
+        .args([
+            "demo",
+            "--chunks",
+            "24",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
         .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("every chunk read matched its name"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("every chunk read matched its name"),
+        "{stdout}"
+    );
 }

@@ -18,7 +18,12 @@ use support::{TestFleet, eventually, random_chunks};
 /// Stores chunks in the origin and across the fleet, as `slapshot chunk put` does.
 async fn put_everywhere(client: &slapshot_client::FleetClient, chunks: &[(ChunkName, Bytes)]) {
     for (name, bytes) in chunks {
-        client.origin().unwrap().put(name, bytes.clone()).await.unwrap();
+        client
+            .origin()
+            .unwrap()
+            .put(name, bytes.clone())
+            .await
+            .unwrap();
         let report = client.put_chunk(name, bytes).await.unwrap();
         assert_eq!(report.written, 5);
     }
@@ -26,7 +31,10 @@ async fn put_everywhere(client: &slapshot_client::FleetClient, chunks: &[(ChunkN
 
 async fn read_all(client: &slapshot_client::FleetClient, chunks: &[(ChunkName, Bytes)]) {
     for (name, bytes) in chunks {
-        let got = client.get_chunk(name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = client
+            .get_chunk(name)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(&got, bytes, "{name} came back with other bytes");
     }
 }
@@ -56,7 +64,10 @@ async fn a_node_killed_with_sigkill_costs_nothing_and_the_origin_is_never_asked(
     let m = client.metrics();
     assert_eq!(origin.gets(), 0, "the origin was asked");
     assert_eq!(get(&m.fleet_hits), 80);
-    assert!(get(&m.degraded_rebuilds) > 0, "some chunks had a data shard on the dead node");
+    assert!(
+        get(&m.degraded_rebuilds) > 0,
+        "some chunks had a data shard on the dead node"
+    );
     assert_eq!(get(&m.nodes_down), 1);
     assert!(!client.node_health()[2].1);
 }
@@ -75,7 +86,10 @@ async fn a_stopped_node_is_read_around_within_the_timeouts() {
             let started = Instant::now();
             assert_eq!(&reader.get_chunk(name).await.unwrap(), bytes);
             let took = started.elapsed();
-            assert!(took < shard_timeout + Duration::from_millis(500), "a read took {took:?}");
+            assert!(
+                took < shard_timeout + Duration::from_millis(500),
+                "a read took {took:?}"
+            );
         }
     }
     fleet.nodes[1].resume();
@@ -129,11 +143,17 @@ async fn damaged_shards_are_read_around() {
         (h, p.to_vec())
     };
     let foreign_code = CodeParams::new(3, 5).unwrap();
-    let foreign = ShardHeader { params: foreign_code, ..header };
+    let foreign = ShardHeader {
+        params: foreign_code,
+        ..header
+    };
     let mut foreign_payload = payload.clone();
     foreign_payload.resize(foreign_code.shard_len(header.chunk_len as usize), 0);
     let reframed = shard_frame::frame(&foreign, &foreign_payload);
-    assert_eq!(raw.put(&format!("/v1/shards/{other}"), &reframed).status, 204);
+    assert_eq!(
+        raw.put(&format!("/v1/shards/{other}"), &reframed).status,
+        204
+    );
 
     // Constant-work reads may finish before the damaged shards arrive; a hedged reader
     // (with hedging itself out of the way) asks exactly the holders of shards 0..k first,
@@ -150,7 +170,18 @@ async fn damaged_shards_are_read_around() {
     assert_eq!(get(&m.degraded_rebuilds), 2);
     // Read repair put valid shards back in place of the damaged ones.
     eventually("read repair", || get(&m.fill_shards_written) == 2).await;
-    let repaired = shard_frame::parse(&fleet.nodes.iter().map(|n| n.client().get(&format!("/v1/shards/{name}"))).find(|r| r.status == 200 && shard_frame::parse(&r.body).is_ok_and(|(h, _)| h.index == 0)).expect("shard 0 is back").body).map(|(h, _)| h.index);
+    let repaired = shard_frame::parse(
+        &fleet
+            .nodes
+            .iter()
+            .map(|n| n.client().get(&format!("/v1/shards/{name}")))
+            .find(|r| {
+                r.status == 200 && shard_frame::parse(&r.body).is_ok_and(|(h, _)| h.index == 0)
+            })
+            .expect("shard 0 is back")
+            .body,
+    )
+    .map(|(h, _)| h.index);
     assert_eq!(repaired, Ok(0));
 }
 
@@ -161,7 +192,12 @@ async fn two_nodes_down_fall_back_to_the_origin_and_fill_what_they_can() {
     let chunks = random_chunks(6, 12);
     // Only in the origin: the fleet starts cold.
     for (name, bytes) in &chunks {
-        client.origin().unwrap().put(name, bytes.clone()).await.unwrap();
+        client
+            .origin()
+            .unwrap()
+            .put(name, bytes.clone())
+            .await
+            .unwrap();
     }
     fleet.nodes[0].kill();
     fleet.nodes[3].kill();
@@ -194,7 +230,12 @@ async fn concurrent_misses_share_one_origin_fetch() {
     let (client, origin) = fleet.client();
     let chunks = random_chunks(7, 1);
     let (name, bytes) = chunks[0].clone();
-    client.origin().unwrap().put(&name, bytes.clone()).await.unwrap();
+    client
+        .origin()
+        .unwrap()
+        .put(&name, bytes.clone())
+        .await
+        .unwrap();
     origin.set_delay(Duration::from_millis(300));
     let readers: Vec<_> = (0..32)
         .map(|_| {
@@ -216,7 +257,12 @@ async fn origin_fetches_are_limited_in_concurrency() {
     let (client, origin) = fleet.client_with(config);
     let chunks = random_chunks(8, 10);
     for (name, bytes) in &chunks {
-        client.origin().unwrap().put(name, bytes.clone()).await.unwrap();
+        client
+            .origin()
+            .unwrap()
+            .put(name, bytes.clone())
+            .await
+            .unwrap();
     }
     origin.set_delay(Duration::from_millis(100));
     let readers: Vec<_> = chunks
@@ -238,11 +284,21 @@ async fn a_chunk_nowhere_is_a_clear_error() {
     let fleet = TestFleet::start(5);
     let (client, _) = fleet.client();
     let name = ChunkName::of(b"never stored");
-    assert!(matches!(client.get_chunk(&name).await, Err(ChunkError::NotFound { .. })));
+    assert!(matches!(
+        client.get_chunk(&name).await,
+        Err(ChunkError::NotFound { .. })
+    ));
     let mut config = fleet.config();
     config.origin = None;
     let no_origin = slapshot_client::FleetClient::with_origin(config, None).unwrap();
-    assert!(matches!(no_origin.get_chunk(&name).await, Err(ChunkError::FleetMiss { have: 0, need: 4, .. })));
+    assert!(matches!(
+        no_origin.get_chunk(&name).await,
+        Err(ChunkError::FleetMiss {
+            have: 0,
+            need: 4,
+            ..
+        })
+    ));
     assert_eq!(get(&no_origin.metrics().failures), 1);
 }
 
@@ -252,8 +308,16 @@ async fn a_wrong_origin_copy_is_refused() {
     let (client, _) = fleet.client();
     let name = ChunkName::of(b"the real bytes");
     // Plant other bytes under the name, as a corrupted origin object would be.
-    client.origin().unwrap().put(&name, Bytes::from_static(b"other bytes")).await.unwrap();
-    assert!(matches!(client.get_chunk(&name).await, Err(ChunkError::CorruptOrigin { .. })));
+    client
+        .origin()
+        .unwrap()
+        .put(&name, Bytes::from_static(b"other bytes"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        client.get_chunk(&name).await,
+        Err(ChunkError::CorruptOrigin { .. })
+    ));
     let _ = Arc::clone(client.metrics());
 }
 
@@ -266,20 +330,42 @@ async fn a_byte_flipped_in_a_nodes_data_file_is_read_around() {
     let (name, bytes) = &chunks[0];
     // The node holding shard 0: flip one byte of that shard in its store file, then
     // restart it so that nothing is served from its memory tier.
-    let holder: usize = client.placement(name)[0].trim_start_matches("node-").parse().unwrap();
-    let stored = fleet.nodes[holder].client().get(&format!("/v1/shards/{name}")).body;
-    let store_file = fleet.dir.path().join(format!("node-{holder}/data/shards.slap"));
+    let holder: usize = client.placement(name)[0]
+        .trim_start_matches("node-")
+        .parse()
+        .unwrap();
+    let stored = fleet.nodes[holder]
+        .client()
+        .get(&format!("/v1/shards/{name}"))
+        .body;
+    let store_file = fleet
+        .dir
+        .path()
+        .join(format!("node-{holder}/data/shards.slap"));
     let image = std::fs::read(&store_file).unwrap();
-    let at = image.windows(64).position(|w| w == &stored[100..164]).expect("the shard is on the device");
+    let at = image
+        .windows(64)
+        .position(|w| w == &stored[100..164])
+        .expect("the shard is on the device");
     {
         use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new().write(true).open(&store_file).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&store_file)
+            .unwrap();
         file.write_all_at(&[image[at] ^ 0x01], at as u64).unwrap();
         file.sync_all().unwrap();
     }
     fleet.nodes[holder].kill();
     fleet.nodes[holder].restart();
-    assert_eq!(fleet.nodes[holder].client().get(&format!("/v1/shards/{name}")).status, 404, "the node drops the damaged shard");
+    assert_eq!(
+        fleet.nodes[holder]
+            .client()
+            .get(&format!("/v1/shards/{name}"))
+            .status,
+        404,
+        "the node drops the damaged shard"
+    );
 
     let mut config = fleet.config();
     config.read.mode = slapshot_client::config::ReadMode::Hedged;

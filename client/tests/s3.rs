@@ -23,7 +23,11 @@ struct S3Server {
 
 impl S3Server {
     fn start(bucket: &str) -> S3Server {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
@@ -38,7 +42,14 @@ impl S3Server {
         loop {
             if let Ok(stream) = std::net::TcpStream::connect(addr) {
                 drop(stream);
-                let created = std::panic::catch_unwind(|| slapshot_testkit::Client::connect(addr).request("PUT", &format!("/{bucket}"), &[], &[]));
+                let created = std::panic::catch_unwind(|| {
+                    slapshot_testkit::Client::connect(addr).request(
+                        "PUT",
+                        &format!("/{bucket}"),
+                        &[],
+                        &[],
+                    )
+                });
                 if let Ok(created) = created {
                     assert_eq!(created.status, 200, "create bucket: {}", created.text());
                     break;
@@ -91,12 +102,24 @@ async fn s3_origin_stores_once_and_reads_back() {
     let name = ChunkName::of(&bytes);
     assert_eq!(origin.get(&name).await.unwrap(), None);
     assert!(origin.put(&name, bytes.clone()).await.unwrap());
-    assert!(!origin.put(&name, bytes.clone()).await.unwrap(), "an existing name is skipped");
+    assert!(
+        !origin.put(&name, bytes.clone()).await.unwrap(),
+        "an existing name is skipped"
+    );
     assert_eq!(origin.get(&name).await.unwrap(), Some(bytes));
     // Under the prefix, in the chunk layout.
-    let listed = slapshot_testkit::Client::connect(s3.endpoint.trim_start_matches("http://").parse().unwrap()).get("/chunks?list-type=2");
+    let listed = slapshot_testkit::Client::connect(
+        s3.endpoint.trim_start_matches("http://").parse().unwrap(),
+    )
+    .get("/chunks?list-type=2");
     let hex = name.to_hex();
-    assert!(listed.text().contains(&format!("images/v1/chunks/{}/{hex}", &hex[..2])), "{}", listed.text());
+    assert!(
+        listed
+            .text()
+            .contains(&format!("images/v1/chunks/{}/{hex}", &hex[..2])),
+        "{}",
+        listed.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +132,12 @@ async fn the_fleet_falls_back_to_an_s3_origin_and_fills_itself() {
     let client = FleetClient::new(config).unwrap();
     let chunks = random_chunks(40, 6);
     for (name, bytes) in &chunks {
-        client.origin().unwrap().put(name, bytes.clone()).await.unwrap();
+        client
+            .origin()
+            .unwrap()
+            .put(name, bytes.clone())
+            .await
+            .unwrap();
     }
     for (name, bytes) in &chunks {
         assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
@@ -120,7 +148,11 @@ async fn the_fleet_falls_back_to_an_s3_origin_and_fills_itself() {
     for (name, bytes) in &chunks {
         assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
     }
-    assert_eq!(get(&m.origin_fetches), 6, "the second pass is served by the fleet");
+    assert_eq!(
+        get(&m.origin_fetches),
+        6,
+        "the second pass is served by the fleet"
+    );
     assert_eq!(get(&m.fleet_hits), 6);
 }
 
@@ -136,16 +168,41 @@ fn the_command_line_reads_through_s3_with_standard_aws_variables() {
     std::fs::write(&chunk, slapshot_testkit::Rng::new(41).bytes(200_000)).unwrap();
 
     let slapshot = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_slapshot")).args(args).envs(s3.env()).output().unwrap();
-        assert!(output.status.success(), "slapshot {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        let output = Command::new(env!("CARGO_BIN_EXE_slapshot"))
+            .args(args)
+            .envs(s3.env())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "slapshot {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         output.stdout
     };
-    let put = slapshot(&["chunk", "put", "--fleet", fleet_file.to_str().unwrap(), chunk.to_str().unwrap()]);
+    let put = slapshot(&[
+        "chunk",
+        "put",
+        "--fleet",
+        fleet_file.to_str().unwrap(),
+        chunk.to_str().unwrap(),
+    ]);
     let name = String::from_utf8(put).unwrap().trim().to_owned();
     // Empty the fleet: the next read must come from S3.
     for node in &fleet.nodes {
-        assert_eq!(node.client().request("DELETE", &format!("/v1/shards/{name}"), &[], &[]).status, 204);
+        assert_eq!(
+            node.client()
+                .request("DELETE", &format!("/v1/shards/{name}"), &[], &[])
+                .status,
+            204
+        );
     }
-    let got = slapshot(&["chunk", "get", "--fleet", fleet_file.to_str().unwrap(), &name]);
+    let got = slapshot(&[
+        "chunk",
+        "get",
+        "--fleet",
+        fleet_file.to_str().unwrap(),
+        &name,
+    ]);
     assert!(got == std::fs::read(&chunk).unwrap());
 }

@@ -74,7 +74,8 @@ impl FromStr for ChunkName {
         }
         let mut out = [0u8; 32];
         for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
         }
         Ok(Self(out))
     }
@@ -124,7 +125,11 @@ pub struct SealedChunk {
 pub fn seal(salt: &[u8], plaintext: &[u8]) -> SealedChunk {
     let mut ciphertext = plaintext.to_vec();
     let (name, key) = seal_in_place(salt, &mut ciphertext);
-    SealedChunk { name, key, ciphertext }
+    SealedChunk {
+        name,
+        key,
+        ciphertext,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,7 +137,11 @@ pub fn seal(salt: &[u8], plaintext: &[u8]) -> SealedChunk {
 pub struct NameMismatch(pub ChunkName);
 
 /// Checks `ciphertext` against `name`, then decrypts it in place.
-pub fn open_in_place(name: &ChunkName, key: &ChunkKey, ciphertext: &mut [u8]) -> Result<(), NameMismatch> {
+pub fn open_in_place(
+    name: &ChunkName,
+    key: &ChunkKey,
+    ciphertext: &mut [u8],
+) -> Result<(), NameMismatch> {
     if !name.matches(ciphertext) {
         return Err(NameMismatch(*name));
     }
@@ -161,7 +170,10 @@ mod tests {
     #[test]
     fn salts_separate_names() {
         let plaintext = b"the same bytes";
-        assert_ne!(seal(b"epoch-1", plaintext).name, seal(b"epoch-2", plaintext).name);
+        assert_ne!(
+            seal(b"epoch-1", plaintext).name,
+            seal(b"epoch-2", plaintext).name
+        );
     }
 
     #[test]
@@ -175,22 +187,34 @@ mod tests {
         let sealed = seal(b"s", b"payload");
         let mut bytes = sealed.ciphertext.clone();
         bytes[0] ^= 1;
-        assert_eq!(open_in_place(&sealed.name, &sealed.key, &mut bytes), Err(NameMismatch(sealed.name)));
+        assert_eq!(
+            open_in_place(&sealed.name, &sealed.key, &mut bytes),
+            Err(NameMismatch(sealed.name))
+        );
     }
 
     #[test]
     fn known_answer() {
         // SHA-256 of the empty string names the empty chunk.
-        assert_eq!(ChunkName::of(b"").to_hex(), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            ChunkName::of(b"").to_hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         // The key of the empty plaintext under the empty salt is SHA-256 of four zero
         // bytes (the salt length), as `printf '\0\0\0\0' | sha256sum` says.
         let key = chunk_key(b"", b"");
-        assert_eq!(ChunkName(key.0).to_hex(), "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119");
+        assert_eq!(
+            ChunkName(key.0).to_hex(),
+            "df3f619804a92fdb4057192dc43dd748ea778adc52bc498ce80524c014b81119"
+        );
         // Its AES-256-CTR keystream with a zero IV, from OpenSSL:
         // `head -c 32 /dev/zero | openssl enc -aes-256-ctr -K <key> -iv 0 -nosalt | xxd -p`.
         let mut zeros = [0u8; 32];
         apply_keystream(&key, &mut zeros);
-        assert_eq!(ChunkName(zeros).to_hex(), "0dfab3d3f75477fab80e3ecf2da48a38a8177ddb5f2478a07de7303dfe2cc10a");
+        assert_eq!(
+            ChunkName(zeros).to_hex(),
+            "0dfab3d3f75477fab80e3ecf2da48a38a8177ddb5f2478a07de7303dfe2cc10a"
+        );
     }
 
     #[test]

@@ -22,7 +22,11 @@ pub enum ErasureError {
     #[error("{have} distinct shards, {need} needed")]
     TooFewShards { have: usize, need: usize },
     #[error("shard {index} has {len} bytes, expected {expected}")]
-    ShardLength { index: usize, len: usize, expected: usize },
+    ShardLength {
+        index: usize,
+        len: usize,
+        expected: usize,
+    },
     #[error("shard index {index} is outside the code's {total} shards")]
     ShardIndex { index: usize, total: usize },
     #[error("reed-solomon: {0}")]
@@ -41,7 +45,10 @@ impl CodeParams {
         if data == 0 || total <= data || total > usize::from(MAX_TOTAL_SHARDS) {
             return Err(ErasureError::BadParams { data, total });
         }
-        Ok(Self { data: data as u8, total: total as u8 })
+        Ok(Self {
+            data: data as u8,
+            total: total as u8,
+        })
     }
 
     pub fn data(&self) -> usize {
@@ -57,7 +64,11 @@ impl CodeParams {
     }
 
     pub fn codec(&self) -> CodecKind {
-        if self.parity() == 1 { CodecKind::Xor } else { CodecKind::ReedSolomon }
+        if self.parity() == 1 {
+            CodecKind::Xor
+        } else {
+            CodecKind::ReedSolomon
+        }
     }
 
     /// Bytes in each shard of a chunk of `chunk_len` bytes.
@@ -126,21 +137,35 @@ fn data_shards(params: CodeParams, chunk: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// The first copy of each shard index, checked for range and length.
-fn distinct<'a>(params: CodeParams, chunk_len: usize, shards: &[(usize, &'a [u8])]) -> Result<Vec<Option<&'a [u8]>>, ErasureError> {
+fn distinct<'a>(
+    params: CodeParams,
+    chunk_len: usize,
+    shards: &[(usize, &'a [u8])],
+) -> Result<Vec<Option<&'a [u8]>>, ErasureError> {
     let expected = params.shard_len(chunk_len);
     let mut slots = vec![None; params.total()];
     for &(index, bytes) in shards {
         if index >= params.total() {
-            return Err(ErasureError::ShardIndex { index, total: params.total() });
+            return Err(ErasureError::ShardIndex {
+                index,
+                total: params.total(),
+            });
         }
         if bytes.len() != expected {
-            return Err(ErasureError::ShardLength { index, len: bytes.len(), expected });
+            return Err(ErasureError::ShardLength {
+                index,
+                len: bytes.len(),
+                expected,
+            });
         }
         slots[index].get_or_insert(bytes);
     }
     let have = slots.iter().flatten().count();
     if have < params.data() {
-        return Err(ErasureError::TooFewShards { have, need: params.data() });
+        return Err(ErasureError::TooFewShards {
+            have,
+            need: params.data(),
+        });
     }
     Ok(slots)
 }
@@ -157,7 +182,10 @@ fn join(data: impl Iterator<Item = impl AsRef<[u8]>>, chunk_len: usize) -> Vec<u
 
 /// `dst ^= src`, over 64-byte blocks so that the compiler vectorises it.
 fn xor_into(dst: &mut [u8], src: &[u8]) {
-    for (d, s) in dst.chunks_exact_mut(SHARD_ALIGN).zip(src.chunks_exact(SHARD_ALIGN)) {
+    for (d, s) in dst
+        .chunks_exact_mut(SHARD_ALIGN)
+        .zip(src.chunks_exact(SHARD_ALIGN))
+    {
         for (x, y) in d.iter_mut().zip(s) {
             *x ^= y;
         }
@@ -172,7 +200,11 @@ pub struct XorCodec {
 impl XorCodec {
     /// Panics unless `params` has exactly one parity shard.
     pub fn new(params: CodeParams) -> Self {
-        assert_eq!(params.parity(), 1, "XOR parity covers exactly one lost shard");
+        assert_eq!(
+            params.parity(),
+            1,
+            "XOR parity covers exactly one lost shard"
+        );
         Self { params }
     }
 }
@@ -200,14 +232,21 @@ impl ErasureCodec for XorCodec {
         };
         // Exactly one data shard is missing (at least k of k + 1 are present): it is the
         // parity XOR every other data shard.
-        let mut rebuilt = slots[k].expect("parity present when a data shard is missing").to_vec();
+        let mut rebuilt = slots[k]
+            .expect("parity present when a data shard is missing")
+            .to_vec();
         for (i, shard) in slots[..k].iter().enumerate() {
             if i != missing {
                 xor_into(&mut rebuilt, shard.expect("all other data shards present"));
             }
         }
         let rebuilt = Some(rebuilt.as_slice());
-        Ok(join((0..k).map(|i| if i == missing { rebuilt } else { slots[i] }).map(|s| s.expect("complete")), chunk_len))
+        Ok(join(
+            (0..k)
+                .map(|i| if i == missing { rebuilt } else { slots[i] })
+                .map(|s| s.expect("complete")),
+            chunk_len,
+        ))
     }
 }
 
@@ -242,12 +281,25 @@ impl ErasureCodec for ReedSolomonCodec {
         if slots[..k].iter().all(Option::is_some) {
             return Ok(join(slots[..k].iter().flatten(), chunk_len));
         }
-        let originals = slots[..k].iter().enumerate().filter_map(|(i, s)| s.map(|s| (i, s)));
-        let recovery = slots[k..].iter().enumerate().filter_map(|(i, s)| s.map(|s| (i, s)));
+        let originals = slots[..k]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (i, s)));
+        let recovery = slots[k..]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.map(|s| (i, s)));
         let restored = reed_solomon_simd::decode(k, self.params.parity(), originals, recovery)
             .map_err(|e| ErasureError::ReedSolomon(e.to_string()))?;
         Ok(join(
-            (0..k).map(|i| slots[i].unwrap_or_else(|| restored.get(&i).map(Vec::as_slice).expect("decoder restores every missing original"))),
+            (0..k).map(|i| {
+                slots[i].unwrap_or_else(|| {
+                    restored
+                        .get(&i)
+                        .map(Vec::as_slice)
+                        .expect("decoder restores every missing original")
+                })
+            }),
             chunk_len,
         ))
     }
@@ -260,7 +312,9 @@ mod tests {
     use super::*;
 
     fn chunk(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     #[test]
@@ -270,7 +324,10 @@ mod tests {
         assert!(CodeParams::new(4, 4).is_err());
         assert!(CodeParams::new(60, 65).is_err());
         assert_eq!(CodeParams::default().codec(), CodecKind::Xor);
-        assert_eq!(CodeParams::new(8, 10).unwrap().codec(), CodecKind::ReedSolomon);
+        assert_eq!(
+            CodeParams::new(8, 10).unwrap().codec(),
+            CodecKind::ReedSolomon
+        );
     }
 
     #[test]
@@ -287,7 +344,12 @@ mod tests {
         let codec = codec_for(CodeParams::default());
         let data = chunk(512 * 1024, 1);
         let shards = codec.encode(&data).unwrap();
-        let first_k: Vec<(usize, &[u8])> = shards.iter().take(4).enumerate().map(|(i, s)| (i, s.as_slice())).collect();
+        let first_k: Vec<(usize, &[u8])> = shards
+            .iter()
+            .take(4)
+            .enumerate()
+            .map(|(i, s)| (i, s.as_slice()))
+            .collect();
         assert_eq!(codec.decode(data.len(), &first_k).unwrap(), data);
     }
 
@@ -297,11 +359,20 @@ mod tests {
         let data = chunk(1000, 2);
         let shards = codec.encode(&data).unwrap();
         let two: Vec<(usize, &[u8])> = vec![(0, &shards[0]), (0, &shards[0]), (4, &shards[4])];
-        assert_eq!(codec.decode(1000, &two), Err(ErasureError::TooFewShards { have: 2, need: 3 }));
+        assert_eq!(
+            codec.decode(1000, &two),
+            Err(ErasureError::TooFewShards { have: 2, need: 3 })
+        );
         let short: Vec<(usize, &[u8])> = vec![(0, &shards[0][1..])];
-        assert!(matches!(codec.decode(1000, &short), Err(ErasureError::ShardLength { .. })));
+        assert!(matches!(
+            codec.decode(1000, &short),
+            Err(ErasureError::ShardLength { .. })
+        ));
         let out: Vec<(usize, &[u8])> = vec![(9, &shards[0])];
-        assert!(matches!(codec.decode(1000, &out), Err(ErasureError::ShardIndex { .. })));
+        assert!(matches!(
+            codec.decode(1000, &out),
+            Err(ErasureError::ShardIndex { .. })
+        ));
     }
 
     proptest! {

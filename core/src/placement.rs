@@ -34,7 +34,10 @@ pub struct Member {
 
 impl Member {
     pub fn new(id: impl Into<String>) -> Self {
-        Self { id: id.into(), weight: 1.0 }
+        Self {
+            id: id.into(),
+            weight: 1.0,
+        }
     }
 }
 
@@ -54,7 +57,10 @@ impl Placement {
                 return Err(PlacementError::DuplicateId(m.id.clone()));
             }
             if !(m.weight.is_finite() && m.weight > 0.0) {
-                return Err(PlacementError::BadWeight { id: m.id.clone(), weight: m.weight });
+                return Err(PlacementError::BadWeight {
+                    id: m.id.clone(),
+                    weight: m.weight,
+                });
             }
         }
         Ok(Self {
@@ -86,9 +92,11 @@ impl Placement {
     /// The `count` (or all, if fewer) highest-ranked nodes for `chunk`, best first, as
     /// indices into the member list given to `new`.
     pub fn rank(&self, chunk: &ChunkName, count: usize) -> Vec<usize> {
-        let mut scored: Vec<(f64, usize)> = (0..self.len()).map(|n| (self.score(chunk, n), n)).collect();
+        let mut scored: Vec<(f64, usize)> =
+            (0..self.len()).map(|n| (self.score(chunk, n), n)).collect();
         let count = count.min(scored.len());
-        let by_score_desc = |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let by_score_desc =
+            |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if count < scored.len() && count > 0 {
             scored.select_nth_unstable_by(count - 1, by_score_desc);
         }
@@ -132,20 +140,40 @@ mod tests {
         let all = members(n);
         let before = Placement::new(&all).unwrap();
         let gone = 7;
-        let rest: Vec<Member> = all.iter().enumerate().filter(|(i, _)| *i != gone).map(|(_, m)| m.clone()).collect();
+        let rest: Vec<Member> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != gone)
+            .map(|(_, m)| m.clone())
+            .collect();
         let after = Placement::new(&rest).unwrap();
         let (mut slots, mut moved) = (0, 0);
         for name in names(20_000) {
-            let old: HashSet<&str> = before.rank(&name, 5).into_iter().map(|i| all[i].id.as_str()).collect();
-            let new: HashSet<&str> = after.rank(&name, 5).into_iter().map(|i| rest[i].id.as_str()).collect();
+            let old: HashSet<&str> = before
+                .rank(&name, 5)
+                .into_iter()
+                .map(|i| all[i].id.as_str())
+                .collect();
+            let new: HashSet<&str> = after
+                .rank(&name, 5)
+                .into_iter()
+                .map(|i| rest[i].id.as_str())
+                .collect();
             // Every node that held a shard and is still there still holds it.
-            let kept = old.iter().filter(|id| **id != "node-7").all(|id| new.contains(id));
+            let kept = old
+                .iter()
+                .filter(|id| **id != "node-7")
+                .all(|id| new.contains(id));
             assert!(kept, "a surviving node lost a shard of {name}");
             moved += old.difference(&new).count();
             slots += 5;
         }
         let share = moved as f64 / slots as f64;
-        assert!((share - 1.0 / n as f64).abs() < 0.01, "moved {share}, expected about {}", 1.0 / n as f64);
+        assert!(
+            (share - 1.0 / n as f64).abs() < 0.01,
+            "moved {share}, expected about {}",
+            1.0 / n as f64
+        );
     }
 
     #[test]
@@ -179,8 +207,17 @@ mod tests {
 
     #[test]
     fn bad_membership_is_refused() {
-        assert!(matches!(Placement::new(&[Member::new("a"), Member::new("a")]), Err(PlacementError::DuplicateId(_))));
-        let bad = Member { id: "b".into(), weight: 0.0 };
-        assert!(matches!(Placement::new(&[bad]), Err(PlacementError::BadWeight { .. })));
+        assert!(matches!(
+            Placement::new(&[Member::new("a"), Member::new("a")]),
+            Err(PlacementError::DuplicateId(_))
+        ));
+        let bad = Member {
+            id: "b".into(),
+            weight: 0.0,
+        };
+        assert!(matches!(
+            Placement::new(&[bad]),
+            Err(PlacementError::BadWeight { .. })
+        ));
     }
 }

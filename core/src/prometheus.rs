@@ -11,7 +11,8 @@ use std::{
 /// a cache fleet: under 50 us for a memory hit on the node, around 0.5 ms for a shard over
 /// the network, milliseconds when something queues, seconds for an origin fetch.
 pub const LATENCY_BUCKETS: [f64; 16] = [
-    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 5.0,
+    25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+    500e-3, 1.0, 5.0,
 ];
 
 /// A latency histogram with the buckets above. Observing is two relaxed atomic adds.
@@ -25,9 +26,15 @@ pub struct Histogram {
 impl Histogram {
     pub fn observe(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        let slot = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        let slot = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.buckets[slot].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Per-bucket counts (not cumulative), the last being the overflow bucket.
@@ -66,7 +73,12 @@ pub fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
 
 /// Writes the samples of a histogram (summed over `parts`) under `labels`; the caller
 /// writes the header once per metric name.
-pub fn histogram_samples<'a>(out: &mut String, name: &str, labels: &str, parts: impl Iterator<Item = &'a Histogram> + Clone) {
+pub fn histogram_samples<'a>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    parts: impl Iterator<Item = &'a Histogram> + Clone,
+) {
     let mut counts = [0u64; LATENCY_BUCKETS.len() + 1];
     let mut sum = Duration::ZERO;
     for part in parts {
@@ -79,17 +91,29 @@ pub fn histogram_samples<'a>(out: &mut String, name: &str, labels: &str, parts: 
     let mut cumulative = 0;
     for (bound, count) in LATENCY_BUCKETS.iter().zip(counts) {
         cumulative += count;
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+        );
     }
     cumulative += counts[LATENCY_BUCKETS.len()];
-    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+    );
     sample(out, &format!("{name}_sum"), labels, sum.as_secs_f64());
     sample(out, &format!("{name}_count"), labels, cumulative);
 }
 
 /// Reads one sample (name plus labels exactly as exposed) from exposition text.
 pub fn find_sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 #[cfg(test)]

@@ -68,7 +68,8 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
     if bytes[4] != FRAME_VERSION {
         return Err(FrameError::Version(bytes[4]));
     }
-    let params = CodeParams::new(usize::from(bytes[6]), usize::from(bytes[7])).map_err(|_| FrameError::BadHeader)?;
+    let params = CodeParams::new(usize::from(bytes[6]), usize::from(bytes[7]))
+        .map_err(|_| FrameError::BadHeader)?;
     let codec = CodecKind::from_byte(bytes[5]).ok_or(FrameError::BadHeader)?;
     let index = bytes[8];
     if codec != params.codec() || usize::from(index) >= params.total() {
@@ -79,7 +80,10 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
     let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
     let payload = &bytes[FRAME_HEADER_LEN..];
     if payload.len() != payload_len {
-        return Err(FrameError::Length { got: payload.len(), expected: payload_len });
+        return Err(FrameError::Length {
+            got: payload.len(),
+            expected: payload_len,
+        });
     }
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&bytes[..20]);
@@ -89,9 +93,19 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
     }
     let expected = params.shard_len(chunk_len as usize);
     if payload_len != expected {
-        return Err(FrameError::Length { got: payload_len, expected });
+        return Err(FrameError::Length {
+            got: payload_len,
+            expected,
+        });
     }
-    Ok((ShardHeader { params, index, chunk_len }, payload))
+    Ok((
+        ShardHeader {
+            params,
+            index,
+            chunk_len,
+        },
+        payload,
+    ))
 }
 
 #[cfg(test)]
@@ -100,7 +114,14 @@ mod tests {
 
     fn sample() -> (ShardHeader, Vec<u8>) {
         let params = CodeParams::default();
-        (ShardHeader { params, index: 2, chunk_len: 1000 }, vec![9u8; params.shard_len(1000)])
+        (
+            ShardHeader {
+                params,
+                index: 2,
+                chunk_len: 1000,
+            },
+            vec![9u8; params.shard_len(1000)],
+        )
     }
 
     #[test]
@@ -147,7 +168,10 @@ mod tests {
         let (header, payload) = sample();
         let framed = frame(&header, &payload);
         assert_eq!(parse(&framed[..10]), Err(FrameError::Truncated));
-        assert!(matches!(parse(&framed[..framed.len() - 1]), Err(FrameError::Length { .. })));
+        assert!(matches!(
+            parse(&framed[..framed.len() - 1]),
+            Err(FrameError::Length { .. })
+        ));
         assert_eq!(parse(&[0u8; 64]), Err(FrameError::BadMagic));
     }
 }

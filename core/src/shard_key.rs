@@ -71,8 +71,17 @@ mod tests {
     #[test]
     fn rejects_empty_long_and_foreign_characters() {
         assert_eq!(ShardKey::parse(""), Err(ShardKeyError::Empty));
-        assert_eq!(ShardKey::parse(&"k".repeat(129)), Err(ShardKeyError::TooLong(129)));
-        for (key, bad) in [("a/b", '/'), ("a b", ' '), ("%2e", '%'), ("é", 'é'), ("a\0", '\0')] {
+        assert_eq!(
+            ShardKey::parse(&"k".repeat(129)),
+            Err(ShardKeyError::TooLong(129))
+        );
+        for (key, bad) in [
+            ("a/b", '/'),
+            ("a b", ' '),
+            ("%2e", '%'),
+            ("é", 'é'),
+            ("a\0", '\0'),
+        ] {
             assert_eq!(ShardKey::parse(key), Err(ShardKeyError::BadCharacter(bad)));
         }
     }

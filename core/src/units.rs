@@ -12,7 +12,11 @@ pub enum UnitParseError {
     #[error("{0:?} does not start with a number")]
     NoNumber(String),
     #[error("unknown unit {unit:?} in {input:?}; {expected}")]
-    UnknownUnit { input: String, unit: String, expected: &'static str },
+    UnknownUnit {
+        input: String,
+        unit: String,
+        expected: &'static str,
+    },
     #[error("{0:?} is too large")]
     Overflow(String),
 }
@@ -69,7 +73,12 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let bytes = self.0;
-        for (unit, size) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        for (unit, size) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
             if bytes >= size && bytes.is_multiple_of(size) {
                 return write!(f, "{}{unit}", bytes / size);
             }
@@ -104,7 +113,9 @@ impl de::Visitor<'_> for ByteSizeVisitor {
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-        u64::try_from(v).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
+        u64::try_from(v)
+            .map(ByteSize)
+            .map_err(|_| E::custom("a size cannot be negative"))
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
@@ -197,7 +208,9 @@ fn split_number(input: &str) -> Result<(&str, &str), UnitParseError> {
     if trimmed.is_empty() {
         return Err(UnitParseError::Empty);
     }
-    let end = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
+    let end = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
     let number = &trimmed[..end];
     if number.is_empty() || number == "." || number.matches('.').count() > 1 {
         return Err(UnitParseError::NoNumber(input.to_owned()));
@@ -210,7 +223,11 @@ fn split_number(input: &str) -> Result<(&str, &str), UnitParseError> {
 fn scale(number: &str, multiplier: u64, input: &str) -> Result<u64, UnitParseError> {
     let overflow = || UnitParseError::Overflow(input.to_owned());
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| overflow())? };
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| overflow())?
+    };
     let total = whole.checked_mul(multiplier).ok_or_else(overflow)?;
     // Keep at most 18 fractional digits so that 10^digits fits in a u64; the product is
     // computed in u128 so that "1.5KiB" is exactly 1536 for binary multipliers.
@@ -220,7 +237,8 @@ fn scale(number: &str, multiplier: u64, input: &str) -> Result<u64, UnitParseErr
     }
     let numerator: u128 = fraction.parse().map_err(|_| overflow())?;
     let denominator = 10u128.pow(fraction.len() as u32);
-    let fractional = u64::try_from(numerator * u128::from(multiplier) / denominator).map_err(|_| overflow())?;
+    let fractional =
+        u64::try_from(numerator * u128::from(multiplier) / denominator).map_err(|_| overflow())?;
     total.checked_add(fractional).ok_or_else(overflow)
 }
 
@@ -242,18 +260,37 @@ mod tests {
             ("0", 0),
         ];
         for (input, expected) in cases {
-            assert_eq!(input.parse::<ByteSize>().unwrap(), ByteSize(expected), "{input}");
+            assert_eq!(
+                input.parse::<ByteSize>().unwrap(),
+                ByteSize(expected),
+                "{input}"
+            );
         }
     }
 
     #[test]
     fn sizes_reject_garbage_with_a_reason() {
         assert!(matches!("".parse::<ByteSize>(), Err(UnitParseError::Empty)));
-        assert!(matches!("MiB".parse::<ByteSize>(), Err(UnitParseError::NoNumber(_))));
-        assert!(matches!("12XB".parse::<ByteSize>(), Err(UnitParseError::UnknownUnit { .. })));
-        assert!(matches!("1.2.3M".parse::<ByteSize>(), Err(UnitParseError::NoNumber(_))));
-        assert!(matches!("99999999999TiB".parse::<ByteSize>(), Err(UnitParseError::Overflow(_))));
-        assert!(matches!("-1".parse::<ByteSize>(), Err(UnitParseError::NoNumber(_))));
+        assert!(matches!(
+            "MiB".parse::<ByteSize>(),
+            Err(UnitParseError::NoNumber(_))
+        ));
+        assert!(matches!(
+            "12XB".parse::<ByteSize>(),
+            Err(UnitParseError::UnknownUnit { .. })
+        ));
+        assert!(matches!(
+            "1.2.3M".parse::<ByteSize>(),
+            Err(UnitParseError::NoNumber(_))
+        ));
+        assert!(matches!(
+            "99999999999TiB".parse::<ByteSize>(),
+            Err(UnitParseError::Overflow(_))
+        ));
+        assert!(matches!(
+            "-1".parse::<ByteSize>(),
+            Err(UnitParseError::NoNumber(_))
+        ));
     }
 
     #[test]
@@ -275,7 +312,11 @@ mod tests {
             ("0.5s", Duration::from_millis(500)),
         ];
         for (input, expected) in cases {
-            assert_eq!(input.parse::<HumanDuration>().unwrap().0, expected, "{input}");
+            assert_eq!(
+                input.parse::<HumanDuration>().unwrap().0,
+                expected,
+                "{input}"
+            );
         }
         assert!("5 fortnights".parse::<HumanDuration>().is_err());
     }
@@ -285,7 +326,15 @@ mod tests {
         for d in ["250ms", "30s", "100us"] {
             assert_eq!(d.parse::<HumanDuration>().unwrap().to_string(), d);
         }
-        assert_eq!("512MiB".parse::<ByteSize>().unwrap().to_string().parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
+        assert_eq!(
+            "512MiB"
+                .parse::<ByteSize>()
+                .unwrap()
+                .to_string()
+                .parse::<ByteSize>()
+                .unwrap(),
+            ByteSize(512 << 20)
+        );
     }
 
     #[test]

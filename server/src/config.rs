@@ -196,7 +196,9 @@ impl PinThreads {
         match self {
             PinThreads::On => true,
             PinThreads::Off => false,
-            PinThreads::Auto => std::thread::available_parallelism().is_ok_and(|cpus| cpus.get() == threads),
+            PinThreads::Auto => {
+                std::thread::available_parallelism().is_ok_and(|cpus| cpus.get() == threads)
+            }
         }
     }
 }
@@ -242,8 +244,10 @@ impl ServerConfig {
     pub fn resolve(flags: Options) -> anyhow::Result<Self> {
         let options = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-                let file: Options = toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                let file: Options = toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?;
                 flags.or(file)
             }
             None => flags,
@@ -267,10 +271,14 @@ impl ServerConfig {
         };
         // For a raw device without --capacity the memory default is taken from the
         // device size once it is known; 10% of a guess would be wrong.
-        let memory = options.memory.map(ByteSize::bytes).or_else(|| capacity.map(|c| c / 100 * DEFAULT_MEMORY_PERCENT));
+        let memory = options
+            .memory
+            .map(ByteSize::bytes)
+            .or_else(|| capacity.map(|c| c / 100 * DEFAULT_MEMORY_PERCENT));
         let token = match &options.token_file {
             Some(path) => {
-                let token = std::fs::read_to_string(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+                let token = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read token file {}", path.display()))?;
                 let token = token.trim().to_owned();
                 if token.is_empty() {
                     bail!("token file {} is empty", path.display());
@@ -283,9 +291,13 @@ impl ServerConfig {
             bail!("--auth-reads needs --token-file");
         }
 
-        let duration = |d: Option<HumanDuration>, default: u64| d.map_or(Duration::from_secs(default), |d| d.0);
+        let duration = |d: Option<HumanDuration>, default: u64| {
+            d.map_or(Duration::from_secs(default), |d| d.0)
+        };
         Ok(Self {
-            listen: options.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            listen: options
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
             threads,
             store: StoreConfig {
                 device: DeviceOptions {
@@ -343,11 +355,18 @@ mod tests {
     fn flags_win_over_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, "data-dir = \"/srv\"\ncapacity = \"8GiB\"\nthreads = 3\nidle-timeout = \"5s\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "data-dir = \"/srv\"\ncapacity = \"8GiB\"\nthreads = 3\nidle-timeout = \"5s\"\n",
+        )
+        .unwrap();
         let config = parse(&["--config", path.to_str().unwrap(), "--threads", "2"]).unwrap();
         assert_eq!(config.threads, 2);
         assert_eq!(config.store.device.capacity, Some(8 << 30));
-        assert_eq!(config.store.device.target, StoreTarget::DataDir("/srv".into()));
+        assert_eq!(
+            config.store.device.target,
+            StoreTarget::DataDir("/srv".into())
+        );
         assert_eq!(config.http.idle_timeout, Duration::from_secs(5));
     }
 

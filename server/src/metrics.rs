@@ -54,10 +54,15 @@ pub fn method_slot(method: &http::Method) -> usize {
 }
 
 /// Status codes the node sends; anything else is counted under "other".
-pub const STATUSES: [u16; 13] = [200, 201, 204, 400, 401, 404, 405, 408, 413, 500, 503, 507, 0];
+pub const STATUSES: [u16; 13] = [
+    200, 201, 204, 400, 401, 404, 405, 408, 413, 500, 503, 507, 0,
+];
 
 fn status_slot(status: u16) -> usize {
-    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
+    STATUSES
+        .iter()
+        .position(|&s| s == status)
+        .unwrap_or(STATUSES.len() - 1)
 }
 
 /// Where a connection was cut by a timeout.
@@ -142,7 +147,9 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(threads: usize) -> Self {
         Self {
-            cores: (0..threads.max(1)).map(|_| CoreMetrics::default()).collect(),
+            cores: (0..threads.max(1))
+                .map(|_| CoreMetrics::default())
+                .collect(),
             connections_open: AtomicU64::new(0),
             recovery: std::sync::OnceLock::new(),
         }
@@ -169,60 +176,240 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         let w = &mut out;
 
-        header(w, names::HTTP_REQUESTS, "counter", "HTTP requests by method and status (0 = any other status).");
+        header(
+            w,
+            names::HTTP_REQUESTS,
+            "counter",
+            "HTTP requests by method and status (0 = any other status).",
+        );
         for (m, method) in METHODS.iter().enumerate() {
             for (s, status) in STATUSES.iter().enumerate() {
                 let n = self.sum(|c| &c.requests[m][s]);
                 if n > 0 {
-                    sample(w, names::HTTP_REQUESTS, &format!("method=\"{method}\",status=\"{status}\""), n);
+                    sample(
+                        w,
+                        names::HTTP_REQUESTS,
+                        &format!("method=\"{method}\",status=\"{status}\""),
+                        n,
+                    );
                 }
             }
         }
-        counter(w, names::HTTP_REQUEST_BYTES, "Request body bytes received.", self.sum(|c| &c.request_bytes));
-        counter(w, names::HTTP_RESPONSE_BYTES, "Response body bytes sent.", self.sum(|c| &c.response_bytes));
+        counter(
+            w,
+            names::HTTP_REQUEST_BYTES,
+            "Request body bytes received.",
+            self.sum(|c| &c.request_bytes),
+        );
+        counter(
+            w,
+            names::HTTP_RESPONSE_BYTES,
+            "Response body bytes sent.",
+            self.sum(|c| &c.response_bytes),
+        );
 
-        header(w, names::HTTP_DURATION, "histogram", "Time from request headers to response, by method.");
+        header(
+            w,
+            names::HTTP_DURATION,
+            "histogram",
+            "Time from request headers to response, by method.",
+        );
         for (m, method) in METHODS.iter().enumerate() {
-            histogram_samples(w, names::HTTP_DURATION, &format!("method=\"{method}\""), self.cores.iter().map(|c| &c.latency[m]));
+            histogram_samples(
+                w,
+                names::HTTP_DURATION,
+                &format!("method=\"{method}\""),
+                self.cores.iter().map(|c| &c.latency[m]),
+            );
         }
 
-        gauge(w, names::CONNECTIONS_OPEN, "Open client connections.", get(&self.connections_open));
-        counter(w, names::CONNECTIONS_ACCEPTED, "Connections accepted.", self.sum(|c| &c.connections_accepted));
-        counter(w, names::CONNECTIONS_REJECTED, "Connections refused at --max-connections.", self.sum(|c| &c.connections_rejected));
-        header(w, names::CONNECTION_TIMEOUTS, "counter", "Connections closed by a timeout, by kind.");
+        gauge(
+            w,
+            names::CONNECTIONS_OPEN,
+            "Open client connections.",
+            get(&self.connections_open),
+        );
+        counter(
+            w,
+            names::CONNECTIONS_ACCEPTED,
+            "Connections accepted.",
+            self.sum(|c| &c.connections_accepted),
+        );
+        counter(
+            w,
+            names::CONNECTIONS_REJECTED,
+            "Connections refused at --max-connections.",
+            self.sum(|c| &c.connections_rejected),
+        );
+        header(
+            w,
+            names::CONNECTION_TIMEOUTS,
+            "counter",
+            "Connections closed by a timeout, by kind.",
+        );
         for (k, kind) in TIMEOUT_KINDS.iter().enumerate() {
-            sample(w, names::CONNECTION_TIMEOUTS, &format!("kind=\"{kind}\""), self.sum(|c| &c.timeouts[k]));
+            sample(
+                w,
+                names::CONNECTION_TIMEOUTS,
+                &format!("kind=\"{kind}\""),
+                self.sum(|c| &c.timeouts[k]),
+            );
         }
 
-        header(w, names::CACHE_HITS, "counter", "Shard reads served, by tier.");
-        sample(w, names::CACHE_HITS, "tier=\"memory\"", self.sum(|c| &c.hits_memory));
-        sample(w, names::CACHE_HITS, "tier=\"flash\"", self.sum(|c| &c.hits_flash));
-        counter(w, names::CACHE_MISSES, "Shard reads that found nothing.", self.sum(|c| &c.misses));
+        header(
+            w,
+            names::CACHE_HITS,
+            "counter",
+            "Shard reads served, by tier.",
+        );
+        sample(
+            w,
+            names::CACHE_HITS,
+            "tier=\"memory\"",
+            self.sum(|c| &c.hits_memory),
+        );
+        sample(
+            w,
+            names::CACHE_HITS,
+            "tier=\"flash\"",
+            self.sum(|c| &c.hits_flash),
+        );
+        counter(
+            w,
+            names::CACHE_MISSES,
+            "Shard reads that found nothing.",
+            self.sum(|c| &c.misses),
+        );
 
         let recovery = self.recovery();
-        header(w, names::CHECKSUM_FAILURES, "counter", "Records dropped because their checksum failed, by phase.");
-        sample(w, names::CHECKSUM_FAILURES, "phase=\"read\"", self.sum(|c| &c.checksum_failures_read));
-        sample(w, names::CHECKSUM_FAILURES, "phase=\"recovery\"", recovery.checksum_failures);
-        header(w, names::IO_ERRORS, "counter", "Device I/O errors, by operation.");
-        sample(w, names::IO_ERRORS, "op=\"read\"", self.sum(|c| &c.io_errors_read));
-        sample(w, names::IO_ERRORS, "op=\"write\"", self.sum(|c| &c.io_errors_write));
+        header(
+            w,
+            names::CHECKSUM_FAILURES,
+            "counter",
+            "Records dropped because their checksum failed, by phase.",
+        );
+        sample(
+            w,
+            names::CHECKSUM_FAILURES,
+            "phase=\"read\"",
+            self.sum(|c| &c.checksum_failures_read),
+        );
+        sample(
+            w,
+            names::CHECKSUM_FAILURES,
+            "phase=\"recovery\"",
+            recovery.checksum_failures,
+        );
+        header(
+            w,
+            names::IO_ERRORS,
+            "counter",
+            "Device I/O errors, by operation.",
+        );
+        sample(
+            w,
+            names::IO_ERRORS,
+            "op=\"read\"",
+            self.sum(|c| &c.io_errors_read),
+        );
+        sample(
+            w,
+            names::IO_ERRORS,
+            "op=\"write\"",
+            self.sum(|c| &c.io_errors_write),
+        );
 
-        counter(w, names::EVICTED_REGIONS, "Flash regions reclaimed.", self.sum(|c| &c.evicted_regions));
-        counter(w, names::EVICTED_SHARDS, "Shards dropped from flash by eviction.", self.sum(|c| &c.evicted_shards));
-        counter(w, names::REINSERTED_SHARDS, "Hot shards rewritten instead of evicted.", self.sum(|c| &c.reinserted_shards));
+        counter(
+            w,
+            names::EVICTED_REGIONS,
+            "Flash regions reclaimed.",
+            self.sum(|c| &c.evicted_regions),
+        );
+        counter(
+            w,
+            names::EVICTED_SHARDS,
+            "Shards dropped from flash by eviction.",
+            self.sum(|c| &c.evicted_shards),
+        );
+        counter(
+            w,
+            names::REINSERTED_SHARDS,
+            "Hot shards rewritten instead of evicted.",
+            self.sum(|c| &c.reinserted_shards),
+        );
 
-        gauge(w, names::FLASH_BYTES_USED, "Flash bytes held by live shard records.", gauges.flash_bytes_used);
-        gauge(w, names::FLASH_CAPACITY, "Flash bytes available for shard records.", gauges.flash_capacity);
-        gauge(w, names::FLASH_SHARDS, "Shards indexed on flash.", gauges.flash_shards);
-        gauge(w, names::FLASH_FREE_REGIONS, "Regions ready for writing.", gauges.free_regions);
-        gauge(w, names::FLASH_BROKEN_REGIONS, "Regions out of service after write errors.", gauges.broken_regions);
-        gauge(w, names::MEMORY_BYTES_USED, "Bytes held by the memory tier.", gauges.memory_bytes_used);
-        gauge(w, names::MEMORY_CAPACITY, "Capacity of the memory tier.", gauges.memory_capacity);
-        gauge(w, names::MEMORY_SHARDS, "Shards in the memory tier.", gauges.memory_shards);
-        gauge(w, names::RECOVERED_SHARDS, "Shards found on flash at start-up.", recovery.shards);
-        header(w, names::RECOVERY_SECONDS, "gauge", "Time spent rebuilding the index at start-up.");
-        sample(w, names::RECOVERY_SECONDS, "", recovery.duration.as_secs_f64());
-        gauge(w, names::DRAINING, "1 while the node is shutting down.", u64::from(draining));
+        gauge(
+            w,
+            names::FLASH_BYTES_USED,
+            "Flash bytes held by live shard records.",
+            gauges.flash_bytes_used,
+        );
+        gauge(
+            w,
+            names::FLASH_CAPACITY,
+            "Flash bytes available for shard records.",
+            gauges.flash_capacity,
+        );
+        gauge(
+            w,
+            names::FLASH_SHARDS,
+            "Shards indexed on flash.",
+            gauges.flash_shards,
+        );
+        gauge(
+            w,
+            names::FLASH_FREE_REGIONS,
+            "Regions ready for writing.",
+            gauges.free_regions,
+        );
+        gauge(
+            w,
+            names::FLASH_BROKEN_REGIONS,
+            "Regions out of service after write errors.",
+            gauges.broken_regions,
+        );
+        gauge(
+            w,
+            names::MEMORY_BYTES_USED,
+            "Bytes held by the memory tier.",
+            gauges.memory_bytes_used,
+        );
+        gauge(
+            w,
+            names::MEMORY_CAPACITY,
+            "Capacity of the memory tier.",
+            gauges.memory_capacity,
+        );
+        gauge(
+            w,
+            names::MEMORY_SHARDS,
+            "Shards in the memory tier.",
+            gauges.memory_shards,
+        );
+        gauge(
+            w,
+            names::RECOVERED_SHARDS,
+            "Shards found on flash at start-up.",
+            recovery.shards,
+        );
+        header(
+            w,
+            names::RECOVERY_SECONDS,
+            "gauge",
+            "Time spent rebuilding the index at start-up.",
+        );
+        sample(
+            w,
+            names::RECOVERY_SECONDS,
+            "",
+            recovery.duration.as_secs_f64(),
+        );
+        gauge(
+            w,
+            names::DRAINING,
+            "1 while the node is shutting down.",
+            u64::from(draining),
+        );
         out
     }
 }
@@ -234,16 +421,32 @@ mod tests {
     #[test]
     fn sums_cores_and_renders_cumulative_buckets() {
         let metrics = Metrics::new(2);
-        metrics.core(0).record_request(0, 200, Duration::from_micros(30));
-        metrics.core(1).record_request(0, 200, Duration::from_millis(2));
-        metrics.core(1).record_request(2, 201, Duration::from_secs(9));
+        metrics
+            .core(0)
+            .record_request(0, 200, Duration::from_micros(30));
+        metrics
+            .core(1)
+            .record_request(0, 200, Duration::from_millis(2));
+        metrics
+            .core(1)
+            .record_request(2, 201, Duration::from_secs(9));
         let text = metrics.render(StoreGauges::default(), false);
         assert!(text.contains("slapshot_http_requests_total{method=\"GET\",status=\"200\"} 2"));
         assert!(text.contains("slapshot_http_requests_total{method=\"PUT\",status=\"201\"} 1"));
-        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"GET\",le=\"0.00005\"} 1"));
-        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"GET\",le=\"0.0025\"} 2"));
-        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"PUT\",le=\"5\"} 0"));
-        assert!(text.contains("slapshot_http_request_duration_seconds_bucket{method=\"PUT\",le=\"+Inf\"} 1"));
+        assert!(text.contains(
+            "slapshot_http_request_duration_seconds_bucket{method=\"GET\",le=\"0.00005\"} 1"
+        ));
+        assert!(text.contains(
+            "slapshot_http_request_duration_seconds_bucket{method=\"GET\",le=\"0.0025\"} 2"
+        ));
+        assert!(
+            text.contains(
+                "slapshot_http_request_duration_seconds_bucket{method=\"PUT\",le=\"5\"} 0"
+            )
+        );
+        assert!(text.contains(
+            "slapshot_http_request_duration_seconds_bucket{method=\"PUT\",le=\"+Inf\"} 1"
+        ));
         assert!(text.contains("slapshot_http_request_duration_seconds_count{method=\"PUT\"} 1"));
     }
 

@@ -28,15 +28,24 @@ const RING_ENTRIES: u32 = 4096;
 pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     raise_open_file_limit();
     let metrics = Arc::new(Metrics::new(config.threads));
-    let store = Store::open(&config.store, metrics.clone()).context("cannot open the shard store")?;
+    let store =
+        Store::open(&config.store, metrics.clone()).context("cannot open the shard store")?;
     let listeners = bind_listeners(config.listen, config.threads)?;
     let addr = listeners[0].local_addr()?;
-    let node = Arc::new(Node::new(store, metrics, config.http.clone(), config.shutdown_timeout));
+    let node = Arc::new(Node::new(
+        store,
+        metrics,
+        config.http.clone(),
+        config.shutdown_timeout,
+    ));
 
     // Signals are routed to a thread of our own before the runtimes start, so that no
     // runtime thread is interrupted by them.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .context("cannot install signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
 
     let pin = config.pin_threads.resolve(config.threads);
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -52,40 +61,56 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
     }
     drop(ready_tx);
     for _ in 0..cores.len() {
-        ready_rx.recv().map_err(|_| anyhow!("a runtime thread died during start-up"))?.map_err(|e| anyhow!(e))?;
+        ready_rx
+            .recv()
+            .map_err(|_| anyhow!("a runtime thread died during start-up"))?
+            .map_err(|e| anyhow!(e))?;
     }
 
     if let Some(path) = &config.addr_file {
-        write_atomically(path, &addr.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
+        write_atomically(path, &addr.to_string())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     tracing::info!(%addr, threads = cores.len(), pinned = pin, direct_io = node.store.direct_io(), "serving on http://{addr}");
 
     let drain_grace = config.drain_grace;
-    thread::Builder::new().name("slapshot-signals".into()).spawn({
-        let node = node.clone();
-        move || {
-            let mut signals = signals.forever();
-            if let Some(signal) = signals.next() {
-                tracing::info!(signal, grace = ?drain_grace, "shutting down: draining");
-                node.start_draining();
-                thread::sleep(drain_grace);
-                node.stop();
+    thread::Builder::new()
+        .name("slapshot-signals".into())
+        .spawn({
+            let node = node.clone();
+            move || {
+                let mut signals = signals.forever();
+                if let Some(signal) = signals.next() {
+                    tracing::info!(signal, grace = ?drain_grace, "shutting down: draining");
+                    node.start_draining();
+                    thread::sleep(drain_grace);
+                    node.stop();
+                }
+                if let Some(signal) = signals.next() {
+                    tracing::warn!(
+                        signal,
+                        "second signal: exiting without waiting for requests"
+                    );
+                    std::process::exit(130);
+                }
             }
-            if let Some(signal) = signals.next() {
-                tracing::warn!(signal, "second signal: exiting without waiting for requests");
-                std::process::exit(130);
-            }
-        }
-    })?;
+        })?;
 
     for core in cores {
-        core.join().map_err(|_| anyhow!("a runtime thread panicked"))?;
+        core.join()
+            .map_err(|_| anyhow!("a runtime thread panicked"))?;
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-fn run_core(node: Arc<Node>, core: usize, pin: bool, listener: TcpListener, ready: mpsc::Sender<Result<(), String>>) {
+fn run_core(
+    node: Arc<Node>,
+    core: usize,
+    pin: bool,
+    listener: TcpListener,
+    ready: mpsc::Sender<Result<(), String>>,
+) {
     // Thread per core: pin each runtime so that its ring, its caches and its connections
     // stay on one CPU. Failure (e.g. a restricted cpuset) only costs locality.
     if pin {
@@ -94,11 +119,16 @@ fn run_core(node: Arc<Node>, core: usize, pin: bool, listener: TcpListener, read
             tracing::warn!(core, error = %e, "cannot pin the runtime thread to its core");
         }
     }
-    let runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().enable_timer().with_entries(RING_ENTRIES).build();
+    let runtime = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .with_entries(RING_ENTRIES)
+        .build();
     let mut runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
-            let _ = ready.send(Err(format!("thread {core}: cannot create an io_uring runtime: {e}")));
+            let _ = ready.send(Err(format!(
+                "thread {core}: cannot create an io_uring runtime: {e}"
+            )));
             return;
         }
     };
@@ -118,7 +148,9 @@ fn bind_listeners(addr: SocketAddr, threads: usize) -> anyhow::Result<Vec<TcpLis
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
-        socket.bind(&addr.into()).with_context(|| format!("cannot listen on {addr}"))?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("cannot listen on {addr}"))?;
         socket.listen(LISTEN_BACKLOG)?;
         let listener: TcpListener = socket.into();
         addr = listener.local_addr()?;
@@ -135,7 +167,10 @@ fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
 
 /// Lifts the soft limit on open files to the hard limit: every connection is a file.
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return;

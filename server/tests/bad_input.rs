@@ -65,13 +65,18 @@ impl Bystander {
 
     fn finish(self) {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap().expect("the bystander was always served correctly");
+        self.handle
+            .join()
+            .unwrap()
+            .expect("the bystander was always served correctly");
     }
 }
 
 fn raw(node: &TestNode) -> TcpStream {
     let stream = TcpStream::connect(node.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     stream
 }
 
@@ -86,10 +91,16 @@ fn read_until_closed(mut stream: TcpStream) -> (String, Duration) {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("server neither answered nor closed: {e}; got {:?}", String::from_utf8_lossy(&out)),
+            Err(e) => panic!(
+                "server neither answered nor closed: {e}; got {:?}",
+                String::from_utf8_lossy(&out)
+            ),
         }
     }
-    (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
 }
 
 #[test]
@@ -98,8 +109,18 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
     let node = TestNode::start(
         dir.path(),
         &[
-            "--capacity", "128MiB", "--region-size", "4MiB", "--max-shard-size", "1MiB",
-            "--header-timeout", "1s", "--idle-timeout", "2s", "--io-timeout", "1s",
+            "--capacity",
+            "128MiB",
+            "--region-size",
+            "4MiB",
+            "--max-shard-size",
+            "1MiB",
+            "--header-timeout",
+            "1s",
+            "--idle-timeout",
+            "2s",
+            "--io-timeout",
+            "1s",
         ],
     );
     let bystander = Bystander::start(&node);
@@ -108,21 +129,45 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
     // Bad key, oversized body, wrong crc: clean statuses.
     let mut client = node.client();
     assert_eq!(client.put("/v1/shards/bad%key", b"x").status, 400);
-    assert_eq!(client.put("/v1/shards/big", &vec![0u8; (1 << 20) + 1]).status, 413);
+    assert_eq!(
+        client
+            .put("/v1/shards/big", &vec![0u8; (1 << 20) + 1])
+            .status,
+        413
+    );
     let mut client = node.client();
-    assert_eq!(client.request("PUT", "/v1/shards/crc", &[("x-slapshot-crc32", "12345")], b"data").status, 400);
+    assert_eq!(
+        client
+            .request(
+                "PUT",
+                "/v1/shards/crc",
+                &[("x-slapshot-crc32", "12345")],
+                b"data"
+            )
+            .status,
+        400
+    );
     bystander.still_served();
 
     // Garbage instead of HTTP: a 400 and a closed connection.
     let mut garbage = raw(&node);
-    garbage.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n").unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+        .unwrap();
     let (reply, _) = read_until_closed(garbage);
-    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
     bystander.still_served();
 
     // A body cut short by the client: nothing stored.
     let mut truncated = raw(&node);
-    truncated.write_all(b"PUT /v1/shards/truncated HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n").unwrap();
+    truncated
+        .write_all(
+            b"PUT /v1/shards/truncated HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n",
+        )
+        .unwrap();
     truncated.write_all(&[7u8; 50_000]).unwrap();
     truncated.shutdown(Shutdown::Write).unwrap();
     let _ = read_until_closed(truncated);
@@ -131,7 +176,9 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
 
     // A client that stalls in the middle of its headers is cut at the header timeout.
     let mut slow_headers = raw(&node);
-    slow_headers.write_all(b"GET /v1/shards/bystander1 HTTP/1.1\r\nhost:").unwrap();
+    slow_headers
+        .write_all(b"GET /v1/shards/bystander1 HTTP/1.1\r\nhost:")
+        .unwrap();
     let (reply, waited) = read_until_closed(slow_headers);
     assert!(!reply.contains("200 OK"), "{reply:?}");
     assert!(waited < Duration::from_secs(10), "closed after {waited:?}");
@@ -150,10 +197,16 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
 
     // Oversized headers.
     let mut huge = raw(&node);
-    let header = format!("GET /v1/shards/x HTTP/1.1\r\nhost: t\r\nx-big: {}\r\n\r\n", "a".repeat(2 << 20));
+    let header = format!(
+        "GET /v1/shards/x HTTP/1.1\r\nhost: t\r\nx-big: {}\r\n\r\n",
+        "a".repeat(2 << 20)
+    );
     let _ = huge.write_all(header.as_bytes());
     let (reply, _) = read_until_closed(huge);
-    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"), "{reply:?}");
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"),
+        "{reply:?}"
+    );
     bystander.still_served();
 
     assert!(node.metric("slapshot_http_connection_timeouts_total{kind=\"header\"}") >= 1.0);
@@ -165,7 +218,19 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
 #[test]
 fn connections_beyond_the_limit_are_refused_and_others_continue() {
     let dir = tempfile::tempdir().unwrap();
-    let node = TestNode::start(dir.path(), &["--capacity", "128MiB", "--region-size", "4MiB", "--max-shard-size", "1MiB", "--max-connections", "10"]);
+    let node = TestNode::start(
+        dir.path(),
+        &[
+            "--capacity",
+            "128MiB",
+            "--region-size",
+            "4MiB",
+            "--max-shard-size",
+            "1MiB",
+            "--max-connections",
+            "10",
+        ],
+    );
     let bystander = Bystander::start(&node);
     bystander.still_served();
 
@@ -173,7 +238,9 @@ fn connections_beyond_the_limit_are_refused_and_others_continue() {
     let mut refused = 0;
     for _ in 0..20 {
         let mut stream = raw(&node);
-        stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut buf = [0u8; 256];
         match stream.read(&mut buf) {
             Ok(n) if n > 0 => {
@@ -191,11 +258,19 @@ fn connections_beyond_the_limit_are_refused_and_others_continue() {
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(10);
     // Until the node has seen the closes, even this probe may be refused.
-    while node.client().get("/health").status != 200 || node.metric("slapshot_http_connections_open") > 2.0 {
-        assert!(Instant::now() < deadline, "closed connections were not released");
+    while node.client().get("/health").status != 200
+        || node.metric("slapshot_http_connections_open") > 2.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "closed connections were not released"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(node.client().get("/health").status, 200);
-    assert_eq!(node.metric("slapshot_http_connections_rejected_total"), 11.0);
+    assert_eq!(
+        node.metric("slapshot_http_connections_rejected_total"),
+        11.0
+    );
     bystander.finish();
 }

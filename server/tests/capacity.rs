@@ -6,7 +6,16 @@ use slapshot_testkit::{Client, Rng, TestNode};
 const SHARD: usize = 128 * 1024;
 
 fn small_store(dir: &std::path::Path, extra: &[&str]) -> TestNode {
-    let base = ["--capacity", "64MiB", "--region-size", "2MiB", "--max-shard-size", "1MiB", "--memory", "0"];
+    let base = [
+        "--capacity",
+        "64MiB",
+        "--region-size",
+        "2MiB",
+        "--max-shard-size",
+        "1MiB",
+        "--memory",
+        "0",
+    ];
     TestNode::start(dir, &[&base[..], extra].concat())
 }
 
@@ -21,7 +30,11 @@ fn writing_past_capacity_keeps_usage_bounded_and_recent_shards_served() {
     let mut recent = Vec::new();
     for i in 0..total {
         let data = rng.bytes(SHARD);
-        assert_eq!(client.put(&format!("/v1/shards/s{i}"), &data).status, 201, "PUT s{i}");
+        assert_eq!(
+            client.put(&format!("/v1/shards/s{i}"), &data).status,
+            201,
+            "PUT s{i}"
+        );
         if i >= total - 100 {
             recent.push((i, data));
         }
@@ -31,7 +44,9 @@ fn writing_past_capacity_keeps_usage_bounded_and_recent_shards_served() {
     assert!(capacity <= (64 << 20) as f64);
     assert!(used <= capacity, "used {used} > capacity {capacity}");
     assert!(node.metric("slapshot_flash_evicted_regions_total") > 0.0);
-    let file_len = std::fs::metadata(dir.path().join("data/shards.slap")).unwrap().len();
+    let file_len = std::fs::metadata(dir.path().join("data/shards.slap"))
+        .unwrap()
+        .len();
     assert!(file_len <= 64 << 20, "store file grew to {file_len}");
 
     for (i, data) in &recent {
@@ -39,7 +54,11 @@ fn writing_past_capacity_keeps_usage_bounded_and_recent_shards_served() {
         assert_eq!(got.status, 200, "recent shard s{i} was lost");
         assert!(got.body == *data);
     }
-    assert_eq!(client.get("/v1/shards/s0").status, 404, "the oldest shard should have been evicted");
+    assert_eq!(
+        client.get("/v1/shards/s0").status,
+        404,
+        "the oldest shard should have been evicted"
+    );
 
     // Recovery of a store that has wrapped around: evicted regions stay evicted.
     drop(client);
@@ -47,11 +66,21 @@ fn writing_past_capacity_keeps_usage_bounded_and_recent_shards_served() {
     node.restart();
     let mut client = node.client();
     for (i, data) in &recent {
-        assert!(client.get(&format!("/v1/shards/s{i}")).body == *data, "s{i} after restart");
+        assert!(
+            client.get(&format!("/v1/shards/s{i}")).body == *data,
+            "s{i} after restart"
+        );
     }
-    assert_eq!(client.get("/v1/shards/s0").status, 404, "an evicted shard came back after restart");
+    assert_eq!(
+        client.get("/v1/shards/s0").status,
+        404,
+        "an evicted shard came back after restart"
+    );
     assert!(node.metric("slapshot_flash_bytes_used") <= capacity);
-    assert_eq!(node.metric("slapshot_checksum_failures_total{phase=\"recovery\"}"), 0.0);
+    assert_eq!(
+        node.metric("slapshot_checksum_failures_total{phase=\"recovery\"}"),
+        0.0
+    );
 }
 
 /// Writes a hot set interleaved with cold shards, then scans three times the capacity of
@@ -60,10 +89,17 @@ fn writing_past_capacity_keeps_usage_bounded_and_recent_shards_served() {
 fn hot_shards_left_after_scan(node: &TestNode) -> usize {
     let mut client = node.client();
     let mut rng = Rng::new(12);
-    let hot: Vec<(String, Vec<u8>)> = (0..40).map(|i| (format!("hot{i}"), rng.bytes(SHARD))).collect();
+    let hot: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("hot{i}"), rng.bytes(SHARD)))
+        .collect();
     for (i, (key, data)) in hot.iter().enumerate() {
         assert_eq!(client.put(&format!("/v1/shards/{key}"), data).status, 201);
-        assert_eq!(client.put(&format!("/v1/shards/cold{i}"), &rng.bytes(SHARD)).status, 201);
+        assert_eq!(
+            client
+                .put(&format!("/v1/shards/cold{i}"), &rng.bytes(SHARD))
+                .status,
+            201
+        );
     }
     let scan_data = rng.bytes(SHARD);
     for round in 0..25 {
@@ -74,10 +110,17 @@ fn hot_shards_left_after_scan(node: &TestNode) -> usize {
             }
         }
         for j in 0..64 {
-            assert_eq!(client.put(&format!("/v1/shards/scan{round}.{j}"), &scan_data).status, 201);
+            assert_eq!(
+                client
+                    .put(&format!("/v1/shards/scan{round}.{j}"), &scan_data)
+                    .status,
+                201
+            );
         }
     }
-    hot.iter().filter(|(key, _)| client_get_ok(&mut client, key)).count()
+    hot.iter()
+        .filter(|(key, _)| client_get_ok(&mut client, key))
+        .count()
 }
 
 fn client_get_ok(client: &mut Client, key: &str) -> bool {
@@ -91,7 +134,11 @@ fn shards_that_are_read_survive_a_scan() {
     let left = hot_shards_left_after_scan(&node);
     assert_eq!(left, 40, "hot shards lost to a scan\n");
     assert!(node.metric("slapshot_flash_reinserted_shards_total") > 0.0);
-    assert_eq!(node.client().get("/v1/shards/cold0").status, 404, "cold shards are not kept");
+    assert_eq!(
+        node.client().get("/v1/shards/cold0").status,
+        404,
+        "cold shards are not kept"
+    );
 }
 
 #[test]
@@ -127,7 +174,10 @@ fn concurrent_writers_and_readers_past_capacity_never_see_wrong_bytes() {
                     let got = client.get(&format!("/v1/shards/{pick}"));
                     match got.status {
                         200 => {
-                            assert!(got.body == *written[&pick], "{pick} came back with other bytes");
+                            assert!(
+                                got.body == *written[&pick],
+                                "{pick} came back with other bytes"
+                            );
                             served += 1;
                         }
                         404 => missed += 1,
@@ -145,5 +195,7 @@ fn concurrent_writers_and_readers_past_capacity_never_see_wrong_bytes() {
     assert!(served > 0);
     // About 210 MiB went through a 64 MiB store.
     assert!(node.metric("slapshot_flash_evicted_regions_total") > 0.0);
-    assert!(node.metric("slapshot_flash_bytes_used") <= node.metric("slapshot_flash_capacity_bytes"));
+    assert!(
+        node.metric("slapshot_flash_bytes_used") <= node.metric("slapshot_flash_capacity_bytes")
+    );
 }

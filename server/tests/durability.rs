@@ -31,7 +31,12 @@ fn put_all(node: &TestNode, shards: &Arc<BTreeMap<String, Vec<u8>>>) {
                 let mut client = slapshot_testkit::Client::connect(addr);
                 for key in keys {
                     let crc = crc32(&shards[&key]).to_string();
-                    let response = client.request("PUT", &format!("/v1/shards/{key}"), &[("x-slapshot-crc32", &crc)], &shards[&key]);
+                    let response = client.request(
+                        "PUT",
+                        &format!("/v1/shards/{key}"),
+                        &[("x-slapshot-crc32", &crc)],
+                        &shards[&key],
+                    );
                     assert_eq!(response.status, 201, "PUT {key}");
                 }
             })
@@ -47,7 +52,10 @@ fn assert_all_served(node: &TestNode, shards: &BTreeMap<String, Vec<u8>>, when: 
     for (key, data) in shards {
         let response = client.get(&format!("/v1/shards/{key}"));
         assert_eq!(response.status, 200, "{when}: GET {key}\n{}", node.log());
-        assert!(response.body == *data, "{when}: {key} came back with other bytes");
+        assert!(
+            response.body == *data,
+            "{when}: {key} came back with other bytes"
+        );
     }
 }
 
@@ -63,7 +71,10 @@ fn a_thousand_shards_survive_sigterm_and_kill_9() {
     assert!(node.terminate().success(), "graceful exit\n{}", node.log());
     node.restart();
     assert_eq!(node.metric("slapshot_recovered_shards"), SHARDS as f64);
-    assert_eq!(node.metric("slapshot_checksum_failures_total{phase=\"recovery\"}"), 0.0);
+    assert_eq!(
+        node.metric("slapshot_checksum_failures_total{phase=\"recovery\"}"),
+        0.0
+    );
     assert_all_served(&node, &shards, "after SIGTERM");
 
     // A second batch, then no chance to shut down cleanly.
@@ -71,7 +82,10 @@ fn a_thousand_shards_survive_sigterm_and_kill_9() {
     put_all(&node, &more);
     node.kill();
     node.restart();
-    assert_eq!(node.metric("slapshot_recovered_shards"), (2 * SHARDS) as f64);
+    assert_eq!(
+        node.metric("slapshot_recovered_shards"),
+        (2 * SHARDS) as f64
+    );
     assert_all_served(&node, &shards, "after kill -9");
     assert_all_served(&node, &more, "after kill -9");
 }
@@ -79,26 +93,57 @@ fn a_thousand_shards_survive_sigterm_and_kill_9() {
 #[test]
 fn deletes_and_replacements_hold_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = TestNode::start(dir.path(), &["--capacity", "256MiB", "--region-size", "8MiB"]);
+    let mut node = TestNode::start(
+        dir.path(),
+        &["--capacity", "256MiB", "--region-size", "8MiB"],
+    );
     let mut client = node.client();
     for i in 0..20 {
-        assert_eq!(client.put(&format!("/v1/shards/k{i}"), format!("version one of {i}").as_bytes()).status, 201);
+        assert_eq!(
+            client
+                .put(
+                    &format!("/v1/shards/k{i}"),
+                    format!("version one of {i}").as_bytes()
+                )
+                .status,
+            201
+        );
     }
     for i in 0..10 {
-        assert_eq!(client.request("DELETE", &format!("/v1/shards/k{i}"), &[], &[]).status, 204);
+        assert_eq!(
+            client
+                .request("DELETE", &format!("/v1/shards/k{i}"), &[], &[])
+                .status,
+            204
+        );
     }
     for i in 10..20 {
-        assert_eq!(client.put(&format!("/v1/shards/k{i}"), format!("version two of {i}").as_bytes()).status, 204);
+        assert_eq!(
+            client
+                .put(
+                    &format!("/v1/shards/k{i}"),
+                    format!("version two of {i}").as_bytes()
+                )
+                .status,
+            204
+        );
     }
     drop(client);
     node.kill();
     node.restart();
     let mut client = node.client();
     for i in 0..10 {
-        assert_eq!(client.get(&format!("/v1/shards/k{i}")).status, 404, "deleted k{i} came back");
+        assert_eq!(
+            client.get(&format!("/v1/shards/k{i}")).status,
+            404,
+            "deleted k{i} came back"
+        );
     }
     for i in 10..20 {
-        assert_eq!(client.get(&format!("/v1/shards/k{i}")).text(), format!("version two of {i}"));
+        assert_eq!(
+            client.get(&format!("/v1/shards/k{i}")).text(),
+            format!("version two of {i}")
+        );
     }
     assert_eq!(node.metric("slapshot_recovered_shards"), 10.0);
 }
@@ -107,11 +152,26 @@ fn deletes_and_replacements_hold_across_restarts() {
 fn graceful_shutdown_finishes_a_request_in_flight() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let mut node = TestNode::start(dir.path(), &["--capacity", "256MiB", "--region-size", "8MiB", "--drain-grace", "1s"]);
+    let mut node = TestNode::start(
+        dir.path(),
+        &[
+            "--capacity",
+            "256MiB",
+            "--region-size",
+            "8MiB",
+            "--drain-grace",
+            "1s",
+        ],
+    );
     let data = Rng::new(9).bytes(200_000);
     let mut uploader = node.client();
     let stream = uploader.stream();
-    write!(stream, "PUT /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n", data.len()).unwrap();
+    write!(
+        stream,
+        "PUT /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\ncontent-length: {}\r\n\r\n",
+        data.len()
+    )
+    .unwrap();
     stream.write_all(&data[..100_000]).unwrap();
     stream.flush().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -123,7 +183,9 @@ fn graceful_shutdown_finishes_a_request_in_flight() {
     assert_eq!(health.status, 503);
 
     uploader.stream().write_all(&data[100_000..]).unwrap();
-    let response = uploader.read_response(false).expect("the in-flight PUT is answered");
+    let response = uploader
+        .read_response(false)
+        .expect("the in-flight PUT is answered");
     assert_eq!(response.status, 201);
     assert!(node.wait(std::time::Duration::from_secs(30)).success());
 

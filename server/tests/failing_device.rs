@@ -22,14 +22,22 @@ impl ThinDevice {
     fn create(dir: &Path) -> Option<ThinDevice> {
         let mount = dir.join("thin");
         std::fs::create_dir_all(&mount).ok()?;
-        let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&mount).status().ok()?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&mount)
+            .status()
+            .ok()?;
         if !mounted.success() {
             return None;
         }
         let backing = mount.join("backing");
         let file = std::fs::File::create(&backing).ok()?;
         file.set_len(96 << 20).ok()?;
-        let output = Command::new("losetup").args(["--find", "--show"]).arg(&backing).output().ok()?;
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing)
+            .output()
+            .ok()?;
         let loop_device = String::from_utf8_lossy(&output.stdout).trim().to_owned();
         if !output.status.success() || loop_device.is_empty() {
             let _ = Command::new("umount").arg(&mount).status();
@@ -41,7 +49,10 @@ impl ThinDevice {
 
 impl Drop for ThinDevice {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.loop_device).status();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loop_device)
+            .status();
         let _ = Command::new("umount").arg(&self.mount).status();
     }
 }
@@ -55,7 +66,16 @@ fn a_device_that_fails_writes_degrades_to_errors_not_a_crash() {
     };
     let node = TestNode::start(
         dir.path(),
-        &["--device", &thin.loop_device, "--region-size", "2MiB", "--max-shard-size", "1MiB", "--memory", "0"],
+        &[
+            "--device",
+            &thin.loop_device,
+            "--region-size",
+            "2MiB",
+            "--max-shard-size",
+            "1MiB",
+            "--memory",
+            "0",
+        ],
     );
     let mut client = node.client();
     let mut rng = Rng::new(31);
@@ -69,7 +89,10 @@ fn a_device_that_fails_writes_degrades_to_errors_not_a_crash() {
             other => panic!("PUT t{i}: unexpected {other}"),
         }
     }
-    assert!(refused > 0, "the device never failed; the test did not exercise anything");
+    assert!(
+        refused > 0,
+        "the device never failed; the test did not exercise anything"
+    );
     assert!(!stored.is_empty());
     assert!(node.metric("slapshot_io_errors_total{op=\"write\"}") > 0.0);
     assert_eq!(client.get("/health").status, 200, "the node is still up");

@@ -10,13 +10,29 @@ use slapshot_testkit::{Client, Rng, TestNode};
 
 fn node(extra: &[&str]) -> (tempfile::TempDir, TestNode) {
     let dir = tempfile::tempdir().unwrap();
-    let node = TestNode::start(dir.path(), &[&["--capacity", "128MiB", "--region-size", "8MiB", "--max-shard-size", "1MiB"], extra].concat());
+    let node = TestNode::start(
+        dir.path(),
+        &[
+            &[
+                "--capacity",
+                "128MiB",
+                "--region-size",
+                "8MiB",
+                "--max-shard-size",
+                "1MiB",
+            ],
+            extra,
+        ]
+        .concat(),
+    );
     (dir, node)
 }
 
 fn raw(node: &TestNode) -> TcpStream {
     let stream = TcpStream::connect(node.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream
 }
 
@@ -35,7 +51,10 @@ fn pipelined_requests_are_answered_in_order() {
         .write_all(b"PUT /v1/shards/p HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhelloGET /v1/shards/p HTTP/1.1\r\nhost: t\r\n\r\nGET /v1/shards/missing HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
         .unwrap();
     let reply = read_to_close(stream);
-    let statuses: Vec<&str> = reply.match_indices("HTTP/1.1 ").map(|(i, _)| &reply[i + 9..i + 12]).collect();
+    let statuses: Vec<&str> = reply
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &reply[i + 9..i + 12])
+        .collect();
     assert_eq!(statuses, ["201", "200", "404"], "{reply}");
     assert!(reply.contains("\r\n\r\nhello"));
 }
@@ -68,9 +87,14 @@ fn http10_closes_unless_asked_to_keep_alive() {
     let (_dir, node) = node(&[]);
     Client::connect(node.addr).put("/v1/shards/old", b"x");
     let mut stream = raw(&node);
-    stream.write_all(b"GET /v1/shards/old HTTP/1.0\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET /v1/shards/old HTTP/1.0\r\n\r\n")
+        .unwrap();
     let reply = read_to_close(stream);
-    assert!(reply.starts_with("HTTP/1.1 200") && reply.ends_with("\r\n\r\nx"), "{reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.ends_with("\r\n\r\nx"),
+        "{reply}"
+    );
 
     let mut stream = raw(&node);
     stream.write_all(b"GET /v1/shards/old HTTP/1.0\r\nconnection: keep-alive\r\n\r\nGET /health HTTP/1.0\r\n\r\n").unwrap();
@@ -82,9 +106,14 @@ fn http10_closes_unless_asked_to_keep_alive() {
 fn connection_close_is_honoured() {
     let (_dir, node) = node(&[]);
     let mut stream = raw(&node);
-    stream.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .unwrap();
     let reply = read_to_close(stream);
-    assert!(reply.contains("connection: close") && reply.ends_with("ok\n"), "{reply}");
+    assert!(
+        reply.contains("connection: close") && reply.ends_with("ok\n"),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -102,13 +131,23 @@ fn framing_errors_are_refused_and_close_the_connection() {
         let mut stream = raw(&node);
         stream.write_all(request).unwrap();
         let reply = read_to_close(stream);
-        assert!(reply.starts_with(&format!("HTTP/1.1 {status}")), "{:?} -> {reply}", String::from_utf8_lossy(request));
+        assert!(
+            reply.starts_with(&format!("HTTP/1.1 {status}")),
+            "{:?} -> {reply}",
+            String::from_utf8_lossy(request)
+        );
     }
     let many: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
     let mut stream = raw(&node);
-    stream.write_all(format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes()).unwrap();
+    stream
+        .write_all(format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes())
+        .unwrap();
     assert!(read_to_close(stream).starts_with("HTTP/1.1 431"));
-    assert_eq!(Client::connect(node.addr).get("/v1/shards/x").status, 404, "nothing was stored");
+    assert_eq!(
+        Client::connect(node.addr).get("/v1/shards/x").status,
+        404,
+        "nothing was stored"
+    );
 }
 
 #[test]
@@ -127,9 +166,21 @@ fn chunked_bodies_with_extensions_and_trailers_are_stored() {
 fn a_small_unread_body_keeps_the_connection() {
     let (_dir, node) = node(&[]);
     let mut client = Client::connect(node.addr);
-    assert_eq!(client.request("POST", "/v1/shards/k", &[], &[7u8; 1000]).status, 405);
-    assert_eq!(client.request("PATCH", "/health", &[], &[7u8; 1000]).status, 405);
-    assert_eq!(client.get("/health").status, 200, "the same connection goes on");
+    assert_eq!(
+        client
+            .request("POST", "/v1/shards/k", &[], &[7u8; 1000])
+            .status,
+        405
+    );
+    assert_eq!(
+        client.request("PATCH", "/health", &[], &[7u8; 1000]).status,
+        405
+    );
+    assert_eq!(
+        client.get("/health").status,
+        200,
+        "the same connection goes on"
+    );
 }
 
 #[test]
@@ -141,9 +192,24 @@ fn the_hyper_engine_serves_the_same_api() {
     let got = client.get("/v1/shards/h");
     assert_eq!(got.status, 200);
     assert!(got.body == data);
-    assert_eq!(client.request("HEAD", "/v1/shards/h", &[], &[]).header("content-length"), Some("300000"));
-    assert_eq!(client.put("/v1/shards/big", &vec![0u8; (1 << 20) + 1]).status, 413);
-    assert_eq!(node.client().request("DELETE", "/v1/shards/h", &[], &[]).status, 204);
+    assert_eq!(
+        client
+            .request("HEAD", "/v1/shards/h", &[], &[])
+            .header("content-length"),
+        Some("300000")
+    );
+    assert_eq!(
+        client
+            .put("/v1/shards/big", &vec![0u8; (1 << 20) + 1])
+            .status,
+        413
+    );
+    assert_eq!(
+        node.client()
+            .request("DELETE", "/v1/shards/h", &[], &[])
+            .status,
+        204
+    );
     assert_eq!(node.client().get("/v1/shards/h").status, 404);
 }
 
@@ -192,17 +258,25 @@ fn spliced_bytes_in_flight_survive_their_buffer_being_freed_and_reused() {
     socket.set_recv_buffer_size(4 << 20).unwrap();
     socket.connect(&node.addr.into()).unwrap();
     let mut slow: TcpStream = socket.into();
-    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    slow.write_all(b"GET /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\n\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"GET /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\n\r\n")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     for i in 0..60 {
         let other = rng.bytes(160 * 1024);
-        assert_eq!(client.put(&format!("/v1/shards/churn{i}"), &other).status, 201);
+        assert_eq!(
+            client.put(&format!("/v1/shards/churn{i}"), &other).status,
+            201
+        );
         assert!(client.get(&format!("/v1/shards/churn{i}")).body == other);
     }
     let (head, body) = read_response(&mut slow);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(body == original, "a spliced reply changed after its buffer was freed");
+    assert!(
+        body == original,
+        "a spliced reply changed after its buffer was freed"
+    );
 }
 
 #[test]

@@ -16,7 +16,9 @@ use std::{
 /// before any test runs; when it is missing (a single package's tests), it is built here.
 pub fn server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| locate_binary("slapshot-server", "slapshot-server", "SLAPSHOT_SERVER_BIN")).clone()
+    BINARY
+        .get_or_init(|| locate_binary("slapshot-server", "slapshot-server", "SLAPSHOT_SERVER_BIN"))
+        .clone()
 }
 
 /// Finds a workspace binary next to the running test executable (target/PROFILE/deps/..),
@@ -26,7 +28,10 @@ pub fn locate_binary(name: &str, package: &str, env_override: &str) -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/PROFILE/deps/TEST");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/PROFILE/deps/TEST");
     let binary = profile_dir.join(name);
     if !binary.exists() {
         let release = profile_dir.file_name().is_some_and(|p| p == "release");
@@ -37,7 +42,11 @@ pub fn locate_binary(name: &str, package: &str, env_override: &str) -> PathBuf {
             build.arg("--release");
         }
         let status = build.status().expect("run cargo build");
-        assert!(status.success() && binary.exists(), "cannot build {name} ({})", binary.display());
+        assert!(
+            status.success() && binary.exists(),
+            "cannot build {name} ({})",
+            binary.display()
+        );
     }
     binary
 }
@@ -62,7 +71,12 @@ impl TestNode {
             args.extend(["--data-dir".into(), dir.join("data").display().to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut node = TestNode { child: None, addr: "127.0.0.1:0".parse().unwrap(), dir: dir.to_owned(), args };
+        let mut node = TestNode {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir: dir.to_owned(),
+            args,
+        };
         node.launch();
         node
     }
@@ -70,7 +84,11 @@ impl TestNode {
     fn launch(&mut self) {
         let addr_file = self.dir.join("addr");
         let _ = std::fs::remove_file(&addr_file);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
         let child = Command::new(server_binary())
             .args(&self.args)
             .arg("--addr-file")
@@ -94,9 +112,16 @@ impl TestNode {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("slapshot-server exited with {status} during start-up:\n{}", self.log());
+                panic!(
+                    "slapshot-server exited with {status} during start-up:\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "slapshot-server did not start:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "slapshot-server did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -110,7 +135,11 @@ impl TestNode {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -135,7 +164,10 @@ impl TestNode {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "slapshot-server did not exit in {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "slapshot-server did not exit in {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -169,7 +201,10 @@ impl TestNode {
     pub fn metric(&self, series: &str) -> f64 {
         let text = self.client().get("/metrics").text();
         text.lines()
-            .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|line| {
+                line.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
             .parse()
             .unwrap()
@@ -194,7 +229,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -211,16 +249,27 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Client { reader: BufReader::new(stream), addr }
+        Client {
+            reader: BufReader::new(stream),
+            addr,
+        }
     }
 
     pub fn stream(&mut self) -> &mut TcpStream {
         self.reader.get_mut()
     }
 
-    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         let mut head = format!("{method} {path} HTTP/1.1\r\nhost: test\r\n");
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
@@ -232,7 +281,9 @@ impl Client {
         let stream = self.reader.get_mut();
         // A server may answer (413, 401) and close before reading the whole body; the
         // answer is still there to read.
-        let written = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
+        let written = stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body));
         match self.read_response(method == "HEAD") {
             Some(response) => response,
             None => panic!("no response to {method} {path} (write: {written:?})"),
@@ -265,9 +316,15 @@ impl Client {
             let (name, value) = trimmed.split_once(':')?;
             headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
         }
-        let mut response = Response { status, headers, body: Vec::new() };
+        let mut response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
         if !head_only {
-            let len: usize = response.header("content-length").map_or(0, |v| v.parse().unwrap());
+            let len: usize = response
+                .header("content-length")
+                .map_or(0, |v| v.parse().unwrap());
             response.body = vec![0; len];
             self.reader.read_exact(&mut response.body).ok()?;
         }

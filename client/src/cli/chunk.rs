@@ -22,19 +22,30 @@ fn print_metrics(fleet: &FleetArgs, client: &FleetClient) {
 pub async fn put(fleet: &FleetArgs, path: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() > CHUNK_SIZE {
-        bail!("{} holds {} bytes; a chunk is at most {CHUNK_SIZE}", path.display(), bytes.len());
+        bail!(
+            "{} holds {} bytes; a chunk is at most {CHUNK_SIZE}",
+            path.display(),
+            bytes.len()
+        );
     }
     let client = client(fleet)?;
     let name = ChunkName::of(&bytes);
     let bytes = Bytes::from(bytes);
     if let Some(origin) = client.origin() {
-        origin.put(&name, bytes.clone()).await.context("cannot store the chunk in the origin")?;
+        origin
+            .put(&name, bytes.clone())
+            .await
+            .context("cannot store the chunk in the origin")?;
     }
     let report = client.put_chunk(&name, &bytes).await;
     print_metrics(fleet, &client);
     let report = report?;
     if report.failed > 0 {
-        eprintln!("warning: {} of {} shards could not be stored", report.failed, report.written + report.failed);
+        eprintln!(
+            "warning: {} of {} shards could not be stored",
+            report.failed,
+            report.written + report.failed
+        );
     }
     println!("{name}");
     Ok(())
@@ -47,7 +58,8 @@ pub async fn get(fleet: &FleetArgs, name: &str, output: Option<&Path>) -> anyhow
     print_metrics(fleet, &client);
     let bytes = bytes?;
     match output {
-        Some(path) => std::fs::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))?,
+        Some(path) => std::fs::write(path, &bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?,
         None => {
             let mut stdout = std::io::stdout().lock();
             stdout.write_all(&bytes)?;

@@ -46,7 +46,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         server_bin: None,
         server_args: Vec::new(),
     };
-    println!("starting a fleet of 5 slapshot-server nodes (4-of-5) under {}", dir.display());
+    println!(
+        "starting a fleet of 5 slapshot-server nodes (4-of-5) under {}",
+        dir.display()
+    );
     let mut fleet = LocalFleet::start(&up).await?;
     let result = demo(&args, &mut fleet).await;
     fleet.stop().await;
@@ -58,7 +61,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
 async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
     let client = FleetClient::new(fleet.config.clone())?;
-    let origin = client.origin().context("the demo fleet has an origin")?.clone();
+    let origin = client
+        .origin()
+        .context("the demo fleet has an origin")?
+        .clone();
 
     // An "image": chunks of pseudo-random plaintext, sealed under one salt.
     let salt = b"demo-epoch-1";
@@ -68,12 +74,16 @@ async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
     for _ in 0..args.chunks {
         let plaintext: Vec<u8> = (0..CHUNK_SIZE / 8)
             .flat_map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 state.to_le_bytes()
             })
             .collect();
         let sealed = seal(salt, &plaintext);
-        origin.put(&sealed.name, Bytes::from(sealed.ciphertext)).await?;
+        origin
+            .put(&sealed.name, Bytes::from(sealed.ciphertext))
+            .await?;
         names.push(sealed.name);
     }
     println!(
@@ -83,8 +93,17 @@ async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
     );
 
     println!();
-    println!("{:<34} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9}", "pass", "reads", "MB/s", "p50 ms", "p99 ms", "origin", "degraded", "failed");
-    pass("cold fleet (fill from origin)", &client, &names, args.concurrency).await?;
+    println!(
+        "{:<34} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9}",
+        "pass", "reads", "MB/s", "p50 ms", "p99 ms", "origin", "degraded", "failed"
+    );
+    pass(
+        "cold fleet (fill from origin)",
+        &client,
+        &names,
+        args.concurrency,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await; // let the background fills land
     pass("warm fleet", &client, &names, args.concurrency).await?;
     fleet.kill_node(2).await;
@@ -105,7 +124,12 @@ async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
 }
 
 /// Reads every chunk once with `concurrency` readers and prints a row.
-async fn pass(label: &str, client: &FleetClient, names: &[ChunkName], concurrency: usize) -> anyhow::Result<()> {
+async fn pass(
+    label: &str,
+    client: &FleetClient,
+    names: &[ChunkName],
+    concurrency: usize,
+) -> anyhow::Result<()> {
     let before = Snapshot::of(client.metrics());
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(names.len());
@@ -123,7 +147,10 @@ async fn pass(label: &str, client: &FleetClient, names: &[ChunkName], concurrenc
     }
     let elapsed = started.elapsed();
     latencies.sort_unstable();
-    let pct = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
+    let pct = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1e3
+    };
     let after = Snapshot::of(client.metrics());
     println!(
         "{:<34} {:>8} {:>9.0} {:>9.2} {:>9.2} {:>8} {:>9} {:>9}",
@@ -147,7 +174,11 @@ struct Snapshot {
 
 impl Snapshot {
     fn of(m: &ClientMetrics) -> Self {
-        Self { origin_fetches: get(&m.origin_fetches), degraded: get(&m.degraded_rebuilds), failures: get(&m.failures) }
+        Self {
+            origin_fetches: get(&m.origin_fetches),
+            degraded: get(&m.degraded_rebuilds),
+            failures: get(&m.failures),
+        }
     }
 }
 

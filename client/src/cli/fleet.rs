@@ -11,10 +11,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use slapshot_core::{ByteSize, prometheus::find_sample};
 use tokio::process::{Child, Command};
 
-use crate::{
-    FleetClient, FleetConfig,
-    config::NodeConfig,
-};
+use crate::{FleetClient, FleetConfig, config::NodeConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -75,10 +72,17 @@ impl LocalFleet {
     pub async fn start(args: &UpArgs) -> anyhow::Result<LocalFleet> {
         let code = slapshot_core::CodeParams::new(args.data_shards, args.total_shards)?;
         if args.nodes < code.total() {
-            bail!("a {}-of-{} code needs at least {} nodes; --nodes is {}", code.data(), code.total(), code.total(), args.nodes);
+            bail!(
+                "a {}-of-{} code needs at least {} nodes; --nodes is {}",
+                code.data(),
+                code.total(),
+                code.total(),
+                args.nodes
+            );
         }
         let server = find_server_binary(args.server_bin.as_deref())?;
-        std::fs::create_dir_all(&args.dir).with_context(|| format!("cannot create {}", args.dir.display()))?;
+        std::fs::create_dir_all(&args.dir)
+            .with_context(|| format!("cannot create {}", args.dir.display()))?;
 
         let mut nodes = Vec::with_capacity(args.nodes);
         let configs = match start_nodes(args, &server, &mut nodes).await {
@@ -97,7 +101,11 @@ impl LocalFleet {
         std::fs::write(&tmp, config.to_toml()).and_then(|()| std::fs::rename(&tmp, &fleet_file))?;
         // Read it back so that relative paths (the origin) resolve as any reader's would.
         let config = FleetConfig::load(&fleet_file)?;
-        Ok(LocalFleet { nodes, config, fleet_file })
+        Ok(LocalFleet {
+            nodes,
+            config,
+            fleet_file,
+        })
     }
 
     /// kill -9 of one node, as a crash would.
@@ -133,7 +141,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_nodes(args: &UpArgs, server: &Path, nodes: &mut Vec<RunningNode>) -> anyhow::Result<Vec<NodeConfig>> {
+async fn start_nodes(
+    args: &UpArgs,
+    server: &Path,
+    nodes: &mut Vec<RunningNode>,
+) -> anyhow::Result<Vec<NodeConfig>> {
     for i in 0..args.nodes {
         let id = format!("node-{i}");
         let dir = args.dir.join(&id);
@@ -141,7 +153,9 @@ async fn start_nodes(args: &UpArgs, server: &Path, nodes: &mut Vec<RunningNode>)
         let addr_file = dir.join("addr");
         let _ = std::fs::remove_file(&addr_file);
         let port = match args.base_port {
-            Some(base) => base.checked_add(u16::try_from(i)?).ok_or_else(|| anyhow!("--base-port too high for {} nodes", args.nodes))?,
+            Some(base) => base
+                .checked_add(u16::try_from(i)?)
+                .ok_or_else(|| anyhow!("--base-port too high for {} nodes", args.nodes))?,
             None => 0,
         };
         let log = std::fs::File::create(dir.join("server.log"))?;
@@ -157,8 +171,15 @@ async fn start_nodes(args: &UpArgs, server: &Path, nodes: &mut Vec<RunningNode>)
         if let Some(memory) = args.memory {
             command.args(["--memory", &memory.to_string()]);
         }
-        command.args(&args.server_args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(true);
-        let child = command.spawn().with_context(|| format!("cannot start {}", server.display()))?;
+        command
+            .args(&args.server_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", server.display()))?;
         nodes.push(RunningNode { id, dir, child });
     }
 
@@ -167,18 +188,31 @@ async fn start_nodes(args: &UpArgs, server: &Path, nodes: &mut Vec<RunningNode>)
     for node in nodes.iter_mut() {
         let addr = loop {
             if let Ok(text) = std::fs::read_to_string(node.dir.join("addr"))
-                && !text.trim().is_empty() {
-                    break text.trim().to_owned();
-                }
+                && !text.trim().is_empty()
+            {
+                break text.trim().to_owned();
+            }
             if let Some(status) = node.child.try_wait()? {
-                bail!("{} exited with {status} while starting; its log:\n{}", node.id, log_tail(&node.dir));
+                bail!(
+                    "{} exited with {status} while starting; its log:\n{}",
+                    node.id,
+                    log_tail(&node.dir)
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} did not start within {START_TIMEOUT:?}; its log:\n{}", node.id, log_tail(&node.dir));
+                bail!(
+                    "{} did not start within {START_TIMEOUT:?}; its log:\n{}",
+                    node.id,
+                    log_tail(&node.dir)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        configs.push(NodeConfig { id: node.id.clone(), addr, weight: 1.0 });
+        configs.push(NodeConfig {
+            id: node.id.clone(),
+            addr,
+            weight: 1.0,
+        });
     }
     Ok(configs)
 }
@@ -191,12 +225,17 @@ fn log_tail(dir: &Path) -> String {
 
 /// Waits for Ctrl-C, SIGTERM, or a node exiting on its own.
 async fn wait_for_stop(nodes: &mut [RunningNode]) -> String {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("signal handler");
     let exited = async {
         loop {
             for node in nodes.iter_mut() {
                 if let Ok(Some(status)) = node.child.try_wait() {
-                    return format!("{} exited with {status} (log: {})", node.id, node.dir.join("server.log").display());
+                    return format!(
+                        "{} exited with {status} (log: {})",
+                        node.id,
+                        node.dir.join("server.log").display()
+                    );
                 }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -236,10 +275,13 @@ fn find_server_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("SLAPSHOT_SERVER_BIN") {
         return Ok(PathBuf::from(path));
     }
-    if let Some(sibling) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join("slapshot-server")))
-        && sibling.exists() {
-            return Ok(sibling);
-        }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("slapshot-server")))
+        && sibling.exists()
+    {
+        return Ok(sibling);
+    }
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
@@ -255,7 +297,15 @@ pub async fn status(fleet: &super::FleetArgs) -> anyhow::Result<()> {
     let metrics = client.get_from_each_node("/metrics").await;
     println!(
         "{:<10} {:<22} {:<9} {:>8} {:>21} {:>10} {:>10} {:>8} {:>6}",
-        "node", "address", "health", "shards", "flash used/capacity", "mem hits", "flash hits", "misses", "conns"
+        "node",
+        "address",
+        "health",
+        "shards",
+        "flash used/capacity",
+        "mem hits",
+        "flash hits",
+        "misses",
+        "conns"
     );
     let mut healthy = 0;
     for ((id, addr, health), (_, _, metrics)) in health.into_iter().zip(metrics) {
@@ -269,15 +319,24 @@ pub async fn status(fleet: &super::FleetArgs) -> anyhow::Result<()> {
             Err(e) => format!("down ({e})"),
         };
         let text = metrics.map(|(_, text)| text).unwrap_or_default();
-        let value = |series: &str| find_sample(&text, series).map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
-        let bytes = |series: &str| find_sample(&text, series).map_or_else(|| "-".to_owned(), |v| ByteSize(v as u64).to_string());
+        let value = |series: &str| {
+            find_sample(&text, series).map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+        };
+        let bytes = |series: &str| {
+            find_sample(&text, series)
+                .map_or_else(|| "-".to_owned(), |v| ByteSize(v as u64).to_string())
+        };
         println!(
             "{:<10} {:<22} {:<9} {:>8} {:>21} {:>10} {:>10} {:>8} {:>6}",
             id,
             addr,
             state,
             value("slapshot_flash_shards"),
-            format!("{}/{}", bytes("slapshot_flash_bytes_used"), bytes("slapshot_flash_capacity_bytes")),
+            format!(
+                "{}/{}",
+                bytes("slapshot_flash_bytes_used"),
+                bytes("slapshot_flash_capacity_bytes")
+            ),
             value("slapshot_cache_hits_total{tier=\"memory\"}"),
             value("slapshot_cache_hits_total{tier=\"flash\"}"),
             value("slapshot_cache_misses_total"),
@@ -286,7 +345,10 @@ pub async fn status(fleet: &super::FleetArgs) -> anyhow::Result<()> {
     }
     println!("{healthy} of {} nodes healthy", client.config().nodes.len());
     if healthy < client.config().data_shards {
-        bail!("fewer healthy nodes than the {} a read needs", client.config().data_shards);
+        bail!(
+            "fewer healthy nodes than the {} a read needs",
+            client.config().data_shards
+        );
     }
     Ok(())
 }

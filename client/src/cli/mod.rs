@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "slapshot", version, about = "slapshot: on-demand container image loading through an erasure-coded cache fleet")]
+#[command(
+    name = "slapshot",
+    version,
+    about = "slapshot: on-demand container image loading through an erasure-coded cache fleet"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

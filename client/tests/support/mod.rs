@@ -35,7 +35,17 @@ impl TestFleet {
             .map(|i| {
                 let node_dir = dir.path().join(format!("node-{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
-                TestNode::start(&node_dir, &["--capacity", "128MiB", "--region-size", "8MiB", "--threads", "1"])
+                TestNode::start(
+                    &node_dir,
+                    &[
+                        "--capacity",
+                        "128MiB",
+                        "--region-size",
+                        "8MiB",
+                        "--threads",
+                        "1",
+                    ],
+                )
             })
             .collect();
         TestFleet { dir, nodes }
@@ -51,7 +61,11 @@ impl TestFleet {
             .nodes
             .iter()
             .enumerate()
-            .map(|(i, node)| NodeConfig { id: format!("node-{i}"), addr: node.addr.to_string(), weight: 1.0 })
+            .map(|(i, node)| NodeConfig {
+                id: format!("node-{i}"),
+                addr: node.addr.to_string(),
+                weight: 1.0,
+            })
             .collect();
         let mut config = FleetConfig::new(nodes);
         config.origin = Some(self.origin_dir().display().to_string());
@@ -121,7 +135,11 @@ impl Origin for CountingOrigin {
         })
     }
 
-    fn put<'a>(&'a self, name: &'a ChunkName, bytes: Bytes) -> BoxFuture<'a, Result<bool, OriginError>> {
+    fn put<'a>(
+        &'a self,
+        name: &'a ChunkName,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<bool, OriginError>> {
         self.inner.put(name, bytes)
     }
 
@@ -150,7 +168,10 @@ pub fn random_chunks(seed: u64, count: usize) -> Vec<(ChunkName, Bytes)> {
 pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -45,7 +45,12 @@ pub struct Activity {
 
 impl Activity {
     pub fn new(now: Instant) -> Self {
-        Self { active: Cell::new(0), idle_since: Cell::new(now), partial_since: Cell::new(None), last_progress: Cell::new(now) }
+        Self {
+            active: Cell::new(0),
+            idle_since: Cell::new(now),
+            partial_since: Cell::new(None),
+            last_progress: Cell::new(now),
+        }
     }
 
     pub(super) fn on_read(&self, now: Instant) {
@@ -84,7 +89,9 @@ impl Activity {
     pub fn next_check(&self, now: Instant, t: &Timeouts) -> Instant {
         let (since, limit, _) = self.current_limit(t);
         let shortest = t.header.min(t.idle).min(t.io);
-        (since + limit).min(now + shortest).max(now + Duration::from_millis(1))
+        (since + limit)
+            .min(now + shortest)
+            .max(now + Duration::from_millis(1))
     }
 
     fn current_limit(&self, t: &Timeouts) -> (Instant, Duration, TimeoutKind) {
@@ -125,19 +132,29 @@ pub struct TrackedStream {
 
 impl TrackedStream {
     pub fn new(inner: TcpStreamPoll, activity: Rc<Activity>, replay: Vec<u8>) -> Self {
-        Self { inner, activity, replay, replayed: 0 }
+        Self {
+            inner,
+            activity,
+            replay,
+            replayed: 0,
+        }
     }
 
     fn wrote(&self, result: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = result
-            && *n > 0 {
-                self.activity.on_write(Instant::now());
-            }
+            && *n > 0
+        {
+            self.activity.on_write(Instant::now());
+        }
     }
 }
 
 impl AsyncRead for TrackedStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.replayed < this.replay.len() {
             let n = buf.remaining().min(this.replay.len() - this.replayed);
@@ -155,14 +172,22 @@ impl AsyncRead for TrackedStream {
 }
 
 impl AsyncWrite for TrackedStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.wrote(&result);
         result
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.wrote(&result);
@@ -186,14 +211,21 @@ impl AsyncWrite for TrackedStream {
 mod tests {
     use super::*;
 
-    const T: Timeouts = Timeouts { header: Duration::from_secs(10), idle: Duration::from_secs(60), io: Duration::from_secs(30) };
+    const T: Timeouts = Timeouts {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+        io: Duration::from_secs(30),
+    };
 
     #[test]
     fn idle_connection_expires_after_the_idle_timeout() {
         let start = Instant::now();
         let a = Activity::new(start);
         assert!(a.expired(start + Duration::from_secs(59), &T).is_none());
-        assert!(matches!(a.expired(start + Duration::from_secs(60), &T), Some(TimeoutKind::Idle)));
+        assert!(matches!(
+            a.expired(start + Duration::from_secs(60), &T),
+            Some(TimeoutKind::Idle)
+        ));
     }
 
     #[test]
@@ -203,7 +235,10 @@ mod tests {
         a.on_read(start + Duration::from_secs(1));
         // A slow trickle of bytes does not extend the header deadline.
         a.on_read(start + Duration::from_secs(9));
-        assert!(matches!(a.expired(start + Duration::from_secs(11), &T), Some(TimeoutKind::Header)));
+        assert!(matches!(
+            a.expired(start + Duration::from_secs(11), &T),
+            Some(TimeoutKind::Header)
+        ));
     }
 
     #[test]
@@ -213,9 +248,15 @@ mod tests {
         let guard = a.begin_request();
         a.on_write(start + Duration::from_secs(25));
         assert!(a.expired(start + Duration::from_secs(50), &T).is_none());
-        assert!(matches!(a.expired(start + Duration::from_secs(56), &T), Some(TimeoutKind::Io)));
+        assert!(matches!(
+            a.expired(start + Duration::from_secs(56), &T),
+            Some(TimeoutKind::Io)
+        ));
         drop(guard);
-        assert!(a.expired(Instant::now() + Duration::from_secs(1), &T).is_none());
+        assert!(
+            a.expired(Instant::now() + Duration::from_secs(1), &T)
+                .is_none()
+        );
     }
 
     #[test]

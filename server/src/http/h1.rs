@@ -85,8 +85,19 @@ impl Refusal {
 
 /// Serves HTTP/1.1 requests on `stream` until the client leaves, an error or a shutdown
 /// (`closing`) ends the connection.
-pub async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, activity: &Rc<Activity>, closing: &Cell<bool>) -> io::Result<Ended> {
-    let mut conn = Conn { stream, buf: Vec::with_capacity(READ_SIZE), activity, zero_copy: ctx.node.http.zero_copy, pipe: None };
+pub async fn serve(
+    ctx: &Rc<CoreContext>,
+    stream: TcpStream,
+    activity: &Rc<Activity>,
+    closing: &Cell<bool>,
+) -> io::Result<Ended> {
+    let mut conn = Conn {
+        stream,
+        buf: Vec::with_capacity(READ_SIZE),
+        activity,
+        zero_copy: ctx.node.http.zero_copy,
+        pipe: None,
+    };
 
     // Tell HTTP/2 with prior knowledge from HTTP/1 by the first bytes.
     while conn.buf.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(&conn.buf) {
@@ -116,7 +127,8 @@ pub async fn serve(ctx: &Rc<CoreContext>, stream: TcpStream, activity: &Rc<Activ
             }
         };
         let mut keep_alive = head.keep_alive();
-        let expects_continue = !head.http10 && framing.has_body() && expects_continue(&head.headers);
+        let expects_continue =
+            !head.http10 && framing.has_body() && expects_continue(&head.headers);
         let mut body = Body::new(&mut conn, framing, expects_continue);
         let reply = service::respond(ctx, &head.method, &head.path, &head.headers, &mut body).await;
         // A small body the service did not read is skipped so that the connection can
@@ -163,13 +175,24 @@ impl Conn<'_> {
                         return Ok(Some(head));
                     }
                     Ok(httparse::Status::Partial) if self.buf.len() >= MAX_HEAD => {
-                        return Ok(Some(Err(Refusal::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large\n"))));
+                        return Ok(Some(Err(Refusal::new(
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "request head too large\n",
+                        ))));
                     }
                     Ok(httparse::Status::Partial) => {}
                     Err(httparse::Error::TooManyHeaders) => {
-                        return Ok(Some(Err(Refusal::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many headers\n"))));
+                        return Ok(Some(Err(Refusal::new(
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "too many headers\n",
+                        ))));
                     }
-                    Err(_) => return Ok(Some(Err(Refusal::new(StatusCode::BAD_REQUEST, "malformed request\n")))),
+                    Err(_) => {
+                        return Ok(Some(Err(Refusal::new(
+                            StatusCode::BAD_REQUEST,
+                            "malformed request\n",
+                        ))));
+                    }
                 }
             }
             if self.fill().await? == 0 {
@@ -181,21 +204,42 @@ impl Conn<'_> {
     /// Answers a request that cannot be served, counts it, and leaves the connection to be
     /// closed.
     async fn refuse(&mut self, ctx: &CoreContext, refusal: Refusal) {
-        ctx.metrics().record_request(metrics::METHODS.len() - 1, refusal.status.as_u16(), Default::default());
+        ctx.metrics().record_request(
+            metrics::METHODS.len() - 1,
+            refusal.status.as_u16(),
+            Default::default(),
+        );
         let mut reply = Reply::new(Some(Bytes::from_static(refusal.message.as_bytes())));
         *reply.status_mut() = refusal.status;
-        reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-        let head = Head { method: Method::GET, path: String::new(), http10: false, headers: HeaderMap::new() };
+        reply.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        let head = Head {
+            method: Method::GET,
+            path: String::new(),
+            http10: false,
+            headers: HeaderMap::new(),
+        };
         let _ = self.write_reply(&head, reply, false).await;
         let _ = self.stream.shutdown().await;
     }
 
     /// Writes a reply: the head, then the body without copying it when it is large.
-    async fn write_reply(&mut self, request: &Head, reply: Reply, keep_alive: bool) -> io::Result<()> {
+    async fn write_reply(
+        &mut self,
+        request: &Head,
+        reply: Reply,
+        keep_alive: bool,
+    ) -> io::Result<()> {
         let (parts, body) = reply.into_parts();
         let spliceable = parts.extensions.get::<ZeroCopy>().is_some();
         let head_only = request.method == Method::HEAD;
-        let body = if head_only { None } else { body.filter(|b| !b.is_empty()) };
+        let body = if head_only {
+            None
+        } else {
+            body.filter(|b| !b.is_empty())
+        };
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(parts.status.as_str().as_bytes());
@@ -228,8 +272,12 @@ impl Conn<'_> {
         out.extend_from_slice(b"\r\n");
 
         let result = match body {
-            Some(body) if body.len() > INLINE_BODY && spliceable && self.zero_copy => self.splice_reply(out, body).await,
-            Some(body) if body.len() > INLINE_BODY => self.write_head_and_body(HeadAndBody::new(out, body)).await,
+            Some(body) if body.len() > INLINE_BODY && spliceable && self.zero_copy => {
+                self.splice_reply(out, body).await
+            }
+            Some(body) if body.len() > INLINE_BODY => {
+                self.write_head_and_body(HeadAndBody::new(out, body)).await
+            }
             Some(body) => {
                 out.extend_from_slice(&body);
                 self.stream.write_all(out).await.0.map(drop)
@@ -278,7 +326,10 @@ impl Conn<'_> {
     /// all there is.
     fn take_front(&mut self, n: usize) -> Bytes {
         if n == self.buf.len() {
-            return Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(READ_SIZE)));
+            return Bytes::from(std::mem::replace(
+                &mut self.buf,
+                Vec::with_capacity(READ_SIZE),
+            ));
         }
         let front = Bytes::copy_from_slice(&self.buf[..n]);
         self.buf.drain(..n);
@@ -293,15 +344,26 @@ fn itoa(n: usize) -> String {
 impl Head {
     fn parse(request: &httparse::Request<'_, '_>) -> Result<Head, Refusal> {
         let bad = |message| Refusal::new(StatusCode::BAD_REQUEST, message);
-        let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes()).map_err(|_| bad("bad method\n"))?;
-        let target: http::Uri = request.path.unwrap_or_default().parse().map_err(|_| bad("bad request target\n"))?;
+        let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+            .map_err(|_| bad("bad method\n"))?;
+        let target: http::Uri = request
+            .path
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| bad("bad request target\n"))?;
         let mut headers = HeaderMap::with_capacity(request.headers.len());
         for h in request.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("bad header name\n"))?;
+            let name =
+                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad("bad header name\n"))?;
             let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("bad header value\n"))?;
             headers.append(name, value);
         }
-        Ok(Head { method, path: target.path().to_owned(), http10: request.version == Some(0), headers })
+        Ok(Head {
+            method,
+            path: target.path().to_owned(),
+            http10: request.version == Some(0),
+            headers,
+        })
     }
 
     /// HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to
@@ -315,12 +377,19 @@ impl Head {
                 .flat_map(|v| v.split(','))
                 .any(|t| t.trim().eq_ignore_ascii_case(token))
         };
-        if self.http10 { tokens("keep-alive") } else { !tokens("close") }
+        if self.http10 {
+            tokens("keep-alive")
+        } else {
+            !tokens("close")
+        }
     }
 }
 
 fn expects_continue(headers: &HeaderMap) -> bool {
-    headers.get(header::EXPECT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 /// How the request body is delimited.
@@ -346,15 +415,26 @@ impl Framing {
             if lengths.iter().next().is_some() {
                 return Err(bad("both transfer-encoding and content-length\n"));
             }
-            let last = codings.iter().flat_map(|c| c.split(',')).map(str::trim).rfind(|c| !c.is_empty());
+            let last = codings
+                .iter()
+                .flat_map(|c| c.split(','))
+                .map(str::trim)
+                .rfind(|c| !c.is_empty());
             return match last {
                 Some("chunked") if !head.http10 => Ok(Framing::Chunked),
-                _ => Err(Refusal::new(StatusCode::NOT_IMPLEMENTED, "unsupported transfer-encoding\n")),
+                _ => Err(Refusal::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "unsupported transfer-encoding\n",
+                )),
             };
         }
         let mut length = None;
         for value in lengths.iter() {
-            for part in value.to_str().map_err(|_| bad("bad content-length\n"))?.split(',') {
+            for part in value
+                .to_str()
+                .map_err(|_| bad("bad content-length\n"))?
+                .split(',')
+            {
                 let part = part.trim();
                 if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(bad("bad content-length\n"));
@@ -400,8 +480,20 @@ struct Body<'c, 'a> {
 
 impl<'c, 'a> Body<'c, 'a> {
     fn new(conn: &'c mut Conn<'a>, framing: Framing, continue_pending: bool) -> Self {
-        let remaining = if let Framing::Length(n) = framing { n } else { 0 };
-        Self { conn, framing, remaining, chunk: ChunkState::Size, continue_pending, finished: !framing.has_body(), failed: false }
+        let remaining = if let Framing::Length(n) = framing {
+            n
+        } else {
+            0
+        };
+        Self {
+            conn,
+            framing,
+            remaining,
+            chunk: ChunkState::Size,
+            continue_pending,
+            finished: !framing.has_body(),
+            failed: false,
+        }
     }
 
     fn is_finished(&self) -> bool {
@@ -451,8 +543,13 @@ impl<'c, 'a> Body<'c, 'a> {
                 ChunkState::Size => {
                     let line = self.line().await?;
                     let size = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let size = std::str::from_utf8(size).ok().map(str::trim).filter(|s| !s.is_empty() && s.len() <= 16);
-                    let size = size.and_then(|s| u64::from_str_radix(s, 16).ok()).ok_or("bad chunk size")?;
+                    let size = std::str::from_utf8(size)
+                        .ok()
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty() && s.len() <= 16);
+                    let size = size
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        .ok_or("bad chunk size")?;
                     if size == 0 {
                         self.chunk = ChunkState::Trailers;
                     } else {
@@ -503,7 +600,11 @@ impl RequestBody for Body<'_, '_> {
         }
         if self.continue_pending {
             self.continue_pending = false;
-            let (result, _) = self.conn.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]).await;
+            let (result, _) = self
+                .conn
+                .stream
+                .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+                .await;
             if let Err(e) = result {
                 self.failed = true;
                 return Some(Err(e.to_string()));
@@ -549,8 +650,17 @@ struct HeadAndBody {
 
 impl HeadAndBody {
     fn new(head: Vec<u8>, body: Bytes) -> Self {
-        let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
-        let mut this = Self { head, body, written: 0, iovecs: Box::new([empty, empty]), count: 0 };
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut this = Self {
+            head,
+            body,
+            written: 0,
+            iovecs: Box::new([empty, empty]),
+            count: 0,
+        };
         this.aim();
         this
     }
@@ -567,11 +677,17 @@ impl HeadAndBody {
     /// Points the iovecs at what is left to write.
     fn aim(&mut self) {
         let head_left = &self.head[self.written.min(self.head.len())..];
-        let body_left = &self.body[self.written.saturating_sub(self.head.len()).min(self.body.len())..];
+        let body_left = &self.body[self
+            .written
+            .saturating_sub(self.head.len())
+            .min(self.body.len())..];
         self.count = 0;
         for part in [head_left, body_left] {
             if !part.is_empty() {
-                self.iovecs[self.count] = libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() };
+                self.iovecs[self.count] = libc::iovec {
+                    iov_base: part.as_ptr() as *mut libc::c_void,
+                    iov_len: part.len(),
+                };
                 self.count += 1;
             }
         }

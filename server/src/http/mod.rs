@@ -4,8 +4,8 @@
 
 mod conn;
 mod h1;
-mod splice;
 pub mod service;
+mod splice;
 
 use std::{
     cell::Cell,
@@ -45,8 +45,20 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, http: HttpConfig, shutdown_timeout: Duration) -> Self {
-        Self { store, metrics, http, shutdown_timeout, draining: AtomicBool::new(false), stopping: AtomicBool::new(false) }
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        http: HttpConfig,
+        shutdown_timeout: Duration,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            http,
+            shutdown_timeout,
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        }
     }
 
     pub fn is_draining(&self) -> bool {
@@ -101,12 +113,21 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 
 /// Runs one thread's accept loop until the node stops, then waits (up to the shutdown
 /// timeout) for its connections to finish. `ready` is called once the thread serves.
-pub async fn serve_core(node: Arc<Node>, core: usize, listener: StdTcpListener, ready: impl FnOnce(Result<(), String>)) {
+pub async fn serve_core(
+    node: Arc<Node>,
+    core: usize,
+    listener: StdTcpListener,
+    ready: impl FnOnce(Result<(), String>),
+) {
     let setup = node
         .store
         .for_core(core)
         .map_err(|e| format!("thread {core}: cannot open the store: {e}"))
-        .and_then(|store| TcpListener::from_std(listener).map(|l| (store, l)).map_err(|e| format!("thread {core}: {e}")));
+        .and_then(|store| {
+            TcpListener::from_std(listener)
+                .map(|l| (store, l))
+                .map_err(|e| format!("thread {core}: {e}"))
+        });
     let (store, listener) = match setup {
         Ok(ok) => {
             ready(Ok(()));
@@ -116,7 +137,13 @@ pub async fn serve_core(node: Arc<Node>, core: usize, listener: StdTcpListener, 
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let ctx = Rc::new(CoreContext { node: node.clone(), store: Rc::new(store), core, connections: Cell::new(0), stop: stop_rx });
+    let ctx = Rc::new(CoreContext {
+        node: node.clone(),
+        store: Rc::new(store),
+        core,
+        connections: Cell::new(0),
+        stop: stop_rx,
+    });
     monoio::spawn({
         let node = node.clone();
         async move {
@@ -148,15 +175,24 @@ pub async fn serve_core(node: Arc<Node>, core: usize, listener: StdTcpListener, 
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     if ctx.connections.get() > 0 {
-        tracing::warn!(core, connections = ctx.connections.get(), "shutdown timeout: closing connections with requests in flight");
+        tracing::warn!(
+            core,
+            connections = ctx.connections.get(),
+            "shutdown timeout: closing connections with requests in flight"
+        );
     }
 }
 
 fn admit(ctx: &Rc<CoreContext>, stream: TcpStream) {
     let node = &ctx.node;
-    let open = node.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    let open = node
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
     if open >= node.http.max_connections as u64 {
-        node.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        node.metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
         crate::metrics::add(&ctx.metrics().connections_rejected, 1);
         monoio::spawn(reject(stream));
         return;
@@ -167,7 +203,10 @@ fn admit(ctx: &Rc<CoreContext>, stream: TcpStream) {
     monoio::spawn(async move {
         serve_connection(&ctx, stream).await;
         ctx.connections.set(ctx.connections.get() - 1);
-        ctx.node.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        ctx.node
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     });
 }
 
@@ -194,7 +233,9 @@ async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
             })
             .await;
             match ended {
-                Some(Ok(h1::Ended::Http2(stream, replay))) => serve_hyper(ctx, stream, replay, &activity).await,
+                Some(Ok(h1::Ended::Http2(stream, replay))) => {
+                    serve_hyper(ctx, stream, replay, &activity).await
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
                 _ => {}
             }
@@ -205,7 +246,12 @@ async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
 
 /// Serves a connection with hyper: HTTP/1.1, or HTTP/2 with prior knowledge. `replay`
 /// holds bytes already read from the stream.
-async fn serve_hyper(ctx: &Rc<CoreContext>, stream: TcpStream, replay: Vec<u8>, activity: &Rc<Activity>) {
+async fn serve_hyper(
+    ctx: &Rc<CoreContext>,
+    stream: TcpStream,
+    replay: Vec<u8>,
+    activity: &Rc<Activity>,
+) {
     let stream = match stream.into_poll_io() {
         Ok(stream) => stream,
         Err(e) => {
@@ -217,7 +263,9 @@ async fn serve_hyper(ctx: &Rc<CoreContext>, stream: TcpStream, replay: Vec<u8>, 
     let service = {
         let ctx = ctx.clone();
         let activity = activity.clone();
-        hyper::service::service_fn(move |req| service::handle(ctx.clone(), req, activity.begin_request()))
+        hyper::service::service_fn(move |req| {
+            service::handle(ctx.clone(), req, activity.begin_request())
+        })
     };
 
     let mut builder = auto::Builder::new(LocalExec);
@@ -252,7 +300,11 @@ async fn supervise<F: Future>(
     mut conn: std::pin::Pin<&mut F>,
     mut on_stop: impl FnMut(std::pin::Pin<&mut F>) -> bool,
 ) -> Option<F::Output> {
-    let timeouts = Timeouts { header: ctx.node.http.header_timeout, idle: ctx.node.http.idle_timeout, io: ctx.node.http.io_timeout };
+    let timeouts = Timeouts {
+        header: ctx.node.http.header_timeout,
+        idle: ctx.node.http.idle_timeout,
+        io: ctx.node.http.io_timeout,
+    };
     let mut stop = ctx.stop.clone();
     let mut stopping = false;
     loop {

@@ -39,7 +39,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         Poll::Ready(self.get_mut().data.take().map(|data| Ok(Frame::data(data))))
     }
 
@@ -99,14 +102,34 @@ impl RequestBody for HyperBody {
 pub struct ZeroCopy;
 
 /// Serves one request through hyper and counts it.
-pub async fn handle(ctx: Rc<CoreContext>, req: Request<Incoming>, in_progress: ActiveGuard) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(
+    ctx: Rc<CoreContext>,
+    req: Request<Incoming>,
+    in_progress: ActiveGuard,
+) -> Result<Response<ResponseBody>, Infallible> {
     let (parts, body) = req.into_parts();
-    let response = respond(&ctx, &parts.method, parts.uri.path(), &parts.headers, &mut HyperBody(body)).await;
-    Ok(response.map(|data| ResponseBody { data: data.filter(|d| !d.is_empty()), _in_progress: in_progress }))
+    let response = respond(
+        &ctx,
+        &parts.method,
+        parts.uri.path(),
+        &parts.headers,
+        &mut HyperBody(body),
+    )
+    .await;
+    Ok(response.map(|data| ResponseBody {
+        data: data.filter(|d| !d.is_empty()),
+        _in_progress: in_progress,
+    }))
 }
 
 /// Serves one request and counts it; the engine writes the reply.
-pub async fn respond<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, path: &str, headers: &HeaderMap, body: &mut B) -> Reply {
+pub async fn respond<B: RequestBody>(
+    ctx: &Rc<CoreContext>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &mut B,
+) -> Reply {
     let started = Instant::now();
     let slot = metrics::method_slot(method);
     let response = route(ctx, method, path, headers, body).await;
@@ -120,7 +143,13 @@ pub async fn respond<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, pat
 
 pub type Reply = Response<Option<Bytes>>;
 
-async fn route<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, path: &str, headers: &HeaderMap, body: &mut B) -> Reply {
+async fn route<B: RequestBody>(
+    ctx: &Rc<CoreContext>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &mut B,
+) -> Reply {
     if let Some(key) = path.strip_prefix(SHARD_PREFIX) {
         return shard(ctx, method, key, headers, body).await;
     }
@@ -133,17 +162,32 @@ async fn route<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, path: &st
             }
         }
         (&Method::GET, "/metrics") => {
-            let body = ctx.node.metrics.render(ctx.node.store.gauges(), ctx.node.is_draining());
+            let body = ctx
+                .node
+                .metrics
+                .render(ctx.node.store.gauges(), ctx.node.is_draining());
             let mut reply = Response::new(Some(Bytes::from(body)));
-            reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            reply.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
             reply
         }
         (_, "/health" | "/metrics") => method_not_allowed("GET, HEAD"),
-        _ => text(StatusCode::NOT_FOUND, "no such endpoint; shards live under /v1/shards/{key}\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "no such endpoint; shards live under /v1/shards/{key}\n",
+        ),
     }
 }
 
-async fn shard<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, key: &str, headers: &HeaderMap, body: &mut B) -> Reply {
+async fn shard<B: RequestBody>(
+    ctx: &Rc<CoreContext>,
+    method: &Method,
+    key: &str,
+    headers: &HeaderMap,
+    body: &mut B,
+) -> Reply {
     let needs_token = match *method {
         Method::GET | Method::HEAD => ctx.node.http.auth_reads,
         Method::PUT | Method::DELETE => true,
@@ -151,12 +195,20 @@ async fn shard<B: RequestBody>(ctx: &Rc<CoreContext>, method: &Method, key: &str
     };
     if needs_token && !authorized(ctx, headers) {
         let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-        reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        reply
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return reject_body(reply, body).await;
     }
     let key = match ShardKey::parse(key) {
         Ok(key) => key,
-        Err(e) => return reject_body(text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")), body).await,
+        Err(e) => {
+            return reject_body(
+                text(StatusCode::BAD_REQUEST, format!("bad shard key: {e}\n")),
+                body,
+            )
+            .await;
+        }
     };
     match *method {
         Method::GET => get(ctx, key, true).await,
@@ -193,8 +245,13 @@ async fn discard<B: RequestBody>(reply: Reply, body: &mut B, limit: u64) -> Repl
 }
 
 fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {
-    let Some(token) = &ctx.node.http.token else { return true };
-    let Some(given) = headers.get(header::AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+    let Some(token) = &ctx.node.http.token else {
+        return true;
+    };
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
         return false;
     };
     constant_time_eq(given, token.as_bytes())
@@ -220,23 +277,45 @@ async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>, with_body: bool) -> Reply
         reply.extensions_mut().insert(ZeroCopy);
     }
     let headers = reply.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(CRC_HEADER, HeaderValue::from(shard.crc));
-    headers.insert(TIER_HEADER, HeaderValue::from_static(if shard.tier == Tier::Memory { "memory" } else { "flash" }));
+    headers.insert(
+        TIER_HEADER,
+        HeaderValue::from_static(if shard.tier == Tier::Memory {
+            "memory"
+        } else {
+            "flash"
+        }),
+    );
     if !with_body {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     reply
 }
 
-async fn put<B: RequestBody>(ctx: &Rc<CoreContext>, key: ShardKey<'_>, headers: &HeaderMap, body: &mut B) -> Reply {
+async fn put<B: RequestBody>(
+    ctx: &Rc<CoreContext>,
+    key: ShardKey<'_>,
+    headers: &HeaderMap,
+    body: &mut B,
+) -> Reply {
     let max = ctx.store.max_payload();
     let expected_crc = match headers.get(CRC_HEADER) {
         None => None,
-        Some(value) => match value.to_str().ok().and_then(|v| v.trim().parse::<u32>().ok()) {
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        {
             Some(crc) => Some(crc),
             None => {
-                let reply = text(StatusCode::BAD_REQUEST, format!("{CRC_HEADER} must be a decimal crc32\n"));
+                let reply = text(
+                    StatusCode::BAD_REQUEST,
+                    format!("{CRC_HEADER} must be a decimal crc32\n"),
+                );
                 return reject_body(reply, body).await;
             }
         },
@@ -258,13 +337,21 @@ async fn put<B: RequestBody>(ctx: &Rc<CoreContext>, key: ShardKey<'_>, headers: 
                 record.push(&data);
             }
             // The client closed or broke the stream before the body ended.
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("incomplete request body: {e}\n")),
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("incomplete request body: {e}\n"),
+                );
+            }
         }
     }
     if let Some(expected) = expected_crc {
         let actual = record.crc();
         if actual != expected {
-            return text(StatusCode::BAD_REQUEST, format!("crc32 mismatch: {CRC_HEADER} says {expected}, the body has {actual}\n"));
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("crc32 mismatch: {CRC_HEADER} says {expected}, the body has {actual}\n"),
+            );
         }
     }
     match ctx.store.put(key, record).await {
@@ -291,12 +378,17 @@ fn store_unavailable(e: &StoreError) -> Reply {
 }
 
 fn too_large(max: u64) -> Reply {
-    text(StatusCode::PAYLOAD_TOO_LARGE, format!("shard larger than the {max}-byte limit\n"))
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("shard larger than the {max}-byte limit\n"),
+    )
 }
 
 fn method_not_allowed(allow: &'static str) -> Reply {
     let mut reply = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-    reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    reply
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     reply
 }
 
@@ -309,7 +401,10 @@ fn empty(status: StatusCode) -> Reply {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
     let mut reply = Response::new(Some(body.into()));
     *reply.status_mut() = status;
-    reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     reply
 }
 

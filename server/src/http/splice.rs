@@ -53,12 +53,22 @@ impl SplicePipe {
         let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
         // If the kernel refuses the size, the default (64 KiB) works, in more rounds.
         let capacity = if size > 0 { size as usize } else { 64 * 1024 };
-        Ok(Self { read, write, capacity })
+        Ok(Self {
+            read,
+            write,
+            capacity,
+        })
     }
 }
 
 /// Sends `head` and then `body` on `stream` through `pipe`. `body` must be spliceable.
-pub async fn send(stream: &TcpStream, pipe: &SplicePipe, head: &[u8], body: &Bytes, activity: &Activity) -> io::Result<()> {
+pub async fn send(
+    stream: &TcpStream,
+    pipe: &SplicePipe,
+    head: &[u8],
+    body: &Bytes,
+    activity: &Activity,
+) -> io::Result<()> {
     let socket = stream.as_raw_fd();
     let blocking_flags = flags(socket)?;
     let mut head = head;
@@ -106,35 +116,65 @@ pub async fn send(stream: &TcpStream, pipe: &SplicePipe, head: &[u8], body: &Byt
 fn flags(fd: RawFd) -> io::Result<libc::c_int> {
     // SAFETY: F_GETFL reads the flags of a descriptor the caller keeps open.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 { Err(io::Error::last_os_error()) } else { Ok(flags) }
+    if flags < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(flags)
+    }
 }
 
 fn set_flags(fd: RawFd, flags: libc::c_int) -> io::Result<()> {
     // SAFETY: F_SETFL only reads its integer argument; the caller keeps the descriptor open.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn write(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
     // SAFETY: the kernel reads `bytes.len()` bytes from a live slice and copies them.
     let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 fn vmsplice(pipe: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    let iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    let iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
     // SAFETY: the iovec describes a live slice. The kernel takes references to its pages
     // and reads them later, after this call; that is sound only because `send`'s contract
     // limits it to spliceable memory, which is never written again and whose pages outlive
     // an unmap while referenced.
     let n = unsafe { libc::vmsplice(pipe, &iov, 1, libc::SPLICE_F_NONBLOCK) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 fn splice(pipe: RawFd, socket: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice between two descriptors the caller keeps open, with null offsets
     // (both are streams); no user memory is involved.
     let n = unsafe {
-        libc::splice(pipe, std::ptr::null_mut(), socket, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
+        libc::splice(
+            pipe,
+            std::ptr::null_mut(),
+            socket,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
     };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }

@@ -53,13 +53,25 @@ impl AlignedBuf {
         if cap >= MAP_THRESHOLD
             && let Some(ptr) = map(cap)
         {
-            return Self { ptr, len: 0, cap, mapped: true };
+            return Self {
+                ptr,
+                len: 0,
+                cap,
+                mapped: true,
+            };
         }
         let layout = Self::layout(cap);
         // SAFETY: the layout has a non-zero size (at least one block).
         let raw = unsafe { alloc::alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
-        Self { ptr, len: 0, cap, mapped: false }
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        Self {
+            ptr,
+            len: 0,
+            cap,
+            mapped: false,
+        }
     }
 
     /// True if the buffer's pages may be handed to the kernel by reference (see the
@@ -105,7 +117,9 @@ impl AlignedBuf {
     fn allocation_mut(&mut self) -> &mut [MaybeUninit<u8>] {
         // SAFETY: the allocation holds `cap` bytes owned by this buffer and exclusively
         // borrowed here; any byte, initialised or not, is a valid MaybeUninit<u8>.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<MaybeUninit<u8>>(), self.cap) }
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<MaybeUninit<u8>>(), self.cap)
+        }
     }
 
     /// Appends `data`, growing the allocation (by doubling) if needed.
@@ -164,7 +178,11 @@ fn map(len: usize) -> Option<NonNull<u8>> {
             0,
         )
     };
-    if raw == libc::MAP_FAILED { None } else { NonNull::new(raw.cast()) }
+    if raw == libc::MAP_FAILED {
+        None
+    } else {
+        NonNull::new(raw.cast())
+    }
 }
 
 impl Drop for AlignedBuf {

@@ -14,7 +14,10 @@ use super::{
     Store, StoreError,
     aligned::AlignedBuf,
     device::random_u64,
-    format::{BLOCK_SIZE, RegionHeader, RegionState, decode_record_header, encode_record_header, record_blocks, record_header_len},
+    format::{
+        BLOCK_SIZE, RegionHeader, RegionState, decode_record_header, encode_record_header,
+        record_blocks, record_header_len,
+    },
     index::{Entry, Location, key_hash},
     memory::MemShard,
     regions::{CounterGuard, wait_for_zero},
@@ -57,7 +60,11 @@ impl PendingRecord {
         let header_len = record_header_len(key.as_bytes().len());
         let mut buf = AlignedBuf::with_capacity(header_len + expected_payload);
         buf.resize_zeroed(header_len);
-        Self { buf, header_len, hasher: crc32fast::Hasher::new() }
+        Self {
+            buf,
+            header_len,
+            hasher: crc32fast::Hasher::new(),
+        }
     }
 
     pub fn push(&mut self, data: &[u8]) {
@@ -137,7 +144,14 @@ pub struct CoreStore {
 impl CoreStore {
     pub(super) fn new(store: Arc<Store>, core: usize) -> Result<Self, StoreError> {
         let file = monoio::fs::File::from_std(store.device.file.try_clone()?)?;
-        Ok(Self { store, core, file, puts: AppendStream::default(), reinserts: AppendStream::default(), evicting: Cell::new(false) })
+        Ok(Self {
+            store,
+            core,
+            file,
+            puts: AppendStream::default(),
+            reinserts: AppendStream::default(),
+            evicting: Cell::new(false),
+        })
     }
 
     pub fn store(&self) -> &Arc<Store> {
@@ -154,7 +168,8 @@ impl CoreStore {
     }
 
     fn offset(&self, location: Location) -> u64 {
-        self.store.device.region_offset(location.region) + u64::from(location.block) * BLOCK_SIZE as u64
+        self.store.device.region_offset(location.region)
+            + u64::from(location.block) * BLOCK_SIZE as u64
     }
 
     /// Looks the shard up in memory, then on flash. Any failure to read or verify it is a
@@ -167,7 +182,12 @@ impl CoreStore {
                 entry.hits = entry.hits.saturating_add(1);
             }
             add(&self.metrics().hits_memory, 1);
-            return Some(Shard { data: shard.data, crc: shard.crc, tier: Tier::Memory, zero_copy: shard.zero_copy });
+            return Some(Shard {
+                data: shard.data,
+                crc: shard.crc,
+                tier: Tier::Memory,
+                zero_copy: shard.zero_copy,
+            });
         }
 
         let (entry, nonce, pin) = {
@@ -179,7 +199,11 @@ impl CoreStore {
             };
             entry.hits = entry.hits.saturating_add(1);
             let region = entry.location.region;
-            (*entry, store.regions.get(region).nonce.load(Ordering::Acquire), store.regions.pin(region))
+            (
+                *entry,
+                store.regions.get(region).nonce.load(Ordering::Acquire),
+                store.regions.pin(region),
+            )
         };
         let read = self.read_blocks(entry.location, entry.blocks()).await;
         drop(pin);
@@ -193,11 +217,23 @@ impl CoreStore {
                         // a PUT or DELETE that raced with this read is never undone.
                         let map = store.index.lock(hash);
                         if map.get(&hash).is_some_and(|e| e.location == entry.location) {
-                            store.memory.insert(key.as_str(), MemShard { data: data.clone(), crc, zero_copy });
+                            store.memory.insert(
+                                key.as_str(),
+                                MemShard {
+                                    data: data.clone(),
+                                    crc,
+                                    zero_copy,
+                                },
+                            );
                         }
                         drop(map);
                         add(&self.metrics().hits_flash, 1);
-                        return Some(Shard { data, crc, tier: Tier::Flash, zero_copy });
+                        return Some(Shard {
+                            data,
+                            crc,
+                            tier: Tier::Flash,
+                            zero_copy,
+                        });
                     }
                     Err(fault) => fault,
                 }
@@ -221,8 +257,15 @@ impl CoreStore {
         None
     }
 
-    fn verify(&self, buf: AlignedBuf, nonce: u64, key: &[u8], payload_len: u32) -> Result<(Bytes, u32), ReadFault> {
-        let header = decode_record_header(buf.as_slice(), nonce, self.store.max_payload).map_err(|_| ReadFault::Corrupt)?;
+    fn verify(
+        &self,
+        buf: AlignedBuf,
+        nonce: u64,
+        key: &[u8],
+        payload_len: u32,
+    ) -> Result<(Bytes, u32), ReadFault> {
+        let header = decode_record_header(buf.as_slice(), nonce, self.store.max_payload)
+            .map_err(|_| ReadFault::Corrupt)?;
         if header.key != key {
             return Err(ReadFault::OtherKey);
         }
@@ -257,23 +300,52 @@ impl CoreStore {
 
     /// Stores a shard. It is acknowledged (Ok) only once the record is on the device and
     /// indexed, and any previous version has been invalidated on the device.
-    pub async fn put(self: &Rc<Self>, key: ShardKey<'_>, record: PendingRecord) -> Result<PutOutcome, StoreError> {
+    pub async fn put(
+        self: &Rc<Self>,
+        key: ShardKey<'_>,
+        record: PendingRecord,
+    ) -> Result<PutOutcome, StoreError> {
         let store = &*self.store;
         let hash = key_hash(key.as_bytes());
         let payload_len = record.payload_len();
         let crc = record.crc();
         let header_len = record.header_len;
         let seq = store.next_seq();
-        let appended = self.append(hash, key.as_bytes(), record.buf, payload_len, crc, seq, AppendMode::Put).await?;
+        let appended = self
+            .append(
+                hash,
+                key.as_bytes(),
+                record.buf,
+                payload_len,
+                crc,
+                seq,
+                AppendMode::Put,
+            )
+            .await?;
 
         let zero_copy = appended.buf.is_spliceable();
-        let data = appended.buf.into_bytes().slice(header_len..header_len + payload_len);
-        let entry = Entry { location: appended.location, payload_len: payload_len as u32, key_len: key.as_bytes().len() as u8, hits: 0 };
+        let data = appended
+            .buf
+            .into_bytes()
+            .slice(header_len..header_len + payload_len);
+        let entry = Entry {
+            location: appended.location,
+            payload_len: payload_len as u32,
+            key_len: key.as_bytes().len() as u8,
+            hits: 0,
+        };
         let (previous, was_in_memory, pin) = {
             let mut map = store.index.lock(hash);
             let previous = map.insert(hash, entry);
             let was_in_memory = store.memory.contains(key.as_str());
-            store.memory.insert(key.as_str(), MemShard { data, crc, zero_copy });
+            store.memory.insert(
+                key.as_str(),
+                MemShard {
+                    data,
+                    crc,
+                    zero_copy,
+                },
+            );
             let pin = previous.map(|p| store.regions.pin(p.location.region));
             (previous, was_in_memory, pin)
         };
@@ -287,7 +359,11 @@ impl CoreStore {
             drop(pin);
             return Ok(PutOutcome::Replaced);
         }
-        Ok(if was_in_memory { PutOutcome::Replaced } else { PutOutcome::Created })
+        Ok(if was_in_memory {
+            PutOutcome::Replaced
+        } else {
+            PutOutcome::Created
+        })
     }
 
     /// Deletes a shard; true if it existed. The record is invalidated on the device before
@@ -343,16 +419,30 @@ impl CoreStore {
     ) -> Result<Appended<'_>, StoreError> {
         let blocks = record_blocks(key.len(), payload_len);
         let slot = self.reserve(blocks, mode).await?;
-        encode_record_header(buf.as_mut_slice(), slot.nonce, seq, key, payload_len as u32, payload_crc);
+        encode_record_header(
+            buf.as_mut_slice(),
+            slot.nonce,
+            seq,
+            key,
+            payload_len as u32,
+            payload_crc,
+        );
         buf.pad_to_block();
-        let (result, buf) = self.file.write_all_at(buf, self.offset(slot.location)).await;
+        let (result, buf) = self
+            .file
+            .write_all_at(buf, self.offset(slot.location))
+            .await;
         if let Err(e) = result {
             add(&self.metrics().io_errors_write, 1);
             tracing::error!(region = slot.location.region, error = %e, "shard write failed");
             return Err(StoreError::Io(e));
         }
         self.store.regions.get(slot.location.region).push_key(hash);
-        Ok(Appended { location: slot.location, buf, _writing: slot._writing })
+        Ok(Appended {
+            location: slot.location,
+            buf,
+            _writing: slot._writing,
+        })
     }
 
     fn stream(&self, mode: AppendMode) -> &AppendStream {
@@ -362,7 +452,11 @@ impl CoreStore {
         }
     }
 
-    async fn reserve(self: &Rc<Self>, blocks: u32, mode: AppendMode) -> Result<Slot<'_>, StoreError> {
+    async fn reserve(
+        self: &Rc<Self>,
+        blocks: u32,
+        mode: AppendMode,
+    ) -> Result<Slot<'_>, StoreError> {
         let stream = self.stream(mode);
         loop {
             if let Some(slot) = self.try_bump(stream, blocks) {
@@ -382,13 +476,24 @@ impl CoreStore {
         if region.next_block + blocks > self.store.region_blocks {
             return None;
         }
-        let location = Location { region: region.region, block: region.next_block };
+        let location = Location {
+            region: region.region,
+            block: region.next_block,
+        };
         region.next_block += blocks;
-        Some(Slot { location, nonce: region.nonce, _writing: self.store.regions.start_write(location.region) })
+        Some(Slot {
+            location,
+            nonce: region.nonce,
+            _writing: self.store.regions.start_write(location.region),
+        })
     }
 
     /// Seals the stream's full region and opens a free one.
-    async fn switch_region(self: &Rc<Self>, stream: &AppendStream, mode: AppendMode) -> Result<(), StoreError> {
+    async fn switch_region(
+        self: &Rc<Self>,
+        stream: &AppendStream,
+        mode: AppendMode,
+    ) -> Result<(), StoreError> {
         let store = &*self.store;
         let full = stream.open.borrow_mut().take();
         if let Some(full) = full {
@@ -399,7 +504,10 @@ impl CoreStore {
             AppendMode::Reinsert => store.regions.pop_free().ok_or(StoreError::NoSpace)?,
         };
         let nonce = random_u64();
-        if let Err(e) = self.write_region_header(region, RegionState::Live, nonce, store.next_seq()).await {
+        if let Err(e) = self
+            .write_region_header(region, RegionState::Live, nonce, store.next_seq())
+            .await
+        {
             add(&self.metrics().io_errors_write, 1);
             store.regions.mark_broken(region);
             return Err(StoreError::Io(e));
@@ -407,7 +515,11 @@ impl CoreStore {
         let meta = store.regions.get(region);
         meta.nonce.store(nonce, Ordering::Release);
         meta.take_keys();
-        *stream.open.borrow_mut() = Some(OpenRegion { region, nonce, next_block: 1 });
+        *stream.open.borrow_mut() = Some(OpenRegion {
+            region,
+            nonce,
+            next_block: 1,
+        });
         self.maybe_start_eviction();
         Ok(())
     }
@@ -431,11 +543,27 @@ impl CoreStore {
         }
     }
 
-    async fn write_region_header(&self, region: u32, state: RegionState, nonce: u64, open_seq: u64) -> std::io::Result<()> {
+    async fn write_region_header(
+        &self,
+        region: u32,
+        state: RegionState,
+        nonce: u64,
+        open_seq: u64,
+    ) -> std::io::Result<()> {
         let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
         let store_id = self.store.device.superblock.store_id;
-        RegionHeader { region, state, nonce, open_seq, store_id }.encode(buf.as_mut_slice());
-        let (result, _) = self.file.write_all_at(buf, self.store.device.region_offset(region)).await;
+        RegionHeader {
+            region,
+            state,
+            nonce,
+            open_seq,
+            store_id,
+        }
+        .encode(buf.as_mut_slice());
+        let (result, _) = self
+            .file
+            .write_all_at(buf, self.store.device.region_offset(region))
+            .await;
         result
     }
 
@@ -443,7 +571,10 @@ impl CoreStore {
     /// rarely wait for an eviction.
     fn maybe_start_eviction(self: &Rc<Self>) {
         let store = &*self.store;
-        if self.evicting.get() || store.regions.free_count() >= store.low_watermark || !store.regions.has_sealed() {
+        if self.evicting.get()
+            || store.regions.free_count() >= store.low_watermark
+            || !store.regions.has_sealed()
+        {
             return;
         }
         self.evicting.set(true);
@@ -465,7 +596,9 @@ impl CoreStore {
     /// lasts; the rest are dropped. Returns false if there was nothing to evict.
     async fn evict_one(self: &Rc<Self>) -> bool {
         let store = &*self.store;
-        let Some(victim) = store.regions.pop_victim() else { return false };
+        let Some(victim) = store.regions.pop_victim() else {
+            return false;
+        };
         let meta = store.regions.get(victim);
         wait_for_zero(&meta.writers).await;
         let nonce = meta.nonce.load(Ordering::Acquire);
@@ -476,19 +609,26 @@ impl CoreStore {
         let earned = region_blocks / 4 * 3;
         let credit = store.reinsert_credit.fetch_add(earned, Ordering::AcqRel) + earned;
         if credit > 4 * region_blocks {
-            store.reinsert_credit.fetch_sub(credit - 4 * region_blocks, Ordering::AcqRel);
+            store
+                .reinsert_credit
+                .fetch_sub(credit - 4 * region_blocks, Ordering::AcqRel);
         }
 
         let mut hot = Vec::new();
         let mut evicted = 0;
         for hash in meta.take_keys() {
             let mut map = store.index.lock(hash);
-            let Some(entry) = map.get(&hash).copied() else { continue };
+            let Some(entry) = map.get(&hash).copied() else {
+                continue;
+            };
             if entry.location.region != victim {
                 continue;
             }
             let blocks = i64::from(entry.blocks());
-            if threshold > 0 && entry.hits >= threshold && store.reinsert_credit.fetch_sub(blocks, Ordering::AcqRel) >= blocks {
+            if threshold > 0
+                && entry.hits >= threshold
+                && store.reinsert_credit.fetch_sub(blocks, Ordering::AcqRel) >= blocks
+            {
                 hot.push((hash, entry));
                 continue;
             }
@@ -513,7 +653,10 @@ impl CoreStore {
 
         wait_for_zero(&meta.pins).await;
         let retired = random_u64();
-        match self.write_region_header(victim, RegionState::Retired, retired, 0).await {
+        match self
+            .write_region_header(victim, RegionState::Retired, retired, 0)
+            .await
+        {
             Ok(()) => {
                 meta.nonce.store(retired, Ordering::Release);
                 store.regions.push_free(victim);
@@ -540,15 +683,29 @@ impl CoreStore {
             add(&self.metrics().io_errors_read, 1);
             return false;
         };
-        let (key, seq, crc) = match decode_record_header(buf.as_slice(), victim_nonce, self.store.max_payload) {
-            Ok(h) if h.payload_len == entry.payload_len && key_hash(h.key) == hash => (h.key.to_vec(), h.seq, h.payload_crc),
-            _ => return false,
-        };
+        let (key, seq, crc) =
+            match decode_record_header(buf.as_slice(), victim_nonce, self.store.max_payload) {
+                Ok(h) if h.payload_len == entry.payload_len && key_hash(h.key) == hash => {
+                    (h.key.to_vec(), h.seq, h.payload_crc)
+                }
+                _ => return false,
+            };
         let start = record_header_len(key.len());
         if crc32fast::hash(&buf.as_slice()[start..start + entry.payload_len as usize]) != crc {
             return false;
         }
-        let Ok(appended) = self.append(hash, &key, buf, entry.payload_len as usize, crc, seq, AppendMode::Reinsert).await else {
+        let Ok(appended) = self
+            .append(
+                hash,
+                &key,
+                buf,
+                entry.payload_len as usize,
+                crc,
+                seq,
+                AppendMode::Reinsert,
+            )
+            .await
+        else {
             return false;
         };
         let moved = {

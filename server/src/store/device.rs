@@ -6,7 +6,10 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, Seek, SeekFrom},
-    os::{fd::AsRawFd, unix::fs::{FileExt, OpenOptionsExt}},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, OpenOptionsExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -68,7 +71,10 @@ impl Device {
     pub fn open(opts: &DeviceOptions) -> Result<Self, StoreError> {
         let (path, requested) = match &opts.target {
             StoreTarget::DataDir(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::Open { path: dir.clone(), source })?;
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::Open {
+                    path: dir.clone(),
+                    source,
+                })?;
                 let capacity = opts.capacity.ok_or(StoreError::CapacityRequired)?;
                 (dir.join(DATA_FILE_NAME), capacity)
             }
@@ -76,7 +82,11 @@ impl Device {
                 let size = device_size(path)?;
                 let capacity = match opts.capacity {
                     Some(c) if c > size => {
-                        return Err(StoreError::DeviceTooSmall { path: path.clone(), size, capacity: c });
+                        return Err(StoreError::DeviceTooSmall {
+                            path: path.clone(),
+                            size,
+                            capacity: c,
+                        });
                     }
                     Some(c) => c,
                     None => size,
@@ -86,8 +96,13 @@ impl Device {
         };
 
         let region_count = requested.saturating_sub(BLOCK_SIZE as u64) / opts.region_size;
-        let region_count = u32::try_from(region_count).map_err(|_| StoreError::TooManyRegions(region_count))?;
-        let wanted = Superblock { region_size: opts.region_size, region_count, store_id: 0 };
+        let region_count =
+            u32::try_from(region_count).map_err(|_| StoreError::TooManyRegions(region_count))?;
+        let wanted = Superblock {
+            region_size: opts.region_size,
+            region_count,
+            store_id: 0,
+        };
         let len = BLOCK_SIZE as u64 + u64::from(region_count) * opts.region_size;
 
         let is_data_dir = matches!(opts.target, StoreTarget::DataDir(_));
@@ -97,7 +112,11 @@ impl Device {
         }
 
         let mut block = AlignedBuf::zeroed(BLOCK_SIZE);
-        file.read_exact_at(block.as_mut_slice(), 0).map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        file.read_exact_at(block.as_mut_slice(), 0)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let existing = match Superblock::decode(block.as_slice()) {
             Ok(existing) => existing,
             Err(e) if opts.reformat => {
@@ -108,7 +127,12 @@ impl Device {
         };
 
         let (superblock, formatted) = match existing {
-            Some(sb) if sb.region_size == wanted.region_size && sb.region_count == wanted.region_count => (sb, false),
+            Some(sb)
+                if sb.region_size == wanted.region_size
+                    && sb.region_count == wanted.region_count =>
+            {
+                (sb, false)
+            }
             Some(sb) if !opts.reformat => {
                 return Err(StoreError::ShapeMismatch {
                     path,
@@ -117,16 +141,26 @@ impl Device {
                 });
             }
             _ => {
-                let sb = Superblock { store_id: random_u64(), ..wanted };
+                let sb = Superblock {
+                    store_id: random_u64(),
+                    ..wanted
+                };
                 block.resize_zeroed(BLOCK_SIZE);
                 sb.encode(block.as_mut_slice());
-                file.write_all_at(block.as_slice(), 0).map_err(StoreError::Io)?;
+                file.write_all_at(block.as_slice(), 0)
+                    .map_err(StoreError::Io)?;
                 file.sync_all().map_err(StoreError::Io)?;
                 tracing::info!(path = %path.display(), regions = region_count, region_size = %ByteSize(opts.region_size), "formatted a new store");
                 (sb, true)
             }
         };
-        Ok(Self { path, file, direct, superblock, formatted })
+        Ok(Self {
+            path,
+            file,
+            direct,
+            superblock,
+            formatted,
+        })
     }
 
     /// Byte offset of the first block (the region header) of `region`.
@@ -157,12 +191,17 @@ fn open_file(path: &Path, create: bool, mode: DirectIo) -> Result<(File, bool), 
         }
         options.open(path)
     };
-    let open_error = |source| StoreError::Open { path: path.to_owned(), source };
+    let open_error = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
     match mode {
         DirectIo::Off => Ok((open(false).map_err(open_error)?, false)),
         DirectIo::On => match open(true) {
             Ok(file) => Ok((file, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(StoreError::NoDirectIo(path.to_owned())),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Err(StoreError::NoDirectIo(path.to_owned()))
+            }
             Err(e) => Err(open_error(e)),
         },
         DirectIo::Auto => match open(true) {
@@ -191,14 +230,25 @@ fn preallocate(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_arg) };
     if rc != 0 {
         let source = io::Error::last_os_error();
-        return Err(StoreError::Allocate { path: path.to_owned(), size: ByteSize(len), source });
+        return Err(StoreError::Allocate {
+            path: path.to_owned(),
+            size: ByteSize(len),
+            source,
+        });
     }
     Ok(())
 }
 
 fn device_size(path: &Path) -> Result<u64, StoreError> {
-    let mut file = File::open(path).map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
-    file.seek(SeekFrom::End(0)).map_err(|source| StoreError::Open { path: path.to_owned(), source })
+    let mut file = File::open(path).map_err(|source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    file.seek(SeekFrom::End(0))
+        .map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// A random 64-bit value for store ids and region nonces.

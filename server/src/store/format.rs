@@ -190,7 +190,14 @@ pub enum RecordHeaderError {
 }
 
 /// Writes a record header for `key` into the first bytes of `buf`.
-pub fn encode_record_header(buf: &mut [u8], nonce: u64, seq: u64, key: &[u8], payload_len: u32, payload_crc: u32) {
+pub fn encode_record_header(
+    buf: &mut [u8],
+    nonce: u64,
+    seq: u64,
+    key: &[u8],
+    payload_len: u32,
+    payload_crc: u32,
+) {
     let header_len = record_header_len(key.len());
     buf[0..4].copy_from_slice(&RECORD_MAGIC);
     buf[8..16].copy_from_slice(&nonce.to_le_bytes());
@@ -206,8 +213,13 @@ pub fn encode_record_header(buf: &mut [u8], nonce: u64, seq: u64, key: &[u8], pa
 /// Decodes the record header at the start of `buf` (at least one block), accepting only
 /// records written under `nonce`. A header whose magic and nonce match but whose checksum
 /// does not is `Corrupt`; anything else is `NotARecord`.
-pub fn decode_record_header(buf: &[u8], nonce: u64, max_payload: u64) -> Result<RecordHeader<'_>, RecordHeaderError> {
-    if buf.len() < RECORD_FIXED_HEADER || buf[0..4] != RECORD_MAGIC || le_u64(&buf[8..16]) != nonce {
+pub fn decode_record_header(
+    buf: &[u8],
+    nonce: u64,
+    max_payload: u64,
+) -> Result<RecordHeader<'_>, RecordHeaderError> {
+    if buf.len() < RECORD_FIXED_HEADER || buf[0..4] != RECORD_MAGIC || le_u64(&buf[8..16]) != nonce
+    {
         return Err(RecordHeaderError::NotARecord);
     }
     let key_len = usize::from(buf[32]);
@@ -222,7 +234,12 @@ pub fn decode_record_header(buf: &[u8], nonce: u64, max_payload: u64) -> Result<
     if u64::from(payload_len) > max_payload {
         return Err(RecordHeaderError::Corrupt);
     }
-    Ok(RecordHeader { seq: le_u64(&buf[16..24]), payload_len, payload_crc: le_u32(&buf[28..32]), key: &buf[33..header_len] })
+    Ok(RecordHeader {
+        seq: le_u64(&buf[16..24]),
+        payload_len,
+        payload_crc: le_u32(&buf[28..32]),
+        key: &buf[33..header_len],
+    })
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -239,7 +256,11 @@ mod tests {
 
     #[test]
     fn superblock_round_trips_and_detects_damage() {
-        let sb = Superblock { region_size: 16 << 20, region_count: 63, store_id: 0xfeed };
+        let sb = Superblock {
+            region_size: 16 << 20,
+            region_count: 63,
+            store_id: 0xfeed,
+        };
         let mut block = vec![0u8; BLOCK_SIZE];
         assert_eq!(Superblock::decode(&block), Ok(None));
         sb.encode(&mut block);
@@ -250,11 +271,21 @@ mod tests {
 
     #[test]
     fn region_header_belongs_to_one_region_of_one_store() {
-        let h = RegionHeader { region: 7, state: RegionState::Live, nonce: 42, open_seq: 9, store_id: 1 };
+        let h = RegionHeader {
+            region: 7,
+            state: RegionState::Live,
+            nonce: 42,
+            open_seq: 9,
+            store_id: 1,
+        };
         let mut block = vec![0u8; BLOCK_SIZE];
         h.encode(&mut block);
         assert_eq!(RegionHeader::decode(&block, 7, 1), Some(h));
-        assert_eq!(RegionHeader::decode(&block, 8, 1), None, "another region's slot");
+        assert_eq!(
+            RegionHeader::decode(&block, 8, 1),
+            None,
+            "another region's slot"
+        );
         assert_eq!(RegionHeader::decode(&block, 7, 2), None, "another store");
         block[17] ^= 0x80;
         assert_eq!(RegionHeader::decode(&block, 7, 1), None);
@@ -265,7 +296,10 @@ mod tests {
         let mut buf = vec![0u8; BLOCK_SIZE];
         encode_record_header(&mut buf, 5, 77, b"chunk.0", 1000, 0xabcd);
         let h = decode_record_header(&buf, 5, 1 << 20).unwrap();
-        assert_eq!((h.seq, h.payload_len, h.payload_crc, h.key), (77, 1000, 0xabcd, &b"chunk.0"[..]));
+        assert_eq!(
+            (h.seq, h.payload_len, h.payload_crc, h.key),
+            (77, 1000, 0xabcd, &b"chunk.0"[..])
+        );
         assert_eq!(h.header_len(), 40);
         assert_eq!(h.blocks(), 1);
     }
@@ -274,8 +308,14 @@ mod tests {
     fn record_from_another_incarnation_is_not_a_record() {
         let mut buf = vec![0u8; BLOCK_SIZE];
         encode_record_header(&mut buf, 5, 1, b"k", 10, 0);
-        assert_eq!(decode_record_header(&buf, 6, 1 << 20), Err(RecordHeaderError::NotARecord));
-        assert_eq!(decode_record_header(&[0u8; BLOCK_SIZE], 5, 1 << 20), Err(RecordHeaderError::NotARecord));
+        assert_eq!(
+            decode_record_header(&buf, 6, 1 << 20),
+            Err(RecordHeaderError::NotARecord)
+        );
+        assert_eq!(
+            decode_record_header(&[0u8; BLOCK_SIZE], 5, 1 << 20),
+            Err(RecordHeaderError::NotARecord)
+        );
     }
 
     #[test]
@@ -283,9 +323,16 @@ mod tests {
         let mut buf = vec![0u8; BLOCK_SIZE];
         encode_record_header(&mut buf, 5, 1, b"key", 10, 0);
         buf[34] ^= 1; // inside the key
-        assert_eq!(decode_record_header(&buf, 5, 1 << 20), Err(RecordHeaderError::Corrupt));
+        assert_eq!(
+            decode_record_header(&buf, 5, 1 << 20),
+            Err(RecordHeaderError::Corrupt)
+        );
         encode_record_header(&mut buf, 5, 1, b"key", 10, 0);
-        assert_eq!(decode_record_header(&buf, 5, 9), Err(RecordHeaderError::Corrupt), "payload beyond the limit");
+        assert_eq!(
+            decode_record_header(&buf, 5, 9),
+            Err(RecordHeaderError::Corrupt),
+            "payload beyond the limit"
+        );
     }
 
     proptest::proptest! {

@@ -79,7 +79,11 @@ impl Default for Index {
 
 impl Index {
     pub fn new() -> Self {
-        Self { shards: (0..INDEX_SHARDS).map(|_| Mutex::new(IndexMap::default())).collect() }
+        Self {
+            shards: (0..INDEX_SHARDS)
+                .map(|_| Mutex::new(IndexMap::default()))
+                .collect(),
+        }
     }
 
     /// Locks the part of the index that holds `hash`.
@@ -88,11 +92,16 @@ impl Index {
         // them with the top 7 bits, so both must keep varying inside one shard; the middle
         // bits are constant per shard only beyond 2^24 buckets per shard.
         let shard = (hash >> 24) as usize % INDEX_SHARDS;
-        self.shards[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -114,7 +123,15 @@ mod tests {
     fn lookups_go_to_the_same_shard() {
         let index = Index::new();
         let hash = key_hash(b"chunk-1");
-        let entry = Entry { location: Location { region: 1, block: 2 }, payload_len: 3, key_len: 7, hits: 0 };
+        let entry = Entry {
+            location: Location {
+                region: 1,
+                block: 2,
+            },
+            payload_len: 3,
+            key_len: 7,
+            hits: 0,
+        };
         index.lock(hash).insert(hash, entry);
         assert_eq!(index.lock(hash).get(&hash), Some(&entry));
         assert_eq!(index.len(), 1);

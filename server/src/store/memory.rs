@@ -41,7 +41,9 @@ impl MemoryTier {
     /// A tier of `capacity` bytes; zero disables it.
     pub fn new(capacity: u64) -> Self {
         let cache = (capacity > 0).then(|| {
-            let items = usize::try_from(capacity / TYPICAL_SHARD).unwrap_or(usize::MAX).max(16);
+            let items = usize::try_from(capacity / TYPICAL_SHARD)
+                .unwrap_or(usize::MAX)
+                .max(16);
             Cache::with_weighter(items, capacity, ShardWeighter)
         });
         Self { cache, capacity }
@@ -91,7 +93,14 @@ mod tests {
     fn stays_within_its_capacity() {
         let tier = MemoryTier::new(1 << 20);
         for i in 0..100 {
-            tier.insert(&format!("k{i}"), MemShard { data: Bytes::from(vec![i as u8; 60_000]), crc: 0, zero_copy: false });
+            tier.insert(
+                &format!("k{i}"),
+                MemShard {
+                    data: Bytes::from(vec![i as u8; 60_000]),
+                    crc: 0,
+                    zero_copy: false,
+                },
+            );
         }
         assert!(tier.bytes_used() <= 1 << 20);
         assert!(tier.len() < 100);
@@ -100,7 +109,14 @@ mod tests {
     #[test]
     fn disabled_tier_holds_nothing() {
         let tier = MemoryTier::new(0);
-        tier.insert("k", MemShard { data: Bytes::from_static(b"x"), crc: 0, zero_copy: false });
+        tier.insert(
+            "k",
+            MemShard {
+                data: Bytes::from_static(b"x"),
+                crc: 0,
+                zero_copy: false,
+            },
+        );
         assert!(tier.get("k").is_none());
         assert!(!tier.remove("k"));
     }

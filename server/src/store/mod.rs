@@ -45,29 +45,57 @@ use crate::metrics::{Metrics, RecoveryReport, StoreGauges};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("a --data-dir store needs a --capacity")]
     CapacityRequired,
     #[error("{path} holds {size} bytes, less than the requested capacity of {capacity} bytes")]
-    DeviceTooSmall { path: PathBuf, size: u64, capacity: u64 },
+    DeviceTooSmall {
+        path: PathBuf,
+        size: u64,
+        capacity: u64,
+    },
     #[error("cannot reserve {size} for the store at {path}: {source}")]
-    Allocate { path: PathBuf, size: ByteSize, source: std::io::Error },
+    Allocate {
+        path: PathBuf,
+        size: ByteSize,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Superblock { path: PathBuf, source: format::SuperblockError },
+    Superblock {
+        path: PathBuf,
+        source: format::SuperblockError,
+    },
     #[error(
         "{path} holds a store of {found}, but this node was configured for {wanted}; \
          start with the same --capacity and --region-size, or pass --reformat to erase it"
     )]
-    ShapeMismatch { path: PathBuf, found: String, wanted: String },
+    ShapeMismatch {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
     #[error("{0} regions is more than this store can address")]
     TooManyRegions(u64),
     #[error(
         "the store has {regions} regions but needs at least {needed} for {threads} threads; \
          raise --capacity or lower --region-size"
     )]
-    TooFewRegions { regions: u32, needed: u32, threads: usize },
-    #[error("--region-size {region_size} cannot hold a --max-shard-size {max_shard} shard; it needs at least {needed}")]
-    RegionTooSmall { region_size: ByteSize, max_shard: ByteSize, needed: ByteSize },
+    TooFewRegions {
+        regions: u32,
+        needed: u32,
+        threads: usize,
+    },
+    #[error(
+        "--region-size {region_size} cannot hold a --max-shard-size {max_shard} shard; it needs at least {needed}"
+    )]
+    RegionTooSmall {
+        region_size: ByteSize,
+        max_shard: ByteSize,
+        needed: ByteSize,
+    },
     #[error("--region-size must be a multiple of 4KiB and at least 64KiB, not {0}")]
     BadRegionSize(ByteSize),
     #[error("the filesystem under {0} does not support O_DIRECT (use --direct-io auto or off)")]
@@ -127,10 +155,14 @@ impl Store {
         if !region_size.is_multiple_of(BLOCK_SIZE as u64) || region_size < 16 * BLOCK_SIZE as u64 {
             return Err(StoreError::BadRegionSize(ByteSize(region_size)));
         }
-        let region_blocks = u32::try_from(region_size / BLOCK_SIZE as u64).map_err(|_| StoreError::BadRegionSize(ByteSize(region_size)))?;
+        let region_blocks = u32::try_from(region_size / BLOCK_SIZE as u64)
+            .map_err(|_| StoreError::BadRegionSize(ByteSize(region_size)))?;
         // A region holds its header block and at least one record of the largest shard
         // with the longest key.
-        let max_record = u64::from(record_blocks(slapshot_core::MAX_SHARD_KEY_LEN, config.max_shard_size as usize)) * BLOCK_SIZE as u64;
+        let max_record = u64::from(record_blocks(
+            slapshot_core::MAX_SHARD_KEY_LEN,
+            config.max_shard_size as usize,
+        )) * BLOCK_SIZE as u64;
         if max_record + BLOCK_SIZE as u64 > region_size {
             return Err(StoreError::RegionTooSmall {
                 region_size: ByteSize(region_size),
@@ -147,11 +179,17 @@ impl Store {
         // and at least two sealed regions to evict.
         let needed = u32::try_from(2 * threads + low_watermark + 2).unwrap_or(u32::MAX);
         if region_count < needed {
-            return Err(StoreError::TooFewRegions { regions: region_count, needed, threads });
+            return Err(StoreError::TooFewRegions {
+                regions: region_count,
+                needed,
+                threads,
+            });
         }
 
         let flash_bytes = u64::from(region_count) * region_size;
-        let memory_bytes = config.memory_bytes.unwrap_or(flash_bytes / 100 * crate::config::DEFAULT_MEMORY_PERCENT);
+        let memory_bytes = config
+            .memory_bytes
+            .unwrap_or(flash_bytes / 100 * crate::config::DEFAULT_MEMORY_PERCENT);
         let store = Self {
             index: Index::new(),
             regions: Regions::new(region_count),
@@ -170,7 +208,10 @@ impl Store {
 
         let started = Instant::now();
         let report = recovery::recover(&store, threads)?;
-        let report = RecoveryReport { duration: started.elapsed(), ..report };
+        let report = RecoveryReport {
+            duration: started.elapsed(),
+            ..report
+        };
         tracing::info!(
             path = %store.device.path.display(),
             direct_io = store.device.direct,
@@ -215,7 +256,9 @@ impl Store {
 
     /// Bytes of the device usable for records (every region minus its header block).
     pub fn flash_capacity(&self) -> u64 {
-        u64::from(self.device.superblock.region_count) * u64::from(self.region_blocks - 1) * BLOCK_SIZE as u64
+        u64::from(self.device.superblock.region_count)
+            * u64::from(self.region_blocks - 1)
+            * BLOCK_SIZE as u64
     }
 
     fn add_used(&self, bytes: u64) {

@@ -131,29 +131,50 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
     }
     store.seq.store(max_seq + 1, Ordering::Relaxed);
 
-    Ok(RecoveryReport { shards: winners.len() as u64, checksum_failures, duration: Default::default() })
+    Ok(RecoveryReport {
+        shards: winners.len() as u64,
+        checksum_failures,
+        duration: Default::default(),
+    })
 }
 
 fn scan_region(store: &Store, region: u32, buf: &mut AlignedBuf) -> std::io::Result<ScannedRegion> {
     let offset = store.device.region_offset(region);
     let store_id = store.device.superblock.store_id;
-    let mut result = ScannedRegion { region, header: None, records: Vec::new(), checksum_failures: 0 };
+    let mut result = ScannedRegion {
+        region,
+        header: None,
+        records: Vec::new(),
+        checksum_failures: 0,
+    };
 
     buf.resize_zeroed(BLOCK_SIZE);
-    store.device.file.read_exact_at(buf.as_mut_slice(), offset)?;
-    let Some(header) = RegionHeader::decode(buf.as_slice(), region, store_id) else { return Ok(result) };
+    store
+        .device
+        .file
+        .read_exact_at(buf.as_mut_slice(), offset)?;
+    let Some(header) = RegionHeader::decode(buf.as_slice(), region, store_id) else {
+        return Ok(result);
+    };
     result.header = Some(header);
     if header.state != RegionState::Live {
         return Ok(result);
     }
 
     buf.resize_zeroed(store.device.superblock.region_size as usize);
-    store.device.file.read_exact_at(buf.as_mut_slice(), offset)?;
+    store
+        .device
+        .file
+        .read_exact_at(buf.as_mut_slice(), offset)?;
     let data = buf.as_slice();
     let mut block = 1u32;
     while block < store.region_blocks {
         let start = block as usize * BLOCK_SIZE;
-        match decode_record_header(&data[start..], header.nonce, store.max_payload.max(store.device.superblock.region_size)) {
+        match decode_record_header(
+            &data[start..],
+            header.nonce,
+            store.max_payload.max(store.device.superblock.region_size),
+        ) {
             Ok(record) => {
                 let blocks = record.blocks();
                 if block + blocks > store.region_blocks {
@@ -163,7 +184,9 @@ fn scan_region(store: &Store, region: u32, buf: &mut AlignedBuf) -> std::io::Res
                 }
                 let payload_start = start + record.header_len();
                 let payload = &data[payload_start..payload_start + record.payload_len as usize];
-                let key_ok = std::str::from_utf8(record.key).ok().is_some_and(|k| slapshot_core::ShardKey::parse(k).is_ok());
+                let key_ok = std::str::from_utf8(record.key)
+                    .ok()
+                    .is_some_and(|k| slapshot_core::ShardKey::parse(k).is_ok());
                 if crc32fast::hash(payload) != record.payload_crc || !key_ok {
                     tracing::warn!(region, block, "dropping a record whose checksum fails");
                     result.checksum_failures += 1;
@@ -182,7 +205,11 @@ fn scan_region(store: &Store, region: u32, buf: &mut AlignedBuf) -> std::io::Res
                 block += blocks;
             }
             Err(RecordHeaderError::Corrupt) => {
-                tracing::warn!(region, block, "dropping a record whose header checksum fails");
+                tracing::warn!(
+                    region,
+                    block,
+                    "dropping a record whose header checksum fails"
+                );
                 result.checksum_failures += 1;
                 block += 1;
             }
@@ -194,7 +221,8 @@ fn scan_region(store: &Store, region: u32, buf: &mut AlignedBuf) -> std::io::Res
 
 fn invalidate_blocking(store: &Store, location: Location) -> Result<(), StoreError> {
     let zeros = AlignedBuf::zeroed(BLOCK_SIZE);
-    let offset = store.device.region_offset(location.region) + u64::from(location.block) * BLOCK_SIZE as u64;
+    let offset =
+        store.device.region_offset(location.region) + u64::from(location.block) * BLOCK_SIZE as u64;
     store.device.file.write_all_at(zeros.as_slice(), offset)?;
     Ok(())
 }

@@ -30,7 +30,12 @@ pub struct RegionMeta {
 
 impl RegionMeta {
     fn new() -> Self {
-        Self { nonce: AtomicU64::new(0), pins: AtomicU32::new(0), writers: AtomicU32::new(0), keys: Mutex::new(Vec::new()) }
+        Self {
+            nonce: AtomicU64::new(0),
+            pins: AtomicU32::new(0),
+            writers: AtomicU32::new(0),
+            keys: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn take_keys(&self) -> Vec<u64> {
@@ -38,7 +43,10 @@ impl RegionMeta {
     }
 
     pub fn push_key(&self, hash: u64) {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner()).push(hash);
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hash);
     }
 
     pub fn set_keys(&self, keys: Vec<u64>) {
