@@ -293,11 +293,7 @@ impl FleetClient {
             }
         };
         if inner.config.read.mode == ReadMode::Hedged {
-            inner
-                .hedge_bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .deposit();
+            lock(&inner.hedge_bucket).deposit();
         }
 
         let mut pending = FuturesUnordered::new();
@@ -309,7 +305,6 @@ impl FleetClient {
 
         let mut shards: Vec<(usize, Bytes)> = Vec::with_capacity(k);
         let mut chunk_len: Option<u32> = None;
-        let mut seen = HashSet::new();
         while shards.len() < k {
             if pending.is_empty() {
                 // A failed request in hedged mode is replaced at once: that is not a
@@ -329,7 +324,7 @@ impl FleetClient {
                     next = pending.next() => next,
                     () = tokio::time::sleep_until(hedge_at) => {
                         hedged = true;
-                        if inner.hedge_bucket.lock().unwrap_or_else(|p| p.into_inner()).try_take() {
+                        if lock(&inner.hedge_bucket).try_take() {
                             for rank in reserve.drain(..) {
                                 inc(&inner.metrics.hedges_sent);
                                 pending.push(self.fetch_shard(rank, ranked[rank], &key));
@@ -345,9 +340,10 @@ impl FleetClient {
                 Ok(Some(frame)) => match shard_frame::parse(&frame) {
                     Ok((header, payload)) if self.acceptable(&header, chunk_len) => {
                         chunk_len = Some(header.chunk_len);
-                        if seen.insert(header.index) {
+                        let index = usize::from(header.index);
+                        if !shards.iter().any(|(i, _)| *i == index) {
                             let start = frame.len() - payload.len();
-                            shards.push((usize::from(header.index), frame.slice(start..)));
+                            shards.push((index, frame.slice(start..)));
                         }
                         Answer::Shard(header.index)
                     }
@@ -407,12 +403,7 @@ impl FleetClient {
         let inner = &self.inner;
         match inner.config.read.hedge_delay {
             Some(delay) => delay.0,
-            None => inner
-                .latencies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .p95()
-                .unwrap_or(DEFAULT_HEDGE_DELAY),
+            None => lock(&inner.latencies).p95().unwrap_or(DEFAULT_HEDGE_DELAY),
         }
     }
 
@@ -439,22 +430,14 @@ impl FleetClient {
             Ok(Some(_)) => {
                 let latency = started.elapsed();
                 m.shard_latency.observe(latency);
-                inner
-                    .latencies
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .record(latency);
+                lock(&inner.latencies).record(latency);
                 inc(&m.shards_ok);
             }
             Ok(None) => inc(&m.shards_absent),
             Err(NodeError::Timeout) => inc(&m.shards_timed_out),
             Err(_) => inc(&m.shards_failed),
         }
-        node.record(
-            &result.as_ref().map(|_| ()).map_err(Clone::clone),
-            &inner.http,
-            m,
-        );
+        node.record(result.as_ref().map(drop), &inner.http, m);
         (rank, result)
     }
 
@@ -462,11 +445,7 @@ impl FleetClient {
     /// holding one of the limited origin permits while it runs.
     async fn fetch_from_origin(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
         let fetch = {
-            let mut inflight = self
-                .inner
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut inflight = lock(&self.inner.inflight);
             inflight
                 .entry(*name)
                 .or_insert_with(|| {
@@ -474,11 +453,7 @@ impl FleetClient {
                     let name = *name;
                     async move {
                         let result = inner.fetch_origin_once(&name).await;
-                        inner
-                            .inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&name);
+                        lock(&inner.inflight).remove(&name);
                         result
                     }
                     .boxed()
@@ -586,7 +561,7 @@ impl FleetClient {
                         timeout,
                     )
                     .await;
-                node.record(&result, &inner.http, &inner.metrics);
+                node.record(result.as_ref().copied(), &inner.http, &inner.metrics);
                 result.is_ok()
             }
         });
@@ -653,4 +628,10 @@ impl Inner {
             }),
         }
     }
+}
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves its data
+/// consistent, so a panic elsewhere does not make it unusable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

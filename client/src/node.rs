@@ -162,11 +162,11 @@ impl Node {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(), NodeError> {
-        let crc = crc32(&body);
+        let crc = crc32fast::hash(&body);
         let mut request = self.request(Method::PUT, &format!("/v1/shards/{key}"), token, body);
         request
             .headers_mut()
-            .insert("x-slapshot-crc32", HeaderValue::from(crc));
+            .insert(slapshot_core::CRC_HEADER, HeaderValue::from(crc));
         match self.exchange(http, request, timeout).await? {
             (StatusCode::CREATED | StatusCode::NO_CONTENT, _) => Ok(()),
             (status, _) => Err(NodeError::Status(status.as_u16())),
@@ -189,7 +189,7 @@ impl Node {
     /// being probed.
     pub fn record(
         self: &Arc<Self>,
-        outcome: &Result<(), NodeError>,
+        outcome: Result<(), &NodeError>,
         http: &HttpClient,
         metrics: &Arc<ClientMetrics>,
     ) {
@@ -252,10 +252,4 @@ impl Node {
             backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
         }
     }
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(data);
-    hasher.finalize()
 }

@@ -14,5 +14,5 @@ pub mod units;
 pub use chunk::{CHUNK_SIZE, ChunkKey, ChunkName};
 pub use erasure::{CodeParams, ErasureCodec, codec_for};
 pub use placement::{Member, Placement};
-pub use shard_key::{MAX_SHARD_KEY_LEN, ShardKey, ShardKeyError};
+pub use shard_key::{CRC_HEADER, MAX_SHARD_KEY_LEN, ShardKey, ShardKeyError};
 pub use units::{ByteSize, HumanDuration, UnitParseError};

@@ -6,6 +6,10 @@
 
 use std::fmt;
 
+/// Header carrying the decimal crc32 (IEEE) of a shard's bytes, sent with a PUT (the node
+/// refuses a body that does not match) and returned with a GET.
+pub const CRC_HEADER: &str = "x-slapshot-crc32";
+
 /// Longest key a node accepts, in bytes.
 pub const MAX_SHARD_KEY_LEN: usize = 128;
 

@@ -3,7 +3,7 @@
 //! hyper over monoio's poll adapter serves HTTP/1.1 correctly and fast enough for the
 //! throughput bar, but it can only write response bodies by copying them into the socket.
 //! Owning the HTTP/1.1 write path lets a GET hand a shard's pages to the kernel instead
-//! (see `zero_copy`); docs/PERFORMANCE.md has the measurements behind this. HTTP/2 stays
+//! (see `splice`); docs/PERFORMANCE.md has the measurements behind this. HTTP/2 stays
 //! with hyper: a connection that opens with the HTTP/2 preface is handed over.
 //!
 //! The engine speaks what the shard API needs: keep-alive and pipelined requests,
@@ -24,7 +24,7 @@ use monoio::{
 use super::{
     CoreContext,
     conn::Activity,
-    service::{self, Reply, RequestBody, ZeroCopy},
+    service::{self, DISCARD_LIMIT, Reply, RequestBody, ZeroCopy},
     splice::{self, SplicePipe},
 };
 use crate::metrics;
@@ -34,13 +34,13 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Room asked for on every socket read.
 const READ_SIZE: usize = 64 * 1024;
-/// Unread request bodies up to this size are skipped to keep the connection.
-const DISCARD_LIMIT: u64 = 64 * 1024;
 /// Longest chunk-size or trailer line accepted in a chunked body.
 const MAX_LINE: usize = 4096;
 /// Bodies up to this size are copied after the head into one write; larger ones go out
 /// as a second iovec of the same writev, without a copy.
 const INLINE_BODY: usize = 16 * 1024;
+/// Why a body read fails when the client goes away.
+const CLOSED_MID_BODY: &str = "the connection closed before the body ended";
 /// What every HTTP/2 connection starts with; no HTTP/1 method begins like it.
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
@@ -133,10 +133,11 @@ pub async fn serve(
         let reply = service::respond(ctx, &head.method, &head.path, &head.headers, &mut body).await;
         // A small body the service did not read is skipped so that the connection can
         // carry the next request; otherwise the stream is mid-message and must close.
-        body.skip_rest(DISCARD_LIMIT).await;
+        service::drain(&mut body, DISCARD_LIMIT).await;
         keep_alive &= body.is_finished();
         keep_alive &= !closing.get();
-        conn.write_reply(&head, reply, keep_alive).await?;
+        conn.write_reply(head.method == Method::HEAD, reply, keep_alive)
+            .await?;
         drop(in_progress);
         if !keep_alive {
             let _ = conn.stream.shutdown().await;
@@ -215,26 +216,20 @@ impl Conn<'_> {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        let head = Head {
-            method: Method::GET,
-            path: String::new(),
-            http10: false,
-            headers: HeaderMap::new(),
-        };
-        let _ = self.write_reply(&head, reply, false).await;
+        let _ = self.write_reply(false, reply, false).await;
         let _ = self.stream.shutdown().await;
     }
 
     /// Writes a reply: the head, then the body without copying it when it is large.
+    /// `head_only` answers a HEAD request: no body, but the length a GET would have had.
     async fn write_reply(
         &mut self,
-        request: &Head,
+        head_only: bool,
         reply: Reply,
         keep_alive: bool,
     ) -> io::Result<()> {
         let (parts, body) = reply.into_parts();
         let spliceable = parts.extensions.get::<ZeroCopy>().is_some();
-        let head_only = request.method == Method::HEAD;
         let body = if head_only {
             None
         } else {
@@ -263,7 +258,7 @@ impl Conn<'_> {
         if parts.status != StatusCode::NO_CONTENT && !has_length {
             let len = body.as_ref().map_or(0, Bytes::len);
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(len).as_bytes());
+            out.extend_from_slice(len.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         if !keep_alive {
@@ -335,10 +330,6 @@ impl Conn<'_> {
         self.buf.drain(..n);
         front
     }
-}
-
-fn itoa(n: usize) -> String {
-    n.to_string()
 }
 
 impl Head {
@@ -500,24 +491,15 @@ impl<'c, 'a> Body<'c, 'a> {
         self.finished && !self.failed
     }
 
-    /// Reads and drops what is left of the body, up to `limit` bytes; never invites a body
-    /// the client is holding back for `100 Continue`.
-    async fn skip_rest(&mut self, limit: u64) {
-        let mut skipped = 0;
-        while !self.finished && !self.continue_pending && skipped <= limit {
-            match self.next_chunk().await {
-                Some(Ok(bytes)) => skipped += bytes.len() as u64,
-                _ => break,
-            }
-        }
-    }
-
-    /// Ensures at least one buffered byte, or fails the body at end of stream.
-    async fn need_bytes(&mut self) -> Result<(), String> {
+    /// The next bytes of the body (Content-Length) or of the current chunk: whatever is
+    /// buffered, up to what `remaining` allows, reading from the socket if nothing is.
+    async fn take_remaining(&mut self) -> Result<Bytes, String> {
         if self.conn.buf.is_empty() && self.conn.fill().await.map_err(|e| e.to_string())? == 0 {
-            return Err("the connection closed before the body ended".into());
+            return Err(CLOSED_MID_BODY.into());
         }
-        Ok(())
+        let n = (self.conn.buf.len() as u64).min(self.remaining) as usize;
+        self.remaining -= n as u64;
+        Ok(self.conn.take_front(n))
     }
 
     /// Reads one CRLF-terminated line of a chunked body, without its CRLF.
@@ -532,7 +514,7 @@ impl<'c, 'a> Body<'c, 'a> {
                 return Err("chunked body line too long".into());
             }
             if self.conn.fill().await.map_err(|e| e.to_string())? == 0 {
-                return Err("the connection closed before the body ended".into());
+                return Err(CLOSED_MID_BODY.into());
             }
         }
     }
@@ -558,13 +540,11 @@ impl<'c, 'a> Body<'c, 'a> {
                     }
                 }
                 ChunkState::Data => {
-                    self.need_bytes().await?;
-                    let n = (self.conn.buf.len() as u64).min(self.remaining) as usize;
-                    self.remaining -= n as u64;
+                    let bytes = self.take_remaining().await?;
                     if self.remaining == 0 {
                         self.chunk = ChunkState::DataEnd;
                     }
-                    return Ok(Some(self.conn.take_front(n)));
+                    return Ok(Some(bytes));
                 }
                 ChunkState::DataEnd => {
                     if !self.line().await?.is_empty() {
@@ -612,14 +592,7 @@ impl RequestBody for Body<'_, '_> {
         }
         let next = match self.framing {
             Framing::Length(_) if self.remaining == 0 => Ok(None),
-            Framing::Length(_) => match self.need_bytes().await {
-                Ok(()) => {
-                    let n = (self.conn.buf.len() as u64).min(self.remaining) as usize;
-                    self.remaining -= n as u64;
-                    Ok(Some(self.conn.take_front(n)))
-                }
-                Err(e) => Err(e),
-            },
+            Framing::Length(_) => self.take_remaining().await.map(Some),
             Framing::Chunked => self.next_chunked().await,
         };
         match next {

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use slapshot_core::ShardKey;
+use slapshot_core::{CRC_HEADER, ShardKey};
 
 use super::{CoreContext, conn::ActiveGuard};
 use crate::{
@@ -21,8 +21,6 @@ use crate::{
     store::{PendingRecord, PutOutcome, StoreError, Tier},
 };
 
-/// Header carrying the decimal crc32 (IEEE) of a shard's bytes, on PUT and on GET.
-pub const CRC_HEADER: &str = "x-slapshot-crc32";
 /// Header telling which tier served a GET (memory or flash); for operators and tests.
 pub const TIER_HEADER: &str = "x-slapshot-tier";
 
@@ -221,7 +219,7 @@ async fn shard<B: RequestBody>(
 /// Bodies up to this size are read and dropped when a request is refused before its body
 /// was looked at, so that the client's keep-alive connection stays usable; larger ones
 /// are left unread and the connection is closed after the reply.
-const DISCARD_LIMIT: u64 = 64 * 1024;
+pub const DISCARD_LIMIT: u64 = 64 * 1024;
 
 async fn reject_body<B: RequestBody>(reply: Reply, body: &mut B) -> Reply {
     discard(reply, body, DISCARD_LIMIT).await
@@ -231,8 +229,15 @@ async fn reject_body<B: RequestBody>(reply: Reply, body: &mut B) -> Reply {
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy
 /// the reply before the client reads it; draining first makes the refusal arrive.
 async fn discard<B: RequestBody>(reply: Reply, body: &mut B, limit: u64) -> Reply {
+    drain(body, limit).await;
+    reply
+}
+
+/// Reads and drops what is left of a body, up to about `limit` bytes. It never invites a
+/// body the client is holding back for `100 Continue`.
+pub async fn drain<B: RequestBody>(body: &mut B, limit: u64) {
     if body.awaiting_continue() {
-        return reply;
+        return;
     }
     let mut discarded = 0u64;
     while discarded <= limit {
@@ -241,7 +246,6 @@ async fn discard<B: RequestBody>(reply: Reply, body: &mut B, limit: u64) -> Repl
             _ => break,
         }
     }
-    reply
 }
 
 fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {

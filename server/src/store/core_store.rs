@@ -15,8 +15,8 @@ use super::{
     aligned::AlignedBuf,
     device::random_u64,
     format::{
-        BLOCK_SIZE, RegionHeader, RegionState, decode_record_header, encode_record_header,
-        record_blocks, record_header_len,
+        BLOCK_SIZE, RecordHeader, RegionHeader, RegionState, decode_record_header,
+        encode_record_header, record_blocks, record_header_len,
     },
     index::{Entry, Location, key_hash},
     memory::MemShard,
@@ -154,10 +154,6 @@ impl CoreStore {
         })
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
     /// The largest payload a PUT may carry.
     pub fn max_payload(&self) -> u64 {
         self.store.max_payload
@@ -264,21 +260,32 @@ impl CoreStore {
         key: &[u8],
         payload_len: u32,
     ) -> Result<(Bytes, u32), ReadFault> {
-        let header = decode_record_header(buf.as_slice(), nonce, self.store.max_payload)
-            .map_err(|_| ReadFault::Corrupt)?;
+        let header = self
+            .check_record(buf.as_slice(), nonce, payload_len)
+            .ok_or(ReadFault::Corrupt)?;
         if header.key != key {
             return Err(ReadFault::OtherKey);
         }
-        if header.payload_len != payload_len {
-            return Err(ReadFault::Corrupt);
-        }
+        let (start, crc) = (header.header_len(), header.payload_crc);
+        Ok((
+            buf.into_bytes().slice(start..start + payload_len as usize),
+            crc,
+        ))
+    }
+
+    /// The header of the record in `buf` if it belongs to the region incarnation `nonce`,
+    /// carries `payload_len` bytes, and its payload matches its crc32.
+    fn check_record<'b>(
+        &self,
+        buf: &'b [u8],
+        nonce: u64,
+        payload_len: u32,
+    ) -> Option<RecordHeader<'b>> {
+        let header = decode_record_header(buf, nonce, self.store.max_payload).ok()?;
         let start = header.header_len();
-        let end = start + payload_len as usize;
-        let crc = header.payload_crc;
-        if crc32fast::hash(&buf.as_slice()[start..end]) != crc {
-            return Err(ReadFault::Corrupt);
-        }
-        Ok((buf.into_bytes().slice(start..end), crc))
+        let payload = buf.get(start..start + payload_len as usize)?;
+        (header.payload_len == payload_len && crc32fast::hash(payload) == header.payload_crc)
+            .then_some(header)
     }
 
     /// Removes the index entry of `hash` if it still points at `location`.
@@ -603,16 +610,7 @@ impl CoreStore {
         wait_for_zero(&meta.writers).await;
         let nonce = meta.nonce.load(Ordering::Acquire);
         let threshold = store.reinsert_hits;
-        // Credit is capped at four regions' worth so that a long cold spell cannot bank
-        // an unbounded burst of rewrites.
-        let region_blocks = i64::from(store.region_blocks);
-        let earned = region_blocks / 4 * 3;
-        let credit = store.reinsert_credit.fetch_add(earned, Ordering::AcqRel) + earned;
-        if credit > 4 * region_blocks {
-            store
-                .reinsert_credit
-                .fetch_sub(credit - 4 * region_blocks, Ordering::AcqRel);
-        }
+        store.earn_reinsert_credit();
 
         let mut hot = Vec::new();
         let mut evicted = 0;
@@ -624,17 +622,12 @@ impl CoreStore {
             if entry.location.region != victim {
                 continue;
             }
-            let blocks = i64::from(entry.blocks());
             if threshold > 0
                 && entry.hits >= threshold
-                && store.reinsert_credit.fetch_sub(blocks, Ordering::AcqRel) >= blocks
+                && store.spend_reinsert_credit(entry.blocks())
             {
                 hot.push((hash, entry));
                 continue;
-            }
-            if threshold > 0 && entry.hits >= threshold {
-                // Not enough credit: give the blocks back and let the shard go.
-                store.reinsert_credit.fetch_add(blocks, Ordering::AcqRel);
             }
             map.remove(&hash);
             drop(map);
@@ -684,16 +677,10 @@ impl CoreStore {
             return false;
         };
         let (key, seq, crc) =
-            match decode_record_header(buf.as_slice(), victim_nonce, self.store.max_payload) {
-                Ok(h) if h.payload_len == entry.payload_len && key_hash(h.key) == hash => {
-                    (h.key.to_vec(), h.seq, h.payload_crc)
-                }
+            match self.check_record(buf.as_slice(), victim_nonce, entry.payload_len) {
+                Some(h) if key_hash(h.key) == hash => (h.key.to_vec(), h.seq, h.payload_crc),
                 _ => return false,
             };
-        let start = record_header_len(key.len());
-        if crc32fast::hash(&buf.as_slice()[start..start + entry.payload_len as usize]) != crc {
-            return false;
-        }
         let Ok(appended) = self
             .append(
                 hash,

@@ -92,15 +92,13 @@ impl Index {
         // them with the top 7 bits, so both must keep varying inside one shard; the middle
         // bits are constant per shard only beyond 2^24 buckets per shard.
         let shard = (hash >> 24) as usize % INDEX_SHARDS;
-        self.shards[shard]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        super::regions::lock(&self.shards[shard])
     }
 
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .map(|s| super::regions::lock(s).len())
             .sum()
     }
 

@@ -261,6 +261,27 @@ impl Store {
             * BLOCK_SIZE as u64
     }
 
+    /// Each eviction earns three quarters of a region of reinsertion credit, capped at four
+    /// regions' worth so that a long cold spell cannot bank an unbounded burst of rewrites.
+    fn earn_reinsert_credit(&self) {
+        let region = i64::from(self.region_blocks);
+        let _ = self
+            .reinsert_credit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |credit| {
+                Some((credit + region / 4 * 3).min(4 * region))
+            });
+    }
+
+    /// Takes `blocks` of reinsertion credit if there is that much.
+    fn spend_reinsert_credit(&self, blocks: u32) -> bool {
+        let blocks = i64::from(blocks);
+        self.reinsert_credit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |credit| {
+                (credit >= blocks).then_some(credit - blocks)
+            })
+            .is_ok()
+    }
+
     fn add_used(&self, bytes: u64) {
         self.bytes_used.fetch_add(bytes, Ordering::Relaxed);
     }

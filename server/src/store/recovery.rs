@@ -67,7 +67,7 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
                         tracing::error!(region, error = %e, "cannot read region during recovery; treating it as empty");
                         ScannedRegion { region, header: None, records: Vec::new(), checksum_failures: 0 }
                     });
-                    scanned.lock().unwrap_or_else(|p| p.into_inner()).push(result);
+                    super::regions::lock(&scanned).push(result);
                 }
             });
         }

@@ -39,18 +39,15 @@ impl RegionMeta {
     }
 
     pub fn take_keys(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *lock(&self.keys))
     }
 
     pub fn push_key(&self, hash: u64) {
-        self.keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(hash);
+        lock(&self.keys).push(hash);
     }
 
     pub fn set_keys(&self, keys: Vec<u64>) {
-        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = keys;
+        *lock(&self.keys) = keys;
     }
 }
 
@@ -134,7 +131,9 @@ impl Regions {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex, ignoring poisoning: the store's critical sections leave their data
+/// consistent, so a panic elsewhere does not make it unusable.
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
