@@ -14,7 +14,7 @@ use futures::{
 };
 use http::HeaderValue;
 use slapshot_core::{
-    ChunkName, CodeParams, ErasureCodec, Placement, codec_for,
+    ChunkName, CodeParams, ErasureCodec, Placement, SealedChunk, codec_for,
     shard_frame::{self, ShardHeader},
 };
 use tokio::sync::Semaphore;
@@ -573,10 +573,11 @@ impl FleetClient {
         }
     }
 
-    /// Stores a chunk (bytes named by their SHA-256) across the fleet: shard i to the node
-    /// of rank i. Succeeds if at least k shards were stored.
-    pub async fn put_chunk(&self, name: &ChunkName, chunk: &[u8]) -> Result<PutReport, ChunkError> {
-        let frames = self.frames(chunk)?;
+    /// Stores a sealed chunk across the fleet: shard i to the node of rank i. Succeeds if
+    /// at least k shards were stored.
+    pub async fn put_chunk(&self, chunk: &SealedChunk) -> Result<PutReport, ChunkError> {
+        let name = chunk.name();
+        let frames = self.frames(chunk.bytes())?;
         let ranked = self.inner.placement.rank(name, self.inner.code.total());
         let targets: Vec<(usize, u8)> = ranked
             .iter()

@@ -15,7 +15,7 @@ use object_store::{
     local::LocalFileSystem,
     path::Path as ObjectPath,
 };
-use slapshot_core::ChunkName;
+use slapshot_core::{ChunkName, SealedChunk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
@@ -33,12 +33,8 @@ pub trait Origin: Send + Sync + 'static {
     /// The chunk's bytes, or `None` if the origin does not have it.
     fn get<'a>(&'a self, name: &'a ChunkName) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>>;
 
-    /// Stores a chunk unless its name exists; true if it was written.
-    fn put<'a>(
-        &'a self,
-        name: &'a ChunkName,
-        bytes: Bytes,
-    ) -> BoxFuture<'a, Result<bool, OriginError>>;
+    /// Stores a sealed chunk unless its name exists; true if it was written.
+    fn put<'a>(&'a self, chunk: &'a SealedChunk) -> BoxFuture<'a, Result<bool, OriginError>>;
 
     /// A human-readable location, for logs and errors.
     fn describe(&self) -> String;
@@ -84,20 +80,16 @@ impl Origin for ObjectStoreOrigin {
         })
     }
 
-    fn put<'a>(
-        &'a self,
-        name: &'a ChunkName,
-        bytes: Bytes,
-    ) -> BoxFuture<'a, Result<bool, OriginError>> {
+    fn put<'a>(&'a self, chunk: &'a SealedChunk) -> BoxFuture<'a, Result<bool, OriginError>> {
         Box::pin(async move {
-            let path = self.path(name);
+            let path = self.path(chunk.name());
             match self.store.head(&path).await {
                 Ok(_) => return Ok(false),
                 Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.error(e)),
             }
             self.store
-                .put(&path, PutPayload::from_bytes(bytes))
+                .put(&path, PutPayload::from_bytes(chunk.bytes().clone()))
                 .await
                 .map_err(|e| self.error(e))?;
             Ok(true)
@@ -178,11 +170,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let origin = open_origin(dir.path().to_str().unwrap()).unwrap();
         let bytes = Bytes::from_static(b"sealed chunk bytes");
-        let name = ChunkName::of(&bytes);
+        let chunk = SealedChunk::assume_sealed(bytes.clone());
+        let name = *chunk.name();
         assert_eq!(origin.get(&name).await.unwrap(), None);
-        assert!(origin.put(&name, bytes.clone()).await.unwrap());
+        assert!(origin.put(&chunk).await.unwrap());
         assert!(
-            !origin.put(&name, bytes.clone()).await.unwrap(),
+            !origin.put(&chunk).await.unwrap(),
             "an existing name is skipped"
         );
         assert_eq!(origin.get(&name).await.unwrap(), Some(bytes));

@@ -10,21 +10,24 @@ use std::{
 use bytes::Bytes;
 use slapshot_client::{ChunkError, metrics::get};
 use slapshot_core::{
-    ChunkName, CodeParams,
+    ChunkName, CodeParams, SealedChunk,
     shard_frame::{self, ShardHeader},
 };
 use support::{TestFleet, eventually, random_chunks};
 
 /// Stores chunks in the origin and across the fleet, as `slapshot chunk put` does.
 async fn put_everywhere(client: &slapshot_client::FleetClient, chunks: &[(ChunkName, Bytes)]) {
-    for (name, bytes) in chunks {
+    for (_, bytes) in chunks {
         client
             .origin()
             .unwrap()
-            .put(name, bytes.clone())
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
             .await
             .unwrap();
-        let report = client.put_chunk(name, bytes).await.unwrap();
+        let report = client
+            .put_chunk(&SealedChunk::assume_sealed(bytes.clone()))
+            .await
+            .unwrap();
         assert_eq!(report.written, 5);
     }
 }
@@ -191,11 +194,11 @@ async fn two_nodes_down_fall_back_to_the_origin_and_fill_what_they_can() {
     let (client, origin) = fleet.client();
     let chunks = random_chunks(6, 12);
     // Only in the origin: the fleet starts cold.
-    for (name, bytes) in &chunks {
+    for (_, bytes) in &chunks {
         client
             .origin()
             .unwrap()
-            .put(name, bytes.clone())
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
             .await
             .unwrap();
     }
@@ -233,7 +236,7 @@ async fn concurrent_misses_share_one_origin_fetch() {
     client
         .origin()
         .unwrap()
-        .put(&name, bytes.clone())
+        .put(&SealedChunk::assume_sealed(bytes.clone()))
         .await
         .unwrap();
     origin.set_delay(Duration::from_millis(300));
@@ -256,11 +259,11 @@ async fn origin_fetches_are_limited_in_concurrency() {
     config.max_origin_fetches = 2;
     let (client, origin) = fleet.client_with(config);
     let chunks = random_chunks(8, 10);
-    for (name, bytes) in &chunks {
+    for (_, bytes) in &chunks {
         client
             .origin()
             .unwrap()
-            .put(name, bytes.clone())
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
             .await
             .unwrap();
     }
@@ -308,12 +311,10 @@ async fn a_wrong_origin_copy_is_refused() {
     let (client, _) = fleet.client();
     let name = ChunkName::of(b"the real bytes");
     // Plant other bytes under the name, as a corrupted origin object would be.
-    client
-        .origin()
-        .unwrap()
-        .put(&name, Bytes::from_static(b"other bytes"))
-        .await
-        .unwrap();
+    let hex = name.to_hex();
+    let path = fleet.origin_dir().join("chunks").join(&hex[..2]);
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join(&hex), b"other bytes").unwrap();
     assert!(matches!(
         client.get_chunk(&name).await,
         Err(ChunkError::CorruptOrigin { .. })

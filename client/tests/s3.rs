@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use slapshot_client::{FleetClient, metrics::get, open_origin_with};
-use slapshot_core::ChunkName;
+use slapshot_core::{ChunkName, SealedChunk};
 use support::{TestFleet, eventually, random_chunks};
 
 /// A moto S3 server on a free loopback port, with one bucket.
@@ -101,9 +101,17 @@ async fn s3_origin_stores_once_and_reads_back() {
     let bytes = Bytes::from_static(b"a sealed chunk in s3");
     let name = ChunkName::of(&bytes);
     assert_eq!(origin.get(&name).await.unwrap(), None);
-    assert!(origin.put(&name, bytes.clone()).await.unwrap());
     assert!(
-        !origin.put(&name, bytes.clone()).await.unwrap(),
+        origin
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !origin
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
+            .await
+            .unwrap(),
         "an existing name is skipped"
     );
     assert_eq!(origin.get(&name).await.unwrap(), Some(bytes));
@@ -131,11 +139,11 @@ async fn the_fleet_falls_back_to_an_s3_origin_and_fills_itself() {
     config.origin_options = s3.options();
     let client = FleetClient::new(config).unwrap();
     let chunks = random_chunks(40, 6);
-    for (name, bytes) in &chunks {
+    for (_, bytes) in &chunks {
         client
             .origin()
             .unwrap()
-            .put(name, bytes.clone())
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
             .await
             .unwrap();
     }

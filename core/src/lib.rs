@@ -11,7 +11,7 @@ pub mod shard_frame;
 pub mod shard_key;
 pub mod units;
 
-pub use chunk::{CHUNK_SIZE, ChunkKey, ChunkName};
+pub use chunk::{CHUNK_SIZE, ChunkKey, ChunkName, Salt, SealedChunk};
 pub use erasure::{CodeParams, ErasureCodec, codec_for};
 pub use placement::{Member, Placement};
 pub use shard_key::{CRC_HEADER, MAX_SHARD_KEY_LEN, ShardKey, ShardKeyError};

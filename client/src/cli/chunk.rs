@@ -4,7 +4,7 @@ use std::{io::Write, path::Path};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use slapshot_core::{CHUNK_SIZE, ChunkName};
+use slapshot_core::{CHUNK_SIZE, ChunkName, SealedChunk};
 
 use super::FleetArgs;
 use crate::FleetClient;
@@ -29,15 +29,16 @@ pub async fn put(fleet: &FleetArgs, path: &Path) -> anyhow::Result<()> {
         );
     }
     let client = client(fleet)?;
-    let name = ChunkName::of(&bytes);
-    let bytes = Bytes::from(bytes);
+    // A raw tool: the bytes are stored as given, not encrypted (see `--help`).
+    let chunk = SealedChunk::assume_sealed(Bytes::from(bytes));
+    let name = *chunk.name();
     if let Some(origin) = client.origin() {
         origin
-            .put(&name, bytes.clone())
+            .put(&chunk)
             .await
             .context("cannot store the chunk in the origin")?;
     }
-    let report = client.put_chunk(&name, &bytes).await;
+    let report = client.put_chunk(&chunk).await;
     print_metrics(fleet, &client);
     let report = report?;
     if report.failed > 0 {

@@ -8,8 +8,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
-use slapshot_core::{CHUNK_SIZE, ChunkName, chunk::seal};
+use slapshot_core::{CHUNK_SIZE, ChunkName, Salt, chunk::seal};
 
 use super::fleet::{LocalFleet, UpArgs};
 use crate::{
@@ -67,7 +66,7 @@ async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
         .clone();
 
     // An "image": chunks of pseudo-random plaintext, sealed under one salt.
-    let salt = b"demo-epoch-1";
+    let salt = Salt::new(b"demo-epoch-1");
     let started = Instant::now();
     let mut names = Vec::with_capacity(args.chunks);
     let mut state = 0x5eed_u64;
@@ -80,11 +79,9 @@ async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
                 state.to_le_bytes()
             })
             .collect();
-        let sealed = seal(salt, &plaintext);
-        origin
-            .put(&sealed.name, Bytes::from(sealed.ciphertext))
-            .await?;
-        names.push(sealed.name);
+        let (sealed, _key) = seal(&salt, plaintext);
+        origin.put(&sealed).await?;
+        names.push(*sealed.name());
     }
     println!(
         "sealed {} chunks of 512 KiB (AES-256-CTR, convergent keys) into the origin in {:.2}s",

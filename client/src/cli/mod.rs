@@ -111,7 +111,10 @@ pub enum FleetCommand {
 #[derive(Debug, Subcommand)]
 pub enum ChunkCommand {
     /// Store a file of at most one chunk (512 KiB) across the fleet (and in the origin, if
-    /// the fleet has one), named by the SHA-256 of its bytes; prints the name.
+    /// the fleet has one), named by the BLAKE3 hash of its bytes; prints the name.
+    ///
+    /// A low-level tool for testing a fleet: the bytes are stored exactly as given, NOT
+    /// encrypted. Images go through `slapshot flatten`, which seals every chunk.
     Put {
         #[command(flatten)]
         fleet: FleetArgs,

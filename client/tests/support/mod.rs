@@ -19,7 +19,7 @@ use slapshot_client::{
     config::{NodeConfig, ReadMode},
     origin::OriginError,
 };
-use slapshot_core::ChunkName;
+use slapshot_core::{ChunkName, SealedChunk};
 use slapshot_testkit::TestNode;
 
 pub struct TestFleet {
@@ -135,12 +135,8 @@ impl Origin for CountingOrigin {
         })
     }
 
-    fn put<'a>(
-        &'a self,
-        name: &'a ChunkName,
-        bytes: Bytes,
-    ) -> BoxFuture<'a, Result<bool, OriginError>> {
-        self.inner.put(name, bytes)
+    fn put<'a>(&'a self, chunk: &'a SealedChunk) -> BoxFuture<'a, Result<bool, OriginError>> {
+        self.inner.put(chunk)
     }
 
     fn describe(&self) -> String {
