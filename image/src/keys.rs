@@ -1,0 +1,160 @@
+//! Tenant keys: the key a manifest's chunk-key table is encrypted under.
+//!
+//! A small trait so that a key service can stand in for the default, a local key file.
+
+use std::{
+    fmt,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+/// A 256-bit tenant key. Debug output is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantKey(pub [u8; 32]);
+
+impl fmt::Debug for TenantKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TenantKey({})", hex(&self.id()))
+    }
+}
+
+impl TenantKey {
+    /// A public fingerprint of the key, stored in manifests so that a reader with the
+    /// wrong key gets a clear error instead of an authentication failure.
+    pub fn id(&self) -> [u8; 16] {
+        let full = blake3::derive_key("slapshot 2026-11 tenant key id v1", &self.0);
+        full[..16].try_into().expect("16 of 32 bytes")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key file {path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// Where tenant keys come from.
+pub trait KeyProvider: Send + Sync {
+    /// The key to seal new manifests with, created if the provider can.
+    fn sealing_key(&self) -> Result<TenantKey, KeyError>;
+    /// The key to open manifests with; never created.
+    fn opening_key(&self) -> Result<TenantKey, KeyError>;
+    fn describe(&self) -> String;
+}
+
+/// A key in a local file: 64 hexadecimal digits and a newline, mode 0600, created on first
+/// use by a command that seals.
+#[derive(Debug, Clone)]
+pub struct KeyFile {
+    path: PathBuf,
+}
+
+impl KeyFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read(&self) -> Result<Option<TenantKey>, KeyError> {
+        let fail = |message: String| KeyError::File {
+            path: self.path.clone(),
+            message,
+        };
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let text = text.trim();
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(fail("does not hold a key (64 hexadecimal digits)".into()));
+        }
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte =
+                u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(Some(TenantKey(key)))
+    }
+
+    fn create(&self) -> Result<TenantKey, KeyError> {
+        let fail = |message: String| KeyError::File {
+            path: self.path.clone(),
+            message,
+        };
+        if let Some(parent) = self.path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
+        }
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| fail(format!("no randomness: {e}")))?;
+        // create_new: two processes racing to create the key cannot both win; the loser
+        // reads the winner's key.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.path)
+        {
+            Ok(mut file) => {
+                file.write_all(format!("{}\n", hex(&key)).as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| fail(e.to_string()))?;
+                Ok(TenantKey(key))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self
+                .read()?
+                .ok_or_else(|| fail("vanished while being created".into())),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+}
+
+impl KeyProvider for KeyFile {
+    fn sealing_key(&self) -> Result<TenantKey, KeyError> {
+        match self.read()? {
+            Some(key) => Ok(key),
+            None => self.create(),
+        }
+    }
+
+    fn opening_key(&self) -> Result<TenantKey, KeyError> {
+        self.read()?.ok_or_else(|| KeyError::File {
+            path: self.path.clone(),
+            message: "does not exist (images are opened with the key that flattened them)".into(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn created_once_with_0600_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = KeyFile::new(dir.path().join("sub/tenant.key"));
+        assert!(file.opening_key().is_err(), "never created by a reader");
+        let key = file.sealing_key().unwrap();
+        let mode = std::fs::metadata(file.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(file.sealing_key().unwrap(), key);
+        assert_eq!(file.opening_key().unwrap(), key);
+        std::fs::write(file.path(), "nonsense").unwrap();
+        assert!(file.opening_key().is_err());
+    }
+}

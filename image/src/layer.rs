@@ -1,0 +1,277 @@
+//! Reading one layer: decompression, the tar stream, digest checks, limits, and a spool
+//! that holds the file contents until the layout reads them.
+//!
+//! A layer is read whole before anything of it is used: its entries and their contents go
+//! to a [`ParsedLayer`], and only once the stream has ended and its digest has matched is
+//! the layer returned for the tree to apply. Layers are independent until then, so several
+//! are read at once on several threads.
+
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader, BufWriter, Read, Write},
+    os::unix::fs::FileExt,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use crate::{
+    digest::VerifyingReader,
+    source::LayerBlob,
+    tar::{EntryHeader, EntryKind, TarError, TarReader},
+};
+
+/// Limits against tar bombs, shared by all the layers of one image.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Uncompressed file bytes across all layers.
+    pub max_bytes: u64,
+    /// Entries across all layers.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        // The paper's largest images are 10 GiB; 64 GiB leaves room while stopping a
+        // decompression bomb long before it fills a disk. Ten million entries is ten times
+        // a very large distribution image.
+        Self {
+            max_bytes: 64 << 30,
+            max_entries: 10_000_000,
+        }
+    }
+}
+
+/// Counters the limits are checked against.
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub bytes: AtomicU64,
+    pub entries: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("{layer}: {source}")]
+    Read { layer: String, source: io::Error },
+    #[error("{layer}: entry {entry:?}: {source}")]
+    Tar {
+        layer: String,
+        entry: String,
+        source: TarError,
+    },
+    #[error("{layer}: entry {entry:?}: {message}")]
+    Limit {
+        layer: String,
+        entry: String,
+        message: String,
+    },
+    #[error("{layer}: the stream was not read to its end, so its digest could not be checked")]
+    Unverified { layer: String },
+    #[error("spool: {0}")]
+    Spool(io::Error),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+}
+
+/// Where a regular file's contents are: a range of one layer's spool, and their BLAKE3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Content {
+    pub layer: u32,
+    pub offset: u64,
+    pub len: u64,
+    pub hash: [u8; 32],
+}
+
+/// One entry as the layer gave it.
+#[derive(Debug, Clone)]
+pub struct LayerEntry {
+    pub header: EntryHeader,
+    pub content: Option<Content>,
+}
+
+/// A layer read and verified.
+pub struct ParsedLayer {
+    pub index: u32,
+    pub label: String,
+    pub entries: Vec<LayerEntry>,
+    pub spool: Spool,
+    /// Bytes of the uncompressed tar stream.
+    pub tar_bytes: u64,
+}
+
+/// The file contents of one layer, in an unlinked temporary file: the page cache holds
+/// them while memory allows, and the disk takes the rest.
+pub struct Spool {
+    file: File,
+    len: u64,
+}
+
+impl Spool {
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// How a layer's bytes are compressed, told by their first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn sniff(head: &[u8]) -> Self {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Self::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Self::Zstd
+        } else {
+            Self::None
+        }
+    }
+}
+
+/// Reads, decompresses, verifies and spools one layer.
+pub fn read_layer(
+    index: u32,
+    blob: &LayerBlob,
+    spool_dir: &Path,
+    limits: &Limits,
+    usage: &Usage,
+) -> Result<ParsedLayer, LayerError> {
+    let label = blob.label.clone();
+    let read_err = |source: io::Error| LayerError::Read {
+        layer: label.clone(),
+        source,
+    };
+    let (raw, stored_verified) = blob.open()?;
+    let mut buffered = BufReader::with_capacity(1 << 20, raw);
+    let compression = Compression::sniff(buffered.fill_buf().map_err(read_err)?);
+    let decoded: Box<dyn Read + Send> = match compression {
+        Compression::None => Box::new(buffered),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(read_err)?)
+        }
+    };
+    // Without a digest of the stored bytes (legacy docker archives), the config's diff_id
+    // is checked on the uncompressed stream instead.
+    let (stream, verified): (Box<dyn Read + Send>, Arc<AtomicBool>) =
+        match (stored_verified, blob.diff_id) {
+            (Some(flag), _) => (decoded, flag),
+            (None, Some(diff_id)) => {
+                let reader = VerifyingReader::new(decoded, diff_id, None, label.clone());
+                let flag = reader.verified_flag();
+                (Box::new(reader), flag)
+            }
+            (None, None) => return Err(LayerError::Unverified { layer: label }),
+        };
+
+    let spool_file = tempfile::tempfile_in(spool_dir).map_err(LayerError::Spool)?;
+    let mut spool = BufWriter::with_capacity(1 << 20, spool_file);
+    let mut spool_len = 0u64;
+    let mut tar = TarReader::new(stream);
+    let mut entries = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let header = match tar.next_entry() {
+            Ok(Some(header)) => header,
+            Ok(None) => break,
+            Err(source) => {
+                return Err(LayerError::Tar {
+                    layer: label,
+                    entry: entries
+                        .last()
+                        .map(|e: &LayerEntry| format!("after {}", lossy(&e.header.path)))
+                        .unwrap_or_else(|| "the first".into()),
+                    source,
+                });
+            }
+        };
+        let entry_name = lossy(&header.path);
+        let limit = |message: String| LayerError::Limit {
+            layer: label.clone(),
+            entry: entry_name.clone(),
+            message,
+        };
+        let entries_now = usage.entries.fetch_add(1, Ordering::Relaxed) + 1;
+        if entries_now > limits.max_entries {
+            return Err(limit(format!(
+                "more than {} entries in the image (raise --max-entries if this is real)",
+                limits.max_entries
+            )));
+        }
+        let content = if header.kind == EntryKind::Regular {
+            let bytes_now = usage.bytes.fetch_add(header.size, Ordering::Relaxed) + header.size;
+            if bytes_now > limits.max_bytes {
+                return Err(limit(format!(
+                    "more than {} bytes of files in the image (raise --max-bytes if this is real)",
+                    limits.max_bytes
+                )));
+            }
+            let offset = spool_len;
+            let mut hasher = blake3::Hasher::new();
+            loop {
+                let n = tar.read_data(&mut buf).map_err(|source| LayerError::Tar {
+                    layer: label.clone(),
+                    entry: entry_name.clone(),
+                    source,
+                })?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                spool.write_all(&buf[..n]).map_err(LayerError::Spool)?;
+                spool_len += n as u64;
+            }
+            Some(Content {
+                layer: index,
+                offset,
+                len: header.size,
+                hash: *hasher.finalize().as_bytes(),
+            })
+        } else {
+            None
+        };
+        entries.push(LayerEntry { header, content });
+    }
+    let tar_bytes = tar.offset();
+    // Read to the very end, through the decompressor, so that the digest is checked: the
+    // end-of-archive marker may be followed by padding, and all of it is in the digest.
+    let mut rest = tar.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(read_err)?;
+    drop(rest);
+    if !verified.load(Ordering::Acquire) {
+        return Err(LayerError::Unverified { layer: label });
+    }
+    let file = spool
+        .into_inner()
+        .map_err(|e| LayerError::Spool(e.into_error()))?;
+    Ok(ParsedLayer {
+        index,
+        label,
+        entries,
+        spool: Spool {
+            file,
+            len: spool_len,
+        },
+        tar_bytes,
+    })
+}
+
+/// A path for messages.
+pub fn lossy(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
+}

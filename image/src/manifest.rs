@@ -1,0 +1,765 @@
+//! The manifest: the flattened tree, the chunk table, and the chunk keys.
+//!
+//! ```text
+//! 0   "SLSHIMG\0"          magic
+//! 8   u16 version (1)      u16 reserved (0)
+//! 12  [16] tenant key id   which key the key table is sealed under
+//! 28  u64 body length once decompressed
+//! 36  u32 body length
+//! 40  body                 zstd(level 19) of the tree and the chunk table (varints)
+//! ..  [12] nonce           AES-256-GCM nonce
+//! ..  keys                 AES-256-GCM(32 bytes per chunk) + 16-byte tag,
+//!                          with everything before the nonce as associated data
+//! ```
+//! Integers are little endian. The GCM tag authenticates the whole manifest under the
+//! tenant key; the image id, BLAKE3 of all its bytes, names it.
+//!
+//! Determinism: the same tree gives byte-identical manifests. The GCM nonce cannot be
+//! random then; it is a keyed BLAKE3 hash of the manifest's plaintext (a synthetic IV), so
+//! two different key tables never share a nonce, and the same one always encrypts the same
+//! way (which reveals only that two manifests are equal, which their ids already do).
+//! zstd's output is fixed for a given level and library version; Cargo.lock pins it.
+
+use std::fmt;
+
+use aes_gcm::{
+    Aes256Gcm, KeyInit,
+    aead::{Aead, Payload},
+};
+use slapshot_core::{ChunkKey, ChunkName};
+
+use crate::{keys::TenantKey, source::RuntimeConfig, tree::Meta};
+
+const MAGIC: [u8; 8] = *b"SLSHIMG\0";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 40;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// The body of a manifest for a 16 GiB image is a few MiB; 1 GiB stops a bomb.
+const MAX_BODY: u64 = 1 << 30;
+/// zstd level: manifests are written once and read by every worker, so spend the time.
+const ZSTD_LEVEL: i32 = 19;
+/// Extents whose chunk is all zeros point here; nothing is stored for them.
+pub const ZERO_CHUNK: u32 = u32::MAX;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("not a slapshot manifest")]
+    BadMagic,
+    #[error("manifest version {0} is not supported by this build")]
+    Version(u16),
+    #[error("the manifest was sealed with tenant key {expected}, not with the key given ({given})")]
+    WrongKey { expected: String, given: String },
+    #[error("the manifest failed authentication: it was altered or damaged")]
+    Authentication,
+    #[error("malformed manifest: {0}")]
+    Malformed(String),
+}
+
+/// A manifest's id: BLAKE3 of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImageId(pub [u8; 32]);
+
+impl ImageId {
+    pub fn of(manifest: &[u8]) -> Self {
+        Self(*blake3::hash(manifest).as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        crate::keys::hex(&self.0)
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        let name: ChunkName = text.parse().ok()?;
+        Some(Self(name.0))
+    }
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ImageId({self})")
+    }
+}
+
+/// `len` bytes at `offset` in chunk `chunk` (or zeros, for [`ZERO_CHUNK`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub chunk: u32,
+    pub offset: u32,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InodeKind {
+    /// Children sorted by name, with their inode index.
+    Dir(Vec<(Vec<u8>, u32)>),
+    File {
+        size: u64,
+        extents: Vec<Extent>,
+    },
+    Symlink(Vec<u8>),
+    CharDevice(u32, u32),
+    BlockDevice(u32, u32),
+    Fifo,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inode {
+    pub meta: Meta,
+    pub nlink: u32,
+    pub kind: InodeKind,
+}
+
+impl Inode {
+    /// The size `stat` reports: file bytes, or a symlink's target length.
+    pub fn size(&self) -> u64 {
+        match &self.kind {
+            InodeKind::File { size, .. } => *size,
+            InodeKind::Symlink(target) => target.len() as u64,
+            _ => 0,
+        }
+    }
+
+    /// The file type bits of st_mode.
+    pub fn type_bits(&self) -> u32 {
+        match self.kind {
+            InodeKind::Dir(_) => 0o040000,
+            InodeKind::File { .. } => 0o100000,
+            InodeKind::Symlink(_) => 0o120000,
+            InodeKind::CharDevice(..) => 0o020000,
+            InodeKind::BlockDevice(..) => 0o060000,
+            InodeKind::Fifo => 0o010000,
+        }
+    }
+}
+
+/// A stored chunk: its name and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub name: ChunkName,
+    pub len: u32,
+}
+
+/// A decoded manifest. Inode 0 is the root directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub config: RuntimeConfig,
+    pub chunk_size: u32,
+    pub inodes: Vec<Inode>,
+    pub chunks: Vec<ChunkRef>,
+    /// Parallel to `chunks`.
+    pub keys: Vec<ChunkKey>,
+}
+
+impl Manifest {
+    /// The inode at `path` (`/`-separated, leading `/` optional), without following
+    /// symlinks.
+    pub fn lookup(&self, path: &str) -> Option<u32> {
+        let mut ino = 0u32;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            ino = self.child(ino, part.as_bytes())?;
+        }
+        Some(ino)
+    }
+
+    /// A directory's child by name.
+    pub fn child(&self, dir: u32, name: &[u8]) -> Option<u32> {
+        let InodeKind::Dir(children) = &self.inodes.get(dir as usize)?.kind else {
+            return None;
+        };
+        children
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+            .ok()
+            .map(|i| children[i].1)
+    }
+
+    /// Bytes of all regular files, each inode once.
+    pub fn file_bytes(&self) -> u64 {
+        self.inodes
+            .iter()
+            .map(|i| match i.kind {
+                InodeKind::File { size, .. } => size,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Encodes and seals the manifest under `key`.
+    pub fn encode(&self, key: &TenantKey) -> Vec<u8> {
+        let body = self.encode_body();
+        let compressed = zstd::bulk::compress(&body, ZSTD_LEVEL).expect("zstd compresses memory");
+        let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 64 * self.keys.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&key.id());
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(
+            &u32::try_from(compressed.len())
+                .expect("a body under 4 GiB")
+                .to_le_bytes(),
+        );
+        out.extend_from_slice(&compressed);
+        let mut plain_keys = Vec::with_capacity(32 * self.keys.len());
+        for k in &self.keys {
+            plain_keys.extend_from_slice(&k.0);
+        }
+        let nonce = synthetic_nonce(key, &out, &plain_keys);
+        let sealed = cipher(key)
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &plain_keys,
+                    aad: &out,
+                },
+            )
+            .expect("AES-GCM encrypts any message under 64 GiB");
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Checks and decodes a manifest sealed under `key`.
+    pub fn decode(bytes: &[u8], key: &TenantKey) -> Result<Self, ManifestError> {
+        let malformed = |what: &str| ManifestError::Malformed(what.to_owned());
+        if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
+            return Err(ManifestError::BadMagic);
+        }
+        let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+        if version != VERSION {
+            return Err(ManifestError::Version(version));
+        }
+        let key_id: [u8; 16] = bytes[12..28].try_into().expect("16 bytes");
+        if key_id != key.id() {
+            return Err(ManifestError::WrongKey {
+                expected: crate::keys::hex(&key_id),
+                given: crate::keys::hex(&key.id()),
+            });
+        }
+        let plain_len = u64::from_le_bytes(bytes[28..36].try_into().expect("8 bytes"));
+        let body_len = u32::from_le_bytes(bytes[36..40].try_into().expect("4 bytes")) as usize;
+        let body_end = HEADER_LEN
+            .checked_add(body_len)
+            .filter(|&end| end + NONCE_LEN + TAG_LEN <= bytes.len())
+            .ok_or_else(|| malformed("the body runs past the end"))?;
+        let nonce: [u8; NONCE_LEN] = bytes[body_end..body_end + NONCE_LEN]
+            .try_into()
+            .expect("12 bytes");
+        let sealed = &bytes[body_end + NONCE_LEN..];
+        if (sealed.len() - TAG_LEN) % 32 != 0 {
+            return Err(malformed("the key table is not a whole number of keys"));
+        }
+        let plain_keys = cipher(key)
+            .decrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: sealed,
+                    aad: &bytes[..body_end],
+                },
+            )
+            .map_err(|_| ManifestError::Authentication)?;
+        // Authenticated from here on: what follows guards against our own bugs and old or
+        // future writers, not against forgery.
+        if plain_len > MAX_BODY {
+            return Err(malformed("a body over 1 GiB"));
+        }
+        let body = zstd::bulk::decompress(&bytes[HEADER_LEN..body_end], plain_len as usize)
+            .map_err(|e| ManifestError::Malformed(format!("body: {e}")))?;
+        if body.len() as u64 != plain_len {
+            return Err(malformed("the body's length is not the one recorded"));
+        }
+        let keys: Vec<ChunkKey> = plain_keys
+            .chunks_exact(32)
+            .map(|k| ChunkKey(k.try_into().expect("32 bytes")))
+            .collect();
+        Self::decode_body(&body, keys)
+    }
+
+    fn encode_body(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        let c = &self.config;
+        for list in [&c.env, &c.entrypoint, &c.cmd] {
+            w.varint(list.len() as u64);
+            for s in list {
+                w.bytes(s.as_bytes());
+            }
+        }
+        w.bytes(c.working_dir.as_bytes());
+        w.bytes(c.user.as_bytes());
+        w.varint(u64::from(self.chunk_size));
+        w.varint(self.inodes.len() as u64);
+        for inode in &self.inodes {
+            let m = &inode.meta;
+            let kind = match inode.kind {
+                InodeKind::Dir(_) => 0,
+                InodeKind::File { .. } => 1,
+                InodeKind::Symlink(_) => 2,
+                InodeKind::CharDevice(..) => 3,
+                InodeKind::BlockDevice(..) => 4,
+                InodeKind::Fifo => 5,
+            };
+            w.u8(kind);
+            w.varint(u64::from(m.mode));
+            w.varint(u64::from(m.uid));
+            w.varint(u64::from(m.gid));
+            w.varint(zigzag(m.mtime));
+            w.varint(u64::from(m.mtime_nanos));
+            w.varint(u64::from(inode.nlink));
+            w.varint(m.xattrs.len() as u64);
+            for (name, value) in &m.xattrs {
+                w.bytes(name);
+                w.bytes(value);
+            }
+            match &inode.kind {
+                InodeKind::Dir(children) => {
+                    w.varint(children.len() as u64);
+                    for (name, ino) in children {
+                        w.bytes(name);
+                        w.varint(u64::from(*ino));
+                    }
+                }
+                InodeKind::File { size, extents } => {
+                    w.varint(*size);
+                    w.varint(extents.len() as u64);
+                    for e in extents {
+                        // 0 is the zero chunk, so that stored chunks start at 1.
+                        w.varint(if e.chunk == ZERO_CHUNK {
+                            0
+                        } else {
+                            u64::from(e.chunk) + 1
+                        });
+                        w.varint(u64::from(e.offset));
+                        w.varint(u64::from(e.len));
+                    }
+                }
+                InodeKind::Symlink(target) => w.bytes(target),
+                InodeKind::CharDevice(major, minor) | InodeKind::BlockDevice(major, minor) => {
+                    w.varint(u64::from(*major));
+                    w.varint(u64::from(*minor));
+                }
+                InodeKind::Fifo => {}
+            }
+        }
+        w.varint(self.chunks.len() as u64);
+        for chunk in &self.chunks {
+            w.varint(u64::from(chunk.len));
+        }
+        for chunk in &self.chunks {
+            w.out.extend_from_slice(&chunk.name.0);
+        }
+        w.out
+    }
+
+    fn decode_body(body: &[u8], keys: Vec<ChunkKey>) -> Result<Self, ManifestError> {
+        let mut r = Reader {
+            bytes: body,
+            pos: 0,
+        };
+        let mut lists = Vec::new();
+        for _ in 0..3 {
+            let n = r.count(1)?;
+            let mut list = Vec::with_capacity(n);
+            for _ in 0..n {
+                list.push(r.string()?);
+            }
+            lists.push(list);
+        }
+        let config = RuntimeConfig {
+            cmd: lists.pop().expect("three lists"),
+            entrypoint: lists.pop().expect("three lists"),
+            env: lists.pop().expect("three lists"),
+            working_dir: r.string()?,
+            user: r.string()?,
+        };
+        let chunk_size = r.u32()?;
+        let count = r.count(8)?;
+        if count == 0 {
+            return Err(ManifestError::Malformed("no root directory".into()));
+        }
+        let mut inodes = Vec::with_capacity(count);
+        for _ in 0..count {
+            let kind = r.u8()?;
+            let mode = r.u32()?;
+            let uid = r.u32()?;
+            let gid = r.u32()?;
+            let mtime = unzigzag(r.varint()?);
+            let mtime_nanos = r.u32()?;
+            let nlink = r.u32()?;
+            let xattr_count = r.count(2)?;
+            let mut xattrs = Vec::with_capacity(xattr_count);
+            for _ in 0..xattr_count {
+                xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
+            }
+            let kind = match kind {
+                0 => {
+                    let n = r.count(2)?;
+                    let mut children = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let name = r.bytes()?.to_vec();
+                        let ino = r.u32()?;
+                        children.push((name, ino));
+                    }
+                    InodeKind::Dir(children)
+                }
+                1 => {
+                    let size = r.varint()?;
+                    let n = r.count(3)?;
+                    let mut extents = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let chunk = r.varint()?;
+                        let chunk = if chunk == 0 {
+                            ZERO_CHUNK
+                        } else {
+                            u32::try_from(chunk - 1)
+                                .map_err(|_| ManifestError::Malformed("chunk index".into()))?
+                        };
+                        extents.push(Extent {
+                            chunk,
+                            offset: r.u32()?,
+                            len: r.u32()?,
+                        });
+                    }
+                    InodeKind::File { size, extents }
+                }
+                2 => InodeKind::Symlink(r.bytes()?.to_vec()),
+                3 => InodeKind::CharDevice(r.u32()?, r.u32()?),
+                4 => InodeKind::BlockDevice(r.u32()?, r.u32()?),
+                5 => InodeKind::Fifo,
+                _ => return Err(ManifestError::Malformed(format!("inode kind {kind}"))),
+            };
+            inodes.push(Inode {
+                meta: Meta {
+                    mode,
+                    uid,
+                    gid,
+                    mtime,
+                    mtime_nanos,
+                    xattrs,
+                },
+                nlink,
+                kind,
+            });
+        }
+        let chunk_count = r.count(33)?;
+        let mut lens = Vec::with_capacity(chunk_count);
+        for _ in 0..chunk_count {
+            lens.push(r.u32()?);
+        }
+        let mut chunks = Vec::with_capacity(chunk_count);
+        for len in lens {
+            let name = r.take(32)?;
+            chunks.push(ChunkRef {
+                name: ChunkName(name.try_into().expect("32 bytes")),
+                len,
+            });
+        }
+        if r.pos != body.len() {
+            return Err(ManifestError::Malformed(
+                "bytes after the chunk table".into(),
+            ));
+        }
+        if keys.len() != chunks.len() {
+            return Err(ManifestError::Malformed(format!(
+                "{} keys for {} chunks",
+                keys.len(),
+                chunks.len()
+            )));
+        }
+        let manifest = Self {
+            config,
+            chunk_size,
+            inodes,
+            chunks,
+            keys,
+        };
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks the references inside a decoded manifest, so that readers can index without
+    /// bounds failures.
+    fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |what: String| Err(ManifestError::Malformed(what));
+        if !matches!(self.inodes[0].kind, InodeKind::Dir(_)) {
+            return bad("the root is not a directory".into());
+        }
+        let n = self.inodes.len() as u64;
+        for (i, inode) in self.inodes.iter().enumerate() {
+            match &inode.kind {
+                InodeKind::Dir(children) => {
+                    for pair in children.windows(2) {
+                        if pair[0].0 >= pair[1].0 {
+                            return bad(format!("directory {i} is not sorted"));
+                        }
+                    }
+                    for (name, ino) in children {
+                        if u64::from(*ino) >= n || *ino == 0 {
+                            return bad(format!("directory {i} points at inode {ino}"));
+                        }
+                        if name.is_empty()
+                            || name.contains(&b'/')
+                            || name.contains(&0)
+                            || name == b"."
+                            || name == b".."
+                        {
+                            return bad(format!("directory {i} has a bad name"));
+                        }
+                    }
+                }
+                InodeKind::File { size, extents } => {
+                    let mut total = 0u64;
+                    for e in extents {
+                        total += u64::from(e.len);
+                        if e.chunk != ZERO_CHUNK {
+                            let Some(chunk) = self.chunks.get(e.chunk as usize) else {
+                                return bad(format!("file {i} points at chunk {}", e.chunk));
+                            };
+                            if u64::from(e.offset) + u64::from(e.len) > u64::from(chunk.len) {
+                                return bad(format!("file {i} reads past a chunk's end"));
+                            }
+                        }
+                    }
+                    if total != *size {
+                        return bad(format!("file {i}'s extents do not add up to its size"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cipher(key: &TenantKey) -> Aes256Gcm {
+    let k = blake3::derive_key("slapshot 2026-11 manifest key table v1", &key.0);
+    Aes256Gcm::new(&k.into())
+}
+
+fn synthetic_nonce(key: &TenantKey, header_and_body: &[u8], plain_keys: &[u8]) -> [u8; NONCE_LEN] {
+    let k = blake3::derive_key("slapshot 2026-11 manifest nonce v1", &key.0);
+    let mut hasher = blake3::Hasher::new_keyed(&k);
+    hasher.update(header_and_body);
+    hasher.update(plain_keys);
+    hasher.finalize().as_bytes()[..NONCE_LEN]
+        .try_into()
+        .expect("12 bytes")
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+#[derive(Default)]
+struct Writer {
+    out: Vec<u8>,
+}
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.out.push(v);
+    }
+
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.out.push(v as u8);
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.varint(b.len() as u64);
+        self.out.extend_from_slice(b);
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, what: &str) -> ManifestError {
+        ManifestError::Malformed(format!("{what} at byte {}", self.pos))
+    }
+
+    fn u8(&mut self) -> Result<u8, ManifestError> {
+        let b = *self
+            .bytes
+            .get(self.pos)
+            .ok_or_else(|| self.err("end of body"))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, ManifestError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(self.err("an overlong varint"))
+    }
+
+    fn u32(&mut self) -> Result<u32, ManifestError> {
+        let v = self.varint()?;
+        u32::try_from(v).map_err(|_| self.err("a number over 32 bits"))
+    }
+
+    /// A count of items each at least `min_bytes` long: bounded by what is left, so that a
+    /// bad count cannot make us allocate more than the body's size.
+    fn count(&mut self, min_bytes: usize) -> Result<usize, ManifestError> {
+        let n = self.varint()?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_bytes as u64) > left {
+            return Err(self.err("a count larger than the body"));
+        }
+        Ok(n as usize)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.err("end of body"))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], ManifestError> {
+        let n = self.varint()?;
+        let n = usize::try_from(n).map_err(|_| self.err("a length"))?;
+        self.take(n)
+    }
+
+    fn string(&mut self) -> Result<String, ManifestError> {
+        let b = self.bytes()?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.err("a string that is not UTF-8"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let meta = |mode| Meta {
+            mode,
+            uid: 1000,
+            gid: 1000,
+            mtime: -5,
+            mtime_nanos: 7,
+            xattrs: vec![(b"user.x".to_vec(), vec![0, 1, 2])],
+        };
+        Manifest {
+            config: RuntimeConfig {
+                env: vec!["PATH=/bin".into()],
+                entrypoint: vec![],
+                cmd: vec!["/bin/sh".into()],
+                working_dir: "/".into(),
+                user: String::new(),
+            },
+            chunk_size: 512 * 1024,
+            inodes: vec![
+                Inode {
+                    meta: meta(0o755),
+                    nlink: 2,
+                    kind: InodeKind::Dir(vec![
+                        (b"a".to_vec(), 1),
+                        (b"b".to_vec(), 2),
+                        (b"hard".to_vec(), 1),
+                    ]),
+                },
+                Inode {
+                    meta: meta(0o4755),
+                    nlink: 2,
+                    kind: InodeKind::File {
+                        size: 150,
+                        extents: vec![
+                            Extent {
+                                chunk: 0,
+                                offset: 10,
+                                len: 100,
+                            },
+                            Extent {
+                                chunk: ZERO_CHUNK,
+                                offset: 0,
+                                len: 50,
+                            },
+                        ],
+                    },
+                },
+                Inode {
+                    meta: meta(0o777),
+                    nlink: 1,
+                    kind: InodeKind::Symlink(b"a".to_vec()),
+                },
+            ],
+            chunks: vec![ChunkRef {
+                name: ChunkName([9; 32]),
+                len: 200,
+            }],
+            keys: vec![ChunkKey([3; 32])],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_determinism() {
+        let key = TenantKey([1; 32]);
+        let m = sample();
+        let bytes = m.encode(&key);
+        assert_eq!(bytes, m.encode(&key), "byte-identical");
+        assert_eq!(Manifest::decode(&bytes, &key).unwrap(), m);
+        assert_eq!(m.lookup("/a"), Some(1));
+        assert_eq!(m.lookup("hard"), Some(1));
+        assert_eq!(m.lookup("/nope"), None);
+        // The key table is not in the clear.
+        assert!(!bytes.windows(32).any(|w| w == [3; 32]));
+    }
+
+    #[test]
+    fn tampering_and_wrong_keys_are_refused() {
+        let key = TenantKey([1; 32]);
+        let bytes = sample().encode(&key);
+        assert!(matches!(
+            Manifest::decode(&bytes, &TenantKey([2; 32])),
+            Err(ManifestError::WrongKey { .. })
+        ));
+        for i in [0, 9, 30, 45, bytes.len() - 20, bytes.len() - 1] {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(Manifest::decode(&bad, &key).is_err(), "byte {i} flipped");
+        }
+        for len in [0, 10, 40, bytes.len() - 1] {
+            assert!(Manifest::decode(&bytes[..len], &key).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_references_are_caught_after_authentication() {
+        let key = TenantKey([1; 32]);
+        let mut m = sample();
+        if let InodeKind::File { extents, .. } = &mut m.inodes[1].kind {
+            extents[0].chunk = 5;
+        }
+        assert!(matches!(
+            Manifest::decode(&m.encode(&key), &key),
+            Err(ManifestError::Malformed(_))
+        ));
+    }
+}

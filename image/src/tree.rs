@@ -1,0 +1,776 @@
+//! Applying layers, in order, into one filesystem tree.
+//!
+//! The result depends only on what the layers hold, never on the order of entries inside a
+//! tar: a layer's entries are collected first, its whiteouts are applied to the layers
+//! below, then its entries in path order (parents before children), then its hard links
+//! (which may point at entries of the same layer in any order).
+//!
+//! Hostile input is refused with an error naming the layer and the entry:
+//! - absolute paths, `..` components, NUL bytes, names over 255 bytes, paths over 4096;
+//! - entries (and whiteouts) whose path goes through a symlink;
+//! - a symlink whose relative target climbs above the root (absolute targets are kept:
+//!   they are resolved inside the image's root, as in any container);
+//! - hard links to a missing path, to a directory, or with `..` or absolute targets;
+//! - the same path twice in one layer;
+//! - more than 64 KiB of xattrs on one entry (Linux's own limit), or uid/gid above 2^32.
+//!
+//! aufs bookkeeping entries (`.wh..wh.*` other than the opaque marker) are ignored, as
+//! Docker and containerd do.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::{
+    layer::{Content, LayerEntry, lossy},
+    tar::EntryKind,
+};
+
+const MAX_NAME: usize = 255;
+const MAX_PATH: usize = 4096;
+/// Linux's XATTR_LIST_MAX and XATTR_SIZE_MAX are both 64 KiB.
+const MAX_XATTR_BYTES: usize = 64 << 10;
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{layer}: entry {entry:?}: {message}")]
+pub struct TreeError {
+    pub layer: String,
+    pub entry: String,
+    pub message: String,
+}
+
+/// Metadata every node has.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// Permission bits, setuid, setgid and sticky (the low 12 bits of st_mode).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nanos: u32,
+    /// Sorted by name, names unique.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+type NodeId = u32;
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Dir(BTreeMap<Vec<u8>, NodeId>),
+    File(Content),
+    Symlink(Vec<u8>),
+    CharDevice(u32, u32),
+    BlockDevice(u32, u32),
+    Fifo,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    kind: Kind,
+    meta: Meta,
+}
+
+/// The tree being built. Nodes replaced or removed stay in the arena unreachable.
+pub struct Tree {
+    nodes: Vec<Node>,
+}
+
+const ROOT: NodeId = 0;
+
+/// Metadata of directories that no entry describes (parents a layer implies).
+fn implicit_dir_meta() -> Meta {
+    Meta {
+        mode: 0o755,
+        ..Meta::default()
+    }
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tree {
+    pub fn new() -> Self {
+        Self {
+            nodes: vec![Node {
+                kind: Kind::Dir(BTreeMap::new()),
+                meta: implicit_dir_meta(),
+            }],
+        }
+    }
+
+    /// Applies one layer's entries on top of the tree.
+    pub fn apply_layer(&mut self, label: &str, entries: &[LayerEntry]) -> Result<(), TreeError> {
+        let mut seen: HashSet<Vec<&[u8]>> = HashSet::with_capacity(entries.len());
+        let mut opaque: Vec<Vec<&[u8]>> = Vec::new();
+        let mut whiteouts: Vec<(Vec<&[u8]>, &LayerEntry)> = Vec::new();
+        let mut plain: Vec<(Vec<&[u8]>, &LayerEntry)> = Vec::new();
+        let mut links: Vec<(Vec<&[u8]>, &LayerEntry)> = Vec::new();
+        for entry in entries {
+            let fail = |message: String| TreeError {
+                layer: label.to_owned(),
+                entry: lossy(&entry.header.path),
+                message,
+            };
+            let path = components(&entry.header.path).map_err(fail)?;
+            if !seen.insert(path.clone()) {
+                return Err(fail("appears twice in the layer".into()));
+            }
+            match path.last() {
+                Some(&name) if name == OPAQUE_MARKER => {
+                    opaque.push(path[..path.len() - 1].to_vec());
+                }
+                Some(&name) if name.starts_with(AUFS_META_PREFIX) => {}
+                Some(&name) if name.starts_with(WHITEOUT_PREFIX) => {
+                    let hidden = &name[WHITEOUT_PREFIX.len()..];
+                    if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                        return Err(fail("a whiteout that names no file".into()));
+                    }
+                    let mut target = path[..path.len() - 1].to_vec();
+                    target.push(hidden);
+                    whiteouts.push((target, entry));
+                }
+                _ if entry.header.kind == EntryKind::HardLink => links.push((path, entry)),
+                _ => plain.push((path, entry)),
+            }
+        }
+
+        // Whiteouts hide what the layers below hold, never this layer's own entries.
+        for dir in &opaque {
+            let fail = |message: String| TreeError {
+                layer: label.to_owned(),
+                entry: join(dir, OPAQUE_MARKER),
+                message,
+            };
+            if let Some(id) = self.find(dir).map_err(fail)?
+                && let Kind::Dir(children) = &mut self.nodes[id as usize].kind
+            {
+                children.clear();
+            }
+        }
+        let layer_dirs: HashSet<&[&[u8]]> = plain
+            .iter()
+            .filter(|(_, e)| e.header.kind == EntryKind::Directory)
+            .map(|(p, _)| p.as_slice())
+            .collect();
+        for (path, entry) in &whiteouts {
+            let fail = |message: String| TreeError {
+                layer: label.to_owned(),
+                entry: lossy(&entry.header.path),
+                message,
+            };
+            let (parent, name) = path.split_at(path.len() - 1);
+            match self.find(parent).map_err(fail)? {
+                Some(id) => match &mut self.nodes[id as usize].kind {
+                    Kind::Dir(children) => {
+                        children.remove(name[0]);
+                    }
+                    // Whiting out inside a symlink would reach wherever it points, unless
+                    // this layer replaces the symlink with a directory of its own.
+                    Kind::Symlink(_) if !layer_dirs.contains(parent) => {
+                        return Err(fail(format!(
+                            "goes through the symlink {:?}",
+                            join_all(parent)
+                        )));
+                    }
+                    _ => {}
+                },
+                None => {}
+            }
+        }
+
+        plain.sort_by(|a, b| a.0.cmp(&b.0));
+        for (path, entry) in &plain {
+            self.add(path, entry).map_err(|message| TreeError {
+                layer: label.to_owned(),
+                entry: lossy(&entry.header.path),
+                message,
+            })?;
+        }
+
+        // Hard links may point at other hard links of the same layer, in any order: resolve
+        // them in rounds until no more can be.
+        links.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut pending = links;
+        while !pending.is_empty() {
+            let before = pending.len();
+            let mut still = Vec::new();
+            for (path, entry) in pending {
+                match self.link(&path, entry) {
+                    Ok(true) => {}
+                    Ok(false) => still.push((path, entry)),
+                    Err(message) => {
+                        return Err(TreeError {
+                            layer: label.to_owned(),
+                            entry: lossy(&entry.header.path),
+                            message,
+                        });
+                    }
+                }
+            }
+            if still.len() == before {
+                let (_, entry) = &still[0];
+                return Err(TreeError {
+                    layer: label.to_owned(),
+                    entry: lossy(&entry.header.path),
+                    message: format!(
+                        "hard link to {:?}, which does not exist",
+                        lossy(&entry.header.link)
+                    ),
+                });
+            }
+            pending = still;
+        }
+        Ok(())
+    }
+
+    /// The node at `path`, if every component exists; an error if the path goes through a
+    /// symlink.
+    fn find(&self, path: &[&[u8]]) -> Result<Option<NodeId>, String> {
+        let mut id = ROOT;
+        for (depth, name) in path.iter().enumerate() {
+            let Kind::Dir(children) = &self.nodes[id as usize].kind else {
+                if matches!(self.nodes[id as usize].kind, Kind::Symlink(_)) {
+                    return Err(format!(
+                        "goes through the symlink {:?}",
+                        join_all(&path[..depth])
+                    ));
+                }
+                return Ok(None);
+            };
+            match children.get(*name) {
+                Some(&child) => id = child,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(id))
+    }
+
+    /// The directory at `path`, creating missing directories with default metadata.
+    fn dir(&mut self, path: &[&[u8]]) -> Result<NodeId, String> {
+        let mut id = ROOT;
+        for (depth, name) in path.iter().enumerate() {
+            let next = match &self.nodes[id as usize].kind {
+                Kind::Dir(children) => children.get(*name).copied(),
+                _ => unreachable!("only directories are walked into"),
+            };
+            id = match next {
+                Some(child) => match self.nodes[child as usize].kind {
+                    Kind::Dir(_) => child,
+                    Kind::Symlink(_) => {
+                        return Err(format!(
+                            "goes through the symlink {:?}",
+                            join_all(&path[..=depth])
+                        ));
+                    }
+                    _ => {
+                        return Err(format!(
+                            "its parent {:?} is not a directory",
+                            join_all(&path[..=depth])
+                        ));
+                    }
+                },
+                None => {
+                    let child = self.push(Node {
+                        kind: Kind::Dir(BTreeMap::new()),
+                        meta: implicit_dir_meta(),
+                    });
+                    self.children(id).insert(name.to_vec(), child);
+                    child
+                }
+            };
+        }
+        Ok(id)
+    }
+
+    fn push(&mut self, node: Node) -> NodeId {
+        let id = NodeId::try_from(self.nodes.len()).expect("entries are limited far below 2^32");
+        self.nodes.push(node);
+        id
+    }
+
+    fn children(&mut self, dir: NodeId) -> &mut BTreeMap<Vec<u8>, NodeId> {
+        match &mut self.nodes[dir as usize].kind {
+            Kind::Dir(children) => children,
+            _ => unreachable!("callers pass directories"),
+        }
+    }
+
+    fn add(&mut self, path: &[&[u8]], entry: &LayerEntry) -> Result<(), String> {
+        let header = &entry.header;
+        let meta = meta_of(entry)?;
+        let kind = match header.kind {
+            EntryKind::Directory => Kind::Dir(BTreeMap::new()),
+            EntryKind::Regular => Kind::File(entry.content.ok_or("a file without contents")?),
+            EntryKind::Symlink => {
+                check_symlink(path, &header.link)?;
+                Kind::Symlink(header.link.clone())
+            }
+            EntryKind::CharDevice => Kind::CharDevice(header.dev_major, header.dev_minor),
+            EntryKind::BlockDevice => Kind::BlockDevice(header.dev_major, header.dev_minor),
+            EntryKind::Fifo => Kind::Fifo,
+            EntryKind::HardLink => unreachable!("hard links are applied by link()"),
+        };
+        let Some((name, parent)) = path.split_last() else {
+            // The root itself: only a directory may describe it.
+            return match kind {
+                Kind::Dir(_) => {
+                    self.nodes[ROOT as usize].meta = meta;
+                    Ok(())
+                }
+                _ => Err("the root must be a directory".into()),
+            };
+        };
+        let parent = self.dir(parent)?;
+        let existing = self.children(parent).get(*name).copied();
+        if let (Kind::Dir(_), Some(old)) = (&kind, existing)
+            && matches!(self.nodes[old as usize].kind, Kind::Dir(_))
+        {
+            // A directory over a directory keeps what is inside and takes the new metadata.
+            self.nodes[old as usize].meta = meta;
+            return Ok(());
+        }
+        let id = self.push(Node { kind, meta });
+        self.children(parent).insert(name.to_vec(), id);
+        Ok(())
+    }
+
+    /// Adds a hard link; false if its target does not exist yet.
+    fn link(&mut self, path: &[&[u8]], entry: &LayerEntry) -> Result<bool, String> {
+        let target_path = components(&entry.header.link)
+            .map_err(|e| format!("hard link target {:?}: {e}", lossy(&entry.header.link)))?;
+        if target_path.as_slice() == path {
+            return Err("a hard link to itself".into());
+        }
+        let Some(target) = self.find(&target_path)? else {
+            return Ok(false);
+        };
+        if matches!(self.nodes[target as usize].kind, Kind::Dir(_)) {
+            return Err(format!(
+                "hard link to the directory {:?}",
+                lossy(&entry.header.link)
+            ));
+        }
+        let Some((name, parent)) = path.split_last() else {
+            return Err("a hard link cannot be the root".into());
+        };
+        let parent = self.dir(parent)?;
+        self.children(parent).insert(name.to_vec(), target);
+        Ok(true)
+    }
+
+    /// Numbers the reachable nodes in path order and counts their links.
+    pub fn finish(self) -> FlatTree {
+        let mut numbering: Vec<Option<u32>> = vec![None; self.nodes.len()];
+        let mut order: Vec<NodeId> = Vec::new();
+        let mut links: Vec<u32> = Vec::new();
+        let mut stack = vec![ROOT];
+        numbering[ROOT as usize] = Some(0);
+        order.push(ROOT);
+        links.push(0);
+        while let Some(id) = stack.pop() {
+            if let Kind::Dir(children) = &self.nodes[id as usize].kind {
+                // Reverse so that the first child is visited first.
+                let mut fresh = Vec::new();
+                for &child in children.values() {
+                    match numbering[child as usize] {
+                        Some(n) => links[n as usize] += 1,
+                        None => {
+                            let n = order.len() as u32;
+                            numbering[child as usize] = Some(n);
+                            order.push(child);
+                            links.push(1);
+                            fresh.push(child);
+                        }
+                    }
+                }
+                stack.extend(fresh.into_iter().rev());
+            }
+        }
+        // The visit above numbers a directory's children together, before any grandchild
+        // (so that one directory's entries have neighbouring numbers), and is a function of
+        // the tree alone, which is what determinism needs.
+        let inodes = order
+            .iter()
+            .enumerate()
+            .map(|(n, &id)| {
+                let node = &self.nodes[id as usize];
+                let kind = match &node.kind {
+                    Kind::Dir(children) => FlatKind::Dir(
+                        children
+                            .iter()
+                            .map(|(name, &child)| {
+                                (name.clone(), numbering[child as usize].expect("numbered"))
+                            })
+                            .collect(),
+                    ),
+                    Kind::File(content) => FlatKind::File(*content),
+                    Kind::Symlink(target) => FlatKind::Symlink(target.clone()),
+                    Kind::CharDevice(major, minor) => FlatKind::CharDevice(*major, *minor),
+                    Kind::BlockDevice(major, minor) => FlatKind::BlockDevice(*major, *minor),
+                    Kind::Fifo => FlatKind::Fifo,
+                };
+                // A directory's links: its name, its ".", and each subdirectory's "..".
+                let nlink = match &kind {
+                    FlatKind::Dir(children) => {
+                        2 + children
+                            .iter()
+                            .filter(|(_, c)| {
+                                matches!(self.nodes[order[*c as usize] as usize].kind, Kind::Dir(_))
+                            })
+                            .count() as u32
+                    }
+                    _ => links[n],
+                };
+                FlatInode {
+                    meta: node.meta.clone(),
+                    nlink,
+                    kind,
+                }
+            })
+            .collect();
+        FlatTree { inodes }
+    }
+}
+
+/// The finished tree: inodes numbered from 0 (the root), directories listing their
+/// children by name with the child's number.
+#[derive(Debug, Clone)]
+pub struct FlatTree {
+    pub inodes: Vec<FlatInode>,
+}
+
+impl FlatTree {
+    /// Inode numbers in the order their first path sorts in (component by component), each
+    /// once: the order the data layout packs files in.
+    pub fn path_order(&self) -> Vec<u32> {
+        let mut seen = vec![false; self.inodes.len()];
+        let mut out = Vec::with_capacity(self.inodes.len());
+        let mut stack: Vec<(u32, usize)> = vec![(0, 0)];
+        seen[0] = true;
+        out.push(0);
+        while let Some((dir, next)) = stack.pop() {
+            let FlatKind::Dir(children) = &self.inodes[dir as usize].kind else {
+                continue;
+            };
+            let Some(&(_, child)) = children.get(next) else {
+                continue;
+            };
+            stack.push((dir, next + 1));
+            if !seen[child as usize] {
+                seen[child as usize] = true;
+                out.push(child);
+                stack.push((child, 0));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FlatInode {
+    pub meta: Meta,
+    pub nlink: u32,
+    pub kind: FlatKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum FlatKind {
+    Dir(Vec<(Vec<u8>, u32)>),
+    File(Content),
+    Symlink(Vec<u8>),
+    CharDevice(u32, u32),
+    BlockDevice(u32, u32),
+    Fifo,
+}
+
+fn meta_of(entry: &LayerEntry) -> Result<Meta, String> {
+    let header = &entry.header;
+    let id = |value: u64, what: &str| {
+        u32::try_from(value).map_err(|_| format!("{what} {value} does not fit in 32 bits"))
+    };
+    let mut xattrs: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut total = 0usize;
+    for (name, value) in &header.xattrs {
+        total += name.len() + 1 + value.len();
+        if name.is_empty() || name.contains(&0) {
+            return Err("an xattr with an empty name or a NUL in its name".into());
+        }
+        xattrs.insert(name.clone(), value.clone());
+    }
+    if total > MAX_XATTR_BYTES {
+        return Err(format!(
+            "{total} bytes of xattrs, more than Linux's {MAX_XATTR_BYTES}"
+        ));
+    }
+    Ok(Meta {
+        mode: header.mode & 0o7777,
+        uid: id(header.uid, "uid")?,
+        gid: id(header.gid, "gid")?,
+        mtime: header.mtime,
+        mtime_nanos: header.mtime_nanos.min(999_999_999),
+        xattrs: xattrs.into_iter().collect(),
+    })
+}
+
+/// A path's components, with `.` and empty components dropped. Refuses absolute paths,
+/// `..`, NUL bytes and overlong names.
+pub fn components(path: &[u8]) -> Result<Vec<&[u8]>, String> {
+    if path.len() > MAX_PATH {
+        return Err(format!(
+            "a path of {} bytes (the limit is {MAX_PATH})",
+            path.len()
+        ));
+    }
+    if path.contains(&0) {
+        return Err("a NUL byte in the path".into());
+    }
+    if path.first() == Some(&b'/') {
+        return Err("an absolute path".into());
+    }
+    let mut out = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err("a '..' component".into()),
+            name if name.len() > MAX_NAME => {
+                return Err(format!(
+                    "a name of {} bytes (the limit is {MAX_NAME})",
+                    name.len()
+                ));
+            }
+            name => out.push(name),
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses relative symlink targets that climb above the root from where the link is.
+fn check_symlink(path: &[&[u8]], target: &[u8]) -> Result<(), String> {
+    if target.is_empty() {
+        return Err("a symlink with an empty target".into());
+    }
+    if target.len() > MAX_PATH || target.contains(&0) {
+        return Err("a symlink target that is too long or holds a NUL".into());
+    }
+    if target.first() == Some(&b'/') {
+        return Ok(());
+    }
+    // The link's directory is `depth` levels below the root.
+    let mut depth = path.len().saturating_sub(1) as isize;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!(
+                        "a symlink to {:?}, which leaves the image's root",
+                        lossy(target)
+                    ));
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
+fn join_all(parts: &[&[u8]]) -> String {
+    lossy(&parts.join(&b'/'))
+}
+
+fn join(parts: &[&[u8]], last: &[u8]) -> String {
+    let mut all = parts.to_vec();
+    all.push(last);
+    join_all(&all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tar::EntryHeader;
+
+    fn entry(path: &str, kind: EntryKind) -> LayerEntry {
+        LayerEntry {
+            header: EntryHeader {
+                path: path.as_bytes().to_vec(),
+                kind,
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: 0,
+                mtime_nanos: 0,
+                link: Vec::new(),
+                dev_major: 0,
+                dev_minor: 0,
+                xattrs: Vec::new(),
+            },
+            content: (kind == EntryKind::Regular).then_some(Content {
+                layer: 0,
+                offset: 0,
+                len: 0,
+                hash: [path.len() as u8; 32],
+            }),
+        }
+    }
+
+    fn link(path: &str, kind: EntryKind, target: &str) -> LayerEntry {
+        let mut e = entry(path, kind);
+        e.header.link = target.as_bytes().to_vec();
+        e
+    }
+
+    fn paths(tree: &FlatTree) -> Vec<String> {
+        fn walk(tree: &FlatTree, ino: u32, prefix: &str, out: &mut Vec<String>) {
+            if let FlatKind::Dir(children) = &tree.inodes[ino as usize].kind {
+                for (name, child) in children {
+                    let path = format!("{prefix}/{}", String::from_utf8_lossy(name));
+                    out.push(path.clone());
+                    walk(tree, *child, &path, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(tree, 0, "", &mut out);
+        out
+    }
+
+    use EntryKind::*;
+
+    #[test]
+    fn whiteouts_and_opaque_directories() {
+        let mut tree = Tree::new();
+        tree.apply_layer(
+            "l0",
+            &[
+                entry("a", Directory),
+                entry("a/x", Regular),
+                entry("a/y", Regular),
+                entry("b", Directory),
+                entry("b/z", Regular),
+                entry("c", Regular),
+            ],
+        )
+        .unwrap();
+        tree.apply_layer(
+            "l1",
+            &[
+                entry("a/.wh.x", Regular),
+                entry("b/.wh..wh..opq", Regular),
+                entry("b/new", Regular),
+                // A whiteout and a file of the same name in one layer: the file stays.
+                entry(".wh.c", Regular),
+                entry("c", Regular),
+                entry(".wh.missing", Regular),
+            ],
+        )
+        .unwrap();
+        assert_eq!(paths(&tree.finish()), ["/a", "/a/y", "/b", "/b/new", "/c"]);
+    }
+
+    #[test]
+    fn entry_order_inside_a_layer_does_not_matter() {
+        let entries = vec![
+            entry("d/e/f", Regular),
+            link("d/hard", HardLink, "d/e/f"),
+            entry("d", Directory),
+            link("d/hard2", HardLink, "d/hard"),
+            link("d/sym", Symlink, "e/f"),
+        ];
+        let mut reversed = entries.clone();
+        reversed.reverse();
+        let mut a = Tree::new();
+        a.apply_layer("l", &entries).unwrap();
+        let mut b = Tree::new();
+        b.apply_layer("l", &reversed).unwrap();
+        let (a, b) = (a.finish(), b.finish());
+        assert_eq!(paths(&a), paths(&b));
+        assert_eq!(format!("{:?}", a.inodes), format!("{:?}", b.inodes));
+        // Three names, one inode with three links.
+        let files: Vec<_> = a
+            .inodes
+            .iter()
+            .filter(|i| matches!(i.kind, FlatKind::File(_)))
+            .collect();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].nlink, 3);
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        for (entries, needle) in [
+            (vec![entry("/etc/passwd", Regular)], "absolute"),
+            (vec![entry("a/../../x", Regular)], "'..'"),
+            (vec![entry("a", Regular), entry("./a", Regular)], "twice"),
+            (
+                vec![link("l", Symlink, "/etc"), entry("l/passwd", Regular)],
+                "symlink",
+            ),
+            (
+                vec![link("a/b/l", Symlink, "../../../x")],
+                "leaves the image",
+            ),
+            (vec![link("h", HardLink, "../x")], "'..'"),
+            (vec![link("h", HardLink, "nothing")], "does not exist"),
+            (
+                vec![entry("d", Directory), link("h", HardLink, "d")],
+                "directory",
+            ),
+            (
+                vec![entry("f", Regular), entry("f/x", Regular)],
+                "not a directory",
+            ),
+            (vec![entry(&"n".repeat(256), Regular)], "name of 256"),
+        ] {
+            let mut tree = Tree::new();
+            let err = tree.apply_layer("layer 0", &entries).unwrap_err();
+            assert!(
+                err.to_string().contains(needle) && err.to_string().contains("layer 0"),
+                "{err} should mention {needle}"
+            );
+        }
+        // A whiteout through a symlink is refused too.
+        let mut tree = Tree::new();
+        tree.apply_layer("l0", &[link("l", Symlink, "d"), entry("d", Directory)])
+            .unwrap();
+        assert!(
+            tree.apply_layer("l1", &[entry("l/.wh.x", Regular)])
+                .is_err()
+        );
+        // Relative links that stay inside are fine, and so are absolute ones.
+        let mut tree = Tree::new();
+        tree.apply_layer(
+            "l",
+            &[
+                link("a/b/l", Symlink, "../../x"),
+                link("a/abs", Symlink, "/usr/bin/env"),
+            ],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn replacing_across_layers() {
+        let mut tree = Tree::new();
+        tree.apply_layer("l0", &[entry("d/x", Regular), entry("f", Regular)])
+            .unwrap();
+        // A file replaces a directory (and its subtree), a directory replaces a file, and a
+        // directory over a directory keeps its children but takes the new mode.
+        let mut dir = entry("d", Directory);
+        dir.header.mode = 0o700;
+        tree.apply_layer("l1", &[dir, entry("f", Directory)])
+            .unwrap();
+        let flat = tree.finish();
+        assert_eq!(paths(&flat), ["/d", "/d/x", "/f"]);
+        assert_eq!(flat.inodes[1].meta.mode, 0o700);
+        let mut tree = Tree::new();
+        tree.apply_layer("l0", &[entry("d/x", Regular)]).unwrap();
+        tree.apply_layer("l1", &[entry("d", Regular)]).unwrap();
+        assert_eq!(paths(&tree.finish()), ["/d"]);
+    }
+}
