@@ -11,9 +11,11 @@ pub mod cli;
 pub mod config;
 pub mod fleet;
 pub mod hedge;
+pub mod images;
 pub mod metrics;
 pub mod node;
 pub mod origin;
+pub mod settings;
 
 pub use config::FleetConfig;
 pub use fleet::{ChunkError, FleetClient, PutReport};

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use slapshot_client::cli::{ChunkCommand, Cli, Command, FleetCommand, chunk, demo, fleet};
+use slapshot_client::cli::{ChunkCommand, Cli, Command, FleetCommand, chunk, demo, fleet, image};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -33,6 +33,11 @@ fn main() -> ExitCode {
                 name,
                 output,
             }) => chunk::get(&fleet, &name, output.as_deref()).await,
+            Command::Flatten(args) => image::flatten(args).await,
+            Command::Ls(args) => image::ls(args).await,
+            Command::Cat(args) => image::cat(args).await,
+            Command::Images(args) => image::images(args).await,
+            Command::Dedup(args) => image::dedup(args).await,
         }
     });
     match result {

@@ -36,6 +36,18 @@ pub trait Origin: Send + Sync + 'static {
     /// Stores a sealed chunk unless its name exists; true if it was written.
     fn put<'a>(&'a self, chunk: &'a SealedChunk) -> BoxFuture<'a, Result<bool, OriginError>>;
 
+    /// A small object beside the chunks (`manifests/<id>`, `refs/<name>`), or `None`.
+    fn get_object<'a>(&'a self, key: &'a str)
+    -> BoxFuture<'a, Result<Option<Bytes>, OriginError>>;
+
+    /// Writes a small object, replacing any previous one atomically.
+    fn put_object<'a>(&'a self, key: &'a str, bytes: Bytes)
+    -> BoxFuture<'a, Result<(), OriginError>>;
+
+    /// The names of the objects directly under `prefix` (`refs`, `manifests`), sorted.
+    fn list_objects<'a>(&'a self, prefix: &'a str)
+    -> BoxFuture<'a, Result<Vec<String>, OriginError>>;
+
     /// A human-readable location, for logs and errors.
     fn describe(&self) -> String;
 }
@@ -59,6 +71,14 @@ impl ObjectStoreOrigin {
     fn path(&self, name: &ChunkName) -> ObjectPath {
         let hex = name.to_hex();
         self.prefix.clone().join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    /// The path of a small object; keys are `/`-separated relative names the callers build
+    /// from validated parts.
+    fn object_path(&self, key: &str) -> ObjectPath {
+        key.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
     fn error(&self, source: object_store::Error) -> OriginError {
@@ -93,6 +113,58 @@ impl Origin for ObjectStoreOrigin {
                 .await
                 .map_err(|e| self.error(e))?;
             Ok(true)
+        })
+    }
+
+    fn get_object<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
+        Box::pin(async move {
+            match self.store.get(&self.object_path(key)).await {
+                Ok(result) => result.bytes().await.map(Some).map_err(|e| self.error(e)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.error(e)),
+            }
+        })
+    }
+
+    fn put_object<'a>(
+        &'a self,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        Box::pin(async move {
+            self.store
+                .put(&self.object_path(key), PutPayload::from_bytes(bytes))
+                .await
+                .map(drop)
+                .map_err(|e| self.error(e))
+        })
+    }
+
+    fn list_objects<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, OriginError>> {
+        Box::pin(async move {
+            let dir = self.object_path(prefix);
+            let listing = self
+                .store
+                .list_with_delimiter(Some(&dir))
+                .await;
+            let listing = match listing {
+                Ok(listing) => listing,
+                Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(self.error(e)),
+            };
+            let mut names: Vec<String> = listing
+                .objects
+                .iter()
+                .filter_map(|meta| meta.location.filename().map(str::to_owned))
+                .collect();
+            names.sort();
+            Ok(names)
         })
     }
 
@@ -186,6 +258,23 @@ mod tests {
                 .join(&hex[..2])
                 .join(&hex)
                 .exists()
+        );
+    }
+
+    #[tokio::test]
+    async fn small_objects_are_written_listed_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = open_origin(dir.path().to_str().unwrap()).unwrap();
+        assert!(origin.list_objects("refs").await.unwrap().is_empty());
+        assert_eq!(origin.get_object("refs/a").await.unwrap(), None);
+        origin.put_object("refs/b", Bytes::from_static(b"1")).await.unwrap();
+        origin.put_object("refs/a", Bytes::from_static(b"2")).await.unwrap();
+        origin.put_object("refs/a", Bytes::from_static(b"3")).await.unwrap();
+        origin.put_object("manifests/x", Bytes::from_static(b"m")).await.unwrap();
+        assert_eq!(origin.list_objects("refs").await.unwrap(), ["a", "b"]);
+        assert_eq!(
+            origin.get_object("refs/a").await.unwrap(),
+            Some(Bytes::from_static(b"3"))
         );
     }
 

@@ -46,11 +46,12 @@ pub enum FlattenError {
     Layout(String),
 }
 
-/// Where sealed chunks go. Called from several threads at once; may block (that is the
-/// back-pressure that bounds memory: at most `threads` chunks are in flight).
+/// Where sealed chunks go. Called from several threads at once; it may block, which is the
+/// back-pressure that bounds the chunks in memory. The sink counts what it stored and what
+/// was there already; the flattener only sees failures.
 pub trait ChunkSink: Sync {
-    /// Stores a chunk unless its name is there already; true if it was written.
-    fn put(&self, chunk: SealedChunk) -> Result<bool, String>;
+    /// Stores a chunk unless its name is there already.
+    fn put(&self, chunk: SealedChunk) -> Result<(), String>;
 }
 
 /// Told how far a stage has got.
@@ -89,10 +90,6 @@ pub struct FlattenStats {
     pub chunk_bytes: u64,
     /// Planned chunks that were all zeros, and not stored.
     pub zero_chunks: u64,
-    /// Chunks the store already had.
-    pub chunks_present: u64,
-    pub chunks_uploaded: u64,
-    pub bytes_uploaded: u64,
     pub seconds: f64,
 }
 
@@ -317,20 +314,11 @@ fn build_one(
         Mode::Seal(sink) => {
             let (sealed, key) = seal(&options.salt, plaintext);
             let name = *sealed.name();
-            let len = sealed.len() as u64;
             // One store per name per run: duplicates inside an image are common (equal
             // blocks of different files) and the store need not see them twice.
             if lock(submitted).insert(name) {
-                let new = sink
-                    .put(sealed)
+                sink.put(sealed)
                     .map_err(|message| FlattenError::Sink { name, message })?;
-                let mut s = lock(stats);
-                if new {
-                    s.chunks_uploaded += 1;
-                    s.bytes_uploaded += len;
-                } else {
-                    s.chunks_present += 1;
-                }
             }
             Ok(Built::Stored { name, key })
         }

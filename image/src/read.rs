@@ -75,6 +75,50 @@ pub fn covering(extents: &[Extent], offset: u64, len: u64) -> Vec<(Extent, u32, 
     out
 }
 
+/// Symlinks followed before a path is declared a loop (Linux's MAXSYMLINKS).
+const MAX_SYMLINKS: usize = 40;
+
+/// The inode at `path`, following symlinks inside the image (absolute targets from the
+/// image's root, `..` stopping at the root, as in a chroot). `None` if a component is
+/// missing, not a directory, or the links loop.
+pub fn resolve(manifest: &Manifest, path: &[u8]) -> Option<u32> {
+    let mut pending: Vec<Vec<u8>> = split(path).into_iter().rev().collect();
+    // The directories walked so far, root first, so that `..` can go back.
+    let mut walked: Vec<u32> = vec![0];
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        let here = *walked.last().expect("the root is never popped");
+        if part == b".." {
+            if walked.len() > 1 {
+                walked.pop();
+            }
+            continue;
+        }
+        let child = manifest.child(here, &part)?;
+        match &manifest.inodes[child as usize].kind {
+            InodeKind::Symlink(target) => {
+                links += 1;
+                if links > MAX_SYMLINKS {
+                    return None;
+                }
+                if target.first() == Some(&b'/') {
+                    walked.truncate(1);
+                }
+                pending.extend(split(target).into_iter().rev());
+            }
+            _ => walked.push(child),
+        }
+    }
+    walked.last().copied()
+}
+
+fn split(path: &[u8]) -> Vec<Vec<u8>> {
+    path.split(|&b| b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
 /// True for extents that read as zeros.
 pub fn is_zero(extent: &Extent) -> bool {
     extent.chunk == ZERO_CHUNK
@@ -83,6 +127,51 @@ pub fn is_zero(extent: &Extent) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{manifest::Inode, source::RuntimeConfig, tree::Meta};
+
+    #[test]
+    fn symlinks_resolve_inside_the_image() {
+        let inode = |kind| Inode {
+            meta: Meta::default(),
+            nlink: 1,
+            kind,
+        };
+        // / { bin -> usr/bin, usr/ { bin/ { sh }, up -> ../.., abs -> /usr/bin/sh }, loop -> loop }
+        let manifest = Manifest {
+            config: RuntimeConfig::default(),
+            chunk_size: 4096,
+            inodes: vec![
+                inode(InodeKind::Dir(vec![
+                    (b"bin".to_vec(), 1),
+                    (b"loop".to_vec(), 6),
+                    (b"usr".to_vec(), 2),
+                ])),
+                inode(InodeKind::Symlink(b"usr/bin".to_vec())),
+                inode(InodeKind::Dir(vec![
+                    (b"abs".to_vec(), 5),
+                    (b"bin".to_vec(), 3),
+                    (b"up".to_vec(), 7),
+                ])),
+                inode(InodeKind::Dir(vec![(b"sh".to_vec(), 4)])),
+                inode(InodeKind::File {
+                    size: 0,
+                    extents: vec![],
+                }),
+                inode(InodeKind::Symlink(b"/usr/bin/sh".to_vec())),
+                inode(InodeKind::Symlink(b"loop".to_vec())),
+                inode(InodeKind::Symlink(b"../../..".to_vec())),
+            ],
+            chunks: vec![],
+            keys: vec![],
+        };
+        assert_eq!(resolve(&manifest, b"/bin/sh"), Some(4));
+        assert_eq!(resolve(&manifest, b"usr/abs"), Some(4));
+        assert_eq!(resolve(&manifest, b"/usr/up/usr/bin/sh"), Some(4));
+        assert_eq!(resolve(&manifest, b"/"), Some(0));
+        assert_eq!(resolve(&manifest, b"/loop"), None);
+        assert_eq!(resolve(&manifest, b"/bin/sh/x"), None);
+        assert_eq!(resolve(&manifest, b"/nothing"), None);
+    }
 
     #[test]
     fn covering_ranges() {

@@ -3,6 +3,7 @@
 pub mod chunk;
 pub mod demo;
 pub mod fleet;
+pub mod image;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,17 @@ pub enum Command {
     /// Store and fetch single chunks: an operator's smoke test of a fleet.
     #[command(subcommand)]
     Chunk(ChunkCommand),
+    /// Flatten an OCI image (oci:PATH[:TAG] or docker-archive:PATH) into sealed chunks and
+    /// a manifest in the origin; prints the image id.
+    Flatten(image::FlattenArgs),
+    /// List an image's tree from its manifest: mode, links, owner, size, mtime, path.
+    Ls(image::LsArgs),
+    /// Write one file of an image to stdout, reading and verifying its chunks from the origin.
+    Cat(image::CatArgs),
+    /// List the named images in the origin.
+    Images(image::ImagesArgs),
+    /// Compare dedup by layer, by file and by chunk (this layout) over a set of images.
+    Dedup(image::DedupArgs),
 }
 
 /// The fleet file, and settings that override it for this command.

@@ -139,6 +139,28 @@ impl Origin for CountingOrigin {
         self.inner.put(chunk)
     }
 
+    fn get_object<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
+        self.inner.get_object(key)
+    }
+
+    fn put_object<'a>(
+        &'a self,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), OriginError>> {
+        self.inner.put_object(key, bytes)
+    }
+
+    fn list_objects<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, OriginError>> {
+        self.inner.list_objects(prefix)
+    }
+
     fn describe(&self) -> String {
         format!("counting({})", self.inner.describe())
     }
