@@ -129,7 +129,9 @@ impl ImageStore {
             return Ok(id);
         }
         let is_prefix = reference.len() >= MIN_ID_PREFIX
-            && reference.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+            && reference
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
         if is_prefix {
             let matches: Vec<String> = self
                 .origin
@@ -217,7 +219,11 @@ pub struct SinkReport {
 }
 
 impl OriginSink {
-    pub fn new(origin: Arc<dyn Origin>, runtime: tokio::runtime::Handle, max_in_flight: u32) -> Self {
+    pub fn new(
+        origin: Arc<dyn Origin>,
+        runtime: tokio::runtime::Handle,
+        max_in_flight: u32,
+    ) -> Self {
         let max_in_flight = max_in_flight.max(1);
         Self {
             origin,

@@ -37,16 +37,20 @@ pub trait Origin: Send + Sync + 'static {
     fn put<'a>(&'a self, chunk: &'a SealedChunk) -> BoxFuture<'a, Result<bool, OriginError>>;
 
     /// A small object beside the chunks (`manifests/<id>`, `refs/<name>`), or `None`.
-    fn get_object<'a>(&'a self, key: &'a str)
-    -> BoxFuture<'a, Result<Option<Bytes>, OriginError>>;
+    fn get_object<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>>;
 
     /// Writes a small object, replacing any previous one atomically.
-    fn put_object<'a>(&'a self, key: &'a str, bytes: Bytes)
-    -> BoxFuture<'a, Result<(), OriginError>>;
+    fn put_object<'a>(
+        &'a self,
+        key: &'a str,
+        bytes: Bytes,
+    ) -> BoxFuture<'a, Result<(), OriginError>>;
 
     /// The names of the objects directly under `prefix` (`refs`, `manifests`), sorted.
-    fn list_objects<'a>(&'a self, prefix: &'a str)
-    -> BoxFuture<'a, Result<Vec<String>, OriginError>>;
+    fn list_objects<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, OriginError>>;
 
     /// A human-readable location, for logs and errors.
     fn describe(&self) -> String;
@@ -116,10 +120,7 @@ impl Origin for ObjectStoreOrigin {
         })
     }
 
-    fn get_object<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
+    fn get_object<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
         Box::pin(async move {
             match self.store.get(&self.object_path(key)).await {
                 Ok(result) => result.bytes().await.map(Some).map_err(|e| self.error(e)),
@@ -149,10 +150,7 @@ impl Origin for ObjectStoreOrigin {
     ) -> BoxFuture<'a, Result<Vec<String>, OriginError>> {
         Box::pin(async move {
             let dir = self.object_path(prefix);
-            let listing = self
-                .store
-                .list_with_delimiter(Some(&dir))
-                .await;
+            let listing = self.store.list_with_delimiter(Some(&dir)).await;
             let listing = match listing {
                 Ok(listing) => listing,
                 Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
@@ -267,10 +265,22 @@ mod tests {
         let origin = open_origin(dir.path().to_str().unwrap()).unwrap();
         assert!(origin.list_objects("refs").await.unwrap().is_empty());
         assert_eq!(origin.get_object("refs/a").await.unwrap(), None);
-        origin.put_object("refs/b", Bytes::from_static(b"1")).await.unwrap();
-        origin.put_object("refs/a", Bytes::from_static(b"2")).await.unwrap();
-        origin.put_object("refs/a", Bytes::from_static(b"3")).await.unwrap();
-        origin.put_object("manifests/x", Bytes::from_static(b"m")).await.unwrap();
+        origin
+            .put_object("refs/b", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        origin
+            .put_object("refs/a", Bytes::from_static(b"2"))
+            .await
+            .unwrap();
+        origin
+            .put_object("refs/a", Bytes::from_static(b"3"))
+            .await
+            .unwrap();
+        origin
+            .put_object("manifests/x", Bytes::from_static(b"m"))
+            .await
+            .unwrap();
         assert_eq!(origin.list_objects("refs").await.unwrap(), ["a", "b"]);
         assert_eq!(
             origin.get_object("refs/a").await.unwrap(),

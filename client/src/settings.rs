@@ -170,9 +170,9 @@ impl Settings {
 
     /// The tenant key file: from the settings, else ~/.config/slapshot/tenant.key.
     pub fn key_file(&self) -> PathBuf {
-        self.key_file.clone().unwrap_or_else(|| {
-            config_home().join("slapshot").join("tenant.key")
-        })
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| config_home().join("slapshot").join("tenant.key"))
     }
 
     pub fn salt(&self) -> &str {
@@ -239,7 +239,10 @@ mod tests {
             ..Default::default()
         };
         let s = Settings::resolve(&args).unwrap();
-        assert_eq!(s.origin.as_deref(), Some(dir.path().join("o").to_str().unwrap()));
+        assert_eq!(
+            s.origin.as_deref(),
+            Some(dir.path().join("o").to_str().unwrap())
+        );
         assert_eq!(s.key_file(), dir.path().join("k"));
         assert_eq!(s.cache_dir(), dir.path().join("c"));
         assert_eq!(s.salt(), "s");

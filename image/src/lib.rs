@@ -6,6 +6,7 @@
 //! sealed under a tenant key from `keys`). Reading an image back starts from
 //! [`manifest::Manifest::decode`] and [`read::open_chunk`].
 
+pub mod build;
 pub mod digest;
 pub mod flatten;
 pub mod keys;

@@ -281,6 +281,10 @@ impl Manifest {
         Self::decode_body(&body, keys)
     }
 
+    /// The body, column by column so that zstd finds the runs: all kinds, then all modes,
+    /// and so on. Values are coded against what is expected (the next inode number, the
+    /// previous file's chunk and offset, a full chunk), so that most of them are zero.
+    /// Link counts are not stored: they follow from the directories.
     fn encode_body(&self) -> Vec<u8> {
         let mut w = Writer::default();
         let c = &self.config;
@@ -295,47 +299,82 @@ impl Manifest {
         w.varint(u64::from(self.chunk_size));
         w.varint(self.inodes.len() as u64);
         for inode in &self.inodes {
-            let m = &inode.meta;
-            let kind = match inode.kind {
-                InodeKind::Dir(_) => 0,
-                InodeKind::File { .. } => 1,
-                InodeKind::Symlink(_) => 2,
-                InodeKind::CharDevice(..) => 3,
-                InodeKind::BlockDevice(..) => 4,
-                InodeKind::Fifo => 5,
-            };
-            w.u8(kind);
-            w.varint(u64::from(m.mode));
-            w.varint(u64::from(m.uid));
-            w.varint(u64::from(m.gid));
-            w.varint(zigzag(m.mtime));
-            w.varint(u64::from(m.mtime_nanos));
-            w.varint(u64::from(inode.nlink));
-            w.varint(m.xattrs.len() as u64);
-            for (name, value) in &m.xattrs {
+            w.u8(kind_byte(&inode.kind));
+        }
+        for inode in &self.inodes {
+            w.varint(u64::from(inode.meta.mode));
+        }
+        for inode in &self.inodes {
+            w.varint(u64::from(inode.meta.uid));
+        }
+        for inode in &self.inodes {
+            w.varint(u64::from(inode.meta.gid));
+        }
+        let mut previous = 0i64;
+        for inode in &self.inodes {
+            w.varint(zigzag(inode.meta.mtime.wrapping_sub(previous)));
+            previous = inode.meta.mtime;
+        }
+        for inode in &self.inodes {
+            w.varint(u64::from(inode.meta.mtime_nanos));
+        }
+        for inode in &self.inodes {
+            w.varint(inode.meta.xattrs.len() as u64);
+            for (name, value) in &inode.meta.xattrs {
                 w.bytes(name);
                 w.bytes(value);
             }
-            match &inode.kind {
-                InodeKind::Dir(children) => {
-                    w.varint(children.len() as u64);
-                    for (name, ino) in children {
-                        w.bytes(name);
-                        w.varint(u64::from(*ino));
-                    }
+        }
+        // Directories: names front-coded against the previous sibling, inode numbers
+        // against the one after the previous child.
+        let mut expected_ino = 1u32;
+        for inode in &self.inodes {
+            if let InodeKind::Dir(children) = &inode.kind {
+                w.varint(children.len() as u64);
+                let mut previous: &[u8] = &[];
+                for (name, ino) in children {
+                    let shared = previous
+                        .iter()
+                        .zip(name)
+                        .take_while(|(a, b)| a == b)
+                        .count();
+                    w.varint(shared as u64);
+                    w.bytes(&name[shared..]);
+                    w.varint(zigzag(i64::from(*ino) - i64::from(expected_ino)));
+                    expected_ino = ino.wrapping_add(1);
+                    previous = name;
                 }
+            }
+        }
+        // Files: extents against the previous extent (the next bytes of the same chunk) and
+        // lengths against what is left of the file, up to a chunk.
+        let mut previous_chunk = 0u64;
+        let mut previous_end = 0u64;
+        for inode in &self.inodes {
+            match &inode.kind {
                 InodeKind::File { size, extents } => {
                     w.varint(*size);
                     w.varint(extents.len() as u64);
+                    let mut left = *size;
                     for e in extents {
                         // 0 is the zero chunk, so that stored chunks start at 1.
-                        w.varint(if e.chunk == ZERO_CHUNK {
+                        let chunk = if e.chunk == ZERO_CHUNK {
                             0
                         } else {
                             u64::from(e.chunk) + 1
-                        });
-                        w.varint(u64::from(e.offset));
-                        w.varint(u64::from(e.len));
+                        };
+                        let expected_offset = if chunk == previous_chunk {
+                            previous_end
+                        } else {
+                            0
+                        };
+                        w.varint(zigzag(chunk as i64 - previous_chunk as i64));
+                        w.varint(zigzag(i64::from(e.offset) - expected_offset as i64));
+                        let expected_len = left.min(u64::from(self.chunk_size));
+                        w.varint(zigzag(i64::from(e.len) - expected_len as i64));
+                        left = left.saturating_sub(u64::from(e.len));
+                        previous_chunk = chunk;
+                        previous_end = u64::from(e.offset) + u64::from(e.len);
                     }
                 }
                 InodeKind::Symlink(target) => w.bytes(target),
@@ -343,12 +382,12 @@ impl Manifest {
                     w.varint(u64::from(*major));
                     w.varint(u64::from(*minor));
                 }
-                InodeKind::Fifo => {}
+                InodeKind::Dir(_) | InodeKind::Fifo => {}
             }
         }
         w.varint(self.chunks.len() as u64);
         for chunk in &self.chunks {
-            w.varint(u64::from(chunk.len));
+            w.varint(zigzag(i64::from(chunk.len) - i64::from(self.chunk_size)));
         }
         for chunk in &self.chunks {
             w.out.extend_from_slice(&chunk.name.0);
@@ -378,52 +417,100 @@ impl Manifest {
             user: r.string()?,
         };
         let chunk_size = r.u32()?;
-        let count = r.count(8)?;
+        // Each inode takes at least six bytes: kind, mode, uid, gid, mtime, nanos, xattrs.
+        let count = r.count(7)?;
         if count == 0 {
             return Err(ManifestError::Malformed("no root directory".into()));
         }
-        let mut inodes = Vec::with_capacity(count);
-        for _ in 0..count {
-            let kind = r.u8()?;
-            let mode = r.u32()?;
-            let uid = r.u32()?;
-            let gid = r.u32()?;
-            let mtime = unzigzag(r.varint()?);
-            let mtime_nanos = r.u32()?;
-            let nlink = r.u32()?;
-            let xattr_count = r.count(2)?;
-            let mut xattrs = Vec::with_capacity(xattr_count);
-            for _ in 0..xattr_count {
-                xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
+        let kinds = r.take(count)?.to_vec();
+        let mut metas: Vec<Meta> = (0..count).map(|_| Meta::default()).collect();
+        for m in &mut metas {
+            m.mode = r.u32()?;
+        }
+        for m in &mut metas {
+            m.uid = r.u32()?;
+        }
+        for m in &mut metas {
+            m.gid = r.u32()?;
+        }
+        let mut previous = 0i64;
+        for m in &mut metas {
+            m.mtime = previous.wrapping_add(unzigzag(r.varint()?));
+            previous = m.mtime;
+        }
+        for m in &mut metas {
+            m.mtime_nanos = r.u32()?;
+        }
+        for m in &mut metas {
+            let n = r.count(2)?;
+            m.xattrs.reserve(n);
+            for _ in 0..n {
+                m.xattrs.push((r.bytes()?.to_vec(), r.bytes()?.to_vec()));
             }
-            let kind = match kind {
-                0 => {
-                    let n = r.count(2)?;
-                    let mut children = Vec::with_capacity(n);
-                    for _ in 0..n {
-                        let name = r.bytes()?.to_vec();
-                        let ino = r.u32()?;
-                        children.push((name, ino));
-                    }
-                    InodeKind::Dir(children)
+        }
+        let mut expected_ino = 1i64;
+        let mut kinds_decoded: Vec<Option<InodeKind>> = Vec::with_capacity(count);
+        for &kind in &kinds {
+            if kind != 0 {
+                kinds_decoded.push(None);
+                continue;
+            }
+            let n = r.count(3)?;
+            let mut children: Vec<(Vec<u8>, u32)> = Vec::with_capacity(n);
+            for _ in 0..n {
+                let shared = r.varint()? as usize;
+                let previous = children.last().map_or(&[][..], |(name, _)| name.as_slice());
+                if shared > previous.len() {
+                    return Err(r.err("a name sharing more than its sibling has"));
                 }
+                let mut name = previous[..shared].to_vec();
+                name.extend_from_slice(r.bytes()?);
+                let ino = expected_ino + unzigzag(r.varint()?);
+                let ino = u32::try_from(ino).map_err(|_| r.err("an inode number"))?;
+                expected_ino = i64::from(ino) + 1;
+                children.push((name, ino));
+            }
+            kinds_decoded.push(Some(InodeKind::Dir(children)));
+        }
+        let mut previous_chunk = 0i64;
+        let mut previous_end = 0i64;
+        for (slot, &kind) in kinds_decoded.iter_mut().zip(&kinds) {
+            let decoded = match kind {
+                0 => continue,
                 1 => {
                     let size = r.varint()?;
                     let n = r.count(3)?;
                     let mut extents = Vec::with_capacity(n);
+                    let mut left = size;
                     for _ in 0..n {
-                        let chunk = r.varint()?;
-                        let chunk = if chunk == 0 {
-                            ZERO_CHUNK
+                        let chunk = previous_chunk + unzigzag(r.varint()?);
+                        let expected_offset = if chunk == previous_chunk {
+                            previous_end
                         } else {
-                            u32::try_from(chunk - 1)
-                                .map_err(|_| ManifestError::Malformed("chunk index".into()))?
+                            0
+                        };
+                        let offset = expected_offset + unzigzag(r.varint()?);
+                        let expected_len = left.min(u64::from(chunk_size)) as i64;
+                        let len = expected_len + unzigzag(r.varint()?);
+                        let (Ok(offset), Ok(len)) = (u32::try_from(offset), u32::try_from(len))
+                        else {
+                            return Err(r.err("an extent out of range"));
+                        };
+                        let index = match chunk {
+                            0 => ZERO_CHUNK,
+                            c => u32::try_from(c - 1)
+                                .ok()
+                                .filter(|&c| c != ZERO_CHUNK)
+                                .ok_or_else(|| r.err("a chunk index"))?,
                         };
                         extents.push(Extent {
-                            chunk,
-                            offset: r.u32()?,
-                            len: r.u32()?,
+                            chunk: index,
+                            offset,
+                            len,
                         });
+                        left = left.saturating_sub(u64::from(len));
+                        previous_chunk = chunk;
+                        previous_end = i64::from(offset) + i64::from(len);
                     }
                     InodeKind::File { size, extents }
                 }
@@ -431,25 +518,15 @@ impl Manifest {
                 3 => InodeKind::CharDevice(r.u32()?, r.u32()?),
                 4 => InodeKind::BlockDevice(r.u32()?, r.u32()?),
                 5 => InodeKind::Fifo,
-                _ => return Err(ManifestError::Malformed(format!("inode kind {kind}"))),
+                other => return Err(ManifestError::Malformed(format!("inode kind {other}"))),
             };
-            inodes.push(Inode {
-                meta: Meta {
-                    mode,
-                    uid,
-                    gid,
-                    mtime,
-                    mtime_nanos,
-                    xattrs,
-                },
-                nlink,
-                kind,
-            });
+            *slot = Some(decoded);
         }
         let chunk_count = r.count(33)?;
         let mut lens = Vec::with_capacity(chunk_count);
         for _ in 0..chunk_count {
-            lens.push(r.u32()?);
+            let len = i64::from(chunk_size) + unzigzag(r.varint()?);
+            lens.push(u32::try_from(len).map_err(|_| r.err("a chunk length"))?);
         }
         let mut chunks = Vec::with_capacity(chunk_count);
         for len in lens {
@@ -471,6 +548,16 @@ impl Manifest {
                 chunks.len()
             )));
         }
+        let mut inodes: Vec<Inode> = metas
+            .into_iter()
+            .zip(kinds_decoded)
+            .map(|(meta, kind)| Inode {
+                meta,
+                nlink: 0,
+                kind: kind.expect("every kind decoded above"),
+            })
+            .collect();
+        count_links(&mut inodes)?;
         let manifest = Self {
             config,
             chunk_size,
@@ -534,6 +621,47 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+fn kind_byte(kind: &InodeKind) -> u8 {
+    match kind {
+        InodeKind::Dir(_) => 0,
+        InodeKind::File { .. } => 1,
+        InodeKind::Symlink(_) => 2,
+        InodeKind::CharDevice(..) => 3,
+        InodeKind::BlockDevice(..) => 4,
+        InodeKind::Fifo => 5,
+    }
+}
+
+/// Link counts from the directories: a directory has its name, its `.` and each
+/// subdirectory's `..`; anything else one per name.
+fn count_links(inodes: &mut [Inode]) -> Result<(), ManifestError> {
+    let n = inodes.len();
+    let mut links = vec![0u32; n];
+    links[0] = 2;
+    for i in 0..n {
+        if let InodeKind::Dir(children) = &inodes[i].kind {
+            for (_, child) in children {
+                let child = *child as usize;
+                if child == 0 || child >= n {
+                    return Err(ManifestError::Malformed(format!(
+                        "directory {i} points at inode {child}"
+                    )));
+                }
+                if matches!(inodes[child].kind, InodeKind::Dir(_)) {
+                    links[i] = links[i].saturating_add(1);
+                    links[child] = links[child].saturating_add(2);
+                } else {
+                    links[child] = links[child].saturating_add(1);
+                }
+            }
+        }
+    }
+    for (inode, count) in inodes.iter_mut().zip(links) {
+        inode.nlink = count;
+    }
+    Ok(())
 }
 
 fn cipher(key: &TenantKey) -> Aes256Gcm {

@@ -367,14 +367,15 @@ impl Tree {
         let mut numbering: Vec<Option<u32>> = vec![None; self.nodes.len()];
         let mut order: Vec<NodeId> = Vec::new();
         let mut links: Vec<u32> = Vec::new();
-        let mut stack = vec![ROOT];
+        // Breadth-first, children by name: a directory's children get consecutive
+        // numbers, so the manifest codes them as "the next number" in almost no space, and
+        // the numbering is a function of the tree alone, which determinism needs.
+        let mut queue = std::collections::VecDeque::from([ROOT]);
         numbering[ROOT as usize] = Some(0);
         order.push(ROOT);
         links.push(0);
-        while let Some(id) = stack.pop() {
+        while let Some(id) = queue.pop_front() {
             if let Kind::Dir(children) = &self.nodes[id as usize].kind {
-                // Reverse so that the first child is visited first.
-                let mut fresh = Vec::new();
                 for &child in children.values() {
                     match numbering[child as usize] {
                         Some(n) => links[n as usize] += 1,
@@ -383,16 +384,12 @@ impl Tree {
                             numbering[child as usize] = Some(n);
                             order.push(child);
                             links.push(1);
-                            fresh.push(child);
+                            queue.push_back(child);
                         }
                     }
                 }
-                stack.extend(fresh.into_iter().rev());
             }
         }
-        // The visit above numbers a directory's children together, before any grandchild
-        // (so that one directory's entries have neighbouring numbers), and is a function of
-        // the tree alone, which is what determinism needs.
         let inodes = order
             .iter()
             .enumerate()

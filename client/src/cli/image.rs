@@ -78,9 +78,9 @@ impl LayoutArgs {
                 max_bytes: self.max_bytes.0,
                 max_entries: self.max_entries,
             },
-            threads: self.threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(2, |n| n.get())
-            }),
+            threads: self
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             spool_dir: std::env::temp_dir(),
         })
     }
@@ -155,7 +155,10 @@ pub async fn flatten_image(
         .sealing_key()
         .context("cannot get the tenant key")?;
     let source_ref = SourceRef::parse(image)?;
-    let salt = args.salt.clone().unwrap_or_else(|| settings.salt().to_owned());
+    let salt = args
+        .salt
+        .clone()
+        .unwrap_or_else(|| settings.salt().to_owned());
     let options = args.layout.options(&salt)?;
     let sink = Arc::new(OriginSink::new(
         origin.clone(),
@@ -166,12 +169,8 @@ pub async fn flatten_image(
     let task_sink = sink.clone();
     let (flattened, sink_report) = tokio::task::spawn_blocking(move || {
         let source = open_source(&source_ref)?;
-        let result = slapshot_image::flatten(
-            &source,
-            &options,
-            Mode::Seal(task_sink.as_ref()),
-            &progress,
-        );
+        let result =
+            slapshot_image::flatten(&source, &options, Mode::Seal(task_sink.as_ref()), &progress);
         // Wait for every upload whatever happened, so that none outlives the command.
         let report = task_sink.finish();
         progress.finish();
@@ -207,7 +206,11 @@ pub async fn flatten_image(
 }
 
 fn print_report(r: &FlattenReport) {
-    let name = r.name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+    let name = r
+        .name
+        .as_deref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
     println!("image {}{name}", r.image_id);
     println!(
         "  {} files, {} in {} layers",
@@ -293,7 +296,10 @@ impl Progress for Bar {
 }
 
 /// An image from the origin: resolved, fetched, authenticated and decoded.
-async fn load(settings: &Settings, reference: &str) -> anyhow::Result<(ImageStore, ImageId, Manifest)> {
+async fn load(
+    settings: &Settings,
+    reference: &str,
+) -> anyhow::Result<(ImageStore, ImageId, Manifest)> {
     let store = ImageStore::new(settings.origin()?);
     let key = KeyFile::new(settings.key_file()).opening_key()?;
     let (id, manifest) = store.load(reference, &key).await?;
@@ -439,10 +445,9 @@ pub async fn cat(args: CatArgs) -> anyhow::Result<()> {
         }
         if cached.as_ref().is_none_or(|(i, _)| *i != extent.chunk) {
             let chunk = &manifest.chunks[extent.chunk as usize];
-            let bytes = origin
-                .get(&chunk.name)
-                .await?
-                .with_context(|| format!("chunk {} is missing from {}", chunk.name, origin.describe()))?;
+            let bytes = origin.get(&chunk.name).await?.with_context(|| {
+                format!("chunk {} is missing from {}", chunk.name, origin.describe())
+            })?;
             let plain = open_chunk(&manifest, extent.chunk, bytes.to_vec())?;
             cached = Some((extent.chunk, plain));
         }
@@ -464,7 +469,10 @@ pub async fn images(args: ImagesArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(&args.settings)?;
     let store = ImageStore::new(settings.origin()?);
     let key = KeyFile::new(settings.key_file()).opening_key().ok();
-    println!("{:<32} {:<16} {:>10} {:>12} {:>10}", "NAME", "IMAGE ID", "FILES", "SIZE", "MANIFEST");
+    println!(
+        "{:<32} {:<16} {:>10} {:>12} {:>10}",
+        "NAME", "IMAGE ID", "FILES", "SIZE", "MANIFEST"
+    );
     for (name, id) in store.names().await? {
         let bytes = store.manifest_bytes(&id).await;
         let (files, size, manifest) = match (&bytes, &key) {
@@ -555,7 +563,11 @@ pub async fn dedup(args: DedupArgs) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("{} images, {} in all", report.images, human(report.total_bytes));
+    println!(
+        "{} images, {} in all",
+        report.images,
+        human(report.total_bytes)
+    );
     println!(
         "unique after layer dedup  {:>10} ({:.1}%)",
         human(report.layer_unique_bytes),
@@ -584,9 +596,13 @@ fn dedup_blocking(images: &[String], options: &FlattenOptions) -> anyhow::Result
     let mut chunks_seen: HashMap<ChunkName, u32> = HashMap::new();
     for image in images {
         let source = open_source(&SourceRef::parse(image)?)?;
-        let flattened =
-            slapshot_image::flatten(&source, options, Mode::PlanOnly, &slapshot_image::flatten::NoProgress)
-                .with_context(|| format!("flattening {image}"))?;
+        let flattened = slapshot_image::flatten(
+            &source,
+            options,
+            Mode::PlanOnly,
+            &slapshot_image::flatten::NoProgress,
+        )
+        .with_context(|| format!("flattening {image}"))?;
         let mut entry = DedupImage {
             image: image.clone(),
             bytes: flattened.stats.file_bytes,

@@ -139,10 +139,7 @@ impl Origin for CountingOrigin {
         self.inner.put(chunk)
     }
 
-    fn get_object<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
+    fn get_object<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
         self.inner.get_object(key)
     }
 

@@ -1,0 +1,648 @@
+//! Flattening small images built by the tests: every kind of entry, whiteouts, both
+//! compressions, determinism, and every hostile case the issue lists.
+
+use std::{collections::HashMap, path::Path, sync::Mutex};
+
+use slapshot_core::{ChunkName, Salt, SealedChunk};
+use slapshot_image::{
+    ChunkSink, FlattenOptions, Manifest, Mode, SourceRef, TenantKey,
+    build::{LayerBuilder, LayerCompression, write_docker_archive, write_oci},
+    flatten::{FlattenError, NoProgress},
+    layer::Limits,
+    layout::LayoutParams,
+    manifest::InodeKind,
+    open_source,
+    read::{covering, is_zero, open_chunk, resolve},
+    source::RuntimeConfig,
+    tar::{EntryHeader, EntryKind},
+};
+
+/// A chunk store in memory that counts puts.
+#[derive(Default)]
+struct MemorySink {
+    chunks: Mutex<HashMap<ChunkName, SealedChunk>>,
+    puts: Mutex<usize>,
+}
+
+impl ChunkSink for MemorySink {
+    fn put(&self, chunk: SealedChunk) -> Result<(), String> {
+        *self.puts.lock().unwrap() += 1;
+        assert!(chunk.name().matches(chunk.bytes()));
+        self.chunks.lock().unwrap().insert(*chunk.name(), chunk);
+        Ok(())
+    }
+}
+
+fn options(threads: usize) -> FlattenOptions {
+    FlattenOptions {
+        salt: Salt::new(b"test"),
+        layout: LayoutParams::default(),
+        limits: Limits::default(),
+        threads,
+        spool_dir: std::env::temp_dir(),
+    }
+}
+
+struct Flat {
+    manifest: Manifest,
+    sink: MemorySink,
+    encoded: Vec<u8>,
+}
+
+fn flatten_ref(reference: &str, opts: &FlattenOptions) -> Result<Flat, String> {
+    let source = open_source(&SourceRef::parse(reference).unwrap()).map_err(|e| e.to_string())?;
+    let sink = MemorySink::default();
+    let flattened = slapshot_image::flatten(&source, opts, Mode::Seal(&sink), &NoProgress)
+        .map_err(|e: FlattenError| e.to_string())?;
+    let key = TenantKey([7; 32]);
+    let encoded = flattened.manifest.encode(&key);
+    let manifest = Manifest::decode(&encoded, &key).unwrap();
+    assert_eq!(manifest, flattened.manifest);
+    Ok(Flat {
+        manifest,
+        sink,
+        encoded,
+    })
+}
+
+fn oci(dir: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", dir.display())
+}
+
+impl Flat {
+    fn file(&self, path: &str) -> Vec<u8> {
+        let ino = self
+            .manifest
+            .lookup(path)
+            .unwrap_or_else(|| panic!("{path} missing"));
+        let InodeKind::File { extents, size } = &self.manifest.inodes[ino as usize].kind else {
+            panic!("{path} is not a file");
+        };
+        let chunks = self.sink.chunks.lock().unwrap();
+        let mut out = Vec::new();
+        for (extent, start, len) in covering(extents, 0, *size) {
+            if is_zero(&extent) {
+                out.extend(std::iter::repeat_n(0u8, len as usize));
+                continue;
+            }
+            let chunk = &self.manifest.chunks[extent.chunk as usize];
+            let sealed = chunks.get(&chunk.name).expect("chunk stored");
+            let plain = open_chunk(&self.manifest, extent.chunk, sealed.bytes().to_vec()).unwrap();
+            let from = (extent.offset + start) as usize;
+            out.extend_from_slice(&plain[from..from + len as usize]);
+        }
+        out
+    }
+
+    fn inode(&self, path: &str) -> &slapshot_image::manifest::Inode {
+        &self.manifest.inodes[self.manifest.lookup(path).unwrap() as usize]
+    }
+
+    fn names(&self) -> Vec<ChunkName> {
+        let mut names: Vec<_> = self.manifest.chunks.iter().map(|c| c.name).collect();
+        names.sort();
+        names
+    }
+}
+
+fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Two layers exercising every kind of entry and every whiteout rule.
+fn rich_layers() -> (LayerBuilder, LayerBuilder) {
+    let mut base = LayerBuilder::new();
+    base.dir("bin", 0o755)
+        .file("bin/tool", 0o4755, data(1, 3 * 512 * 1024 + 777))
+        .last()
+        .uid = 0;
+    base.hardlink("bin/tool-again", "bin/tool")
+        .symlink("bin/sh", "tool")
+        .symlink("usr-abs", "/bin/tool")
+        .dir("etc", 0o755)
+        .file("etc/config", 0o640, b"version=1\n".to_vec());
+    base.last().uid = 1000;
+    base.last().gid = 1001;
+    base.last().mtime = 1_600_000_000;
+    base.last().mtime_nanos = 123_456_789;
+    base.last().xattrs = vec![(b"user.origin".to_vec(), b"base".to_vec())];
+    base.file("etc/old", 0o644, b"old".to_vec())
+        .dir("var/cache", 0o755)
+        .file("var/cache/a", 0o644, data(2, 100))
+        .file("var/cache/b", 0o644, data(3, 200))
+        .dir("tmp", 0o1777)
+        .file("zeros", 0o644, vec![0; 2 * 512 * 1024])
+        .file("empty", 0o600, Vec::new());
+    base.raw(
+        EntryHeader {
+            kind: EntryKind::CharDevice,
+            dev_major: 1,
+            dev_minor: 3,
+            ..template("dev/null", 0o666)
+        },
+        Vec::new(),
+    );
+    base.raw(
+        EntryHeader {
+            kind: EntryKind::BlockDevice,
+            dev_major: 8,
+            dev_minor: 1,
+            ..template("dev/sda1", 0o660)
+        },
+        Vec::new(),
+    );
+    base.raw(
+        EntryHeader {
+            kind: EntryKind::Fifo,
+            ..template("run/fifo", 0o600)
+        },
+        Vec::new(),
+    );
+    let mut top = LayerBuilder::new();
+    top.whiteout("etc/old")
+        .opaque("var/cache")
+        .file("var/cache/c", 0o644, b"new cache".to_vec())
+        .file("etc/config", 0o600, b"version=2\n".to_vec())
+        .dir("home/user", 0o700);
+    top.last().uid = 1000;
+    (base, top)
+}
+
+fn template(path: &str, mode: u32) -> EntryHeader {
+    EntryHeader {
+        path: path.as_bytes().to_vec(),
+        kind: EntryKind::Regular,
+        mode,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        mtime: 1_700_000_000,
+        mtime_nanos: 0,
+        link: Vec::new(),
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: Vec::new(),
+    }
+}
+
+#[test]
+fn every_kind_of_entry_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = rich_layers();
+    let config = RuntimeConfig {
+        env: vec!["PATH=/bin".into()],
+        cmd: vec!["/bin/sh".into()],
+        working_dir: "/home/user".into(),
+        ..Default::default()
+    };
+    write_oci(
+        dir.path(),
+        "rich",
+        &config,
+        &[
+            (base, LayerCompression::Gzip),
+            (top, LayerCompression::Zstd),
+        ],
+    )
+    .unwrap();
+    let flat = flatten_ref(&oci(dir.path(), "rich"), &options(2)).unwrap();
+    let m = &flat.manifest;
+    assert_eq!(m.config, config);
+
+    // Regular files, large and small, with their bytes.
+    assert_eq!(flat.file("/bin/tool"), data(1, 3 * 512 * 1024 + 777));
+    assert_eq!(flat.file("/etc/config"), b"version=2\n");
+    assert_eq!(flat.file("/var/cache/c"), b"new cache");
+    assert_eq!(flat.file("/zeros"), vec![0; 2 * 512 * 1024]);
+    assert_eq!(flat.file("/empty"), b"");
+    // Modes, setuid, owners, times.
+    let tool = flat.inode("/bin/tool");
+    assert_eq!(tool.meta.mode, 0o4755);
+    assert_eq!(tool.type_bits(), 0o100000);
+    let config_file = flat.inode("/etc/config");
+    assert_eq!((config_file.meta.mode, config_file.meta.uid), (0o600, 0));
+    assert_eq!(flat.inode("/tmp").meta.mode, 0o1777);
+    assert_eq!(flat.inode("/home/user").meta.uid, 1000);
+    // Hard links share an inode and count their names.
+    assert_eq!(m.lookup("/bin/tool"), m.lookup("/bin/tool-again"));
+    assert_eq!(tool.nlink, 2);
+    // Symlinks and their targets.
+    assert_eq!(
+        flat.inode("/bin/sh").kind,
+        InodeKind::Symlink(b"tool".to_vec())
+    );
+    assert_eq!(resolve(m, b"/usr-abs"), m.lookup("/bin/tool"));
+    // Devices and fifos.
+    assert_eq!(flat.inode("/dev/null").kind, InodeKind::CharDevice(1, 3));
+    assert_eq!(flat.inode("/dev/sda1").kind, InodeKind::BlockDevice(8, 1));
+    assert_eq!(flat.inode("/run/fifo").kind, InodeKind::Fifo);
+    // Whiteouts: a file removed, a directory emptied of what was below.
+    assert!(m.lookup("/etc/old").is_none());
+    assert!(m.lookup("/var/cache/a").is_none());
+    assert!(m.lookup("/var/cache/b").is_none());
+    // All-zero chunks are not stored: the 1 MiB of zeros takes no chunk.
+    if let InodeKind::File { extents, .. } = &flat.inode("/zeros").kind {
+        assert!(extents.iter().all(is_zero));
+    }
+    // Nothing stored is plaintext: the tool's bytes do not appear in any chunk.
+    let needle = &data(1, 64)[..];
+    for chunk in flat.sink.chunks.lock().unwrap().values() {
+        assert!(!chunk.bytes().windows(64).any(|w| w == needle));
+    }
+}
+
+#[test]
+fn xattrs_and_times_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = rich_layers();
+    write_oci(
+        dir.path(),
+        "x",
+        &RuntimeConfig::default(),
+        &[(base, LayerCompression::None)],
+    )
+    .unwrap();
+    let flat = flatten_ref(&oci(dir.path(), "x"), &options(1)).unwrap();
+    let config = flat.inode("/etc/config");
+    assert_eq!(
+        config.meta.xattrs,
+        vec![(b"user.origin".to_vec(), b"base".to_vec())]
+    );
+    assert_eq!(
+        (config.meta.mtime, config.meta.mtime_nanos),
+        (1_600_000_000, 123_456_789)
+    );
+    assert_eq!((config.meta.uid, config.meta.gid), (1000, 1001));
+}
+
+#[test]
+fn flattening_is_deterministic_across_runs_threads_compressions_and_entry_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = rich_layers();
+    let config = RuntimeConfig::default();
+    write_oci(
+        dir.path(),
+        "gz",
+        &config,
+        &[
+            (base.clone(), LayerCompression::Gzip),
+            (top.clone(), LayerCompression::Gzip),
+        ],
+    )
+    .unwrap();
+    write_oci(
+        dir.path(),
+        "zst",
+        &config,
+        &[
+            (base.clone(), LayerCompression::Zstd),
+            (top.clone(), LayerCompression::None),
+        ],
+    )
+    .unwrap();
+    // The same entries in another order inside each tar.
+    let reversed = |layer: &LayerBuilder| {
+        let mut out = LayerBuilder::new();
+        let tar = layer.tar().unwrap();
+        let mut reader = slapshot_image::tar::TarReader::new(&tar[..]);
+        let mut entries = Vec::new();
+        while let Some(h) = reader.next_entry().unwrap() {
+            let mut data = vec![0; h.size as usize];
+            let mut at = 0;
+            while at < data.len() {
+                at += reader.read_data(&mut data[at..]).unwrap();
+            }
+            entries.push((h, data));
+        }
+        for (h, d) in entries.into_iter().rev() {
+            out.raw(h, d);
+        }
+        out
+    };
+    write_oci(
+        dir.path(),
+        "shuffled",
+        &config,
+        &[
+            (reversed(&base), LayerCompression::Gzip),
+            (reversed(&top), LayerCompression::Gzip),
+        ],
+    )
+    .unwrap();
+    let a = flatten_ref(&oci(dir.path(), "gz"), &options(1)).unwrap();
+    let b = flatten_ref(&oci(dir.path(), "gz"), &options(4)).unwrap();
+    let c = flatten_ref(&oci(dir.path(), "zst"), &options(3)).unwrap();
+    let d = flatten_ref(&oci(dir.path(), "shuffled"), &options(2)).unwrap();
+    assert_eq!(a.encoded, b.encoded, "thread count changed the manifest");
+    assert_eq!(a.encoded, c.encoded, "compression changed the manifest");
+    assert_eq!(a.encoded, d.encoded, "entry order changed the manifest");
+    assert_eq!(a.names(), c.names());
+    // Each distinct chunk was stored once per run.
+    assert_eq!(*a.sink.puts.lock().unwrap(), a.manifest.chunks.len());
+}
+
+#[test]
+fn docker_archives_flatten_like_oci_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = rich_layers();
+    let config = RuntimeConfig::default();
+    write_oci(
+        dir.path(),
+        "t",
+        &config,
+        &[
+            (base.clone(), LayerCompression::Gzip),
+            (top.clone(), LayerCompression::Gzip),
+        ],
+    )
+    .unwrap();
+    let archive = dir.path().join("image.tar");
+    write_docker_archive(&archive, &config, &[base, top]).unwrap();
+    let a = flatten_ref(&oci(dir.path(), "t"), &options(2)).unwrap();
+    let b = flatten_ref(
+        &format!("docker-archive:{}", archive.display()),
+        &options(2),
+    )
+    .unwrap();
+    assert_eq!(a.encoded, b.encoded);
+}
+
+/// Writes a one-layer image whose layer is `layer`, and returns the error flattening gives.
+fn hostile(layer: LayerBuilder) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write_oci(
+        dir.path(),
+        "h",
+        &RuntimeConfig::default(),
+        &[(layer, LayerCompression::Gzip)],
+    )
+    .unwrap();
+    match flatten_ref(&oci(dir.path(), "h"), &options(2)) {
+        Ok(_) => panic!("a hostile layer was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn hostile_entries_are_refused_with_the_layer_and_entry_named() {
+    let cases: Vec<(LayerBuilder, &str, &str)> = vec![
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.file("/etc/shadow", 0o600, b"x".to_vec());
+                l
+            },
+            "/etc/shadow",
+            "absolute",
+        ),
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.file("a/../../etc/x", 0o600, b"x".to_vec());
+                l
+            },
+            "a/../../etc/x",
+            "'..'",
+        ),
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.symlink("lib", "/usr/lib")
+                    .file("lib/evil.so", 0o644, b"x".to_vec());
+                l
+            },
+            "lib/evil.so",
+            "symlink",
+        ),
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.symlink("a/b/up", "../../../../etc/passwd");
+                l
+            },
+            "a/b/up",
+            "leaves the image",
+        ),
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.hardlink("h", "../../etc/passwd");
+                l
+            },
+            "\"h\"",
+            "'..'",
+        ),
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.hardlink("h", "/etc/passwd");
+                l
+            },
+            "\"h\"",
+            "absolute",
+        ),
+        (
+            {
+                let mut l = LayerBuilder::new();
+                l.file("twice", 0o644, b"1".to_vec())
+                    .file("./twice", 0o644, b"2".to_vec());
+                l
+            },
+            "twice",
+            "twice",
+        ),
+    ];
+    for (layer, entry, needle) in cases {
+        let err = hostile(layer);
+        assert!(err.contains("layer 0"), "{err}: no layer named");
+        assert!(err.contains(entry), "{err}: no entry {entry}");
+        assert!(err.contains(needle), "{err}: does not say {needle}");
+    }
+}
+
+/// Builds a layout with a raw (possibly broken) layer blob.
+fn with_blob(dir: &Path, blob: &[u8], media_type: &str) -> String {
+    use slapshot_image::digest::Digest;
+    let root = dir.join("raw");
+    std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
+    std::fs::write(
+        root.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let put = |bytes: &[u8]| {
+        let d = Digest::of(bytes);
+        std::fs::write(root.join("blobs/sha256").join(d.hex()), bytes).unwrap();
+        d
+    };
+    let layer = put(blob);
+    let config = br#"{"config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = put(config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"{media_type}","digest":"{layer}","size":{}}}]}}"#,
+        config.len(),
+        blob.len()
+    );
+    let manifest_digest = put(manifest.as_bytes());
+    std::fs::write(
+        root.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    format!("oci:{}", root.display())
+}
+
+#[test]
+fn sizes_that_lie_and_broken_streams_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = LayerBuilder::new();
+    layer
+        .file("big", 0o644, data(9, 100_000))
+        .file("after", 0o644, b"x".to_vec());
+    let tar = layer.tar().unwrap();
+
+    // The tar cut short in a file's data: its header's size lies.
+    let cut = &tar[..60_000];
+    let err = flatten_ref(
+        &with_blob(dir.path(), cut, "application/vnd.oci.image.layer.v1.tar"),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("big") && err.contains("ends in the middle"),
+        "{err}"
+    );
+
+    // A gzip stream cut short.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let err = flatten_ref(
+        &with_blob(
+            dir.path(),
+            &gz[..gz.len() / 2],
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("layer 0"), "{err}");
+
+    // A corrupt gzip stream whose digest matches (as a buggy writer would make): gzip's
+    // own crc32 catches it.
+    let mut bad_gz = gz.clone();
+    let mid = bad_gz.len() / 2;
+    bad_gz[mid] ^= 0xff;
+    let err = flatten_ref(
+        &with_blob(
+            dir.path(),
+            &bad_gz,
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("layer 0"), "{err}");
+
+    // A zstd stream cut short. (A byte flipped inside a zstd stream without a checksum
+    // can decode to other bytes without complaint; only the blob digest catches that, and
+    // the test below shows it does.)
+    let zst = zstd::bulk::compress(&tar, 3).unwrap();
+    let err = flatten_ref(
+        &with_blob(
+            dir.path(),
+            &zst[..zst.len() - 100],
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("layer 0"), "{err}");
+
+    // A blob that does not match its digest: rewrite it after the layout was made.
+    let reference = with_blob(dir.path(), &tar, "application/vnd.oci.image.layer.v1.tar");
+    let blob = slapshot_image::digest::Digest::of(&tar);
+    let path = dir.path().join("raw/blobs/sha256").join(blob.hex());
+    let mut damaged = tar.clone();
+    damaged[700] ^= 1;
+    std::fs::write(&path, &damaged).unwrap();
+    let err = flatten_ref(&reference, &options(1)).err().unwrap();
+    assert!(err.contains("digest mismatch"), "{err}");
+}
+
+#[test]
+fn tar_bombs_hit_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = LayerBuilder::new();
+    for i in 0..50 {
+        layer.file(&format!("f{i}"), 0o644, vec![1; 10_000]);
+    }
+    write_oci(
+        dir.path(),
+        "bomb",
+        &RuntimeConfig::default(),
+        &[(layer, LayerCompression::Gzip)],
+    )
+    .unwrap();
+    let mut opts = options(1);
+    opts.limits = Limits {
+        max_bytes: 100_000,
+        max_entries: 1_000,
+    };
+    let err = flatten_ref(&oci(dir.path(), "bomb"), &opts).err().unwrap();
+    assert!(
+        err.contains("more than 100000 bytes") && err.contains("max-bytes"),
+        "{err}"
+    );
+    opts.limits = Limits {
+        max_bytes: 1 << 30,
+        max_entries: 20,
+    };
+    let err = flatten_ref(&oci(dir.path(), "bomb"), &opts).err().unwrap();
+    assert!(err.contains("more than 20 entries"), "{err}");
+    opts.limits = Limits::default();
+    assert!(flatten_ref(&oci(dir.path(), "bomb"), &opts).is_ok());
+}
+
+#[test]
+fn a_file_replaced_in_a_later_layer_keeps_only_the_new_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l0 = LayerBuilder::new();
+    l0.file("app/data", 0o644, data(11, 700_000));
+    let mut l1 = LayerBuilder::new();
+    l1.file("app/data", 0o644, data(12, 10));
+    write_oci(
+        dir.path(),
+        "r",
+        &RuntimeConfig::default(),
+        &[(l0, LayerCompression::Gzip), (l1, LayerCompression::Gzip)],
+    )
+    .unwrap();
+    let flat = flatten_ref(&oci(dir.path(), "r"), &options(2)).unwrap();
+    assert_eq!(flat.file("/app/data"), data(12, 10));
+    // The replaced bytes were never stored.
+    let total: usize = flat
+        .sink
+        .chunks
+        .lock()
+        .unwrap()
+        .values()
+        .map(|c| c.len())
+        .sum();
+    assert!(total < 1000, "{total} bytes stored");
+}
