@@ -18,7 +18,8 @@ pub struct UpArgs {
     /// Number of nodes.
     #[arg(long, value_name = "N")]
     pub nodes: usize,
-    /// Directory for the nodes' data and logs (DIR/node-I) and the fleet file (DIR/fleet.toml).
+    /// Directory for the nodes' data and logs (DIR/node-I), the fleet file (DIR/fleet.toml)
+    /// and the settings for image commands (DIR/slapshot.toml).
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
     /// Node I listens on 127.0.0.1:(P + I) [default: free ports chosen by the system].
@@ -48,6 +49,30 @@ pub struct UpArgs {
     /// Extra flags passed to every node, e.g. --server-arg=--region-size=4MiB.
     #[arg(long = "server-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+}
+
+/// Writes DIR/slapshot.toml for a local fleet: its nodes, the origin (DIR/origin unless
+/// another was given), a tenant key file and a cache directory beside them, so that image
+/// commands run with `--config DIR/slapshot.toml` (or from DIR) need no other flag.
+fn write_settings(dir: &Path, fleet: &FleetConfig, origin: Option<&str>) -> anyhow::Result<()> {
+    let mut fleet = fleet.clone();
+    fleet.origin = None;
+    fleet.origin_options = Default::default();
+    let settings = crate::settings::Settings {
+        origin: Some(origin.unwrap_or("origin").to_owned()),
+        key_file: Some("tenant.key".into()),
+        cache: crate::settings::CacheSettings {
+            dir: Some("cache".into()),
+            ..Default::default()
+        },
+        fleet: Some(fleet),
+        ..Default::default()
+    };
+    let path = dir.join(crate::settings::FILE_NAME);
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, settings.to_toml())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// How long nodes get to start, and to stop after SIGTERM.
@@ -101,6 +126,7 @@ impl LocalFleet {
         std::fs::write(&tmp, config.to_toml()).and_then(|()| std::fs::rename(&tmp, &fleet_file))?;
         // Read it back so that relative paths (the origin) resolve as any reader's would.
         let config = FleetConfig::load(&fleet_file)?;
+        write_settings(&args.dir, &config, args.origin.as_deref())?;
         Ok(LocalFleet {
             nodes,
             config,

@@ -1,0 +1,435 @@
+//! Image commands through the `slapshot` binary: flatten, ls, cat, images, and a real image
+//! built and unpacked by umoci compared file by file with what slapshot serves.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use slapshot_client::cli::image::mode_string;
+use slapshot_image::{
+    build::{LayerBuilder, LayerCompression, write_oci},
+    source::RuntimeConfig,
+};
+
+const SLAPSHOT: &str = env!("CARGO_BIN_EXE_slapshot");
+
+/// A scratch origin and key file, and the flags that select them.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn origin(&self) -> PathBuf {
+        self.dir.path().join("origin")
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(SLAPSHOT)
+            .args(args)
+            .arg("--origin")
+            .arg(self.origin())
+            .arg("--key-file")
+            .arg(self.dir.path().join("tenant.key"))
+            // No settings file from the environment or the current directory.
+            .env_remove("SLAPSHOT_CONFIG")
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "slapshot {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+fn json(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(bytes)))
+}
+
+fn small_image(dir: &Path) {
+    let mut base = LayerBuilder::new();
+    base.dir("etc", 0o755)
+        .file("etc/motd", 0o644, b"hello from the image\n".to_vec())
+        .file("big", 0o755, slapshot_testkit::Rng::new(3).bytes(1_300_000))
+        .symlink("motd", "etc/motd");
+    let mut top = LayerBuilder::new();
+    top.file("etc/motd", 0o644, b"replaced\n".to_vec());
+    for (tag, compression) in [
+        ("gz", LayerCompression::Gzip),
+        ("zst", LayerCompression::Zstd),
+    ] {
+        write_oci(
+            dir,
+            tag,
+            &RuntimeConfig::default(),
+            &[(base.clone(), compression), (top.clone(), compression)],
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn flatten_names_lists_and_reads_images() {
+    let env = Env::new();
+    let layout = env.dir.path().join("layout");
+    small_image(&layout);
+    let gz = format!("oci:{}:gz", layout.display());
+    let zst = format!("oci:{}:zst", layout.display());
+
+    let first = json(&env.ok(&["flatten", &gz, "--name", "small", "--json"]));
+    assert_eq!(first["files"], 2);
+    assert_eq!(first["bytes"], 1_300_000 + 9);
+    assert!(first["chunks_uploaded"].as_u64().unwrap() >= 3);
+    assert_eq!(first["chunks_present"], 0);
+    for key in [
+        "zero_chunks",
+        "bytes_uploaded",
+        "manifest_bytes",
+        "seconds",
+        "image_id",
+    ] {
+        assert!(!first[key].is_null(), "{key} missing from {first}");
+    }
+    // The same contents under another compression: the same image, and nothing to upload.
+    let second = json(&env.ok(&["flatten", &zst, "--name", "small-zstd", "--json"]));
+    assert_eq!(second["image_id"], first["image_id"]);
+    assert_eq!(second["chunks_uploaded"], 0);
+    assert_eq!(second["chunks_present"], first["chunks"]);
+    // The key file was created 0600.
+    let mode = std::fs::metadata(env.dir.path().join("tenant.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let images = String::from_utf8(env.ok(&["images"])).unwrap();
+    let id = first["image_id"].as_str().unwrap();
+    assert!(
+        images.contains("small ") && images.contains(&id[..12]),
+        "{images}"
+    );
+    assert!(images.contains("small-zstd"), "{images}");
+
+    // By name, by id and by prefix.
+    for reference in ["small", id, &id[..10]] {
+        assert_eq!(env.ok(&["cat", reference, "/etc/motd"]), b"replaced\n");
+    }
+    assert_eq!(
+        env.ok(&["cat", "small", "/motd"]),
+        b"replaced\n",
+        "symlinks are followed"
+    );
+    assert_eq!(
+        env.ok(&["cat", "small", "big"]),
+        slapshot_testkit::Rng::new(3).bytes(1_300_000)
+    );
+    let listing = String::from_utf8(env.ok(&["ls", "small"])).unwrap();
+    assert!(listing.contains(" /motd -> etc/motd"), "{listing}");
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" /big")),
+        "{listing}"
+    );
+
+    // Clear errors.
+    let out = env.run(&["cat", "nosuch", "/x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no image named \"nosuch\""), "{err}");
+    let out = env.run(&["cat", "small", "/etc"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+    let out = env.run(&["flatten", &gz, "--name", "bad/name"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid image name"));
+
+    // Another tenant key cannot open the image, and says why.
+    let out = Command::new(SLAPSHOT)
+        .args(["cat", "small", "/etc/motd", "--origin"])
+        .arg(env.origin())
+        .arg("--key-file")
+        .arg(env.dir.path().join("other.key"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn a_failed_flatten_publishes_nothing() {
+    let env = Env::new();
+    let layout = env.dir.path().join("layout");
+    let mut good = LayerBuilder::new();
+    good.file("ok", 0o644, vec![1; 100_000]);
+    let mut evil = LayerBuilder::new();
+    evil.file("fine", 0o644, vec![2; 10])
+        .symlink("lib", "/usr/lib")
+        .file("lib/x", 0o644, vec![3]);
+    write_oci(
+        &layout,
+        "evil",
+        &RuntimeConfig::default(),
+        &[
+            (good, LayerCompression::Gzip),
+            (evil, LayerCompression::Gzip),
+        ],
+    )
+    .unwrap();
+    let out = env.run(&[
+        "flatten",
+        &format!("oci:{}:evil", layout.display()),
+        "--name",
+        "evil",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("layer 1") && err.contains("lib/x") && err.contains("symlink"),
+        "{err}"
+    );
+    assert!(
+        !env.origin().join("manifests").exists(),
+        "a manifest was published"
+    );
+    assert!(!env.origin().join("refs").exists(), "a name was published");
+}
+
+#[test]
+fn settings_come_from_slapshot_toml() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    small_image(&layout);
+    std::fs::write(
+        dir.path().join("slapshot.toml"),
+        "origin = \"o\"\nkey-file = \"keys/tenant.key\"\nsalt = \"team-a\"\n",
+    )
+    .unwrap();
+    let reference = format!("oci:{}:gz", layout.display());
+    // Found in the current directory...
+    let out = Command::new(SLAPSHOT)
+        .args(["flatten", &reference, "--name", "x"])
+        .env_remove("SLAPSHOT_CONFIG")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("o/refs/x").exists());
+    assert!(dir.path().join("keys/tenant.key").exists());
+    // ...and through $SLAPSHOT_CONFIG from anywhere.
+    let out = Command::new(SLAPSHOT)
+        .args(["cat", "x", "/etc/motd"])
+        .env("SLAPSHOT_CONFIG", dir.path().join("slapshot.toml"))
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.stdout,
+        b"replaced\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without any settings, the missing origin is named.
+    let out = Command::new(SLAPSHOT)
+        .args(["images"])
+        .env_remove("SLAPSHOT_CONFIG")
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no origin"));
+}
+
+fn umoci(args: &[&str]) {
+    let out = Command::new("umoci")
+        .args(args)
+        .output()
+        .expect("umoci is needed for this test (.ci/run installs it: apt-get install umoci)");
+    assert!(
+        out.status.success(),
+        "umoci {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `ls` and lstat agree on for one path.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    mode: String,
+    uid: u32,
+    gid: u32,
+    size: Option<u64>,
+    target: Option<String>,
+}
+
+fn parse_ls(listing: &str) -> BTreeMap<String, Entry> {
+    listing
+        .lines()
+        .map(|line| {
+            // mode nlink uid gid size date time path[ -> target]; fields are padded, so
+            // split on whitespace for the first seven and keep the rest whole.
+            let mut parts = line.split_whitespace();
+            let mode = parts.next().unwrap().to_owned();
+            let _nlink = parts.next();
+            let uid = parts.next().unwrap().parse().unwrap();
+            let gid = parts.next().unwrap().parse().unwrap();
+            let size = parts.next().unwrap();
+            let _date = parts.next();
+            let time = parts.next().unwrap();
+            let rest = &line[line.find(time).unwrap() + time.len() + 1..];
+            let (path, target) = match rest.split_once(" -> ") {
+                Some((p, t)) => (p.to_owned(), Some(t.to_owned())),
+                None => (rest.to_owned(), None),
+            };
+            let size = (mode.starts_with('-')).then(|| size.parse().unwrap());
+            (
+                path,
+                Entry {
+                    mode,
+                    uid,
+                    gid,
+                    size,
+                    target,
+                },
+            )
+        })
+        .collect()
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let rel = format!("/{}", path.strip_prefix(root).unwrap().display());
+        out.insert(
+            rel,
+            Entry {
+                mode: mode_string(meta.mode()),
+                uid: meta.uid(),
+                gid: meta.gid(),
+                size: meta.is_file().then(|| meta.len()),
+                target: meta
+                    .file_type()
+                    .is_symlink()
+                    .then(|| std::fs::read_link(&path).unwrap().display().to_string()),
+            },
+        );
+        if meta.is_dir() {
+            walk(root, &path, out);
+        }
+    }
+}
+
+#[test]
+fn a_real_image_matches_umoci_unpack_file_by_file() {
+    let env = Env::new();
+    let layout = env.dir.path().join("oci");
+    let layout_arg = layout.to_str().unwrap();
+    let bundle = env.dir.path().join("bundle");
+    umoci(&["init", "--layout", layout_arg]);
+    umoci(&["new", "--image", &format!("{layout_arg}:host")]);
+    umoci(&[
+        "unpack",
+        "--image",
+        &format!("{layout_arg}:host"),
+        bundle.to_str().unwrap(),
+    ]);
+    // A small image from host files: binaries, a config file, odd modes and owners, a
+    // symlink, a hard link and a fifo.
+    let rootfs = bundle.join("rootfs");
+    for dir in ["usr/bin", "etc", "srv/private", "var/run"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    for file in [
+        "/usr/bin/env",
+        "/usr/bin/cat",
+        "/usr/bin/ls",
+        "/etc/passwd",
+        "/etc/hostname",
+    ] {
+        if Path::new(file).exists() {
+            std::fs::copy(file, rootfs.join(&file[1..])).unwrap();
+        }
+    }
+    let sh = std::fs::canonicalize("/bin/sh").unwrap();
+    std::fs::copy(&sh, rootfs.join("usr/bin/sh")).unwrap();
+    std::fs::write(rootfs.join("srv/private/secret"), b"owned by 1000\n").unwrap();
+    std::os::unix::fs::chown(rootfs.join("srv/private/secret"), Some(1000), Some(1001)).unwrap();
+    std::fs::set_permissions(
+        rootfs.join("srv/private"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        rootfs.join("usr/bin/env"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("usr/bin", rootfs.join("bin")).unwrap();
+    std::fs::hard_link(rootfs.join("usr/bin/cat"), rootfs.join("usr/bin/cat2")).unwrap();
+    nix_mkfifo(&rootfs.join("var/run/fifo"));
+    umoci(&[
+        "repack",
+        "--image",
+        &format!("{layout_arg}:host"),
+        bundle.to_str().unwrap(),
+    ]);
+    let check = env.dir.path().join("check");
+    umoci(&[
+        "unpack",
+        "--image",
+        &format!("{layout_arg}:host"),
+        check.to_str().unwrap(),
+    ]);
+
+    env.ok(&[
+        "flatten",
+        &format!("oci:{layout_arg}:host"),
+        "--name",
+        "host",
+    ]);
+    let listed = parse_ls(&String::from_utf8(env.ok(&["ls", "host"])).unwrap());
+    let mut unpacked = BTreeMap::new();
+    let check_root = check.join("rootfs");
+    walk(&check_root, &check_root, &mut unpacked);
+    let listed_below_root: BTreeMap<_, _> = listed.into_iter().filter(|(p, _)| p != "/").collect();
+    assert_eq!(
+        listed_below_root.keys().collect::<Vec<_>>(),
+        unpacked.keys().collect::<Vec<_>>(),
+        "the trees differ"
+    );
+    for (path, entry) in &unpacked {
+        assert_eq!(&listed_below_root[path], entry, "{path}");
+        if entry.size.is_some() {
+            let served = env.ok(&["cat", "host", path]);
+            let expected = std::fs::read(check_root.join(&path[1..])).unwrap();
+            assert!(served == expected, "{path}: contents differ");
+        }
+    }
+    assert!(unpacked.len() >= 12, "the image is too small to mean much");
+}
+
+fn nix_mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+}
