@@ -125,7 +125,10 @@ impl ErasureCodec for Gf256Codec {
     fn encode(&self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, ErasureError> {
         let mut shards = data_shards(self.params, chunk);
         let shard_len = self.params.shard_len(chunk.len());
-        let mut parity = vec![vec![0u8; shard_len]; self.params.parity()];
+        // One allocation each (`vec![v; n]` would clone, i.e. memcpy, the zeros n - 1 times).
+        let mut parity: Vec<Vec<u8>> = (0..self.params.parity())
+            .map(|_| vec![0u8; shard_len])
+            .collect();
         {
             let inputs: Vec<&[u8]> = shards.iter().map(Vec::as_slice).collect();
             let mut outputs: Vec<&mut [u8]> = parity.iter_mut().map(Vec::as_mut_slice).collect();
