@@ -179,3 +179,66 @@ impl ErasureCodec for Gf256Codec {
         Ok(chunk)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ (i >> 8) as u8)
+            .collect()
+    }
+
+    /// Every k-subset of 0..total, ascending, for the cache tests.
+    fn source_sets(k: usize, total: usize) -> Vec<Vec<usize>> {
+        (0u64..1 << total)
+            .filter(|mask| mask.count_ones() as usize == k)
+            .map(|mask| (0..total).filter(|i| mask >> i & 1 == 1).collect())
+            .collect()
+    }
+
+    #[test]
+    fn the_plan_cache_stays_bounded_and_correct_past_its_cap() {
+        // 10-of-14 has 1001 source sets, about four times the cap.
+        let codec = Gf256Codec::new(CodeParams::new(10, 14).unwrap());
+        let data = bytes(7_001, 1);
+        let shards = codec.encode(&data).unwrap();
+        let sets = source_sets(10, 14);
+        assert!(sets.len() > 2 * DECODE_CACHE_CAP);
+        for round in 0..2 {
+            for set in &sets {
+                let chosen: Vec<(usize, &[u8])> =
+                    set.iter().map(|&i| (i, shards[i].as_slice())).collect();
+                assert_eq!(
+                    codec.decode(data.len(), &chosen).unwrap(),
+                    data,
+                    "{round} {set:?}"
+                );
+                assert!(codec.lock_plans().len() <= DECODE_CACHE_CAP);
+            }
+        }
+        // The join of the data shards never needs a plan; every other set made one.
+        assert_eq!(codec.lock_plans().len(), DECODE_CACHE_CAP);
+    }
+
+    #[test]
+    fn one_codec_decodes_on_many_threads_at_once() {
+        let codec = Gf256Codec::new(CodeParams::new(4, 7).unwrap());
+        let data = bytes(100_003, 2);
+        let shards = codec.encode(&data).unwrap();
+        let sets = source_sets(4, 7);
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (codec, data, shards, sets) = (&codec, &data, &shards, &sets);
+                scope.spawn(move || {
+                    for set in sets.iter().skip(t).chain(sets.iter()) {
+                        let chosen: Vec<(usize, &[u8])> =
+                            set.iter().map(|&i| (i, shards[i].as_slice())).collect();
+                        assert_eq!(&codec.decode(data.len(), &chosen).unwrap(), data);
+                    }
+                });
+            }
+        });
+    }
+}
