@@ -184,6 +184,8 @@ impl ErasureCodec for Gf256Codec {
 mod tests {
     use super::*;
 
+    /// Deterministic bytes with no short period (167 is any odd multiplier; the high byte
+    /// of the index breaks the period of 256).
     fn bytes(len: usize, seed: u8) -> Vec<u8> {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(167).wrapping_add(seed) ^ (i >> 8) as u8)

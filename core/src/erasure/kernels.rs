@@ -511,7 +511,7 @@ mod tests {
         ) {
             let mut state = seed | 1;
             let mut next = move || {
-                // xorshift64: cheap, deterministic bytes for a given seed.
+                // Marsaglia's xorshift64 (shifts 13, 7, 17): cheap, deterministic bytes.
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
