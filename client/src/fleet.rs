@@ -14,7 +14,8 @@ use futures::{
 };
 use http::HeaderValue;
 use slapshot_core::{
-    ChunkName, CodeParams, ErasureCodec, Placement, SealedChunk, codec_for,
+    ChunkName, CodeParams, CodecKind, ErasureCodec, Placement, SealedChunk, codec_for,
+    codec_with_kind,
     shard_frame::{self, ShardHeader},
 };
 use tokio::sync::Semaphore;
@@ -305,6 +306,7 @@ impl FleetClient {
 
         let mut shards: Vec<(usize, Bytes)> = Vec::with_capacity(k);
         let mut chunk_len: Option<u32> = None;
+        let mut kind: Option<CodecKind> = None;
         while shards.len() < k {
             if pending.is_empty() {
                 // A failed request in hedged mode is replaced at once: that is not a
@@ -338,8 +340,9 @@ impl FleetClient {
             let before = shards.len();
             answers[rank] = match result {
                 Ok(Some(frame)) => match shard_frame::parse(&frame) {
-                    Ok((header, payload)) if self.acceptable(&header, chunk_len) => {
+                    Ok((header, payload)) if self.acceptable(&header, chunk_len, kind) => {
                         chunk_len = Some(header.chunk_len);
+                        kind = Some(header.codec);
                         let index = usize::from(header.index);
                         if !shards.iter().any(|(i, _)| *i == index) {
                             let start = frame.len() - payload.len();
@@ -378,7 +381,18 @@ impl FleetClient {
             return read;
         };
         let parts: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
-        match inner.codec.decode(chunk_len as usize, &parts) {
+        // Shards keep the codec they were written with: those of an older kind (Reed-Solomon
+        // over GF(2^16) before the GF(2^8) codec) are read with that kind's codec. The frame
+        // parser only lets kinds that fit the code through, so the fallback is never used.
+        let older;
+        let codec = match kind {
+            Some(kind) if kind != inner.code.codec() => {
+                older = codec_with_kind(inner.code, kind).ok();
+                older.as_deref().unwrap_or(inner.codec.as_ref())
+            }
+            _ => inner.codec.as_ref(),
+        };
+        match codec.decode(chunk_len as usize, &parts) {
             Ok(chunk) if name.matches(&chunk) => {
                 read.degraded = shards.iter().any(|(i, _)| *i >= k);
                 read.chunk = Some(Bytes::from(chunk));
@@ -394,9 +408,17 @@ impl FleetClient {
         read
     }
 
-    /// Whether a shard belongs to this fleet's code and agrees with the shards before it.
-    fn acceptable(&self, header: &ShardHeader, chunk_len: Option<u32>) -> bool {
-        header.params == self.inner.code && chunk_len.is_none_or(|len| len == header.chunk_len)
+    /// Whether a shard belongs to this fleet's code and agrees with the shards before it
+    /// (same chunk length and codec kind: shards of two kinds cannot be decoded together).
+    fn acceptable(
+        &self,
+        header: &ShardHeader,
+        chunk_len: Option<u32>,
+        kind: Option<CodecKind>,
+    ) -> bool {
+        header.params == self.inner.code
+            && chunk_len.is_none_or(|len| len == header.chunk_len)
+            && kind.is_none_or(|kind| kind == header.codec)
     }
 
     fn hedge_delay(&self) -> Duration {
@@ -523,11 +545,7 @@ impl FleetClient {
             .enumerate()
             .map(|(index, payload)| {
                 Bytes::from(shard_frame::frame(
-                    &ShardHeader {
-                        params: self.inner.code,
-                        index: index as u8,
-                        chunk_len,
-                    },
+                    &ShardHeader::new(self.inner.code, index as u8, chunk_len),
                     payload,
                 ))
             })

@@ -376,3 +376,81 @@ async fn a_byte_flipped_in_a_nodes_data_file_is_read_around() {
     assert_eq!(get(&reader.metrics().degraded_rebuilds), 1);
     assert_eq!(origin.gets(), 0);
 }
+
+/// A code with two parity shards writes GF(2^8) frames and reads around two dead nodes;
+/// shards framed by the codec it replaced (kind ReedSolomon, GF(2^16)) are still read, by
+/// their own kind, without the origin. Decoding those with the new codec would give bytes
+/// that fail the name check, which the origin count below would show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4_of_6_fleet_reads_its_gf256_shards_and_older_reed_solomon_ones() {
+    use slapshot_core::{
+        CodecKind, ErasureCodec,
+        erasure::{Gf256Codec, ReedSolomonCodec},
+    };
+
+    let mut fleet = TestFleet::start(6);
+    let mut config = fleet.config();
+    config.data_shards = 4;
+    config.total_shards = 6;
+    let code = CodeParams::new(4, 6).unwrap();
+    let (client, origin) = fleet.client_with(config);
+    let chunks = random_chunks(12, 16);
+    let node_of = |id: &str| id.trim_start_matches("node-").parse::<usize>().unwrap();
+    let (new, old) = chunks.split_at(8);
+    for (_, bytes) in &chunks {
+        let sealed = SealedChunk::assume_sealed(bytes.clone());
+        client.origin().unwrap().put(&sealed).await.unwrap();
+    }
+    for (_, bytes) in new {
+        let sealed = SealedChunk::assume_sealed(bytes.clone());
+        assert_eq!(client.put_chunk(&sealed).await.unwrap().written, 6);
+    }
+    // The older chunks as the client wrote them before the GF(2^8) codec: shard i of the
+    // GF(2^16) code, framed as kind 1, on the node of rank i.
+    for (name, bytes) in old {
+        let shards = ReedSolomonCodec::new(code).encode(bytes).unwrap();
+        for (rank, node) in client.placement(name).into_iter().enumerate() {
+            let header = ShardHeader {
+                codec: CodecKind::ReedSolomon,
+                ..ShardHeader::new(code, rank as u8, bytes.len() as u32)
+            };
+            let frame = shard_frame::frame(&header, &shards[rank]);
+            let mut raw = fleet.nodes[node_of(node)].client();
+            // 201: these keys are new on the node.
+            assert_eq!(raw.put(&format!("/v1/shards/{name}"), &frame).status, 201);
+        }
+    }
+    // What the client wrote is the new kind, and the same bytes the codec makes alone.
+    let (name, bytes) = &new[0];
+    let holder = node_of(client.placement(name)[5]);
+    let stored = fleet.nodes[holder]
+        .client()
+        .get(&format!("/v1/shards/{name}"))
+        .body;
+    let (header, payload) = shard_frame::parse(&stored).unwrap();
+    assert_eq!((header.codec, header.index), (CodecKind::Gf256, 5));
+    assert_eq!(payload, Gf256Codec::new(code).encode(bytes).unwrap()[5]);
+
+    let dead = [1, 4];
+    for &i in &dead {
+        fleet.nodes[i].kill();
+    }
+    // The test reaches the decoders: some chunk of each kind lost a data shard.
+    let lost_data = |set: &[(ChunkName, Bytes)]| {
+        set.iter()
+            .filter(|(name, _)| {
+                client.placement(name)[..4]
+                    .iter()
+                    .any(|id| dead.contains(&node_of(id)))
+            })
+            .count()
+    };
+    assert!(lost_data(new) > 0 && lost_data(old) > 0);
+    read_all(&client, &chunks).await;
+    read_all(&client, &chunks).await;
+    let m = client.metrics();
+    assert_eq!(origin.gets(), 0, "the origin was asked");
+    assert_eq!(get(&m.corrupt_shards), 0);
+    assert_eq!(get(&m.fleet_hits), 32);
+    assert!(get(&m.degraded_rebuilds) >= 2 * (lost_data(new) + lost_data(old)) as u64);
+}

@@ -12,7 +12,7 @@ pub mod shard_key;
 pub mod units;
 
 pub use chunk::{CHUNK_SIZE, ChunkKey, ChunkName, Salt, SealedChunk};
-pub use erasure::{CodeParams, ErasureCodec, codec_for};
+pub use erasure::{CodeParams, CodecKind, ErasureCodec, codec_for, codec_with_kind};
 pub use placement::{Member, Placement};
 pub use shard_key::{CRC_HEADER, MAX_SHARD_KEY_LEN, ShardKey, ShardKeyError};
 pub use units::{ByteSize, HumanDuration, UnitParseError};

@@ -6,7 +6,9 @@
 //! 0      4    5      6  7  8      9        12          16            20      24
 //! | SLSH | v1 | codec| k| M| index| reserved| chunk len | payload len | crc32 | payload...
 //! ```
-//! Integers are little endian. The crc covers bytes 0..20 and the payload.
+//! Integers are little endian. The crc covers bytes 0..20 and the payload. The codec byte
+//! is a `CodecKind`: 0 XOR (single parity), 1 Reed-Solomon over GF(2^16) (codes with more
+//! parity written before kind 2 existed), 2 Cauchy Reed-Solomon over GF(2^8).
 
 use crate::erasure::{CodeParams, CodecKind};
 
@@ -17,8 +19,23 @@ pub const FRAME_HEADER_LEN: usize = 24;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardHeader {
     pub params: CodeParams,
+    /// The codec that made the shard; a reader decodes with
+    /// `erasure::codec_with_kind(params, codec)`. New shards use `params.codec()`.
+    pub codec: CodecKind,
     pub index: u8,
     pub chunk_len: u32,
+}
+
+impl ShardHeader {
+    /// The header of a new shard: the code's current codec.
+    pub fn new(params: CodeParams, index: u8, chunk_len: u32) -> Self {
+        Self {
+            params,
+            codec: params.codec(),
+            index,
+            chunk_len,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +59,7 @@ pub fn frame(header: &ShardHeader, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
     out.extend_from_slice(&FRAME_MAGIC);
     out.push(FRAME_VERSION);
-    out.push(header.params.codec() as u8);
+    out.push(header.codec as u8);
     out.push(header.params.data);
     out.push(header.params.total);
     out.push(header.index);
@@ -72,7 +89,7 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
         .map_err(|_| FrameError::BadHeader)?;
     let codec = CodecKind::from_byte(bytes[5]).ok_or(FrameError::BadHeader)?;
     let index = bytes[8];
-    if codec != params.codec() || usize::from(index) >= params.total() {
+    if !codec.fits(params) || usize::from(index) >= params.total() {
         return Err(FrameError::BadHeader);
     }
     let chunk_len = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
@@ -101,6 +118,7 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
     Ok((
         ShardHeader {
             params,
+            codec,
             index,
             chunk_len,
         },
@@ -115,11 +133,7 @@ mod tests {
     fn sample() -> (ShardHeader, Vec<u8>) {
         let params = CodeParams::default();
         (
-            ShardHeader {
-                params,
-                index: 2,
-                chunk_len: 1000,
-            },
+            ShardHeader::new(params, 2, 1000),
             vec![9u8; params.shard_len(1000)],
         )
     }
@@ -129,6 +143,38 @@ mod tests {
         let (header, payload) = sample();
         let framed = frame(&header, &payload);
         assert_eq!(parse(&framed), Ok((header, payload.as_slice())));
+    }
+
+    #[test]
+    fn the_codec_kind_round_trips_and_must_fit_the_code() {
+        let params = CodeParams::new(8, 10).unwrap();
+        let payload = vec![3u8; params.shard_len(5000)];
+        let new = ShardHeader::new(params, 9, 5000);
+        assert_eq!(new.codec, CodecKind::Gf256);
+        // Shards written before the GF(2^8) codec say ReedSolomon, and still parse.
+        let old = ShardHeader {
+            codec: CodecKind::ReedSolomon,
+            ..new
+        };
+        for header in [new, old] {
+            let framed = frame(&header, &payload);
+            assert_eq!(framed[5], header.codec as u8);
+            assert_eq!(parse(&framed).map(|(h, _)| h), Ok(header));
+        }
+        // XOR cannot make an 8-of-10 code, nor Reed-Solomon a single-parity one.
+        let xor = ShardHeader {
+            codec: CodecKind::Xor,
+            ..new
+        };
+        assert_eq!(parse(&frame(&xor, &payload)), Err(FrameError::BadHeader));
+        let (single, single_payload) = sample();
+        for codec in [CodecKind::ReedSolomon, CodecKind::Gf256] {
+            let header = ShardHeader { codec, ..single };
+            assert_eq!(
+                parse(&frame(&header, &single_payload)),
+                Err(FrameError::BadHeader)
+            );
+        }
     }
 
     #[test]
