@@ -518,7 +518,7 @@ impl FleetClient {
             if targets.is_empty() {
                 return;
             }
-            let Ok(frames) = this.frames(&chunk) else {
+            let Ok(frames) = this.frames(&name, &chunk) else {
                 return;
             };
             let report = this.put_frames(&name, &frames, &targets).await;
@@ -532,7 +532,7 @@ impl FleetClient {
     }
 
     /// The M framed shards of a chunk.
-    fn frames(&self, chunk: &[u8]) -> Result<Vec<Bytes>, ChunkError> {
+    fn frames(&self, name: &ChunkName, chunk: &[u8]) -> Result<Vec<Bytes>, ChunkError> {
         let chunk_len =
             u32::try_from(chunk.len()).map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
         let shards = self
@@ -545,7 +545,7 @@ impl FleetClient {
             .enumerate()
             .map(|(index, payload)| {
                 Bytes::from(shard_frame::frame(
-                    &ShardHeader::new(self.inner.code, index as u8, chunk_len),
+                    &ShardHeader::new(name, self.inner.code, index as u8, chunk_len),
                     payload,
                 ))
             })
@@ -595,7 +595,7 @@ impl FleetClient {
     /// at least k shards were stored.
     pub async fn put_chunk(&self, chunk: &SealedChunk) -> Result<PutReport, ChunkError> {
         let name = chunk.name();
-        let frames = self.frames(chunk.bytes())?;
+        let frames = self.frames(name, chunk.bytes())?;
         let ranked = self.inner.placement.rank(name, self.inner.code.total());
         let targets: Vec<(usize, u8)> = ranked
             .iter()

@@ -412,7 +412,7 @@ async fn a_4_of_6_fleet_reads_its_gf256_shards_and_older_reed_solomon_ones() {
         for (rank, node) in client.placement(name).into_iter().enumerate() {
             let header = ShardHeader {
                 codec: CodecKind::ReedSolomon,
-                ..ShardHeader::new(code, rank as u8, bytes.len() as u32)
+                ..ShardHeader::new(name, code, rank as u8, bytes.len() as u32)
             };
             let frame = shard_frame::frame(&header, &shards[rank]);
             let mut raw = fleet.nodes[node_of(node)].client();

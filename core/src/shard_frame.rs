@@ -4,17 +4,36 @@
 //!
 //! ```text
 //! 0      4    5      6  7  8      9        12          16            20      24
-//! | SLSH | v1 | codec| k| M| index| reserved| chunk len | payload len | crc32 | payload...
+//! | SLSH | v1 | codec| k| M| index| name tag| chunk len | payload len | crc32 | payload...
 //! ```
 //! Integers are little endian. The crc covers bytes 0..20 and the payload. The codec byte
 //! is a `CodecKind`: 0 XOR (single parity), 1 Reed-Solomon over GF(2^16) (codes with more
 //! parity written before kind 2 existed), 2 Cauchy Reed-Solomon over GF(2^8).
+//!
+//! The name tag is the first three bytes of the chunk's name, so that a shard whose frame is
+//! valid but which belongs to another chunk (a node that mixed up keys, a stray write) is
+//! recognised on its own, before it can spoil a decode. The bytes were "reserved, zero" in
+//! the first frames; parsers have always ignored them and the crc has always covered them,
+//! so readers that predate the tag read tagged frames unchanged and the version stays 1: a
+//! version bump would make those readers refuse every new shard and rewrite it in the old
+//! format during a rollout. A tag of zero means "untagged" (frames written before tags,
+//! and one name in 2^24 whose first bytes are zero), which the check lets through. Three
+//! bytes let a foreign shard through once in 2^24; the rebuilt chunk is still checked
+//! against its name, so such a shard costs a fall back to the origin, never wrong bytes.
 
-use crate::erasure::{CodeParams, CodecKind};
+use crate::{
+    chunk::ChunkName,
+    erasure::{CodeParams, CodecKind},
+};
 
 pub const FRAME_MAGIC: [u8; 4] = *b"SLSH";
 pub const FRAME_VERSION: u8 = 1;
 pub const FRAME_HEADER_LEN: usize = 24;
+/// Bytes of the chunk's name carried in the frame (the three bytes the first frames
+/// reserved).
+pub const NAME_TAG_LEN: usize = 3;
+/// The tag of frames written before tags existed.
+pub const UNTAGGED: [u8; NAME_TAG_LEN] = [0; NAME_TAG_LEN];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardHeader {
@@ -24,18 +43,34 @@ pub struct ShardHeader {
     pub codec: CodecKind,
     pub index: u8,
     pub chunk_len: u32,
+    /// The first bytes of the chunk's name, or [`UNTAGGED`].
+    pub name_tag: [u8; NAME_TAG_LEN],
 }
 
 impl ShardHeader {
-    /// The header of a new shard: the code's current codec.
-    pub fn new(params: CodeParams, index: u8, chunk_len: u32) -> Self {
+    /// The header of a new shard of the chunk `name`, with the code's current codec.
+    pub fn new(name: &ChunkName, params: CodeParams, index: u8, chunk_len: u32) -> Self {
         Self {
             params,
             codec: params.codec(),
             index,
             chunk_len,
+            name_tag: name_tag(name),
         }
     }
+
+    /// Whether the frame may belong to the chunk `name`: its tag is the name's, or it has
+    /// none (see the module documentation).
+    pub fn may_belong_to(&self, name: &ChunkName) -> bool {
+        self.name_tag == UNTAGGED || self.name_tag == name_tag(name)
+    }
+}
+
+/// The tag frames of the chunk `name` carry.
+pub fn name_tag(name: &ChunkName) -> [u8; NAME_TAG_LEN] {
+    let mut tag = [0; NAME_TAG_LEN];
+    tag.copy_from_slice(&name.as_bytes()[..NAME_TAG_LEN]);
+    tag
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,7 +98,7 @@ pub fn frame(header: &ShardHeader, payload: &[u8]) -> Vec<u8> {
     out.push(header.params.data);
     out.push(header.params.total);
     out.push(header.index);
-    out.extend_from_slice(&[0; 3]);
+    out.extend_from_slice(&header.name_tag);
     out.extend_from_slice(&header.chunk_len.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
@@ -89,6 +124,7 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
         .map_err(|_| FrameError::BadHeader)?;
     let codec = CodecKind::from_byte(bytes[5]).ok_or(FrameError::BadHeader)?;
     let index = bytes[8];
+    let name_tag = bytes[9..12].try_into().expect("3 bytes");
     if !codec.fits(params) || usize::from(index) >= params.total() {
         return Err(FrameError::BadHeader);
     }
@@ -121,6 +157,7 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
             codec,
             index,
             chunk_len,
+            name_tag,
         },
         payload,
     ))
@@ -128,12 +165,18 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
+
     use super::*;
+
+    fn name() -> ChunkName {
+        ChunkName::of(b"a chunk")
+    }
 
     fn sample() -> (ShardHeader, Vec<u8>) {
         let params = CodeParams::default();
         (
-            ShardHeader::new(params, 2, 1000),
+            ShardHeader::new(&name(), params, 2, 1000),
             vec![9u8; params.shard_len(1000)],
         )
     }
@@ -149,7 +192,7 @@ mod tests {
     fn the_codec_kind_round_trips_and_must_fit_the_code() {
         let params = CodeParams::new(8, 10).unwrap();
         let payload = vec![3u8; params.shard_len(5000)];
-        let new = ShardHeader::new(params, 9, 5000);
+        let new = ShardHeader::new(&name(), params, 9, 5000);
         assert_eq!(new.codec, CodecKind::Gf256);
         // Shards written before the GF(2^8) codec say ReedSolomon, and still parse.
         let old = ShardHeader {
@@ -178,6 +221,31 @@ mod tests {
     }
 
     #[test]
+    fn the_name_tag_tells_a_foreign_shard_and_lets_untagged_ones_through() {
+        let (header, payload) = sample();
+        let framed = frame(&header, &payload);
+        // The tag sits in the three bytes the first frames reserved, under the crc.
+        assert_eq!(&framed[9..12], &name().as_bytes()[..3]);
+        let (parsed, _) = parse(&framed).unwrap();
+        assert!(parsed.may_belong_to(&name()));
+        assert!(!parsed.may_belong_to(&ChunkName::of(b"another chunk")));
+        // A frame written before tags (zeros there) is byte for byte what the old writer
+        // made; it parses, and may belong to any chunk: the rebuilt bytes decide.
+        let old = ShardHeader {
+            name_tag: UNTAGGED,
+            ..header
+        };
+        let old_frame = frame(&old, &payload);
+        assert_eq!(&old_frame[9..12], &[0, 0, 0]);
+        let (parsed, _) = parse(&old_frame).unwrap();
+        assert!(parsed.may_belong_to(&name()) && parsed.may_belong_to(&ChunkName::of(b"x")));
+        // A reader that predates the tag ignores those bytes: the rest of the header and the
+        // crc are where it looks, and they are the same in both frames but for the tag.
+        assert_eq!(framed[..9], old_frame[..9]);
+        assert_eq!(framed[12..20], old_frame[12..20]);
+    }
+
+    #[test]
     fn any_flipped_byte_is_detected() {
         let (header, payload) = sample();
         let framed = frame(&header, &payload);
@@ -188,13 +256,71 @@ mod tests {
         }
     }
 
+    /// Header fields as a hostile or broken node might send them, with a crc that is right
+    /// most of the time: random bytes alone stop at the magic (4 bytes to guess) and, past
+    /// it, at the crc, so they would never exercise the checks behind them.
+    fn raw_frames() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop_oneof![9 => Just(FRAME_MAGIC), 1 => any::<[u8; 4]>()],
+            prop_oneof![9 => Just(FRAME_VERSION), 1 => any::<u8>()],
+            prop_oneof![9 => 0u8..3, 1 => any::<u8>()],
+            0u8..8,
+            0u8..10,
+            0u8..10,
+            any::<[u8; NAME_TAG_LEN]>(),
+            0u32..3000,
+            any::<bool>(),
+            prop_oneof![4 => Just(None), 1 => any::<u32>().prop_map(Some)],
+            prop_oneof![4 => Just(None), 1 => (0usize..64, 1u8..=255).prop_map(Some)],
+            0usize..40,
+        )
+            .prop_map(
+                |(magic, version, codec, k, m, index, tag, chunk_len, fit, bad_crc, flip, cut)| {
+                    // Half the payloads have the length the header's code implies, so that
+                    // frames get through every check and the accepted ones are checked too.
+                    let payload_len = match CodeParams::new(usize::from(k), usize::from(m)) {
+                        Ok(params) if fit => params.shard_len(chunk_len as usize),
+                        _ => (chunk_len as usize * 7) % 700,
+                    };
+                    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload_len);
+                    out.extend_from_slice(&magic);
+                    out.extend_from_slice(&[version, codec, k, m, index]);
+                    out.extend_from_slice(&tag);
+                    out.extend_from_slice(&chunk_len.to_le_bytes());
+                    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+                    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 31) as u8).collect();
+                    let mut crc = crc32fast::Hasher::new();
+                    crc.update(&out);
+                    crc.update(&payload);
+                    let crc = bad_crc.unwrap_or_else(|| crc.finalize());
+                    out.extend_from_slice(&crc.to_le_bytes());
+                    out.extend_from_slice(&payload);
+                    if let Some((at, bits)) = flip {
+                        let at = at % out.len();
+                        out[at] ^= bits;
+                    }
+                    // Now and then a frame cut short, down to a few bytes.
+                    if cut < 4 {
+                        out.truncate(out.len() * cut / 4);
+                    }
+                    out
+                },
+            )
+    }
+
     proptest::proptest! {
         /// Bytes from the network never make the parser panic, and whatever it accepts is
         /// self-consistent.
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        fn arbitrary_bytes_never_panic(bytes in prop_oneof![
+            raw_frames(),
+            proptest::collection::vec(any::<u8>(), 0..512),
+        ]) {
             if let Ok((header, payload)) = parse(&bytes) {
-                proptest::prop_assert_eq!(payload.len(), header.params.shard_len(header.chunk_len as usize));
+                prop_assert_eq!(payload.len(), header.params.shard_len(header.chunk_len as usize));
+                prop_assert!(header.codec.fits(header.params));
+                prop_assert!(usize::from(header.index) < header.params.total());
+                prop_assert_eq!(frame(&header, payload), bytes);
             }
         }
 
@@ -206,6 +332,40 @@ mod tests {
             let at = index % framed.len();
             framed[at] ^= flip;
             proptest::prop_assert!(parse(&framed).is_err());
+        }
+    }
+
+    /// The property above is only worth something if its inputs get past the first checks:
+    /// this draws from the same generator and requires every outcome of the parser.
+    #[test]
+    fn the_property_inputs_reach_every_check() {
+        let mut runner = TestRunner::deterministic();
+        let strategy = raw_frames();
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..4000 {
+            let bytes = strategy.new_tree(&mut runner).unwrap().current();
+            let outcome = match parse(&bytes) {
+                Ok(_) => "accepted",
+                Err(FrameError::Truncated) => "truncated",
+                Err(FrameError::BadMagic) => "magic",
+                Err(FrameError::Version(_)) => "version",
+                Err(FrameError::BadHeader) => "header",
+                Err(FrameError::Length { .. }) => "length",
+                Err(FrameError::Checksum) => "checksum",
+            };
+            *seen.entry(outcome).or_insert(0u32) += 1;
+        }
+        for outcome in [
+            "accepted",
+            "truncated",
+            "magic",
+            "version",
+            "header",
+            "length",
+            "checksum",
+        ] {
+            let count = seen.get(outcome).copied().unwrap_or(0);
+            assert!(count >= 40, "{outcome}: {count} of 4000 ({seen:?})");
         }
     }
 
