@@ -28,17 +28,21 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use slapshot_core::{CodeParams, HumanDuration, Member};
 
+/// Errors of the client library print their cause inline and do not return it from
+/// `source()`: a printer that walks the chain (anyhow's `{:#}`) would otherwise say it
+/// twice, and the client's errors mostly reach people through one-line logs and the FUSE
+/// agent's messages, which show `Display` alone.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("invalid fleet file {path}: {source}")]
+    #[error("invalid fleet file {path}: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("invalid fleet: {0}")]
     Invalid(String),
@@ -177,13 +181,13 @@ impl FleetConfig {
 
     /// Reads a fleet file; relative paths in it are taken relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Self = toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(origin) = &config.origin
@@ -252,9 +256,9 @@ impl FleetConfig {
         let Some(path) = &self.token_file else {
             return Ok(None);
         };
-        let token = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let token = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.clone(),
-            source,
+            error,
         })?;
         Ok(Some(token.trim().to_owned()))
     }

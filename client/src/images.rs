@@ -36,8 +36,9 @@ pub enum ImageError {
         "{0:?} is not a valid image name: use 1 to 128 of A-Z a-z 0-9 . _ - : and start with a letter or digit"
     )]
     BadName(String),
-    #[error("image {id}: {source}")]
-    Manifest { id: ImageId, source: ManifestError },
+    /// The cause is printed inline, not returned by `source()` (see `ConfigError`).
+    #[error("image {id}: {error}")]
+    Manifest { id: ImageId, error: ManifestError },
 }
 
 /// Checks a human-readable image name.
@@ -190,7 +191,7 @@ impl ImageStore {
         let id = self.resolve(reference).await?;
         let bytes = self.manifest_bytes(&id).await?;
         let manifest =
-            Manifest::decode(&bytes, key).map_err(|source| ImageError::Manifest { id, source })?;
+            Manifest::decode(&bytes, key).map_err(|error| ImageError::Manifest { id, error })?;
         Ok((id, manifest))
     }
 }

@@ -19,10 +19,11 @@ use slapshot_core::{ChunkName, SealedChunk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
-    #[error("origin {origin}: {source}")]
+    /// The cause is printed inline, not returned by `source()` (see `ConfigError`).
+    #[error("origin {origin}: {error}")]
     Store {
         origin: String,
-        source: object_store::Error,
+        error: object_store::Error,
     },
     #[error("cannot use {url:?} as an origin: {reason}")]
     Url { url: String, reason: String },
@@ -85,10 +86,10 @@ impl ObjectStoreOrigin {
             .fold(self.prefix.clone(), |path, part| path.join(part))
     }
 
-    fn error(&self, source: object_store::Error) -> OriginError {
+    fn error(&self, error: object_store::Error) -> OriginError {
         OriginError::Store {
             origin: self.location.clone(),
-            source,
+            error,
         }
     }
 }

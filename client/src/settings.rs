@@ -102,13 +102,13 @@ pub struct SettingsArgs {
 impl Settings {
     /// Reads a settings file; relative paths in it are relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        let mut settings: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut settings: Self = toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         if let Some(origin) = &settings.origin {

@@ -203,3 +203,23 @@ fn the_demo_runs_clean() {
         "{stdout}"
     );
 }
+
+/// Every cause of an error is printed once: an error that shows its cause in its message
+/// does not also return it as its source (which `{:#}` would print again).
+#[test]
+fn errors_print_each_cause_once() {
+    let name = "0".repeat(64);
+    let output = slapshot(&["chunk", "get", "--fleet", "/nonexistent.toml", &name]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot read /nonexistent.toml"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("fleet.toml");
+    std::fs::write(&bad, "data-shards = \"four\"\n").unwrap();
+    let output = slapshot(&["chunk", "get", "--fleet", bad.to_str().unwrap(), &name]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("invalid fleet file"), "{stderr}");
+    assert_eq!(stderr.matches("invalid type").count(), 1, "{stderr}");
+}
