@@ -10,12 +10,21 @@
 //! [timeouts]
 //! connect = "200ms"
 //! shard = "500ms"
+//! put = "6s"
 //! origin = "30s"
 //!
 //! [read]
 //! mode = "all"             # "all" (constant work) or "hedged"
-//! hedge-delay = "2ms"      # hedged mode; omit to use the observed p95
+//! hedge-delay = "2ms"      # hedged mode; omit to use the observed p95 of k-th arrivals
 //! hedge-budget = 0.05      # hedged mode: extra requests as a fraction of reads
+//!
+//! [connections]
+//! max-per-node = 64        # open connections to one node, at most
+//! http2 = false            # HTTP/2 (one multiplexed connection per node) instead of HTTP/1.1
+//!
+//! [background]
+//! max-tasks = 64           # fills and repairs running at once
+//! max-bytes = "64MiB"      # chunk and shard bytes they may hold
 //!
 //! [[nodes]]
 //! id = "node-0"
@@ -26,7 +35,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use slapshot_core::{CodeParams, HumanDuration, Member};
+use slapshot_core::{ByteSize, CodeParams, HumanDuration, Member};
 
 /// Errors of the client library print their cause inline and do not return it from
 /// `source()`: a printer that walks the chain (anyhow's `{:#}`) would otherwise say it
@@ -75,6 +84,10 @@ pub struct FleetConfig {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub read: ReadPolicy,
+    #[serde(default)]
+    pub connections: ConnectionPolicy,
+    #[serde(default)]
+    pub background: BackgroundLimits,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -112,6 +125,9 @@ pub struct Timeouts {
     pub connect: HumanDuration,
     /// One shard request, from sending it to having its last byte.
     pub shard: HumanDuration,
+    /// One shard PUT. A node with no free region holds a PUT for up to 5 s while it evicts
+    /// (then answers 507), so this is longer than that: a node busy evicting is not dead.
+    pub put: HumanDuration,
     /// One origin fetch.
     pub origin: HumanDuration,
 }
@@ -124,6 +140,7 @@ impl Default for Timeouts {
         Self {
             connect: HumanDuration(std::time::Duration::from_millis(200)),
             shard: HumanDuration(std::time::Duration::from_millis(500)),
+            put: HumanDuration(std::time::Duration::from_secs(6)),
             origin: HumanDuration(std::time::Duration::from_secs(30)),
         }
     }
@@ -144,12 +161,13 @@ pub enum ReadMode {
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ReadPolicy {
     pub mode: ReadMode,
-    /// Hedged mode: wait this long before asking the remaining nodes; unset means the
-    /// observed p95 of shard latency.
+    /// Hedged mode: wait this long for the k-th shard before asking the remaining nodes;
+    /// unset means the observed p95 of the k-th shard's arrival.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hedge_delay: Option<HumanDuration>,
-    /// Hedged mode: hedge requests allowed, as a fraction of chunk reads (a token bucket),
-    /// so that a fleet-wide slowdown cannot double the load.
+    /// Hedged mode: hedge requests allowed, as a fraction of chunk reads (a token bucket;
+    /// every extra request spends a token), so that a fleet-wide slowdown cannot double
+    /// the load.
     pub hedge_budget: f64,
 }
 
@@ -159,6 +177,54 @@ impl Default for ReadPolicy {
             mode: ReadMode::All,
             hedge_delay: None,
             hedge_budget: 0.05,
+        }
+    }
+}
+
+/// How the client talks to nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct ConnectionPolicy {
+    /// Connections open to one node at once, at most. HTTP/1.1 carries one request at a
+    /// time per connection, so this also bounds the requests in flight to a node; more wait
+    /// for a connection to come free. Each is a slot in the node's `--max-connections`
+    /// (10,000 by default): 64 lets about 150 clients use a node at full tilt.
+    pub max_per_node: usize,
+    /// Speak HTTP/2 (prior knowledge) to the nodes: one multiplexed connection per node,
+    /// cancelled requests reset their stream only. Off by default: the nodes' native
+    /// HTTP/1.1 engine is faster (docs/PERFORMANCE.md), and a cancelled HTTP/1.1 request
+    /// keeps its connection because its response is read to the end in the background.
+    pub http2: bool,
+}
+
+impl Default for ConnectionPolicy {
+    fn default() -> Self {
+        Self {
+            max_per_node: 64,
+            http2: false,
+        }
+    }
+}
+
+/// Bounds on the work a client does off the read path (fills after an origin fetch,
+/// repairs after a read). When a bound is reached, new work is dropped and counted: a
+/// later read of the chunk tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct BackgroundLimits {
+    /// Fills and repairs running at once.
+    pub max_tasks: usize,
+    /// Bytes they may hold at once: each holds its chunk and the shards it writes.
+    pub max_bytes: ByteSize,
+}
+
+impl Default for BackgroundLimits {
+    fn default() -> Self {
+        // 64 fills of 512 KiB chunks in a 4-of-5 code hold about 1.2 MiB each: 64 MiB
+        // lets all of them run, and is a small part of a worker's memory.
+        Self {
+            max_tasks: 64,
+            max_bytes: ByteSize::mib(64),
         }
     }
 }
@@ -175,6 +241,8 @@ impl FleetConfig {
             max_origin_fetches: default_max_origin_fetches(),
             timeouts: Timeouts::default(),
             read: ReadPolicy::default(),
+            connections: ConnectionPolicy::default(),
+            background: BackgroundLimits::default(),
             nodes,
         }
     }
@@ -246,6 +314,11 @@ impl FleetConfig {
         if self.max_origin_fetches == 0 {
             return Err(ConfigError::Invalid(
                 "max-origin-fetches must be at least 1".into(),
+            ));
+        }
+        if self.connections.max_per_node == 0 {
+            return Err(ConfigError::Invalid(
+                "connections.max-per-node must be at least 1".into(),
             ));
         }
         Ok(())

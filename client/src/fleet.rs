@@ -1,30 +1,47 @@
 //! The fleet client: k-of-M late-binding chunk reads, fill on miss, chunk writes.
+//!
+//! Who owns what. A read (`get_chunk`) is a future its caller may drop at any await: a
+//! timeout, a FUSE interrupt. So nothing that must finish runs inside it:
+//! - each shard GET runs in a task of its own (`Node::get_shard`); dropping the read drops
+//!   only the receiving ends, and the requests end on their own, within the shard timeout;
+//! - an origin fetch and the fill after it run in a task the client spawns (a "flight"),
+//!   found by later readers of the chunk through `flights` and removed from it by the
+//!   task itself when it ends, whatever the outcome; readers only watch its result, and
+//!   the origin permit is the task's, not a reader's;
+//! - repairs after a read run in spawned tasks, admitted by `Background`, which bounds
+//!   their number and bytes, lets one fill or repair run per chunk, and drops and counts
+//!   what does not fit.
+//!
+//! Which shards belong together. Every frame names its code (k, M), codec kind and chunk
+//! length, and carries a tag of its chunk's name. A read groups valid shards by code and
+//! decodes the first group to reach its own k, so clients with different codes (a
+//! rollout) read each other's chunks; shards tagged with another chunk's name are counted
+//! and repaired, and cannot push out correct ones.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
-use futures::{
-    FutureExt, StreamExt,
-    future::{BoxFuture, Shared},
-    stream::FuturesUnordered,
-};
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use http::HeaderValue;
 use slapshot_core::{
-    ChunkName, CodeParams, CodecKind, ErasureCodec, Placement, SealedChunk, codec_for,
+    CHUNK_SIZE, ChunkName, CodeParams, CodecKind, ErasureCodec, Placement, SealedChunk, codec_for,
     codec_with_kind,
-    shard_frame::{self, ShardHeader},
+    shard_frame::{self, FRAME_HEADER_LEN, ShardHeader},
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use crate::{
     config::{ConfigError, FleetConfig, ReadMode},
     hedge::{LatencyWindow, TokenBucket},
     metrics::{ClientMetrics, inc},
-    node::{HttpClient, Node, NodeError, http_client},
+    node::{Node, NodeError, NodeSettings},
     origin::{Origin, open_origin_with},
 };
 
@@ -53,10 +70,12 @@ pub enum ChunkError {
         total: usize,
         need: usize,
     },
-    #[error("a chunk of {len} bytes is too large for the shard format")]
+    #[error("a chunk of {len} bytes is larger than the {CHUNK_SIZE}-byte chunks the fleet stores")]
     TooLarge { len: usize },
 }
 
+/// Errors of the client library print their cause inline and do not return it from
+/// `source()` (see `ConfigError`); these forward both to the wrapped error.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
@@ -72,26 +91,75 @@ pub struct PutReport {
     pub failed: usize,
 }
 
-/// What one node said about a chunk during a read.
+/// The code a shard was written with: shards decode together only with others of the
+/// same code, codec kind and chunk length, and are decoded with those parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Code {
+    params: CodeParams,
+    kind: CodecKind,
+    chunk_len: u32,
+}
+
+impl Code {
+    fn of(header: &ShardHeader) -> Self {
+        Self {
+            params: header.params,
+            kind: header.codec,
+            chunk_len: header.chunk_len,
+        }
+    }
+
+    fn shard_len(&self) -> usize {
+        self.params.shard_len(self.chunk_len as usize)
+    }
+}
+
+/// What one node (by rank in the placement) said about a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
-    /// Not asked (down, or not needed).
+    /// Not asked (down, or not needed), or the read ended before its answer came.
     NotAsked,
-    /// A valid shard with this index.
-    Shard(u8),
-    /// 404, or a shard that failed verification: a place to repair.
+    /// A valid shard of this chunk: its code and index.
+    Shard(Code, u8),
+    /// 404, a shard that failed verification, or another chunk's shard: a place to write.
     Missing,
-    /// An error or a timeout: the node may be fine but we learnt nothing.
+    /// An error or a timeout: the node may be fine, but we learnt nothing, and nothing is
+    /// written to it.
     Failed,
 }
 
+/// Shards of one code collected during a read.
+struct Group {
+    code: Code,
+    shards: Vec<(usize, Bytes)>,
+}
+
+/// A codec for frames of another code or kind than ours.
+type OtherCodec = ((CodeParams, CodecKind), Arc<dyn ErasureCodec>);
+
+/// A shard GET in flight, with the rank of the node it went to.
+type RankedFetch = BoxFuture<'static, (usize, Result<Option<Bytes>, NodeError>)>;
+
 /// The outcome of asking the fleet.
 struct FleetRead {
-    chunk: Option<Bytes>,
+    /// The chunk and the code it was decoded from.
+    chunk: Option<(Bytes, Code)>,
     degraded: bool,
-    valid: usize,
+    /// The most shards one code had: how close a miss came.
+    best: usize,
     /// Per rank in the placement.
     answers: Vec<Answer>,
+    /// Requests still in flight when the read had its k shards. A repair waits for them to
+    /// learn what those nodes hold; otherwise they are dropped and end on their own.
+    rest: FuturesUnordered<RankedFetch>,
+}
+
+type FlightResult = Option<Result<Bytes, ChunkError>>;
+
+/// An origin fetch in flight: its readers watch `result`.
+struct Flight {
+    id: u64,
+    result: watch::Receiver<FlightResult>,
 }
 
 pub struct FleetClient {
@@ -106,28 +174,31 @@ impl Clone for FleetClient {
     }
 }
 
-type OriginFetch = Shared<BoxFuture<'static, Result<Bytes, ChunkError>>>;
-
 struct Inner {
     config: FleetConfig,
     code: CodeParams,
-    codec: Box<dyn ErasureCodec>,
+    codec: Arc<dyn ErasureCodec>,
+    /// Codecs of other codes met in frames, a few at most (a rollout has two codes).
+    codecs: Mutex<Vec<OtherCodec>>,
     placement: Placement,
     nodes: Vec<Arc<Node>>,
-    http: HttpClient,
-    token: Option<HeaderValue>,
     origin: Option<Arc<dyn Origin>>,
     origin_permits: Arc<Semaphore>,
-    inflight: Mutex<HashMap<ChunkName, OriginFetch>>,
+    flights: Mutex<HashMap<ChunkName, Flight>>,
+    next_flight: AtomicU64,
+    background: Arc<Background>,
     metrics: Arc<ClientMetrics>,
     hedge_bucket: Mutex<TokenBucket>,
-    latencies: Mutex<LatencyWindow>,
+    /// Time from a read's start to its k-th valid shard.
+    kth_arrivals: Mutex<LatencyWindow>,
 }
 
-/// Hedge delay before any latency has been observed.
+/// Hedge delay before any k-th arrival has been observed.
 const DEFAULT_HEDGE_DELAY: Duration = Duration::from_millis(5);
-/// Hedges that may be banked during a quiet spell.
+/// Hedge requests that may be banked during a quiet spell.
 const HEDGE_BURST: f64 = 10.0;
+/// Codecs of foreign codes kept at once.
+const OTHER_CODECS: usize = 8;
 
 impl FleetClient {
     /// A client for the fleet in `config`, with the origin it names (if any).
@@ -155,24 +226,56 @@ impl FleetClient {
             .map(|t| HeaderValue::try_from(format!("Bearer {t}")))
             .transpose()
             .map_err(|_| ConfigError::Invalid("the token is not a valid header value".into()))?;
+        let metrics = Arc::new(ClientMetrics::default());
+        let settings = NodeSettings {
+            connect_timeout: config.timeouts.connect.0,
+            shard_timeout: config.timeouts.shard.0,
+            max_connections: config.connections.max_per_node,
+            http2: config.connections.http2,
+            token,
+            // The largest frame of any code: a whole chunk in one shard (k = 1).
+            max_shard_len: FRAME_HEADER_LEN + CHUNK_SIZE,
+        };
+        // Shard GETs in flight (each in a task of its own), at most. A request holds its
+        // slot while it waits for a connection and while its response drains, so the
+        // bound is well above the connections (four per connection), and at least 1024:
+        // about 200 concurrent reads of five shards. Past it, reads wait for a slot.
+        let detached = Arc::new(Semaphore::new(
+            (4 * config.connections.max_per_node * config.nodes.len()).max(1024),
+        ));
         let nodes = config
             .nodes
             .iter()
-            .map(|n| Arc::new(Node::new(n.id.clone(), n.addr.clone())))
+            .map(|n| {
+                Node::new(
+                    n.id.clone(),
+                    n.addr.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    detached.clone(),
+                )
+            })
             .collect();
         let inner = Inner {
-            codec: codec_for(code),
+            codec: Arc::from(codec_for(code)),
+            codecs: Mutex::new(Vec::new()),
             code,
             placement,
             nodes,
-            http: http_client(config.timeouts.connect.0),
-            token,
             origin,
             origin_permits: Arc::new(Semaphore::new(config.max_origin_fetches)),
-            inflight: Mutex::new(HashMap::new()),
-            metrics: Arc::new(ClientMetrics::default()),
+            flights: Mutex::new(HashMap::new()),
+            next_flight: AtomicU64::new(0),
+            background: Arc::new(Background {
+                max_tasks: config.background.max_tasks,
+                max_bytes: usize::try_from(config.background.max_bytes.bytes())
+                    .unwrap_or(usize::MAX),
+                state: Mutex::new(BackgroundState::default()),
+                metrics: metrics.clone(),
+            }),
             hedge_bucket: Mutex::new(TokenBucket::new(config.read.hedge_budget, HEDGE_BURST)),
-            latencies: Mutex::new(LatencyWindow::default()),
+            kth_arrivals: Mutex::new(LatencyWindow::default()),
+            metrics,
             config,
         };
         Ok(Self {
@@ -227,7 +330,7 @@ impl FleetClient {
             (
                 node.id.clone(),
                 node.addr.clone(),
-                node.get_text(&self.inner.http, path, timeout).await,
+                node.get_text(path, timeout).await,
             )
         });
         futures::future::join_all(requests).await
@@ -235,21 +338,21 @@ impl FleetClient {
 
     /// Reads a chunk: from any k of its M shards in the fleet, or from the origin (after
     /// which the fleet is filled in the background). The bytes returned always match the
-    /// name.
+    /// name. Dropping the future at any point leaves nothing behind but requests and an
+    /// origin fetch that end on their own.
     pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
         let inner = &self.inner;
         let ranked = inner.placement.rank(name, inner.code.total());
-        let read = self.read_fleet(name, &ranked).await;
-        if let Some(chunk) = read.chunk {
+        let read = inner.read_fleet(name, &ranked).await;
+        if let Some((chunk, code)) = read.chunk {
             inc(&inner.metrics.fleet_hits);
             if read.degraded {
                 inc(&inner.metrics.degraded_rebuilds);
             }
-            // Read repair: nodes that answered without a valid shard get theirs back.
-            if read.answers.contains(&Answer::Missing) {
-                self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| {
-                    a == Answer::Missing
-                });
+            // Read repair: nodes that answered without a valid shard (or with a second
+            // copy of an index) get theirs back, in the code the chunk was read in.
+            if wants_repair(code, &read.answers) {
+                inner.spawn_repair(*name, chunk.clone(), code, ranked, read.answers, read.rest);
             }
             return Ok(chunk);
         }
@@ -257,16 +360,13 @@ impl FleetClient {
             inc(&inner.metrics.failures);
             return Err(ChunkError::FleetMiss {
                 name: *name,
-                have: read.valid,
+                have: read.best,
                 need: inner.code.data(),
             });
         }
-        match self.fetch_from_origin(name).await {
+        match inner.fetch_from_origin(name, ranked, read.answers).await {
             Ok(chunk) => {
                 inc(&inner.metrics.origin_fills);
-                self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| {
-                    !matches!(a, Answer::Shard(_))
-                });
                 Ok(chunk)
             }
             Err(e) => {
@@ -276,362 +376,391 @@ impl FleetClient {
         }
     }
 
-    /// Asks the placement's nodes for shards and rebuilds the chunk from the first k
-    /// valid ones; the requests still outstanding then are cancelled.
-    async fn read_fleet(&self, name: &ChunkName, ranked: &[usize]) -> FleetRead {
-        let inner = &self.inner;
-        let k = inner.code.data();
-        let key = name.to_hex();
-        let mut answers = vec![Answer::NotAsked; ranked.len()];
-        let up: Vec<usize> = (0..ranked.len())
-            .filter(|&rank| inner.nodes[ranked[rank]].is_up())
-            .collect();
-        let (first, mut reserve): (Vec<usize>, VecDeque<usize>) = match inner.config.read.mode {
-            ReadMode::All => (up, VecDeque::new()),
-            ReadMode::Hedged => {
-                let split = k.min(up.len());
-                (up[..split].to_vec(), up[split..].iter().copied().collect())
-            }
-        };
-        if inner.config.read.mode == ReadMode::Hedged {
-            lock(&inner.hedge_bucket).deposit();
-        }
-
-        let mut pending = FuturesUnordered::new();
-        for rank in first {
-            pending.push(self.fetch_shard(rank, ranked[rank], &key));
-        }
-        let hedge_at = tokio::time::Instant::now() + self.hedge_delay();
-        let mut hedged = reserve.is_empty();
-
-        let mut shards: Vec<(usize, Bytes)> = Vec::with_capacity(k);
-        let mut chunk_len: Option<u32> = None;
-        let mut kind: Option<CodecKind> = None;
-        while shards.len() < k {
-            if pending.is_empty() {
-                // A failed request in hedged mode is replaced at once: that is not a
-                // hedge, the read cannot finish without it.
-                match reserve.pop_front() {
-                    Some(rank) => {
-                        pending.push(self.fetch_shard(rank, ranked[rank], &key));
-                        continue;
-                    }
-                    None => break,
-                }
-            }
-            let next = if hedged {
-                pending.next().await
-            } else {
-                tokio::select! {
-                    next = pending.next() => next,
-                    () = tokio::time::sleep_until(hedge_at) => {
-                        hedged = true;
-                        if lock(&inner.hedge_bucket).try_take() {
-                            for rank in reserve.drain(..) {
-                                inc(&inner.metrics.hedges_sent);
-                                pending.push(self.fetch_shard(rank, ranked[rank], &key));
-                            }
-                        }
-                        continue;
-                    }
-                }
-            };
-            let Some((rank, result)) = next else { continue };
-            let before = shards.len();
-            answers[rank] = match result {
-                Ok(Some(frame)) => match shard_frame::parse(&frame) {
-                    Ok((header, payload)) if self.acceptable(&header, chunk_len, kind) => {
-                        chunk_len = Some(header.chunk_len);
-                        kind = Some(header.codec);
-                        let index = usize::from(header.index);
-                        if !shards.iter().any(|(i, _)| *i == index) {
-                            let start = frame.len() - payload.len();
-                            shards.push((index, frame.slice(start..)));
-                        }
-                        Answer::Shard(header.index)
-                    }
-                    _ => {
-                        inc(&inner.metrics.corrupt_shards);
-                        tracing::warn!(chunk = %name, node = %inner.nodes[ranked[rank]].id, "shard failed verification");
-                        Answer::Missing
-                    }
-                },
-                Ok(None) => Answer::Missing,
-                Err(_) => Answer::Failed,
-            };
-            // In hedged mode an answer that brought no new shard is replaced at once by
-            // the next node in rank order.
-            if shards.len() == before
-                && inner.config.read.mode == ReadMode::Hedged
-                && let Some(rank) = reserve.pop_front()
-            {
-                pending.push(self.fetch_shard(rank, ranked[rank], &key));
-            }
-        }
-        drop(pending);
-
-        let valid = shards.len();
-        let mut read = FleetRead {
-            chunk: None,
-            degraded: false,
-            valid,
-            answers,
-        };
-        let Some(chunk_len) = chunk_len.filter(|_| valid >= k) else {
-            return read;
-        };
-        let parts: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
-        // Shards keep the codec they were written with: those of an older kind (Reed-Solomon
-        // over GF(2^16) before the GF(2^8) codec) are read with that kind's codec. The frame
-        // parser only lets kinds that fit the code through, so the fallback is never used.
-        let older;
-        let codec = match kind {
-            Some(kind) if kind != inner.code.codec() => {
-                older = codec_with_kind(inner.code, kind).ok();
-                older.as_deref().unwrap_or(inner.codec.as_ref())
-            }
-            _ => inner.codec.as_ref(),
-        };
-        match codec.decode(chunk_len as usize, &parts) {
-            Ok(chunk) if name.matches(&chunk) => {
-                read.degraded = shards.iter().any(|(i, _)| *i >= k);
-                read.chunk = Some(Bytes::from(chunk));
-            }
-            _ => {
-                // Every shard passed its own crc, yet together they are not this chunk: some
-                // node holds a shard of other bytes under this name. Treat as a miss.
-                inc(&inner.metrics.corrupt_shards);
-                tracing::warn!(chunk = %name, "shards rebuilt into bytes that do not match the name");
-                read.valid = 0;
-            }
-        }
-        read
-    }
-
-    /// Whether a shard belongs to this fleet's code and agrees with the shards before it
-    /// (same chunk length and codec kind: shards of two kinds cannot be decoded together).
-    fn acceptable(
-        &self,
-        header: &ShardHeader,
-        chunk_len: Option<u32>,
-        kind: Option<CodecKind>,
-    ) -> bool {
-        header.params == self.inner.code
-            && chunk_len.is_none_or(|len| len == header.chunk_len)
-            && kind.is_none_or(|kind| kind == header.codec)
-    }
-
-    fn hedge_delay(&self) -> Duration {
-        let inner = &self.inner;
-        match inner.config.read.hedge_delay {
-            Some(delay) => delay.0,
-            None => lock(&inner.latencies).p95().unwrap_or(DEFAULT_HEDGE_DELAY),
-        }
-    }
-
-    /// One shard GET, with its effects on metrics and the node's health.
-    async fn fetch_shard(
-        &self,
-        rank: usize,
-        node: usize,
-        key: &str,
-    ) -> (usize, Result<Option<Bytes>, NodeError>) {
-        let inner = &self.inner;
-        let node = &inner.nodes[node];
-        let started = Instant::now();
-        let result = node
-            .get_shard(
-                &inner.http,
-                inner.token.as_ref(),
-                key,
-                inner.config.timeouts.shard.0,
-            )
-            .await;
-        let m = &inner.metrics;
-        match &result {
-            Ok(Some(_)) => {
-                let latency = started.elapsed();
-                m.shard_latency.observe(latency);
-                lock(&inner.latencies).record(latency);
-                inc(&m.shards_ok);
-            }
-            Ok(None) => inc(&m.shards_absent),
-            Err(NodeError::Timeout) => inc(&m.shards_timed_out),
-            Err(_) => inc(&m.shards_failed),
-        }
-        node.record(result.as_ref().map(drop), &inner.http, m);
-        (rank, result)
-    }
-
-    /// Fetches a chunk from the origin, sharing one fetch among concurrent callers and
-    /// holding one of the limited origin permits while it runs.
-    async fn fetch_from_origin(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
-        let fetch = {
-            let mut inflight = lock(&self.inner.inflight);
-            inflight
-                .entry(*name)
-                .or_insert_with(|| {
-                    let inner = self.inner.clone();
-                    let name = *name;
-                    async move {
-                        let result = inner.fetch_origin_once(&name).await;
-                        lock(&inner.inflight).remove(&name);
-                        result
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        fetch.await
-    }
-
-    /// Encodes a chunk and writes its shards to the nodes whose answers `needs_shard`
-    /// picks, off the caller's path. Nodes that keep a valid shard keep its index; the
-    /// missing indices go to the picked nodes in rank order.
-    fn spawn_fill(
-        &self,
-        name: ChunkName,
-        chunk: Bytes,
-        ranked: Vec<usize>,
-        answers: Vec<Answer>,
-        needs_shard: fn(Answer) -> bool,
-    ) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let held: HashSet<u8> = answers
-                .iter()
-                .filter_map(|a| {
-                    if let Answer::Shard(i) = a {
-                        Some(*i)
-                    } else {
-                        None
-                    }
-                })
-                .collect();
-            let missing = (0..this.inner.code.total() as u8).filter(|i| !held.contains(i));
-            let targets: Vec<(usize, u8)> = (0..ranked.len())
-                .filter(|&rank| needs_shard(answers[rank]))
-                .map(|rank| ranked[rank])
-                .zip(missing)
-                .collect();
-            if targets.is_empty() {
-                return;
-            }
-            let Ok(frames) = this.frames(&name, &chunk) else {
-                return;
-            };
-            let report = this.put_frames(&name, &frames, &targets).await;
-            let m = &this.inner.metrics;
-            m.fill_shards_written
-                .fetch_add(report.written as u64, std::sync::atomic::Ordering::Relaxed);
-            m.fill_shards_failed
-                .fetch_add(report.failed as u64, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(chunk = %name, written = report.written, failed = report.failed, "fleet filled");
-        });
-    }
-
-    /// The M framed shards of a chunk.
-    fn frames(&self, name: &ChunkName, chunk: &[u8]) -> Result<Vec<Bytes>, ChunkError> {
-        let chunk_len =
-            u32::try_from(chunk.len()).map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
-        let shards = self
-            .inner
-            .codec
-            .encode(chunk)
-            .map_err(|_| ChunkError::TooLarge { len: chunk.len() })?;
-        Ok(shards
-            .iter()
-            .enumerate()
-            .map(|(index, payload)| {
-                Bytes::from(shard_frame::frame(
-                    &ShardHeader::new(name, self.inner.code, index as u8, chunk_len),
-                    payload,
-                ))
-            })
-            .collect())
-    }
-
-    /// PUTs shard `index` to node `node` for every target, concurrently. Nodes known to be
-    /// down are not tried.
-    async fn put_frames(
-        &self,
-        name: &ChunkName,
-        frames: &[Bytes],
-        targets: &[(usize, u8)],
-    ) -> PutReport {
-        let inner = &self.inner;
-        let key = name.to_hex();
-        let puts = targets.iter().map(|&(node, index)| {
-            let key = &key;
-            async move {
-                let node = &inner.nodes[node];
-                if !node.is_up() {
-                    return false;
-                }
-                let timeout = inner.config.timeouts.shard.0 * 4;
-                let result = node
-                    .put_shard(
-                        &inner.http,
-                        inner.token.as_ref(),
-                        key,
-                        frames[usize::from(index)].clone(),
-                        timeout,
-                    )
-                    .await;
-                node.record(result.as_ref().copied(), &inner.http, &inner.metrics);
-                result.is_ok()
-            }
-        });
-        let results = futures::future::join_all(puts).await;
-        let written = results.iter().filter(|ok| **ok).count();
-        PutReport {
-            written,
-            failed: results.len() - written,
-        }
-    }
-
     /// Stores a sealed chunk across the fleet: shard i to the node of rank i. Succeeds if
     /// at least k shards were stored.
     pub async fn put_chunk(&self, chunk: &SealedChunk) -> Result<PutReport, ChunkError> {
+        let inner = &self.inner;
         let name = chunk.name();
-        let frames = self.frames(name, chunk.bytes())?;
-        let ranked = self.inner.placement.rank(name, self.inner.code.total());
+        let code = inner.own_code(chunk.len())?;
+        let frames = inner.frames(name, chunk.bytes(), code)?;
+        let ranked = inner.placement.rank(name, inner.code.total());
         let targets: Vec<(usize, u8)> = ranked
             .iter()
             .enumerate()
             .map(|(rank, &node)| (node, rank as u8))
             .collect();
-        let report = self.put_frames(name, &frames, &targets).await;
-        if report.written < self.inner.code.data() {
+        let report = inner.put_frames(name, &frames, &targets).await;
+        let written = report.written;
+        if written < inner.code.data() {
             return Err(ChunkError::PutFailed {
                 name: *name,
-                written: report.written,
+                written,
                 total: frames.len(),
-                need: self.inner.code.data(),
+                need: inner.code.data(),
             });
         }
-        Ok(report)
+        Ok(PutReport {
+            written,
+            failed: report.failed + report.skipped,
+        })
     }
 }
 
+/// What a batch of PUTs did.
+struct WriteReport {
+    written: usize,
+    failed: usize,
+    /// Not tried: the node was down or had just failed.
+    skipped: usize,
+}
+
 impl Inner {
-    async fn fetch_origin_once(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
+    /// Asks the placement's nodes for shards and rebuilds the chunk from the first code
+    /// to have k valid ones.
+    async fn read_fleet(&self, name: &ChunkName, ranked: &[usize]) -> FleetRead {
+        let k = self.code.data();
+        let key: Arc<str> = name.to_hex().into();
+        let mut answers = vec![Answer::NotAsked; ranked.len()];
+        let up: Vec<usize> = (0..ranked.len())
+            .filter(|&rank| self.nodes[ranked[rank]].is_up())
+            .collect();
+        let hedged_mode = self.config.read.mode == ReadMode::Hedged;
+        let (first, mut reserve): (Vec<usize>, VecDeque<usize>) = if hedged_mode {
+            let split = k.min(up.len());
+            (up[..split].to_vec(), up[split..].iter().copied().collect())
+        } else {
+            (up, VecDeque::new())
+        };
+        if hedged_mode {
+            lock(&self.hedge_bucket).deposit();
+        }
+
+        let started = tokio::time::Instant::now();
+        let mut pending = FuturesUnordered::new();
+        for rank in first {
+            pending.push(self.fetch(rank, ranked[rank], &key));
+        }
+        let mut hedge_at = (!reserve.is_empty()).then(|| started + self.hedge_delay());
+        let mut groups: Vec<Group> = Vec::new();
+        let mut done: Option<usize> = None;
+        while done.is_none() {
+            if pending.is_empty() {
+                // A failed request in hedged mode is replaced at once: that is not a
+                // hedge, the read cannot finish without it.
+                match reserve.pop_front() {
+                    Some(rank) => {
+                        pending.push(self.fetch(rank, ranked[rank], &key));
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            let next = match hedge_at {
+                Some(at) => tokio::select! {
+                    next = pending.next() => next,
+                    () = tokio::time::sleep_until(at) => {
+                        // The k-th shard is later than it is in 95% of reads: ask for the
+                        // missing ones elsewhere, one token per request.
+                        hedge_at = None;
+                        let have = groups.iter().map(|g| g.shards.len()).max().unwrap_or(0);
+                        self.hedge(k.saturating_sub(have), &mut reserve, &mut pending, ranked, &key);
+                        continue;
+                    }
+                },
+                None => pending.next().await,
+            };
+            let Some((rank, result)) = next else { continue };
+            let (answer, payload) = self.examine(name, rank, ranked, result);
+            answers[rank] = answer;
+            let mut progressed = false;
+            if let (Answer::Shard(code, index), Some(payload)) = (answer, payload) {
+                let at = match groups.iter().position(|g| g.code == code) {
+                    Some(at) => at,
+                    None => {
+                        groups.push(Group {
+                            code,
+                            shards: Vec::new(),
+                        });
+                        groups.len() - 1
+                    }
+                };
+                let group = &mut groups[at];
+                if !group.shards.iter().any(|(i, _)| *i == usize::from(index)) {
+                    group.shards.push((usize::from(index), payload));
+                    progressed = true;
+                    if group.shards.len() >= code.params.data() {
+                        done = Some(at);
+                    }
+                }
+            }
+            // In hedged mode an answer that brought no new shard is replaced at once by
+            // the next node in rank order.
+            if !progressed
+                && hedged_mode
+                && done.is_none()
+                && let Some(rank) = reserve.pop_front()
+            {
+                pending.push(self.fetch(rank, ranked[rank], &key));
+            }
+        }
+
+        let mut read = FleetRead {
+            chunk: None,
+            degraded: false,
+            best: groups.iter().map(|g| g.shards.len()).max().unwrap_or(0),
+            answers,
+            rest: pending,
+        };
+        let Some(done) = done else { return read };
+        lock(&self.kth_arrivals).record(started.elapsed());
+        let group = &groups[done];
+        let code = group.code;
+        let parts: Vec<(usize, &[u8])> =
+            group.shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
+        let decoded = self
+            .codec(code.params, code.kind)
+            .and_then(|codec| codec.decode(code.chunk_len as usize, &parts).ok());
+        match decoded {
+            Some(chunk) if name.matches(&chunk) => {
+                read.degraded = group.shards.iter().any(|(i, _)| *i >= code.params.data());
+                read.chunk = Some((Bytes::from(chunk), code));
+            }
+            _ => {
+                // Every shard passed its own checks, yet together they are not this chunk:
+                // some node holds untagged shards of other bytes under this name. Which
+                // one is unknown, so the whole code's shards are places to rewrite.
+                inc(&self.metrics.corrupt_shards);
+                tracing::warn!(chunk = %name, "shards rebuilt into bytes that do not match the name");
+                for answer in &mut read.answers {
+                    if matches!(answer, Answer::Shard(c, _) if *c == code) {
+                        *answer = Answer::Missing;
+                    }
+                }
+                read.best = 0;
+            }
+        }
+        read
+    }
+
+    /// Sends up to `wanted` hedge requests to the reserve nodes, each paid with a token.
+    fn hedge(
+        &self,
+        wanted: usize,
+        reserve: &mut VecDeque<usize>,
+        pending: &mut FuturesUnordered<RankedFetch>,
+        ranked: &[usize],
+        key: &Arc<str>,
+    ) {
+        let wanted = wanted.min(reserve.len());
+        for sent in 0..wanted {
+            if !lock(&self.hedge_bucket).try_take() {
+                self.metrics
+                    .hedges_refused
+                    .fetch_add((wanted - sent) as u64, Ordering::Relaxed);
+                return;
+            }
+            let rank = reserve.pop_front().expect("wanted <= reserve.len()");
+            inc(&self.metrics.hedges_sent);
+            pending.push(self.fetch(rank, ranked[rank], key));
+        }
+    }
+
+    /// Judges one node's answer: a valid shard of this chunk (its code, index and
+    /// payload), a place that lacks one, or nothing learnt.
+    fn examine(
+        &self,
+        name: &ChunkName,
+        rank: usize,
+        ranked: &[usize],
+        result: Result<Option<Bytes>, NodeError>,
+    ) -> (Answer, Option<Bytes>) {
+        let frame = match result {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return (Answer::Missing, None),
+            Err(_) => return (Answer::Failed, None),
+        };
+        let node = &self.nodes[ranked[rank]].id;
+        match shard_frame::parse(&frame) {
+            Ok((header, payload)) if header.may_belong_to(name) => {
+                let code = Code::of(&header);
+                if code.params != self.code || code.kind != self.code.codec() {
+                    inc(&self.metrics.other_code_shards);
+                }
+                let start = frame.len() - payload.len();
+                (
+                    Answer::Shard(code, header.index),
+                    Some(frame.slice(start..)),
+                )
+            }
+            Ok(_) => {
+                inc(&self.metrics.corrupt_shards);
+                inc(&self.metrics.foreign_shards);
+                tracing::warn!(chunk = %name, node = %node, "a node holds another chunk's shard under this name");
+                (Answer::Missing, None)
+            }
+            Err(e) => {
+                inc(&self.metrics.corrupt_shards);
+                tracing::warn!(chunk = %name, node = %node, error = %e, "shard failed verification");
+                (Answer::Missing, None)
+            }
+        }
+    }
+
+    fn fetch(&self, rank: usize, node: usize, key: &Arc<str>) -> RankedFetch {
+        let fetch = self.nodes[node].get_shard(key.clone());
+        async move { (rank, fetch.await) }.boxed()
+    }
+
+    fn hedge_delay(&self) -> Duration {
+        match self.config.read.hedge_delay {
+            Some(delay) => delay.0,
+            None => lock(&self.kth_arrivals)
+                .p95()
+                .unwrap_or(DEFAULT_HEDGE_DELAY),
+        }
+    }
+
+    /// The codec that reads (and writes) shards of `params` and `kind`.
+    fn codec(&self, params: CodeParams, kind: CodecKind) -> Option<Arc<dyn ErasureCodec>> {
+        if params == self.code && kind == self.code.codec() {
+            return Some(self.codec.clone());
+        }
+        let mut codecs = lock(&self.codecs);
+        if let Some((_, codec)) = codecs.iter().find(|(key, _)| *key == (params, kind)) {
+            return Some(codec.clone());
+        }
+        // The frame parser lets only kinds that fit their code through.
+        let codec: Arc<dyn ErasureCodec> = Arc::from(codec_with_kind(params, kind).ok()?);
+        if codecs.len() == OTHER_CODECS {
+            codecs.remove(0);
+        }
+        codecs.push(((params, kind), codec.clone()));
+        Some(codec)
+    }
+
+    /// This client's code for a chunk of `len` bytes.
+    fn own_code(&self, len: usize) -> Result<Code, ChunkError> {
+        if len > CHUNK_SIZE {
+            return Err(ChunkError::TooLarge { len });
+        }
+        Ok(Code {
+            params: self.code,
+            kind: self.code.codec(),
+            chunk_len: len as u32,
+        })
+    }
+
+    /// Fetches a chunk from the origin, in a task shared by every reader of the chunk.
+    async fn fetch_from_origin(
+        self: &Arc<Self>,
+        name: &ChunkName,
+        ranked: Vec<usize>,
+        answers: Vec<Answer>,
+    ) -> Result<Bytes, ChunkError> {
+        let mut result = {
+            let mut flights = lock(&self.flights);
+            match flights.get(name) {
+                Some(flight) => flight.result.clone(),
+                None => {
+                    let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(
+                        *name,
+                        Flight {
+                            id,
+                            result: rx.clone(),
+                        },
+                    );
+                    tokio::spawn(self.clone().fly(*name, id, tx, ranked, answers));
+                    rx
+                }
+            }
+        };
+        match result.wait_for(Option::is_some).await {
+            Ok(answer) => answer.clone().expect("waited for Some"),
+            Err(_) => Err(ChunkError::Origin {
+                name: *name,
+                message: "the origin fetch ended without an answer".into(),
+            }),
+        }
+    }
+
+    /// A flight: the origin fetch, its answer to the readers, then the fill. Its entry in
+    /// `flights` goes when it ends (on an error, before the readers hear of it, so that no
+    /// later reader inherits it).
+    async fn fly(
+        self: Arc<Self>,
+        name: ChunkName,
+        id: u64,
+        tx: watch::Sender<FlightResult>,
+        ranked: Vec<usize>,
+        answers: Vec<Answer>,
+    ) {
+        let entry = FlightEntry {
+            inner: self.clone(),
+            name,
+            id,
+        };
+        let Some(result) = self.fetch_origin_once(&name, id, &tx).await else {
+            return;
+        };
+        let chunk = match result {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                drop(entry);
+                let _ = tx.send(Some(Err(e)));
+                return;
+            }
+        };
+        let _ = tx.send(Some(Ok(chunk.clone())));
+        // Readers who come during the fill get the chunk from here rather than start a
+        // second fetch and fill.
+        let Ok(code) = self.own_code(chunk.len()) else {
+            return;
+        };
+        if let Some(permit) = self.background.admit(name, write_bytes(code)) {
+            self.write_back(name, chunk, code, ranked, answers, FuturesUnordered::new())
+                .await;
+            drop(permit);
+        }
+        drop(entry);
+    }
+
+    /// Fetches and verifies a chunk, holding an origin permit; `None` if every reader had
+    /// gone by the time a permit came free (the fetch is skipped and its entry removed).
+    async fn fetch_origin_once(
+        &self,
+        name: &ChunkName,
+        id: u64,
+        readers: &watch::Sender<FlightResult>,
+    ) -> Option<Result<Bytes, ChunkError>> {
         let origin = self.origin.as_ref().expect("only called with an origin");
         let _permit = self
             .origin_permits
             .acquire()
             .await
             .expect("the semaphore is never closed");
+        {
+            // Under the lock, so that no reader joins between the count and the removal.
+            // The entry holds one receiver itself.
+            let mut flights = lock(&self.flights);
+            if readers.receiver_count() <= 1 {
+                if flights.get(name).is_some_and(|f| f.id == id) {
+                    flights.remove(name);
+                }
+                inc(&self.metrics.origin_abandoned);
+                return None;
+            }
+        }
         inc(&self.metrics.origin_fetches);
         let timeout = self.config.timeouts.origin.0;
-        let fetched = tokio::time::timeout(timeout, origin.get(name))
-            .await
-            .map_err(|_| ChunkError::OriginTimeout {
+        let Ok(fetched) = tokio::time::timeout(timeout, origin.get(name)).await else {
+            return Some(Err(ChunkError::OriginTimeout {
                 name: *name,
                 timeout,
-            })?;
-        match fetched {
+            }));
+        };
+        Some(match fetched {
             Ok(Some(bytes)) if name.matches(&bytes) => Ok(bytes),
             Ok(Some(_)) => Err(ChunkError::CorruptOrigin {
                 name: *name,
@@ -645,7 +774,316 @@ impl Inner {
                 name: *name,
                 message: e.to_string(),
             }),
+        })
+    }
+
+    /// Starts a repair in the background, if the bounds admit it.
+    fn spawn_repair(
+        self: &Arc<Self>,
+        name: ChunkName,
+        chunk: Bytes,
+        code: Code,
+        ranked: Vec<usize>,
+        answers: Vec<Answer>,
+        rest: FuturesUnordered<RankedFetch>,
+    ) {
+        let Some(permit) = self.background.admit(name, write_bytes(code)) else {
+            return;
+        };
+        let inner = self.clone();
+        tokio::spawn(async move {
+            inner
+                .write_back(name, chunk, code, ranked, answers, rest)
+                .await;
+            drop(permit);
+        });
+    }
+
+    /// Writes `code`'s shards of a chunk to the nodes that lack one. First it completes
+    /// the picture: the answers of requests still in flight, and the shards of up nodes
+    /// the read did not ask, so that no index is given to a node while another holds it.
+    async fn write_back(
+        &self,
+        name: ChunkName,
+        chunk: Bytes,
+        code: Code,
+        ranked: Vec<usize>,
+        mut answers: Vec<Answer>,
+        mut rest: FuturesUnordered<RankedFetch>,
+    ) {
+        let key: Arc<str> = name.to_hex().into();
+        while let Some((rank, result)) = rest.next().await {
+            answers[rank] = self.examine(&name, rank, &ranked, result).0;
         }
+        let mut asks: FuturesUnordered<RankedFetch> = (0..answers.len())
+            .filter(|&rank| answers[rank] == Answer::NotAsked && self.nodes[ranked[rank]].is_up())
+            .map(|rank| self.fetch(rank, ranked[rank], &key))
+            .collect();
+        while let Some((rank, result)) = asks.next().await {
+            answers[rank] = self.examine(&name, rank, &ranked, result).0;
+        }
+        let plan = plan_writes(code, &answers);
+        if plan.is_empty() {
+            return;
+        }
+        let Ok(frames) = self.frames(&name, &chunk, code) else {
+            return;
+        };
+        let targets: Vec<(usize, u8)> = plan
+            .iter()
+            .map(|&(rank, index)| (ranked[rank], index))
+            .collect();
+        let report = self.put_frames(&name, &frames, &targets).await;
+        let m = &self.metrics;
+        m.fill_shards_written
+            .fetch_add(report.written as u64, Ordering::Relaxed);
+        m.fill_shards_failed
+            .fetch_add(report.failed as u64, Ordering::Relaxed);
+        m.fill_shards_skipped
+            .fetch_add(report.skipped as u64, Ordering::Relaxed);
+        tracing::debug!(chunk = %name, written = report.written, failed = report.failed, skipped = report.skipped, "shards written back");
+    }
+
+    /// The framed shards of a chunk in `code`.
+    fn frames(&self, name: &ChunkName, chunk: &[u8], code: Code) -> Result<Vec<Bytes>, ChunkError> {
+        let too_large = || ChunkError::TooLarge { len: chunk.len() };
+        let codec = self.codec(code.params, code.kind).ok_or_else(too_large)?;
+        let shards = codec.encode(chunk).map_err(|_| too_large())?;
+        Ok(shards
+            .iter()
+            .enumerate()
+            .map(|(index, payload)| {
+                let header = ShardHeader {
+                    codec: code.kind,
+                    ..ShardHeader::new(name, code.params, index as u8, code.chunk_len)
+                };
+                Bytes::from(shard_frame::frame(&header, payload))
+            })
+            .collect())
+    }
+
+    /// PUTs shard `index` to node `node` for every target, concurrently. Nodes that are
+    /// down or have just failed are not tried.
+    async fn put_frames(
+        &self,
+        name: &ChunkName,
+        frames: &[Bytes],
+        targets: &[(usize, u8)],
+    ) -> WriteReport {
+        let key = name.to_hex();
+        let timeout = self.config.timeouts.put.0;
+        let puts = targets.iter().map(|&(node, index)| {
+            let key = &key;
+            async move {
+                let node = &self.nodes[node];
+                if !node.is_writable() {
+                    return None;
+                }
+                let frame = frames[usize::from(index)].clone();
+                Some(node.put_shard(key, frame, timeout).await.is_ok())
+            }
+        });
+        let results = futures::future::join_all(puts).await;
+        WriteReport {
+            written: results.iter().filter(|r| **r == Some(true)).count(),
+            failed: results.iter().filter(|r| **r == Some(false)).count(),
+            skipped: results.iter().filter(|r| r.is_none()).count(),
+        }
+    }
+}
+
+/// Removes a flight's entry when the flight ends, however it ends; only its own entry,
+/// not a later flight's for the same chunk.
+struct FlightEntry {
+    inner: Arc<Inner>,
+    name: ChunkName,
+    id: u64,
+}
+
+impl Drop for FlightEntry {
+    fn drop(&mut self) {
+        let mut flights = lock(&self.inner.flights);
+        if flights.get(&self.name).is_some_and(|f| f.id == self.id) {
+            flights.remove(&self.name);
+        }
+    }
+}
+
+/// Bytes a fill or repair of `code` holds: the chunk and its framed shards.
+fn write_bytes(code: Code) -> usize {
+    code.chunk_len as usize + code.params.total() * (FRAME_HEADER_LEN + code.shard_len())
+}
+
+/// Whether a read's answers call for a repair in `code`: a node lacks a shard, or two
+/// nodes hold the same index; and some index of the code is not known to be held (when
+/// every index is, as for a chunk of a 4-of-5 client read by a 4-of-6 one, there is
+/// nothing to give).
+fn wants_repair(code: Code, answers: &[Answer]) -> bool {
+    let mut held = HashSet::new();
+    let mut wanted = false;
+    for answer in answers {
+        match *answer {
+            Answer::Missing => wanted = true,
+            Answer::Shard(c, index) if c == code => wanted |= !held.insert(index),
+            _ => {}
+        }
+    }
+    wanted && held.len() < code.params.total()
+}
+
+/// Which rank gets which shard index when `code` is written back after `answers`.
+///
+/// - Writes go to nodes that lack a valid shard (`Missing`), and to the second holder of
+///   an index held twice. Never to a node that failed or that we did not hear from.
+/// - A node holding a valid shard of another code keeps it (another client may read it
+///   during a rollout), unless that code cannot be read by anyone: its M is no more than
+///   ours (so its readers ask a subset of the nodes we asked) and it has fewer than its k
+///   shards even counting every node we did not hear from, while ours would not reach k
+///   without those nodes. Such shards would otherwise keep the chunk from ever being read
+///   from the fleet again.
+/// - Indices held are not given again. A target keeps the index of its rank when free
+///   (where `put_chunk` puts it); the index of a silent node's rank is left to that node,
+///   which most likely holds it.
+fn plan_writes(code: Code, answers: &[Answer]) -> Vec<(usize, u8)> {
+    let total = code.params.total();
+    let silent = answers
+        .iter()
+        .filter(|a| matches!(a, Answer::NotAsked | Answer::Failed))
+        .count();
+    let mut held = vec![false; total];
+    let mut targets = Vec::new();
+    for (rank, answer) in answers.iter().enumerate() {
+        match *answer {
+            Answer::Shard(c, index) if c == code => {
+                let index = usize::from(index);
+                if held[index] {
+                    targets.push(rank);
+                } else {
+                    held[index] = true;
+                }
+            }
+            Answer::Missing => targets.push(rank),
+            _ => {}
+        }
+    }
+    let held_count = held.iter().filter(|h| **h).count();
+    if held_count + targets.len() < code.params.data() {
+        let mut others: Vec<Code> = Vec::new();
+        for answer in answers {
+            if let Answer::Shard(c, _) = *answer
+                && c != code
+                && !others.contains(&c)
+            {
+                others.push(c);
+            }
+        }
+        for other in others {
+            let mut indices = HashSet::new();
+            let ranks: Vec<usize> = (0..answers.len())
+                .filter(|&rank| match answers[rank] {
+                    Answer::Shard(c, index) if c == other => {
+                        indices.insert(index);
+                        true
+                    }
+                    _ => false,
+                })
+                .collect();
+            let readable_somewhere = other.params.total() > answers.len()
+                || indices.len() + silent >= other.params.data();
+            if !readable_somewhere {
+                targets.extend(ranks);
+            }
+        }
+        targets.sort_unstable();
+    }
+
+    let mut free: Vec<bool> = held.iter().map(|h| !h).collect();
+    let mut plan = Vec::new();
+    let mut later = Vec::new();
+    for rank in targets {
+        if rank < total && free[rank] {
+            free[rank] = false;
+            plan.push((rank, rank as u8));
+        } else {
+            later.push(rank);
+        }
+    }
+    for (rank, answer) in answers.iter().enumerate() {
+        if rank < total && matches!(answer, Answer::NotAsked | Answer::Failed) {
+            free[rank] = false;
+        }
+    }
+    let mut spare = (0..total).filter(|&i| free[i]);
+    for rank in later {
+        let Some(index) = spare.next() else { break };
+        plan.push((rank, index as u8));
+    }
+    plan.sort_unstable();
+    plan
+}
+
+/// Fills and repairs running, and the bounds on them.
+struct Background {
+    max_tasks: usize,
+    max_bytes: usize,
+    state: Mutex<BackgroundState>,
+    metrics: Arc<ClientMetrics>,
+}
+
+#[derive(Default)]
+struct BackgroundState {
+    tasks: usize,
+    bytes: usize,
+    chunks: HashSet<ChunkName>,
+}
+
+/// A fill or repair's place within the bounds, given back when it is dropped.
+struct BackgroundPermit {
+    background: Arc<Background>,
+    name: ChunkName,
+    bytes: usize,
+}
+
+impl Background {
+    /// Admits a fill or repair of `bytes` for the chunk `name`, or drops it (counted): one
+    /// runs per chunk at a time, and the running ones stay within the bounds.
+    fn admit(self: &Arc<Self>, name: ChunkName, bytes: usize) -> Option<BackgroundPermit> {
+        let mut state = lock(&self.state);
+        if state.chunks.contains(&name) {
+            inc(&self.metrics.background_dropped_busy);
+            return None;
+        }
+        if state.tasks >= self.max_tasks || state.bytes + bytes > self.max_bytes {
+            inc(&self.metrics.background_dropped_full);
+            return None;
+        }
+        state.tasks += 1;
+        state.bytes += bytes;
+        state.chunks.insert(name);
+        self.publish(&state);
+        Some(BackgroundPermit {
+            background: self.clone(),
+            name,
+            bytes,
+        })
+    }
+
+    fn publish(&self, state: &BackgroundState) {
+        let m = &self.metrics;
+        m.background_tasks
+            .store(state.tasks as u64, Ordering::Relaxed);
+        m.background_bytes
+            .store(state.bytes as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for BackgroundPermit {
+    fn drop(&mut self) {
+        let mut state = lock(&self.background.state);
+        state.tasks -= 1;
+        state.bytes -= self.bytes;
+        state.chunks.remove(&self.name);
+        self.background.publish(&state);
     }
 }
 
@@ -653,4 +1091,149 @@ impl Inner {
 /// consistent, so a panic elsewhere does not make it unusable.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(k: usize, m: usize) -> Code {
+        let params = CodeParams::new(k, m).unwrap();
+        Code {
+            params,
+            kind: params.codec(),
+            chunk_len: 1000,
+        }
+    }
+
+    fn shard(code: Code, index: u8) -> Answer {
+        Answer::Shard(code, index)
+    }
+
+    #[test]
+    fn a_fill_of_an_empty_fleet_puts_shard_i_on_rank_i() {
+        let c = code(4, 5);
+        let plan = plan_writes(c, &[Answer::Missing; 5]);
+        assert_eq!(plan, (0..5).map(|r| (r, r as u8)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_index_held_twice_is_rewritten_once() {
+        let c = code(4, 5);
+        let answers = [
+            shard(c, 0),
+            shard(c, 0),
+            shard(c, 2),
+            shard(c, 3),
+            shard(c, 4),
+        ];
+        assert!(wants_repair(c, &answers));
+        assert_eq!(plan_writes(c, &answers), [(1, 1)]);
+    }
+
+    /// The layout of the 4-of-6 repair test: rank i holds index 5 - i.
+    #[test]
+    fn repairs_never_give_an_index_that_a_node_holds() {
+        let c = code(4, 6);
+        let mut answers: Vec<Answer> = (0..6).map(|r| shard(c, 5 - r as u8)).collect();
+        answers[1] = Answer::Missing;
+        assert_eq!(plan_writes(c, &answers), [(1, 4)]);
+        // Whatever the read learnt, no index in the plan is held by a node that answered.
+        for silent in [2, 3, 4, 5] {
+            let mut partial = answers.clone();
+            partial[silent] = Answer::NotAsked;
+            for (rank, index) in plan_writes(c, &partial) {
+                assert!(
+                    !partial.contains(&shard(c, index)),
+                    "rank {rank} given index {index} held elsewhere"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_silent_node_keeps_the_index_of_its_rank() {
+        let c = code(4, 6);
+        let answers = [
+            shard(c, 0),
+            shard(c, 1),
+            shard(c, 2),
+            shard(c, 4),
+            Answer::Missing,
+            Answer::Failed,
+        ];
+        // Index 4 is taken; 3 and 5 are free, and 5 is probably on the silent rank 5.
+        assert_eq!(plan_writes(c, &answers), [(4, 3)]);
+        let answers = [
+            shard(c, 0),
+            shard(c, 1),
+            shard(c, 2),
+            shard(c, 3),
+            Answer::Missing,
+            Answer::Failed,
+        ];
+        assert_eq!(plan_writes(c, &answers), [(4, 4)]);
+    }
+
+    #[test]
+    fn shards_of_another_code_are_kept_while_anyone_may_read_them() {
+        let ours = code(4, 6);
+        let theirs = code(4, 5);
+        // A 4-of-5 client's chunk read by a 4-of-6 client: repaired in its own code, which
+        // has every index; the sixth node is not given a shard of either code.
+        let mut answers: Vec<Answer> = (0..5).map(|r| shard(theirs, r as u8)).collect();
+        answers.push(Answer::Missing);
+        assert!(!wants_repair(theirs, &answers));
+        assert!(plan_writes(theirs, &answers).is_empty());
+        // A fill after a miss in our code goes around the two shards of theirs.
+        let answers = [
+            shard(theirs, 0),
+            shard(theirs, 1),
+            Answer::Missing,
+            Answer::Missing,
+            Answer::Missing,
+            Answer::Missing,
+        ];
+        assert_eq!(
+            plan_writes(ours, &answers),
+            [(2, 2), (3, 3), (4, 4), (5, 5)]
+        );
+        // A code with more nodes than we asked may be readable on the nodes we did not ask.
+        let wide = code(8, 10);
+        let answers = [
+            shard(wide, 0),
+            shard(wide, 1),
+            shard(wide, 2),
+            Answer::Missing,
+            Answer::Missing,
+            Answer::Missing,
+        ];
+        assert_eq!(plan_writes(ours, &answers), [(3, 3), (4, 4), (5, 5)]);
+    }
+
+    #[test]
+    fn shards_of_a_code_nobody_can_read_are_reclaimed_when_ours_needs_them() {
+        let ours = code(4, 6);
+        let old = Code {
+            kind: CodecKind::ReedSolomon,
+            ..ours
+        };
+        // Three shards of the older kind, the writer of which is gone: no reader can get
+        // four, and ours cannot either without their nodes.
+        let mut answers = vec![
+            shard(old, 0),
+            shard(old, 1),
+            shard(old, 2),
+            Answer::Missing,
+            Answer::Missing,
+            Answer::Missing,
+        ];
+        assert_eq!(
+            plan_writes(ours, &answers),
+            (0..6).map(|r| (r, r as u8)).collect::<Vec<_>>()
+        );
+        // With a node we did not hear from, the older kind might still be readable.
+        answers[5] = Answer::Failed;
+        assert_eq!(plan_writes(ours, &answers), [(3, 3), (4, 4)]);
+    }
 }

@@ -3,8 +3,9 @@
 use std::{collections::VecDeque, time::Duration};
 
 /// Caps hedge requests at a fraction of reads: every read deposits `rate` tokens, every
-/// hedge spends one. A fleet-wide slowdown therefore adds at most `rate` extra load, not
-/// a second copy of every request.
+/// hedge request spends one (a read that hedges two shards of a code with two parity
+/// shards spends two). A fleet-wide slowdown therefore adds at most `rate` extra requests
+/// per read, not a second copy of every request.
 #[derive(Debug)]
 pub struct TokenBucket {
     tokens: f64,
@@ -36,7 +37,10 @@ impl TokenBucket {
     }
 }
 
-/// Recent shard latencies, for the default hedge delay (their p95).
+/// Recent latencies and their p95. The client keeps one of the time from a read's start to
+/// its k-th valid shard: a read hedges when its k-th shard is later than that p95, which
+/// is what "slow" means for a k-of-M read. One shard's p95 would fire whenever any of the
+/// k shards is in its slowest 5%: on 1 - 0.95^k of reads, 19% for k = 4, not 5%.
 #[derive(Debug)]
 pub struct LatencyWindow {
     samples: VecDeque<Duration>,

@@ -1,43 +1,75 @@
-//! One cache node as the client sees it: HTTP requests to it over pooled keep-alive
-//! connections, and its health.
+//! One cache node as the client sees it: HTTP requests to it over a bounded pool of
+//! keep-alive connections, and its health.
 //!
-//! A node that refuses connections is marked down at once; one that times out twice in a
-//! row is marked down too. Reads skip down nodes (their shards count as absent) while a
-//! background task probes `/health` with exponential backoff and marks the node up again
-//! as soon as it answers.
+//! Shard GETs run in tasks of their own: a reader that stops waiting (late binding
+//! cancels the slowest shards of every read; FUSE interrupts reads) drops only its end of
+//! a channel, and the request goes on to its end. That keeps HTTP/1.1 connections, which
+//! hyper closes when a response is dropped half read, and it lets every request count
+//! toward the node's health and latency, however its reader fared.
+//!
+//! Health: a node that refuses connections is down at once; one whose reads fail twice in
+//! a row (timeouts, error statuses, broken connections) is down too. Reads skip down
+//! nodes while a background task probes the shard path (a GET of a key no chunk has,
+//! which has to be answered 404 by the same code that serves shards) with jittered
+//! exponential backoff, and marks the node up again when it answers. Writes count against
+//! a node's writes only: a PUT may wait seconds for the node to evict, and that says
+//! nothing about its reads. Nothing is written to a node for a second after it failed.
 
 use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
+    error::Error as StdError,
+    io,
+    pin::Pin,
+    sync::{Arc, Mutex, Weak},
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use futures::{FutureExt, future::BoxFuture};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection, HttpConnector},
+    },
+    rt::{TokioExecutor, TokioIo},
+};
+use tokio::{
+    net::TcpStream,
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
 };
 
-use crate::metrics::{ClientMetrics, inc};
+use crate::metrics::{ClientMetrics, NodeStats, inc};
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub type HttpClient = Client<NodeConnector, Full<Bytes>>;
 
-/// Consecutive timeouts after which a node is considered down.
-const TIMEOUTS_BEFORE_DOWN: u32 = 2;
-/// First and longest wait between health probes of a down node.
+/// A shard GET in flight: the reader's end of a request that runs in its own task.
+pub type ShardFetch = BoxFuture<'static, Result<Option<Bytes>, NodeError>>;
+
+/// Consecutive failed reads after which a node is considered down.
+const FAILURES_BEFORE_DOWN: u32 = 2;
+/// How long nothing is written to a node after one of its requests failed.
+const WRITE_PAUSE: Duration = Duration::from_secs(1);
+/// First and longest wait between probes of a down node (before jitter).
 const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The key probes ask for. Chunk names are 64 hexadecimal digits, so no shard is ever
+/// stored under it and a working node answers 404 from its shard path.
+pub const PROBE_KEY: &str = "slapshot-probe";
+/// Responses to `get_text` (health, metrics) are cut at this size.
+const TEXT_LIMIT: usize = 16 << 20;
 
-/// A pooled HTTP/1.1 client for talking to nodes.
-pub fn http_client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(50))
-        .pool_max_idle_per_host(256)
-        .build(connector)
+/// How to reach and judge nodes; the same for every node of a fleet.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub connect_timeout: Duration,
+    pub shard_timeout: Duration,
+    pub max_connections: usize,
+    pub http2: bool,
+    pub token: Option<HeaderValue>,
+    /// The largest response body a shard GET may have: the largest frame of any code.
+    pub max_shard_len: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +80,8 @@ pub enum NodeError {
     Timeout,
     #[error("answered {0}")]
     Status(u16),
+    #[error("answered with more than the {limit} bytes a shard can have")]
+    TooLarge { limit: usize },
     #[error("{0}")]
     Transport(String),
 }
@@ -55,26 +89,70 @@ pub enum NodeError {
 #[derive(Debug, Default)]
 struct Health {
     down: bool,
-    consecutive_timeouts: u32,
+    consecutive_failures: u32,
     probing: bool,
+    /// Writes skip the node until then.
+    no_writes_until: Option<Instant>,
 }
 
 pub struct Node {
     pub id: String,
     pub addr: String,
     base: String,
+    http: HttpClient,
+    settings: NodeSettings,
     health: Mutex<Health>,
+    stats: Arc<NodeStats>,
+    metrics: Arc<ClientMetrics>,
+    /// Shard GETs in flight in their own tasks, across the client's nodes.
+    detached: Arc<Semaphore>,
 }
 
 impl Node {
-    pub fn new(id: String, addr: String) -> Self {
-        let base = format!("http://{addr}");
-        Self {
+    /// A node; `detached` bounds the requests the client runs in tasks of their own.
+    pub fn new(
+        id: String,
+        addr: String,
+        settings: NodeSettings,
+        metrics: Arc<ClientMetrics>,
+        detached: Arc<Semaphore>,
+    ) -> Arc<Self> {
+        let stats = metrics.node(&id);
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(settings.connect_timeout));
+        tcp.set_nodelay(true);
+        let connector = NodeConnector {
+            tcp,
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            // A request waits for a connection no longer than its own timeout; a bit more
+            // so that the request's timeout, not this one, is what ends it.
+            wait: settings.shard_timeout + Duration::from_secs(1),
+            stats: stats.clone(),
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(settings.max_connections);
+        if settings.http2 {
+            // Windows sized for shards, as the node's own HTTP/2 settings are: the default
+            // 64 KiB window would cost a round trip per 64 KiB of every shard.
+            builder
+                .http2_only(true)
+                .http2_initial_stream_window_size(4 << 20)
+                .http2_initial_connection_window_size(16 << 20)
+                .http2_max_frame_size(256 << 10);
+        }
+        Arc::new(Self {
+            base: format!("http://{addr}"),
             id,
             addr,
-            base,
+            http: builder.build(connector),
+            settings,
             health: Mutex::new(Health::default()),
-        }
+            stats,
+            metrics,
+            detached,
+        })
     }
 
     fn health(&self) -> std::sync::MutexGuard<'_, Health> {
@@ -85,17 +163,23 @@ impl Node {
         !self.health().down
     }
 
+    /// Up, and no request to it failed in the last second.
+    pub fn is_writable(&self) -> bool {
+        let health = self.health();
+        !health.down && health.no_writes_until.is_none_or(|t| Instant::now() >= t)
+    }
+
     fn request(
         &self,
         method: Method,
         path: &str,
-        token: Option<&HeaderValue>,
+        token: bool,
         body: Bytes,
     ) -> Request<Full<Bytes>> {
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
-        if let Some(token) = token {
+        if token && let Some(token) = &self.settings.token {
             request = request.header(header::AUTHORIZATION, token.clone());
         }
         request
@@ -103,27 +187,36 @@ impl Node {
             .expect("a well-formed request")
     }
 
-    /// Sends a request and reads the whole response within `timeout`.
+    /// Sends a request and reads the whole response, at most `limit` bytes of body,
+    /// within `timeout`.
     async fn exchange(
         &self,
-        http: &HttpClient,
         request: Request<Full<Bytes>>,
         timeout: Duration,
+        limit: usize,
     ) -> Result<(StatusCode, Bytes), NodeError> {
         let exchange = async {
-            let response = http.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    NodeError::Unreachable
-                } else {
-                    NodeError::Transport(e.to_string())
-                }
-            })?;
+            let response = self.http.request(request).await.map_err(request_error)?;
             let status = response.status();
-            let body = response
-                .into_body()
+            // A body announced as larger than any shard is refused before it is read.
+            let announced = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if announced.is_some_and(|len| len > limit as u64) {
+                return Err(NodeError::TooLarge { limit });
+            }
+            let body = Limited::new(response.into_body(), limit)
                 .collect()
                 .await
-                .map_err(|e| NodeError::Transport(e.to_string()))?
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        NodeError::TooLarge { limit }
+                    } else {
+                        NodeError::Transport(e.to_string())
+                    }
+                })?
                 .to_bytes();
             Ok((status, body))
         };
@@ -132,87 +225,144 @@ impl Node {
             .map_err(|_| NodeError::Timeout)?
     }
 
-    /// GET a shard: `Ok(None)` if the node does not have it.
-    pub async fn get_shard(
-        &self,
-        http: &HttpClient,
-        token: Option<&HeaderValue>,
-        key: &str,
-        timeout: Duration,
-    ) -> Result<Option<Bytes>, NodeError> {
+    /// GET a shard: `Ok(None)` if the node does not have it. The request runs in a task of
+    /// its own, so dropping the returned future does not cut it short: its response is
+    /// read to the end, the connection stays open, and the outcome counts toward the
+    /// node's health and latency. Such tasks are bounded in number (`detached`, shared by
+    /// the client's nodes): when all slots are taken the reader waits for one before its
+    /// request is sent, and a reader that gives up while waiting has sent nothing.
+    pub fn get_shard(self: &Arc<Self>, key: Arc<str>) -> ShardFetch {
+        let node = self.clone();
+        async move {
+            let slot = match node.detached.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    inc(&node.metrics.queued_requests);
+                    node.detached
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed")
+                }
+            };
+            let (tx, rx) = oneshot::channel();
+            let metrics = node.metrics.clone();
+            tokio::spawn(async move {
+                let result = node.get_shard_here(&key).await;
+                if tx.send(result).is_err() {
+                    inc(&metrics.drained_responses);
+                }
+                drop(slot);
+            });
+            rx.await.unwrap_or_else(|_| {
+                Err(NodeError::Transport(
+                    "the request's task ended early".into(),
+                ))
+            })
+        }
+        .boxed()
+    }
+
+    /// A shard GET in the caller's task, with its effects on metrics and health.
+    async fn get_shard_here(self: &Arc<Self>, key: &str) -> Result<Option<Bytes>, NodeError> {
+        let started = Instant::now();
         let request = self.request(
             Method::GET,
             &format!("/v1/shards/{key}"),
-            token,
+            true,
             Bytes::new(),
         );
-        match self.exchange(http, request, timeout).await? {
-            (StatusCode::OK, body) => Ok(Some(body)),
-            (StatusCode::NOT_FOUND, _) => Ok(None),
-            (status, _) => Err(NodeError::Status(status.as_u16())),
+        let result = match self
+            .exchange(
+                request,
+                self.settings.shard_timeout,
+                self.settings.max_shard_len,
+            )
+            .await
+        {
+            Ok((StatusCode::OK, body)) => Ok(Some(body)),
+            Ok((StatusCode::NOT_FOUND, _)) => Ok(None),
+            Ok((status, _)) => Err(NodeError::Status(status.as_u16())),
+            Err(e) => Err(e),
+        };
+        let elapsed = started.elapsed();
+        self.stats.latency.observe(elapsed);
+        let m = &self.metrics;
+        match &result {
+            Ok(Some(_)) => {
+                m.shard_latency.observe(elapsed);
+                inc(&m.shards_ok);
+            }
+            Ok(None) => inc(&m.shards_absent),
+            Err(NodeError::Timeout) => inc(&m.shards_timed_out),
+            Err(_) => inc(&m.shards_failed),
         }
+        match &result {
+            Ok(_) => self.health().consecutive_failures = 0,
+            Err(e) => self.failed(e, true),
+        }
+        result
     }
 
-    /// PUT a shard, with its crc32 so that the node refuses damaged bytes.
+    /// PUT a shard, with its crc32 so that the node refuses damaged bytes. The outcome
+    /// counts toward the node's writes only.
     pub async fn put_shard(
-        &self,
-        http: &HttpClient,
-        token: Option<&HeaderValue>,
+        self: &Arc<Self>,
         key: &str,
         body: Bytes,
         timeout: Duration,
     ) -> Result<(), NodeError> {
+        let started = Instant::now();
         let crc = crc32fast::hash(&body);
-        let mut request = self.request(Method::PUT, &format!("/v1/shards/{key}"), token, body);
+        let mut request = self.request(Method::PUT, &format!("/v1/shards/{key}"), true, body);
         request
             .headers_mut()
             .insert(slapshot_core::CRC_HEADER, HeaderValue::from(crc));
-        match self.exchange(http, request, timeout).await? {
-            (StatusCode::CREATED | StatusCode::NO_CONTENT, _) => Ok(()),
-            (status, _) => Err(NodeError::Status(status.as_u16())),
+        let result = match self.exchange(request, timeout, TEXT_LIMIT).await {
+            Ok((StatusCode::CREATED | StatusCode::NO_CONTENT, _)) => Ok(()),
+            Ok((status, _)) => Err(NodeError::Status(status.as_u16())),
+            Err(e) => Err(e),
+        };
+        self.stats.latency.observe(started.elapsed());
+        if let Err(e) = &result {
+            self.failed(e, false);
         }
+        result
     }
 
     /// GET a path (such as /health or /metrics) and return the status and text.
     pub async fn get_text(
         &self,
-        http: &HttpClient,
         path: &str,
         timeout: Duration,
     ) -> Result<(u16, String), NodeError> {
-        let request = self.request(Method::GET, path, None, Bytes::new());
-        let (status, body) = self.exchange(http, request, timeout).await?;
+        let request = self.request(Method::GET, path, false, Bytes::new());
+        let (status, body) = self.exchange(request, timeout, TEXT_LIMIT).await?;
         Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
     }
 
-    /// Notes a request's outcome for the node's health; a node that goes down starts
-    /// being probed.
-    pub fn record(
-        self: &Arc<Self>,
-        outcome: Result<(), &NodeError>,
-        http: &HttpClient,
-        metrics: &Arc<ClientMetrics>,
-    ) {
+    /// Notes a failed request: no writes for a while; for reads, toward being marked down.
+    fn failed(self: &Arc<Self>, error: &NodeError, read: bool) {
+        inc(&self.stats.failures);
         let went_down = {
             let mut health = self.health();
-            match outcome {
-                Ok(()) | Err(NodeError::Status(_)) => {
-                    health.consecutive_timeouts = 0;
-                    false
+            health.no_writes_until = Some(Instant::now() + WRITE_PAUSE);
+            match error {
+                // A refused connection is unambiguous, whatever the request.
+                NodeError::Unreachable => !health.down,
+                _ if read => {
+                    health.consecutive_failures += 1;
+                    !health.down && health.consecutive_failures >= FAILURES_BEFORE_DOWN
                 }
-                Err(NodeError::Timeout) => {
-                    health.consecutive_timeouts += 1;
-                    !health.down && health.consecutive_timeouts >= TIMEOUTS_BEFORE_DOWN
-                }
-                Err(NodeError::Unreachable | NodeError::Transport(_)) => !health.down,
+                _ => false,
             }
         };
         if went_down {
-            self.mark_down(http, metrics);
+            self.mark_down();
         }
     }
 
-    fn mark_down(self: &Arc<Self>, http: &HttpClient, metrics: &Arc<ClientMetrics>) {
+    fn mark_down(self: &Arc<Self>) {
         {
             let mut health = self.health();
             if health.down {
@@ -224,32 +374,243 @@ impl Node {
             }
             health.probing = true;
         }
-        metrics
-            .nodes_down
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inc(&self.metrics.nodes_down);
         tracing::warn!(node = %self.id, addr = %self.addr, "node marked down");
-        let (node, http, metrics) = (self.clone(), http.clone(), metrics.clone());
-        tokio::spawn(async move { node.probe_until_up(&http, &metrics).await });
+        // The prober holds the node weakly, so that it ends with the client.
+        tokio::spawn(probe_until_up(Arc::downgrade(self)));
     }
 
-    async fn probe_until_up(&self, http: &HttpClient, metrics: &ClientMetrics) {
-        let mut backoff = PROBE_BACKOFF_MIN;
-        loop {
-            tokio::time::sleep(backoff).await;
-            if let Ok((200, _)) = self.get_text(http, "/health", PROBE_BACKOFF_MAX).await {
-                let mut health = self.health();
+    /// One probe: the shard path answers (404 for the probe key) in time.
+    async fn probe(&self) -> bool {
+        let request = self.request(
+            Method::GET,
+            &format!("/v1/shards/{PROBE_KEY}"),
+            true,
+            Bytes::new(),
+        );
+        matches!(
+            self.exchange(
+                request,
+                self.settings.shard_timeout,
+                self.settings.max_shard_len
+            )
+            .await,
+            Ok((StatusCode::NOT_FOUND | StatusCode::OK, _))
+        )
+    }
+}
+
+async fn probe_until_up(node: Weak<Node>) {
+    let mut backoff = PROBE_BACKOFF_MIN;
+    loop {
+        tokio::time::sleep(jitter(backoff)).await;
+        let Some(node) = node.upgrade() else { return };
+        if node.probe().await {
+            {
+                let mut health = node.health();
                 health.down = false;
                 health.probing = false;
-                health.consecutive_timeouts = 0;
-                drop(health);
-                metrics
-                    .nodes_down
-                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                inc(&metrics.node_recoveries);
-                tracing::info!(node = %self.id, addr = %self.addr, "node is back up");
-                return;
+                health.consecutive_failures = 0;
+                health.no_writes_until = None;
             }
-            backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+            node.metrics
+                .nodes_down
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            inc(&node.metrics.node_recoveries);
+            tracing::info!(node = %node.id, addr = %node.addr, "node is back up");
+            return;
         }
+        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+    }
+}
+
+/// `base` scaled by a random factor in [0.5, 1.5), so that the clients of a fleet do not
+/// probe a recovering node in lockstep. The randomness is std's per-process hash keys,
+/// which are enough for spreading timers.
+fn jitter(base: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let random = RandomState::new().hash_one(Instant::now());
+    base.mul_f64(0.5 + (random >> 11) as f64 / (1u64 << 53) as f64)
+}
+
+/// The node's side of a hyper error.
+fn request_error(e: hyper_util::client::legacy::Error) -> NodeError {
+    // Waiting for a free connection is not a refusal: the request's timeout speaks for it.
+    let mut cause: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(inner) = cause {
+        if inner.is::<PoolWait>() {
+            return NodeError::Timeout;
+        }
+        cause = inner.source();
+    }
+    if e.is_connect() {
+        NodeError::Unreachable
+    } else {
+        NodeError::Transport(e.to_string())
+    }
+}
+
+/// No connection to the node came free in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no connection to the node came free in time")]
+struct PoolWait;
+
+/// Opens TCP connections to a node, at most `slots` at a time: hyper's pool opens a new
+/// connection whenever no idle one is ready, so without this bound a burst of requests
+/// (or a black-holed node holding every connection until its timeout) would open as many
+/// connections as there are requests. A connection holds its slot until it closes.
+#[derive(Clone)]
+pub struct NodeConnector {
+    tcp: HttpConnector,
+    slots: Arc<Semaphore>,
+    wait: Duration,
+    stats: Arc<NodeStats>,
+}
+
+impl tower_service::Service<Uri> for NodeConnector {
+    type Response = NodeConnection;
+    type Error = Box<dyn StdError + Send + Sync>;
+    type Future = BoxFuture<'static, Result<NodeConnection, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.tcp, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let (mut tcp, slots, wait, stats) = (
+            self.tcp.clone(),
+            self.slots.clone(),
+            self.wait,
+            self.stats.clone(),
+        );
+        Box::pin(async move {
+            // hyper races this against an idle connection coming back to the pool; when
+            // the idle one wins, this goes on in the background and, if it gets a slot
+            // before `wait`, leaves one more idle connection within the bound.
+            let slot = tokio::time::timeout(wait, slots.acquire_owned())
+                .await
+                .map_err(|_| PoolWait)?
+                .map_err(|_| PoolWait)?;
+            let io = tower_service::Service::<Uri>::call(&mut tcp, uri).await?;
+            inc(&stats.connections_opened);
+            Ok(NodeConnection { io, _slot: slot })
+        })
+    }
+}
+
+/// A TCP connection that holds one of its node's connection slots while it is open.
+pub struct NodeConnection {
+    io: TokioIo<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connection for NodeConnection {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for NodeConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for NodeConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node() -> Arc<Node> {
+        let settings = NodeSettings {
+            connect_timeout: Duration::from_millis(100),
+            shard_timeout: Duration::from_millis(100),
+            max_connections: 4,
+            http2: false,
+            token: None,
+            max_shard_len: 1 << 20,
+        };
+        Node::new(
+            "n".into(),
+            // Nothing listens on port 9 of loopback's discard service in a test sandbox;
+            // these tests never send anything.
+            "127.0.0.1:9".into(),
+            settings,
+            Arc::new(ClientMetrics::default()),
+            Arc::new(Semaphore::new(8)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_put_waiting_for_eviction_does_not_mark_a_node_down() {
+        let node = node();
+        // A PUT that times out (the node was evicting) or is refused for space, again
+        // and again: the node still serves reads, so it stays up; only writes pause.
+        for error in [
+            NodeError::Timeout,
+            NodeError::Status(507),
+            NodeError::Timeout,
+        ] {
+            node.failed(&error, false);
+        }
+        assert!(node.is_up());
+        assert!(!node.is_writable(), "writes pause after a failed write");
+        // The same failures on reads do mark it down.
+        node.failed(&NodeError::Status(503), true);
+        assert!(node.is_up(), "one failure is not enough");
+        node.failed(&NodeError::Status(503), true);
+        assert!(!node.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_success_between_failures_keeps_a_node_up() {
+        let node = node();
+        node.failed(&NodeError::Timeout, true);
+        node.health().consecutive_failures = 0;
+        node.failed(&NodeError::Timeout, true);
+        assert!(node.is_up());
+        node.failed(&NodeError::Unreachable, false);
+        assert!(!node.is_up(), "a refused connection marks down at once");
+    }
+
+    #[test]
+    fn jitter_spreads_around_the_base() {
+        let base = Duration::from_millis(100);
+        let draws: Vec<Duration> = (0..200).map(|_| jitter(base)).collect();
+        assert!(draws.iter().all(|d| *d >= base / 2 && *d < base * 3 / 2));
+        assert!(draws.iter().any(|d| *d < base) && draws.iter().any(|d| *d > base));
     }
 }

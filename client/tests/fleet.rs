@@ -75,45 +75,151 @@ async fn a_node_killed_with_sigkill_costs_nothing_and_the_origin_is_never_asked(
     assert!(!client.node_health()[2].1);
 }
 
+/// A stopped node (SIGSTOP: it keeps its sockets and answers nothing) costs neither read
+/// mode its timeout: constant-work reads never wait for it, and hedged reads ask around it
+/// after the hedge delay. The shard timeout is long here, so that only hedging, not the
+/// timeout, can make the hedged reads fast.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_is_read_around_within_the_timeouts() {
     let fleet = TestFleet::start(5);
-    let (client, origin) = fleet.client();
-    let (hedged, _) = fleet.hedged_client();
+    let mut config = fleet.config();
+    config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_secs(3));
+    let (client, origin) = fleet.client_with(config.clone());
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    // Every read may hedge: this test is about reading around, the budget has its own.
+    config.read.hedge_budget = 1.0;
+    let (hedged, _) = fleet.client_with(config);
     let chunks = random_chunks(3, 20);
     put_everywhere(&client, &chunks).await;
     fleet.nodes[1].pause();
-    let shard_timeout = client.config().timeouts.shard.0;
+    let stopped_first = chunks
+        .iter()
+        .filter(|(name, _)| client.placement(name)[..4].contains(&"node-1"))
+        .count();
+    assert!(
+        stopped_first > 0,
+        "some chunk has a data shard on the stopped node"
+    );
     for reader in [&client, &hedged] {
         for (name, bytes) in &chunks {
             let started = Instant::now();
             assert_eq!(&reader.get_chunk(name).await.unwrap(), bytes);
             let took = started.elapsed();
-            assert!(
-                took < shard_timeout + Duration::from_millis(500),
-                "a read took {took:?}"
-            );
+            assert!(took < Duration::from_millis(500), "a read took {took:?}");
         }
     }
     fleet.nodes[1].resume();
     assert_eq!(origin.gets(), 0);
-    // Constant work never waited for the stopped node; hedged reads asked around it.
-    assert!(get(&hedged.metrics().hedges_sent) + get(&hedged.metrics().shards_timed_out) > 0);
+    // The hedged reads were fast because they hedged, not because requests timed out.
+    assert!(get(&hedged.metrics().hedges_sent) > 0);
 }
 
+/// Late binding cancels the slowest requests of every read, so a black-holed node's
+/// requests are always the cancelled ones: they must still time out and count, or a
+/// constant-work reader never notices the node. Both modes mark it down, skip it, and
+/// take it back once it answers the probe again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hedges_stay_within_their_budget() {
+async fn a_stopped_node_is_marked_down_in_both_read_modes() {
     let fleet = TestFleet::start(5);
-    let (hedged, _) = fleet.hedged_client();
+    let mut config = fleet.config();
+    config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_millis(300));
+    let (all, origin) = fleet.client_with(config.clone());
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    let (hedged, _) = fleet.client_with(config);
+    let chunks = random_chunks(13, 12);
+    put_everywhere(&all, &chunks).await;
+    fleet.nodes[3].pause();
+    for reader in [&all, &hedged] {
+        read_all(reader, &chunks).await;
+        eventually("the stopped node marked down", || {
+            !reader.node_health()[3].1
+        })
+        .await;
+        assert_eq!(get(&reader.metrics().nodes_down), 1);
+        // Down: reads no longer ask it (once the requests sent before have timed out).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let timed_out = get(&reader.metrics().shards_timed_out);
+        read_all(reader, &chunks).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(get(&reader.metrics().shards_timed_out), timed_out);
+    }
+    fleet.nodes[3].resume();
+    for reader in [&all, &hedged] {
+        eventually("the node taken back", || reader.node_health()[3].1).await;
+    }
+    assert_eq!(origin.gets(), 0);
+}
+
+/// A node that answers every request with 500 is of no use: down, and kept down by
+/// probes of the shard path (its /health might well say 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_answering_500_to_everything_is_marked_down() {
+    let fleet = TestFleet::start(5);
+    let chunks = random_chunks(14, 12);
+    let (direct, origin) = fleet.client();
+    put_everywhere(&direct, &chunks).await;
+    let mut config = fleet.config();
+    config.nodes[2].addr = support::broken_node(500).await.to_string();
+    let (client, _) = fleet.client_with(config);
+    read_all(&client, &chunks).await;
+    eventually("the broken node marked down", || !client.node_health()[2].1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!client.node_health()[2].1, "a probe took it back");
+    assert_eq!(get(&client.metrics().node_recoveries), 0);
+    read_all(&client, &chunks).await;
+    assert_eq!(origin.gets(), 0);
+}
+
+/// The budget counts hedge requests, not reads that hedge: with a 4-of-6 code a read that
+/// hedges both spare nodes spends two tokens. A slow node (every request held 30 ms by a
+/// proxy) and a 2 ms hedge delay make most reads want a hedge; the bucket (one token to
+/// start, 5% of a token per read) lets through at most 1 + 0.05 x 240 = 13 requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedges_are_sent_and_stay_within_their_budget() {
+    let fleet = TestFleet::start(6);
+    let mut config = fleet.config();
+    config.data_shards = 4;
+    config.total_shards = 6;
+    let (direct, _) = fleet.client_with(config.clone());
     let chunks = random_chunks(4, 60);
-    put_everywhere(&hedged, &chunks).await;
-    // A stopped node among the first k of most chunks makes nearly every read want a hedge.
-    fleet.nodes[0].pause();
-    read_all(&hedged, &chunks).await;
-    fleet.nodes[0].resume();
-    let sent = get(&hedged.metrics().hedges_sent);
-    // 5% of 60 reads plus the initial token; each hedge asks one remaining node here.
-    assert!(sent <= 4, "{sent} hedges for 60 reads");
+    for (_, bytes) in &chunks {
+        let sealed = SealedChunk::assume_sealed(bytes.clone());
+        direct.origin().unwrap().put(&sealed).await.unwrap();
+        assert_eq!(direct.put_chunk(&sealed).await.unwrap().written, 6);
+    }
+    config.nodes[0].addr = support::slow_proxy(fleet.nodes[0].addr, Duration::from_millis(30))
+        .await
+        .to_string();
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_millis(2)));
+    let (hedged, origin) = fleet.client_with(config);
+    let slow_first = chunks
+        .iter()
+        .filter(|(name, _)| hedged.placement(name)[..4].contains(&"node-0"))
+        .count();
+    assert!(
+        slow_first >= 20,
+        "{slow_first} of 60 chunks ask the slow node first"
+    );
+    for _ in 0..4 {
+        read_all(&hedged, &chunks).await;
+    }
+    let m = hedged.metrics();
+    let (sent, refused) = (get(&m.hedges_sent), get(&m.hedges_refused));
+    assert!(sent >= 1, "no hedge was sent ({refused} refused)");
+    assert!(sent <= 13, "{sent} hedge requests for 240 reads");
+    assert!(refused > 0, "the budget never had to refuse a hedge");
+    assert_eq!(origin.gets(), 0);
+    // Each hedge is one request: the GETs are k per read, plus the hedges, plus at most
+    // one replacement per request that brought no shard (an error or a timeout under
+    // this test's load), once the slow requests have ended.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fruitless = get(&m.shards_absent) + get(&m.shards_failed) + get(&m.shards_timed_out);
+    let requests = get(&m.shards_ok) + fruitless;
+    assert!(
+        (240 * 4 + sent..=240 * 4 + sent + fruitless).contains(&requests),
+        "{requests} shard requests, {sent} hedges, {fruitless} without a shard"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +241,8 @@ async fn damaged_shards_are_read_around() {
     damaged[last] ^= 1;
     assert_eq!(raw.put(&format!("/v1/shards/{name}"), &damaged).status, 204);
 
-    // A shard whose frame is valid but belongs to another code: wrong header, absent.
+    // A shard whose header names an impossible code (XOR, the 4-of-5 shard's codec, with
+    // a 3-of-5 code, which has two parity shards) under a crc that matches: refused, absent.
     let (other, _) = &chunks[1];
     let holder = client.placement(other)[1].to_owned();
     let node = &fleet.nodes[holder.trim_start_matches("node-").parse::<usize>().unwrap()];
@@ -453,4 +560,310 @@ async fn a_4_of_6_fleet_reads_its_gf256_shards_and_older_reed_solomon_ones() {
     assert_eq!(get(&m.corrupt_shards), 0);
     assert_eq!(get(&m.fleet_hits), 32);
     assert!(get(&m.degraded_rebuilds) >= 2 * (lost_data(new) + lost_data(old)) as u64);
+}
+
+/// Stores chunks in the origin only: the fleet starts cold.
+async fn put_in_origin(client: &slapshot_client::FleetClient, chunks: &[(ChunkName, Bytes)]) {
+    for (_, bytes) in chunks {
+        client
+            .origin()
+            .unwrap()
+            .put(&SealedChunk::assume_sealed(bytes.clone()))
+            .await
+            .unwrap();
+    }
+}
+
+/// A reader that gives up (a timeout, a FUSE interrupt) while its chunk is fetched from
+/// the origin must not keep the origin permit: with one permit, a read of another chunk
+/// would otherwise wait for ever. The abandoned fetch finishes in the client's own task,
+/// and its fill lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_origin_fetch_leaves_no_permit_behind() {
+    let fleet = TestFleet::start(5);
+    let mut config = fleet.config();
+    config.max_origin_fetches = 1;
+    let (client, origin) = fleet.client_with(config);
+    let chunks = random_chunks(15, 2);
+    put_in_origin(&client, &chunks).await;
+    origin.set_delay(Duration::from_millis(300));
+    let (first, second) = (&chunks[0], &chunks[1]);
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), client.get_chunk(&first.0));
+    assert!(
+        cancelled.await.is_err(),
+        "the first read was meant to time out"
+    );
+    let read = tokio::time::timeout(Duration::from_secs(5), client.get_chunk(&second.0))
+        .await
+        .expect("a read of another chunk finished");
+    assert_eq!(read.unwrap(), second.1);
+    // The cancelled chunk's fetch went on and filled the fleet: it is read from there.
+    let m = client.metrics().clone();
+    eventually("both fills", || get(&m.fill_shards_written) == 10).await;
+    assert_eq!(origin.gets(), 2);
+    assert_eq!(client.get_chunk(&first.0).await.unwrap(), first.1);
+    assert_eq!(origin.gets(), 2);
+}
+
+/// An origin fetch that timed out is not handed to the next reader: that one fetches
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_origin_fetch_is_not_inherited() {
+    let fleet = TestFleet::start(5);
+    let mut config = fleet.config();
+    config.timeouts.origin = slapshot_core::HumanDuration(Duration::from_millis(100));
+    let (client, origin) = fleet.client_with(config);
+    let chunks = random_chunks(16, 1);
+    put_in_origin(&client, &chunks).await;
+    origin.set_delay(Duration::from_millis(300));
+    assert!(matches!(
+        client.get_chunk(&chunks[0].0).await,
+        Err(ChunkError::OriginTimeout { .. })
+    ));
+    origin.set_delay(Duration::ZERO);
+    assert_eq!(client.get_chunk(&chunks[0].0).await.unwrap(), chunks[0].1);
+    assert_eq!(origin.gets(), 2);
+}
+
+/// 32 readers miss the same chunk at once: one origin fetch, and one fill of M shards, not
+/// one fill per reader (160 PUTs before fills ran in the fetch's own task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_misses_write_m_shards() {
+    let fleet = TestFleet::start(5);
+    let (client, origin) = fleet.client();
+    let chunks = random_chunks(17, 1);
+    put_in_origin(&client, &chunks).await;
+    let (name, bytes) = chunks[0].clone();
+    origin.set_delay(Duration::from_millis(300));
+    let readers: Vec<_> = (0..32)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.get_chunk(&name).await })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap().unwrap(), bytes);
+    }
+    let m = client.metrics().clone();
+    eventually("the fill", || get(&m.fill_shards_written) == 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(support::shard_puts(&fleet), 5.0);
+    assert_eq!(get(&m.fill_shards_written), 5);
+    assert_eq!(origin.gets(), 1);
+}
+
+/// A node holds, under a chunk's name, a valid frame of another chunk: same code, same
+/// length (it would decode into wrong bytes) or another length (it would make the correct
+/// shards look inconsistent if it came first). The name tag gives it away: counted,
+/// repaired, and the read comes from the other shards, not the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_valid_frame_is_detected_counted_and_repaired() {
+    let fleet = TestFleet::start(5);
+    let (client, origin) = fleet.client();
+    let chunks = random_chunks(18, 8);
+    put_everywhere(&client, &chunks).await;
+    // (victim, intruder, rank of the victim's node that gets the intruder's shard)
+    let cases = [(0, 4, 0), (1, 2, 1)];
+    for &(victim, intruder, rank) in &cases {
+        let (victim, _) = &chunks[victim];
+        let (intruder, intruder_bytes) = &chunks[intruder];
+        if victim == &chunks[0].0 {
+            assert_eq!(intruder_bytes.len(), chunks[0].1.len(), "same length");
+        } else {
+            assert_ne!(intruder_bytes.len(), chunks[1].1.len(), "another length");
+        }
+        let holder = TestFleet::index(client.placement(intruder)[0]);
+        let frame = fleet.nodes[holder]
+            .client()
+            .get(&format!("/v1/shards/{intruder}"))
+            .body;
+        assert!(shard_frame::parse(&frame).is_ok());
+        let target = TestFleet::index(client.placement(victim)[rank]);
+        let mut raw = fleet.nodes[target].client();
+        assert_eq!(raw.put(&format!("/v1/shards/{victim}"), &frame).status, 204);
+    }
+    // A hedged reader with hedging out of the way asks exactly the first k nodes, so the
+    // foreign shards are among the first answers.
+    let mut config = fleet.config();
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_secs(10)));
+    let (reader, _) = fleet.client_with(config);
+    read_all(&reader, &chunks).await;
+    assert_eq!(origin.gets(), 0, "the origin was asked");
+    let m = reader.metrics();
+    assert_eq!(get(&m.foreign_shards), 2);
+    assert_eq!(get(&m.corrupt_shards), 2);
+    eventually("the repairs", || get(&m.fill_shards_written) == 2).await;
+    for &(victim, _, rank) in &cases {
+        let (victim, _) = &chunks[victim];
+        let target = TestFleet::index(client.placement(victim)[rank]);
+        let body = fleet.nodes[target]
+            .client()
+            .get(&format!("/v1/shards/{victim}"))
+            .body;
+        let (header, _) = shard_frame::parse(&body).unwrap();
+        assert!(header.may_belong_to(victim));
+        assert_eq!(header.index as usize, rank);
+    }
+    read_all(&client, &chunks).await;
+    assert_eq!(origin.gets(), 0);
+}
+
+/// With two or more parity shards a repair must pick the index no node holds, which the
+/// read alone does not know: a hedged read hears from k + 1 nodes of 6. Shards here are
+/// laid out in reverse (rank i holds index 5 - i, as a placement change can leave them),
+/// rank 1 loses its shard, and the read does not ask rank 5, which holds index 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repairs_of_a_4_of_6_chunk_give_distinct_indices() {
+    use slapshot_core::codec_for;
+
+    let fleet = TestFleet::start(6);
+    let mut config = fleet.config();
+    config.data_shards = 4;
+    config.total_shards = 6;
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_secs(10)));
+    let code = CodeParams::new(4, 6).unwrap();
+    let (client, origin) = fleet.client_with(config);
+    let chunks = random_chunks(19, 1);
+    put_in_origin(&client, &chunks).await;
+    let (name, bytes) = &chunks[0];
+    let shards = codec_for(code).encode(bytes).unwrap();
+    let ranked: Vec<usize> = client
+        .placement(name)
+        .into_iter()
+        .map(TestFleet::index)
+        .collect();
+    for (rank, &node) in ranked.iter().enumerate() {
+        let index = 5 - rank;
+        let header = ShardHeader::new(name, code, index as u8, bytes.len() as u32);
+        let frame = shard_frame::frame(&header, &shards[index]);
+        let mut raw = fleet.nodes[node].client();
+        assert_eq!(raw.put(&format!("/v1/shards/{name}"), &frame).status, 201);
+    }
+    let mut raw = fleet.nodes[ranked[1]].client();
+    assert_eq!(
+        raw.request("DELETE", &format!("/v1/shards/{name}"), &[], &[])
+            .status,
+        204
+    );
+    assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+    let m = client.metrics();
+    eventually("the repair", || get(&m.fill_shards_written) == 1).await;
+    let mut indices: Vec<u8> = ranked
+        .iter()
+        .map(|&node| {
+            let body = fleet.nodes[node]
+                .client()
+                .get(&format!("/v1/shards/{name}"))
+                .body;
+            shard_frame::parse(&body).unwrap().0.index
+        })
+        .collect();
+    indices.sort_unstable();
+    assert_eq!(indices, [0, 1, 2, 3, 4, 5], "two nodes hold the same index");
+    assert_eq!(origin.gets(), 0);
+}
+
+/// Late binding cancels the slowest requests of every read; HTTP/1.1 closes a connection
+/// whose response is dropped half read, which opened a connection per read or so. Over
+/// 10,000 warm reads, 8 at a time, in constant-work mode, each node accepts no more
+/// connections than the pool allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_persist_over_ten_thousand_reads() {
+    const POOL: usize = 8;
+    let fleet = TestFleet::start(5);
+    let mut config = fleet.config();
+    config.connections.max_per_node = POOL;
+    // A timed-out request has to close its connection (its response may still come); with
+    // the test's own load on two cores, 500 ms is reachable, so timeouts are out of the way.
+    config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_secs(10));
+    let (client, origin) = fleet.client_with(config);
+    let chunks: Vec<(ChunkName, Bytes)> = {
+        let mut rng = slapshot_testkit::Rng::new(20);
+        (0..100)
+            .map(|_| {
+                let len = rng.range(1000, 8000);
+                let bytes = Bytes::from(rng.bytes(len));
+                (ChunkName::of(&bytes), bytes)
+            })
+            .collect()
+    };
+    put_everywhere(&client, &chunks).await;
+    let accepted = "slapshot_http_connections_accepted_total";
+    let before: Vec<f64> = fleet.nodes.iter().map(|n| n.metric(accepted)).collect();
+    let chunks = Arc::new(chunks);
+    let readers: Vec<_> = (0..8)
+        .map(|reader| {
+            let (client, chunks) = (client.clone(), chunks.clone());
+            tokio::spawn(async move {
+                for i in 0..1250 {
+                    let (name, bytes) = &chunks[(reader * 1250 + i) % chunks.len()];
+                    assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    // Each metric scrape is a connection of its own: one per node after `before`.
+    let m = client.metrics();
+    for (i, node) in fleet.nodes.iter().enumerate() {
+        let opened = node.metric(accepted) - before[i] - 1.0;
+        assert!(
+            opened <= POOL as f64,
+            "node {i} accepted {opened} connections for 10,000 reads (pool {POOL})\n{}",
+            m.render()
+        );
+    }
+    for node in m.nodes() {
+        assert!(get(&node.connections_opened) <= POOL as u64, "{}", node.id);
+    }
+    assert_eq!(get(&m.fleet_hits), 10_000);
+    assert!(
+        get(&m.drained_responses) > 0,
+        "late binding cancelled nothing?"
+    );
+    assert_eq!(origin.gets(), 0);
+}
+
+/// During a rollout clients with different codes share the fleet: each reads the other's
+/// chunks with the frames' own parameters, and neither rewrites the other's shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_codes_side_by_side() {
+    let fleet = TestFleet::start(6);
+    let (old, origin) = fleet.client(); // 4-of-5, XOR
+    let mut config = fleet.config();
+    config.data_shards = 4;
+    config.total_shards = 6; // GF(2^8)
+    let (new, _) = fleet.client_with(config);
+    let chunks = random_chunks(21, 16);
+    put_in_origin(&old, &chunks).await;
+    let (mine, theirs) = chunks.split_at(8);
+    for (writer, set, m) in [(&old, mine, 5), (&new, theirs, 6)] {
+        for (_, bytes) in set {
+            let sealed = SealedChunk::assume_sealed(bytes.clone());
+            assert_eq!(writer.put_chunk(&sealed).await.unwrap().written, m);
+        }
+    }
+    let puts = support::shard_puts(&fleet);
+    assert_eq!(puts, 8.0 * 5.0 + 8.0 * 6.0);
+    for _ in 0..2 {
+        read_all(&old, &chunks).await;
+        read_all(&new, &chunks).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        origin.gets(),
+        0,
+        "a chunk of the other code was fetched again"
+    );
+    assert_eq!(support::shard_puts(&fleet), puts, "shards were rewritten");
+    for client in [&old, &new] {
+        let m = client.metrics();
+        assert_eq!(get(&m.corrupt_shards), 0);
+        assert!(get(&m.other_code_shards) > 0);
+        assert_eq!(get(&m.fleet_hits), 32);
+    }
 }

@@ -190,3 +190,118 @@ pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+impl TestFleet {
+    /// The index in `nodes` of the node with this id.
+    pub fn index(id: &str) -> usize {
+        id.trim_start_matches("node-").parse().unwrap()
+    }
+
+    /// A metric of every node summed (0 for a series a node does not show yet).
+    pub fn metric_sum(&self, series: &str) -> f64 {
+        self.nodes.iter().map(|n| metric_or_zero(n, series)).sum()
+    }
+}
+
+/// A node's metric, or 0 if the node does not show that series (nodes leave out request
+/// counters that are still zero).
+pub fn metric_or_zero(node: &TestNode, series: &str) -> f64 {
+    let text = node.client().get("/metrics").text();
+    slapshot_core::prometheus::find_sample(&text, series).unwrap_or(0.0)
+}
+
+/// Shard PUTs the nodes acknowledged (created or replaced).
+pub fn shard_puts(fleet: &TestFleet) -> f64 {
+    fleet.metric_sum("slapshot_http_requests_total{method=\"PUT\",status=\"201\"}")
+        + fleet.metric_sum("slapshot_http_requests_total{method=\"PUT\",status=\"204\"}")
+}
+
+/// A "node" that answers every request with `status` and an empty body, keeping the
+/// connection open (request bodies are read and discarded). Returns its address; it runs
+/// until the runtime ends.
+pub async fn broken_node(status: u16) -> std::net::SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        match stream.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let line = line.trim_end().to_ascii_lowercase();
+                        if line.is_empty() {
+                            break;
+                        }
+                        if let Some(value) = line.strip_prefix("content-length:") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let reply = format!("HTTP/1.1 {status} Broken\r\ncontent-length: 0\r\n\r\n");
+                    if stream.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A proxy in front of `target` that holds every read from the client for `delay` before
+/// passing it on: a node that answers, slowly. Returns its address; it runs until the
+/// runtime ends.
+pub async fn slow_proxy(target: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(node) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = node.set_nodelay(true);
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut node_rx, mut node_tx) = node.into_split();
+                let upstream = async move {
+                    let mut buf = vec![0; 64 << 10];
+                    loop {
+                        let n = match client_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        tokio::time::sleep(delay).await;
+                        if node_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = node_tx.shutdown().await;
+                };
+                let downstream = async move {
+                    let _ = tokio::io::copy(&mut node_rx, &mut client_tx).await;
+                    let _ = client_tx.shutdown().await;
+                };
+                tokio::join!(upstream, downstream);
+            });
+        }
+    });
+    addr
+}
