@@ -7,8 +7,8 @@
 //! hyper closes when a response is dropped half read, and it lets every request count
 //! toward the node's health and latency, however its reader fared.
 //!
-//! Health: a node that refuses connections is down at once; one whose reads fail twice in
-//! a row (timeouts, error statuses, broken connections) is down too. Reads skip down
+//! Health: a node that refuses or breaks connections is down at once; one whose reads fail
+//! twice in a row (timeouts, error statuses, oversized answers) is down too. Reads skip down
 //! nodes while a background task probes the shard path (a GET of a key no chunk has,
 //! which has to be answered 404 by the same code that serves shards) with jittered
 //! exponential backoff, and marks the node up again when it answers. Writes count against
@@ -17,6 +17,7 @@
 
 use std::{
     error::Error as StdError,
+    future::Future,
     io,
     pin::Pin,
     sync::{Arc, Mutex, Weak},
@@ -231,36 +232,51 @@ impl Node {
     /// node's health and latency. Such tasks are bounded in number (`detached`, shared by
     /// the client's nodes): when all slots are taken the reader waits for one before its
     /// request is sent, and a reader that gives up while waiting has sent nothing.
+    ///
+    /// The request is sent at once (not when the returned future is first polled), so a
+    /// read that pushes a hedge and finishes before polling it has still sent it.
     pub fn get_shard(self: &Arc<Self>, key: Arc<str>) -> ShardFetch {
-        let node = self.clone();
-        async move {
-            let slot = match node.detached.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    inc(&node.metrics.queued_requests);
-                    node.detached
+        match self.detached.clone().try_acquire_owned() {
+            Ok(slot) => self.spawn_get(key, slot).boxed(),
+            Err(_) => {
+                inc(&self.metrics.queued_requests);
+                let node = self.clone();
+                async move {
+                    let slot = node
+                        .detached
                         .clone()
                         .acquire_owned()
                         .await
-                        .expect("the semaphore is never closed")
+                        .expect("the semaphore is never closed");
+                    node.spawn_get(key, slot).await
                 }
-            };
-            let (tx, rx) = oneshot::channel();
-            let metrics = node.metrics.clone();
-            tokio::spawn(async move {
-                let result = node.get_shard_here(&key).await;
-                if tx.send(result).is_err() {
-                    inc(&metrics.drained_responses);
-                }
-                drop(slot);
-            });
+                .boxed()
+            }
+        }
+    }
+
+    /// Starts a shard GET in a task that holds `slot`; the future is its answer.
+    fn spawn_get(
+        self: &Arc<Self>,
+        key: Arc<str>,
+        slot: OwnedSemaphorePermit,
+    ) -> impl Future<Output = Result<Option<Bytes>, NodeError>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let node = self.clone();
+        tokio::spawn(async move {
+            let result = node.get_shard_here(&key).await;
+            if tx.send(result).is_err() {
+                inc(&node.metrics.drained_responses);
+            }
+            drop(slot);
+        });
+        async move {
             rx.await.unwrap_or_else(|_| {
                 Err(NodeError::Transport(
                     "the request's task ended early".into(),
                 ))
             })
         }
-        .boxed()
     }
 
     /// A shard GET in the caller's task, with its effects on metrics and health.
@@ -348,8 +364,9 @@ impl Node {
             let mut health = self.health();
             health.no_writes_until = Some(Instant::now() + WRITE_PAUSE);
             match error {
-                // A refused connection is unambiguous, whatever the request.
-                NodeError::Unreachable => !health.down,
+                // A refused or broken connection is unambiguous, whatever the request: the
+                // node is gone (or restarting), and the prober sees when it is back.
+                NodeError::Unreachable | NodeError::Transport(_) => !health.down,
                 _ if read => {
                     health.consecutive_failures += 1;
                     !health.down && health.consecutive_failures >= FAILURES_BEFORE_DOWN
