@@ -28,11 +28,7 @@ fn main() -> ExitCode {
             Command::Fleet(FleetCommand::Up(args)) => fleet::up(args).await,
             Command::Fleet(FleetCommand::Status { fleet }) => fleet::status(&fleet).await,
             Command::Chunk(ChunkCommand::Put { fleet, path }) => chunk::put(&fleet, &path).await,
-            Command::Chunk(ChunkCommand::Get {
-                fleet,
-                name,
-                output,
-            }) => chunk::get(&fleet, &name, output.as_deref()).await,
+            Command::Chunk(ChunkCommand::Get { fleet, args }) => chunk::get(&fleet, &args).await,
             Command::Flatten(args) => image::flatten(args).await,
             Command::Ls(args) => image::ls(args).await,
             Command::Cat(args) => image::cat(args).await,

@@ -114,6 +114,82 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     ]);
     assert!(String::from_utf8_lossy(&bad_mode.stderr).contains("--read-mode is all or hedged"));
 
+    // Several chunks in one process: to a directory, concurrently, with a latency summary;
+    // to stdout in the order named.
+    let mut names = vec![name.clone()];
+    for seed in 52..55 {
+        let data = slapshot_testkit::Rng::new(seed).bytes(100_000 + seed as usize);
+        let file = dir.path().join(format!("chunk-{seed}"));
+        std::fs::write(&file, &data).unwrap();
+        let put = slapshot(&["chunk", "put", "--fleet", fleet, file.to_str().unwrap()]);
+        assert!(put.status.success());
+        names.push(String::from_utf8(put.stdout).unwrap().trim().to_owned());
+    }
+    let out_dir = dir.path().join("chunks");
+    let mut args = vec![
+        "chunk",
+        "get",
+        "--fleet",
+        fleet,
+        "--metrics",
+        "--concurrency",
+        "3",
+    ];
+    args.extend(names.iter().map(String::as_str));
+    args.extend(["--out-dir", out_dir.to_str().unwrap()]);
+    let many = slapshot(&args);
+    let stderr = String::from_utf8_lossy(&many.stderr);
+    assert!(many.status.success(), "{stderr}");
+    assert!(many.stdout.is_empty());
+    for name in &names {
+        let bytes = std::fs::read(out_dir.join(name)).unwrap();
+        assert_eq!(slapshot_core::ChunkName::of(&bytes).to_hex(), *name);
+    }
+    assert!(stderr.contains("chunk reads: 4 in"), "{stderr}");
+    assert!(stderr.contains("read latency ms: p50"), "{stderr}");
+    assert!(
+        stderr.contains("slapshot_client_chunk_reads_total{outcome=\"fleet_hit\"} 4"),
+        "{stderr}"
+    );
+    let both = slapshot(&["chunk", "get", "--fleet", fleet, &names[2], &names[1]]);
+    assert!(both.status.success());
+    let expected = [
+        std::fs::read(out_dir.join(&names[2])).unwrap(),
+        std::fs::read(out_dir.join(&names[1])).unwrap(),
+    ]
+    .concat();
+    assert!(
+        both.stdout == expected,
+        "stdout holds the chunks in the order named"
+    );
+    let one_file = slapshot(&[
+        "chunk", "get", "--fleet", fleet, &names[1], &names[2], "-o", "x",
+    ]);
+    assert!(!one_file.status.success());
+    assert!(String::from_utf8_lossy(&one_file.stderr).contains("use --out-dir"));
+    // A chunk that is nowhere: the others are still written, and the run fails.
+    let absent = "0".repeat(64);
+    let partial_dir = dir.path().join("partial");
+    let partial = slapshot(&[
+        "chunk",
+        "get",
+        "--fleet",
+        fleet,
+        &names[1],
+        &absent,
+        &names[3],
+        "--out-dir",
+        partial_dir.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&partial.stderr);
+    assert!(!partial.status.success());
+    assert!(
+        stderr.contains("1 of 3 chunks could not be read"),
+        "{stderr}"
+    );
+    assert!(partial_dir.join(&names[1]).exists() && partial_dir.join(&names[3]).exists());
+    assert!(!partial_dir.join(&absent).exists());
+
     let status = slapshot(&["fleet", "status", "--fleet", fleet]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{text}");

@@ -57,7 +57,8 @@ pub struct FleetArgs {
     /// Read mode: all (ask all M nodes) or hedged (ask k, hedge the rest after a delay).
     #[arg(long, value_name = "MODE")]
     pub read_mode: Option<String>,
-    /// Hedged mode: fixed hedge delay instead of the observed p95, e.g. 2ms.
+    /// Hedged mode: fixed hedge delay instead of the observed p95 of the k-th shard's
+    /// arrival, e.g. 2ms.
     #[arg(long, value_name = "DURATION")]
     pub hedge_delay: Option<slapshot_core::HumanDuration>,
     /// Timeout of one shard request, e.g. 250ms.
@@ -72,7 +73,8 @@ pub struct FleetArgs {
     /// Origin location (a directory or s3://bucket/prefix).
     #[arg(long, value_name = "LOCATION")]
     pub origin: Option<String>,
-    /// Print the client's metrics (Prometheus text) to stderr when done.
+    /// Print the client's metrics (Prometheus text) to stderr when done; `chunk get` adds a
+    /// latency summary of its reads.
     #[arg(long)]
     pub metrics: bool,
 }
@@ -133,14 +135,12 @@ pub enum ChunkCommand {
         /// The bytes to store.
         path: PathBuf,
     },
-    /// Fetch a chunk by name from the fleet (or its origin) and write it to stdout.
+    /// Fetch chunks by name from the fleet (or its origin), concurrently, and write them to
+    /// stdout (in the order named), a file, or a directory.
     Get {
         #[command(flatten)]
         fleet: FleetArgs,
-        /// The chunk's name: 64 hexadecimal digits.
-        name: String,
-        /// Write to this file instead of stdout.
-        #[arg(short, long, value_name = "FILE")]
-        output: Option<PathBuf>,
+        #[command(flatten)]
+        args: chunk::GetArgs,
     },
 }
