@@ -150,8 +150,8 @@ async fn a_stopped_node_is_marked_down_in_both_read_modes() {
     assert_eq!(origin.gets(), 0);
 }
 
-/// A node that answers every request with 500 is of no use: down, and kept down by
-/// probes of the shard path (its /health might well say 200).
+/// A node that answers every shard request with 500 is of no use: down, and kept down by
+/// probes of the shard path, though its /health says 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_answering_500_to_everything_is_marked_down() {
     let fleet = TestFleet::start(5);
@@ -159,7 +159,7 @@ async fn a_node_answering_500_to_everything_is_marked_down() {
     let (direct, origin) = fleet.client();
     put_everywhere(&direct, &chunks).await;
     let mut config = fleet.config();
-    config.nodes[2].addr = support::broken_node(500).await.to_string();
+    config.nodes[2].addr = support::broken_node(500, None).await.to_string();
     let (client, _) = fleet.client_with(config);
     read_all(&client, &chunks).await;
     eventually("the broken node marked down", || !client.node_health()[2].1).await;
@@ -924,4 +924,23 @@ async fn background_work_beyond_its_bounds_is_dropped_and_counted() {
     let m = tight.metrics().clone();
     eventually("the fill dropped", || get(&m.background_dropped_full) == 1).await;
     assert_eq!(get(&tight.metrics().fill_shards_written), 0);
+}
+
+/// A node that announces a body larger than any shard is not read from: the request fails
+/// at the header (nothing is buffered), counts against the node, and the read goes on
+/// with the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_larger_than_any_shard_is_refused_unread() {
+    let fleet = TestFleet::start(5);
+    let chunks = random_chunks(24, 8);
+    let (direct, origin) = fleet.client();
+    put_everywhere(&direct, &chunks).await;
+    let mut config = fleet.config();
+    config.nodes[1].addr = support::broken_node(200, Some(1 << 40)).await.to_string();
+    let (client, _) = fleet.client_with(config);
+    read_all(&client, &chunks).await;
+    assert_eq!(origin.gets(), 0);
+    let m = client.metrics();
+    assert!(get(&m.shards_failed) > 0);
+    eventually("the node marked down", || !client.node_health()[1].1).await;
 }

@@ -216,10 +216,11 @@ pub fn shard_puts(fleet: &TestFleet) -> f64 {
         + fleet.metric_sum("slapshot_http_requests_total{method=\"PUT\",status=\"204\"}")
 }
 
-/// A "node" that answers every request with `status` and an empty body, keeping the
-/// connection open (request bodies are read and discarded). Returns its address; it runs
-/// until the runtime ends.
-pub async fn broken_node(status: u16) -> std::net::SocketAddr {
+/// A "node" whose shard path is broken: `/health` answers 200, every other request
+/// `status` with an empty body, or with a header announcing `announced` bytes if given
+/// (none are sent). The connection stays open (request bodies are read and discarded).
+/// Returns its address; it runs until the runtime ends.
+pub async fn broken_node(status: u16, announced: Option<u64>) -> std::net::SocketAddr {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -232,6 +233,7 @@ pub async fn broken_node(status: u16) -> std::net::SocketAddr {
                 let mut stream = BufReader::new(stream);
                 loop {
                     let mut length = 0usize;
+                    let mut health = false;
                     loop {
                         let mut line = String::new();
                         match stream.read_line(&mut line).await {
@@ -242,6 +244,7 @@ pub async fn broken_node(status: u16) -> std::net::SocketAddr {
                         if line.is_empty() {
                             break;
                         }
+                        health |= line.starts_with("get /health ");
                         if let Some(value) = line.strip_prefix("content-length:") {
                             length = value.trim().parse().unwrap_or(0);
                         }
@@ -250,7 +253,15 @@ pub async fn broken_node(status: u16) -> std::net::SocketAddr {
                     if stream.read_exact(&mut body).await.is_err() {
                         return;
                     }
-                    let reply = format!("HTTP/1.1 {status} Broken\r\ncontent-length: 0\r\n\r\n");
+                    let reply = match (health, announced) {
+                        (true, _) => "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n".to_owned(),
+                        (false, Some(len)) => {
+                            format!("HTTP/1.1 {status} Big\r\ncontent-length: {len}\r\n\r\n")
+                        }
+                        (false, None) => {
+                            format!("HTTP/1.1 {status} Broken\r\ncontent-length: 0\r\n\r\n")
+                        }
+                    };
                     if stream.get_mut().write_all(reply.as_bytes()).await.is_err() {
                         return;
                     }
