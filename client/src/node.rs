@@ -582,8 +582,8 @@ mod tests {
         };
         Node::new(
             "n".into(),
-            // Nothing listens on port 9 of loopback's discard service in a test sandbox;
-            // these tests never send anything.
+            // Nothing listens on loopback's port 9 (discard) here: these tests send nothing
+            // but the probes of a node marked down, which fail.
             "127.0.0.1:9".into(),
             settings,
             Arc::new(ClientMetrics::default()),
