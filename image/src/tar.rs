@@ -830,3 +830,92 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::{write::TarWriter, *};
+    use proptest::prelude::*;
+
+    fn archive(sizes: &[usize]) -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        for (i, &size) in sizes.iter().enumerate() {
+            let header = EntryHeader {
+                path: format!("dir/{}/{}", i, "n".repeat(i * 37 % 180)).into_bytes(),
+                kind: EntryKind::Regular,
+                mode: 0o644,
+                uid: i as u64,
+                gid: 0,
+                size: size as u64,
+                mtime: 1,
+                mtime_nanos: (i as u32) * 1000,
+                link: Vec::new(),
+                dev_major: 0,
+                dev_minor: 0,
+                xattrs: vec![(b"user.k".to_vec(), vec![i as u8; i % 5])],
+            };
+            w.append(&header, &vec![i as u8; size]).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    /// Reads every entry and its data; returns how many entries were read before an error.
+    fn read_everything(bytes: &[u8]) -> (usize, bool) {
+        let mut reader = TarReader::new(bytes);
+        let mut entries = 0;
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.next_entry() {
+                Ok(Some(_)) => entries += 1,
+                Ok(None) => return (entries, true),
+                Err(_) => return (entries, false),
+            }
+            loop {
+                match reader.read_data(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return (entries, false),
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Damage anywhere in a valid archive (flipped bytes, truncation) gives errors or
+        /// fewer entries, never a panic; because the input starts valid, the damage is met
+        /// past the first header's checks (the test counts that it is).
+        #[test]
+        fn damaged_archives_never_panic(
+            sizes in proptest::collection::vec(0usize..3000, 1..6),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut bytes = archive(&sizes);
+            let clean = read_everything(&bytes);
+            prop_assert_eq!(clean, (sizes.len(), true));
+            for (at, mask) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= mask;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let (entries, _) = read_everything(&bytes);
+            prop_assert!(entries <= sizes.len() + 1);
+        }
+
+        /// Arbitrary bytes behind a valid first header.
+        #[test]
+        fn garbage_after_a_valid_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut bytes = archive(&[10]);
+            // Keep the whole first entry (its PAX header, header and data), drop the
+            // end-of-archive marker.
+            bytes.truncate(bytes.len() - 2 * BLOCK);
+            bytes.extend_from_slice(&tail);
+            let (entries, _) = read_everything(&bytes);
+            prop_assert!(entries >= 1, "the valid first entry is read");
+        }
+    }
+}
