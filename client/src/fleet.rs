@@ -65,6 +65,13 @@ pub enum ClientError {
     Origin(#[from] crate::origin::OriginError),
 }
 
+/// Which remote tier served a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkSource {
+    Fleet,
+    Origin,
+}
+
 /// How a PUT of a whole chunk went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PutReport {
@@ -237,6 +244,17 @@ impl FleetClient {
     /// which the fleet is filled in the background). The bytes returned always match the
     /// name.
     pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
+        self.get_chunk_with_source(name)
+            .await
+            .map(|(chunk, _)| chunk)
+    }
+
+    /// Like `get_chunk`, and says whether the fleet or the origin had the chunk (the
+    /// worker's tier statistics need to know).
+    pub async fn get_chunk_with_source(
+        &self,
+        name: &ChunkName,
+    ) -> Result<(Bytes, ChunkSource), ChunkError> {
         let inner = &self.inner;
         let ranked = inner.placement.rank(name, inner.code.total());
         let read = self.read_fleet(name, &ranked).await;
@@ -251,7 +269,7 @@ impl FleetClient {
                     a == Answer::Missing
                 });
             }
-            return Ok(chunk);
+            return Ok((chunk, ChunkSource::Fleet));
         }
         if inner.origin.is_none() {
             inc(&inner.metrics.failures);
@@ -267,7 +285,7 @@ impl FleetClient {
                 self.spawn_fill(*name, chunk.clone(), ranked, read.answers, |a| {
                     !matches!(a, Answer::Shard(_))
                 });
-                Ok(chunk)
+                Ok((chunk, ChunkSource::Origin))
             }
             Err(e) => {
                 inc(&inner.metrics.failures);
