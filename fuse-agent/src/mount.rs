@@ -98,9 +98,19 @@ impl Mount {
             .spawn(move || session.run())
             .map_err(fail)?;
         // Only now: a stat of the mountpoint is a request to the session just started.
-        let connection = std::fs::metadata(mountpoint)
-            .ok()
-            .map(|m| nix::sys::stat::minor(m.dev()));
+        let device = std::fs::metadata(mountpoint).ok().map(|m| m.dev());
+        let connection = device.map(nix::sys::stat::minor);
+        if let Some(device) = device {
+            // The kernel sizes readahead by the mount's backing device, 128 KiB by default,
+            // whatever max_readahead says: raise it so that sequential reads arrive as 1 MiB
+            // requests (8x fewer round trips; measured in docs/PERFORMANCE.md).
+            let bdi = format!(
+                "/sys/class/bdi/{}:{}/read_ahead_kb",
+                nix::sys::stat::major(device),
+                nix::sys::stat::minor(device)
+            );
+            let _ = std::fs::write(bdi, (crate::fs::MAX_READ / 1024).to_string());
+        }
         Ok(Self {
             mountpoint: mountpoint.to_owned(),
             unmounter,
