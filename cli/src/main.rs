@@ -28,7 +28,7 @@ enum Command {
     /// The whole system on this machine: build a small image from host files, start a
     /// 5-node fleet, flatten the image, mount it and run commands from it cold and warm,
     /// and print what each tier served (`--chunks` for the fleet's chunk-level demo).
-    Demo(demo::DemoArgs),
+    Demo(demo::ImageDemoArgs),
     /// Run and inspect cache fleets.
     #[command(subcommand)]
     Fleet(FleetCommand),

@@ -188,6 +188,7 @@ fn the_demo_runs_clean() {
         .args([
             "demo",
             "--chunks",
+            "--chunk-count",
             "24",
             "--dir",
             dir.path().to_str().unwrap(),

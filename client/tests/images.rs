@@ -330,7 +330,7 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) {
                 mode: mode_string(meta.mode()),
                 uid: meta.uid(),
                 gid: meta.gid(),
-                size: meta.is_file().then(|| meta.len()),
+                size: meta.is_file().then_some(meta.len()),
                 target: meta
                     .file_type()
                     .is_symlink()

@@ -74,9 +74,16 @@ pub async fn resolve_image(
     if SourceRef::looks_like_source(reference) {
         let source_ref = SourceRef::parse(reference)?;
         let source = tokio::task::spawn_blocking(move || open_source(&source_ref)).await??;
-        // A source is known by its layers and configuration; the id it flattened to is
-        // remembered in the origin, so that a second run starts at once.
-        let mut identity = String::new();
+        // A source is known by its layers and configuration, and by everything else that
+        // decides what flattening makes of it (tenant key, salt, layout, format): the id
+        // it flattened to is remembered in the origin, so that a second run starts at once.
+        let key = key_file.sealing_key()?;
+        let mut identity = format!(
+            "slapshot source v1\nkey {}\nsalt {}\nlayout {:?}\n",
+            Digest::of(&key.id()).hex(),
+            settings.salt(),
+            slapshot_image::layout::LayoutParams::default(),
+        );
         for layer in &source.layers {
             let digest = layer.stored_digest.or(layer.diff_id).map(|d| d.to_string());
             identity.push_str(&digest.unwrap_or_else(|| layer.label.clone()));
@@ -89,6 +96,14 @@ pub async fn resolve_image(
             .get_object(&remembered)
             .await?
             .and_then(|b| ImageId::parse(String::from_utf8_lossy(&b).trim()));
+        // Remembered, and still there and readable with this key: use it.
+        let known = match known {
+            Some(id) => match store.manifest_bytes(&id).await {
+                Ok(bytes) if Manifest::decode(&bytes, &key).is_ok() => Some(id),
+                _ => None,
+            },
+            None => None,
+        };
         let id = match known {
             Some(id) => id,
             None => {
@@ -103,7 +118,6 @@ pub async fn resolve_image(
                 id
             }
         };
-        let key = key_file.opening_key()?;
         let bytes = store.manifest_bytes(&id).await?;
         let manifest = Manifest::decode(&bytes, &key).with_context(|| format!("image {id}"))?;
         return Ok((id, Arc::new(manifest)));

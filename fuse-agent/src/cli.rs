@@ -144,6 +144,9 @@ pub struct RunArgs {
     /// Do not print the summary after the program exits.
     #[arg(long, short)]
     pub quiet: bool,
+    /// What the program may write: its writable layer and /tmp are memory, each this size.
+    #[arg(long, value_name = "BYTES", default_value = "1GiB")]
+    pub writable_size: ByteSize,
 }
 
 /// Runs a program inside an image; returns its exit code.
@@ -155,17 +158,50 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Handle::current();
     let tiers = build_tiers(&settings, runtime.clone())?;
     let stats = tiers.stats().clone();
-    let spec = RunSpec::from_image(&manifest, &args.command, &args.image)?;
+    let mut spec = RunSpec::from_image(&manifest, &args.command, &args.image)?;
+    spec.writable_bytes = args.writable_size.0;
+    let child = spec.child_pid.clone();
     let fs = ImageFs::new(manifest.clone(), tiers, runtime);
-    // The terminal's Ctrl-C goes to the program (it shares our process group); we stay
-    // to clean up after it.
-    let _swallow_interrupt =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let _swallow_quit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::quit())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     let run_stats = stats.clone();
-    let outcome = tokio::task::spawn_blocking(move || run(fs, run_stats, manifest, spec))
-        .await
-        .context("the run thread failed")??;
+    let mut task = tokio::task::spawn_blocking(move || run(fs, run_stats, manifest, spec));
+    // We stay to clean up after the program. The terminal's Ctrl-C reaches it directly (it
+    // shares our process group); SIGTERM and SIGHUP sent to us are passed on. The program
+    // is PID 1 of its namespace and may ignore them: a second signal kills it.
+    let mut signals = 0;
+    let mut pass_on = |signal: nix::sys::signal::Signal, from_terminal: bool| {
+        let pid = child.load(std::sync::atomic::Ordering::SeqCst);
+        if pid <= 0 {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(pid);
+        signals += 1;
+        if signals > 1 {
+            eprintln!("slapshot: killing the program");
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        } else {
+            if !from_terminal {
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
+            eprintln!(
+                "slapshot: {signal} passed to the program; send it again to kill the program"
+            );
+        }
+    };
+    let outcome = loop {
+        use nix::sys::signal::Signal;
+        tokio::select! {
+            done = &mut task => break done.context("the run thread failed")??,
+            _ = interrupt.recv() => pass_on(Signal::SIGINT, true),
+            _ = quit.recv() => pass_on(Signal::SIGQUIT, true),
+            _ = terminate.recv() => pass_on(Signal::SIGTERM, false),
+            _ = hangup.recv() => pass_on(Signal::SIGHUP, false),
+        }
+    };
     if !args.quiet {
         let summary = Summary::from_text(&stats.render());
         eprintln!(

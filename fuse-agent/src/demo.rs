@@ -38,7 +38,7 @@ use crate::{
 };
 
 #[derive(Debug, clap::Args)]
-pub struct DemoArgs {
+pub struct ImageDemoArgs {
     /// Run the chunk-level demo of the fleet instead (sealed chunks read cold, warm and
     /// with a node killed).
     #[arg(long)]
@@ -54,7 +54,7 @@ const SCRIPT: &str = "cat /etc/motd; echo \"$(ls /usr/bin | wc -l) entries in /u
 /// Files each pass reads when it cannot mount.
 const FILES: &[&str] = &["/etc/motd", "/bin/sh", "/bin/ls", "/bin/sha256sum"];
 
-pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn demo(args: ImageDemoArgs) -> anyhow::Result<()> {
     if args.chunks {
         return slapshot_client::cli::demo::run(args.chunk_demo).await;
     }

@@ -13,16 +13,16 @@ use std::{
     fs::File,
     io::{self, Write},
     path::{Path, PathBuf},
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Mutex, atomic::Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use slapshot_core::ChunkName;
 
 use crate::stats::{Stats, inc};
+
+/// Temporary files older than this are leftovers of a crash, not writes in progress.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 struct Entry {
     len: u64,
@@ -66,7 +66,6 @@ pub struct DiskCache {
     dir: PathBuf,
     budget: u64,
     index: Mutex<Index>,
-    temp_counter: AtomicU64,
     stats: std::sync::Arc<Stats>,
 }
 
@@ -93,7 +92,10 @@ impl DiskCache {
                 let name = file_name.to_string_lossy();
                 match name.parse::<ChunkName>() {
                     Ok(chunk) => {
-                        let meta = file.metadata()?;
+                        // Another agent sharing the directory may evict while we scan.
+                        let Ok(meta) = file.metadata() else {
+                            continue;
+                        };
                         let used = meta
                             .modified()
                             .ok()
@@ -101,9 +103,18 @@ impl DiskCache {
                             .map_or(0, |d| d.as_nanos());
                         index.insert(chunk, meta.len(), used);
                     }
-                    // Leftovers of a write that crashed before its rename.
-                    Err(_) if name.starts_with(".tmp-") => {
-                        let _ = std::fs::remove_file(file.path());
+                    // Leftovers of a write that crashed before its rename. Recent ones may be
+                    // another agent's writes in progress: left alone.
+                    Err(_) if name.starts_with(".tmp") => {
+                        let stale = file
+                            .metadata()
+                            .ok()
+                            .and_then(|m| m.modified().ok())
+                            .and_then(|t| t.elapsed().ok())
+                            .is_some_and(|age| age > STALE_TEMP);
+                        if stale {
+                            let _ = std::fs::remove_file(file.path());
+                        }
                     }
                     Err(_) => {}
                 }
@@ -113,7 +124,6 @@ impl DiskCache {
             dir: dir.to_owned(),
             budget,
             index: Mutex::new(index),
-            temp_counter: AtomicU64::new(0),
             stats,
         };
         cache.evict_to_budget();
@@ -135,18 +145,18 @@ impl DiskCache {
         self.stats.disk_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// The chunk's stored bytes if the cache has them and they are still the chunk.
+    /// The chunk's stored bytes if the cache has them and they are still the chunk. A
+    /// file this agent has not indexed is looked for too: agents share the directory, and
+    /// another may have written it since.
     pub fn get(&self, name: &ChunkName) -> Option<Vec<u8>> {
-        if !self.lock().entries.contains_key(name) {
-            return None;
-        }
         let path = self.path(name);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(_) => {
                 // Evicted by another agent sharing the directory, or removed by hand.
-                self.lock().remove(name);
-                self.publish_size();
+                if self.lock().remove(name).is_some() {
+                    self.publish_size();
+                }
                 return None;
             }
         };
@@ -163,7 +173,20 @@ impl DiskCache {
         if let Ok(file) = File::options().write(true).open(&path) {
             let _ = file.set_modified(SystemTime::now());
         }
-        self.lock().touch(name, now);
+        let known = {
+            let mut index = self.lock();
+            let known = index.entries.contains_key(name);
+            if known {
+                index.touch(name, now);
+            } else {
+                index.insert(*name, bytes.len() as u64, now);
+            }
+            known
+        };
+        if !known {
+            self.evict_to_budget();
+            self.publish_size();
+        }
         Some(bytes)
     }
 
@@ -179,22 +202,13 @@ impl DiskCache {
         let path = self.path(name);
         let dir = path.parent().expect("a shard directory");
         std::fs::create_dir_all(dir)?;
-        let temp = dir.join(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            self.temp_counter.fetch_add(1, Ordering::Relaxed)
-        ));
-        let written = (|| {
-            let mut file = File::create(&temp)?;
-            file.write_all(bytes)?;
-            // No fsync: a cache entry lost in a crash is fetched again, and a damaged one
-            // fails verification; durability here would only cost latency.
-            std::fs::rename(&temp, &path)
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&temp);
-            return Err(e);
-        }
+        // A fresh, exclusively created temporary name (agents in other PID namespaces
+        // share the directory, so a pid is not unique), renamed into place when complete.
+        // No fsync: an entry lost in a crash is fetched again, and a damaged one fails
+        // verification; durability would only cost latency.
+        let mut temp = tempfile::Builder::new().prefix(".tmp").tempfile_in(dir)?;
+        temp.write_all(bytes)?;
+        temp.persist(&path).map_err(|e| e.error)?;
         self.lock().insert(*name, bytes.len() as u64, now_nanos());
         self.evict_to_budget();
         self.publish_size();
@@ -236,7 +250,39 @@ impl DiskCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use std::sync::{Arc, atomic::AtomicU64};
+
+    #[test]
+    fn two_agents_share_one_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        let b = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        let (name, bytes) = chunk(7, 5000);
+        a.put(&name, &bytes).unwrap();
+        assert_eq!(
+            b.get(&name).unwrap(),
+            bytes,
+            "b finds what a wrote after b opened"
+        );
+        assert!(b.contains(&name));
+        // A leftover temporary file of a crash long ago is removed at open; a fresh one
+        // (another agent's write in progress) is not.
+        let shard = dir.path().join("ab");
+        std::fs::create_dir_all(&shard).unwrap();
+        let old = shard.join(".tmp-old");
+        let fresh = shard.join(".tmp-fresh");
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::write(&fresh, b"y").unwrap();
+        let long_ago = SystemTime::now() - 2 * STALE_TEMP;
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        assert!(!old.exists() && fresh.exists());
+    }
 
     fn chunk(i: u8, len: usize) -> (ChunkName, Vec<u8>) {
         let bytes = vec![i; len];

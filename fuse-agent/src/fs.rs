@@ -52,6 +52,11 @@ pub struct ImageFs {
     tiers: Arc<Tiers>,
     runtime: tokio::runtime::Handle,
     stats: Arc<Stats>,
+    /// Per open file: where its last read ended, to tell sequential readers (whose next
+    /// chunks are fetched ahead) from random ones (whose are not). An entry lives from
+    /// open to release.
+    handles: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    next_handle: std::sync::atomic::AtomicU64,
 }
 
 /// Why an operation failed, mapped to an errno in `errno_of`.
@@ -107,6 +112,21 @@ impl ImageFs {
             tiers,
             runtime,
             stats,
+            handles: std::sync::Mutex::new(std::collections::HashMap::new()),
+            next_handle: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Records a read on a handle; true if it continues the handle's previous read.
+    fn sequential(&self, fh: FileHandle, offset: u64, len: u64) -> bool {
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        match handles.get_mut(&u64::from(fh)) {
+            Some(end) => {
+                let sequential = *end == offset && offset > 0;
+                *end = offset + len;
+                sequential
+            }
+            None => false,
         }
     }
 
@@ -291,16 +311,42 @@ impl Filesystem for ImageFs {
                 reply.error(errno_of(&FsError::ReadOnly))
             }
             // The contents never change: the page cache may keep them across opens.
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => {
+                let fh = self
+                    .next_handle
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.handles
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, 0);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Err(e) => reply.error(errno_of(&e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&u64::from(fh));
+        reply.ok();
     }
 
     fn read(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
@@ -317,8 +363,11 @@ impl Filesystem for ImageFs {
         };
         let pieces = pieces(extents, offset, u64::from(size));
         inc(&self.stats.reads);
-        // Ask for the chunks after this read's before waiting for this read's own.
-        if let Some(last) = pieces.last() {
+        // A reader that continues where it stopped reads on: ask for the chunks after this
+        // read's before waiting for this read's own. Random readers fetch only what they read.
+        if self.sequential(fh, offset, u64::from(size))
+            && let Some(last) = pieces.last()
+        {
             for e in extents.iter().skip(last.index + 1).take(PREFETCH_EXTENTS) {
                 if e.chunk != ZERO_CHUNK {
                     self.tiers.prefetch(&self.chunk_ref(e.chunk));

@@ -130,10 +130,15 @@ fn components(path: &Path) -> VecDeque<PathBuf> {
         .collect()
 }
 
+/// What a dynamic executable asks of the loader.
+struct ElfNeeds {
+    interpreter: Option<String>,
+    libraries: Vec<String>,
+    search_paths: Vec<String>,
+}
+
 /// The program's interpreter and needed libraries, from its ELF headers.
-fn elf_dependencies(
-    path: &Path,
-) -> Result<(Option<String>, Vec<String>, Vec<String>), HostImageError> {
+fn elf_dependencies(path: &Path) -> Result<ElfNeeds, HostImageError> {
     let bytes = std::fs::read(path).map_err(|source| HostImageError::Io {
         path: path.to_owned(),
         source,
@@ -192,7 +197,11 @@ fn elf_dependencies(
         }
     }
     let Some((dyn_offset, dyn_size)) = dynamic else {
-        return Ok((interp, Vec::new(), Vec::new()));
+        return Ok(ElfNeeds {
+            interpreter: interp,
+            libraries: Vec::new(),
+            search_paths: Vec::new(),
+        });
     };
     let mut needed = Vec::new();
     let mut runpaths = Vec::new();
@@ -221,15 +230,15 @@ fn elf_dependencies(
         let raw = bytes.get(start..).unwrap_or(&[]);
         String::from_utf8_lossy(raw.split(|&b| b == 0).next().unwrap_or(&[])).into_owned()
     };
-    Ok((
-        interp,
-        needed.into_iter().map(string).collect(),
-        runpaths
+    Ok(ElfNeeds {
+        interpreter: interp,
+        libraries: needed.into_iter().map(string).collect(),
+        search_paths: runpaths
             .into_iter()
             .map(string)
             .flat_map(|s| s.split(':').map(str::to_owned).collect::<Vec<_>>())
             .collect(),
-    ))
+    })
 }
 
 fn find_program(name: &str) -> Option<PathBuf> {
@@ -247,6 +256,16 @@ fn find_program(name: &str) -> Option<PathBuf> {
 /// few files in /etc, and `extra_file` bytes of data at /data/blob (to show that only what
 /// is read travels). Returns the programs that made it in.
 pub fn build(layout: &Path, tag: &str, extra_file: usize) -> Result<Vec<String>, HostImageError> {
+    build_with(layout, tag, extra_file, None)
+}
+
+/// Like `build`, with one more layer on top (the tests add odd entries this way).
+pub fn build_with(
+    layout: &Path,
+    tag: &str,
+    extra_file: usize,
+    extra_layer: Option<LayerBuilder>,
+) -> Result<Vec<String>, HostImageError> {
     let mut base = Gathered::default();
     let mut programs = Gathered::default();
     let mut found = Vec::new();
@@ -281,7 +300,12 @@ pub fn build(layout: &Path, tag: &str, extra_file: usize) -> Result<Vec<String>,
         if !seen.insert(binary.clone()) {
             continue;
         }
-        let Ok((interp, needed, runpaths)) = elf_dependencies(&binary) else {
+        let Ok(ElfNeeds {
+            interpreter: interp,
+            libraries: needed,
+            search_paths: runpaths,
+        }) = elf_dependencies(&binary)
+        else {
             // Scripts and static binaries need nothing more.
             continue;
         };
@@ -339,16 +363,14 @@ pub fn build(layout: &Path, tag: &str, extra_file: usize) -> Result<Vec<String>,
         working_dir: "/".into(),
         ..Default::default()
     };
-    write_oci(
-        layout,
-        tag,
-        &config,
-        &[
-            (layer1, LayerCompression::Gzip),
-            (layer2, LayerCompression::Zstd),
-        ],
-    )
-    .map_err(|source| HostImageError::Io {
+    let mut layers = vec![
+        (layer1, LayerCompression::Gzip),
+        (layer2, LayerCompression::Zstd),
+    ];
+    if let Some(extra) = extra_layer {
+        layers.push((extra, LayerCompression::Gzip));
+    }
+    write_oci(layout, tag, &config, &layers).map_err(|source| HostImageError::Io {
         path: layout.to_owned(),
         source,
     })?;
@@ -390,11 +412,12 @@ mod tests {
     #[test]
     fn the_shell_needs_a_loader_and_libc() {
         let sh = std::fs::canonicalize("/bin/sh").unwrap();
-        let (interp, needed, _) = elf_dependencies(&sh).unwrap();
-        assert!(interp.unwrap().contains("ld-linux"));
+        let needs = elf_dependencies(&sh).unwrap();
+        assert!(needs.interpreter.unwrap().contains("ld-linux"));
         assert!(
-            needed.iter().any(|n| n.starts_with("libc.so")),
-            "{needed:?}"
+            needs.libraries.iter().any(|n| n.starts_with("libc.so")),
+            "{:?}",
+            needs.libraries
         );
         assert!(elf_dependencies(Path::new("/etc/passwd")).is_err());
     }

@@ -160,7 +160,11 @@ impl Mount {
             self.abort();
             outcome = Unmounted::Aborted;
         }
-        if let Some(thread) = self.session.take() {
+        // Joined only once the session has ended: if even the abort could not end it (no
+        // fusectl here), the thread is left to end with the connection, never waited on.
+        if let Some(thread) = self.session.take()
+            && thread.is_finished()
+        {
             let _ = thread.join();
         }
         Ok(outcome)
@@ -169,7 +173,8 @@ impl Mount {
     /// Aborts the FUSE connection through fusectl: pending and future requests fail, and
     /// the session ends.
     fn abort(&self) {
-        let Some(connection) = self.connection else {
+        let Some(connection) = self.connection.or_else(|| connection_of(&self.mountpoint)) else {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), "cannot find the FUSE connection to abort");
             return;
         };
         let control = Path::new("/sys/fs/fuse/connections");
@@ -188,6 +193,21 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The FUSE connection id of the mount at `mountpoint` (the minor device number in
+/// /proc/self/mountinfo), for when a stat of the mountpoint itself cannot answer.
+fn connection_of(mountpoint: &Path) -> Option<u64> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let target = mountpoint.to_str()?;
+    mountinfo.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.get(4) != Some(&target) {
+            return None;
+        }
+        let (_, minor) = fields.get(2)?.split_once(':')?;
+        minor.parse().ok()
+    })
 }
 
 impl Drop for Mount {

@@ -62,6 +62,10 @@ pub struct RunSpec {
     pub threads: usize,
     /// Send the program's stdout to /dev/null (the demo's repeated passes).
     pub discard_stdout: bool,
+    /// Bytes the program may write (its writable layer, and /tmp, each).
+    pub writable_bytes: u64,
+    /// The program's PID while it runs (0 before and after), for forwarding signals.
+    pub child_pid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl RunSpec {
@@ -83,9 +87,18 @@ impl RunSpec {
             env.push(format!("PATH={DEFAULT_PATH}"));
         }
         if !env.iter().any(|e| e.starts_with("HOME=")) {
-            env.push("HOME=/root".into());
+            // Root's home for root (the default user), / for anyone else, as Docker does.
+            let root =
+                config.user.is_empty() || config.user == "0" || config.user.starts_with("0:");
+            env.push(if root {
+                "HOME=/root".into()
+            } else {
+                "HOME=/".into()
+            });
         }
-        if let Ok(term) = std::env::var("TERM") {
+        if !env.iter().any(|e| e.starts_with("TERM="))
+            && let Ok(term) = std::env::var("TERM")
+        {
             env.push(format!("TERM={term}"));
         }
         Ok(Self {
@@ -100,6 +113,8 @@ impl RunSpec {
             label: label.to_owned(),
             threads: crate::mount::DEFAULT_THREADS,
             discard_stdout: false,
+            writable_bytes: 1 << 30,
+            child_pid: Arc::new(std::sync::atomic::AtomicI32::new(0)),
         })
     }
 }
@@ -172,6 +187,7 @@ fn run_here(
     uid: Option<u32>,
     gid: Option<u32>,
 ) -> Result<RunOutcome, RunError> {
+    // A mount namespace for this thread (the PID namespace comes just before the fork).
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(setup_err("unshare the mount namespace"))?;
     // Nothing mounted from here on propagates back to the host.
@@ -198,7 +214,7 @@ fn run_here(
     let image = Mount::new(fs, stats, &lower, &spec.label, spec.threads)?;
     let mut mounted: Vec<PathBuf> = Vec::new();
     let result = (|| {
-        mount_container(&lower, &rw, &root, &mut mounted)?;
+        mount_container(&lower, &rw, &root, spec.writable_bytes, &mut mounted)?;
         let started = Instant::now();
         let mut command = Command::new(&program);
         if spec.discard_stdout {
@@ -208,41 +224,33 @@ fn run_here(
             .args(&spec.command[1..])
             .env_clear()
             .envs(spec.env.iter().filter_map(|e| e.split_once('=')));
-        let root_c =
-            CString::new(root.as_os_str().as_encoded_bytes()).expect("no NUL in a temp path");
-        let workdir = CString::new(spec.working_dir.as_bytes()).map_err(|e| RunError::Setup {
-            what: "the working directory".into(),
-            source: std::io::Error::other(e),
-        })?;
-        // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls (chroot, chdir, setgroups, setgid, setuid) on
-        // values prepared before the fork; it allocates nothing.
+        let child_setup = ChildSetup::new(&root, &spec.working_dir)?;
+        // A PID namespace for the child: the program is PID 1 of its own namespace, so that
+        // its /proc shows only its processes, and everything it starts dies with it. Only
+        // now: a thread whose children go to another PID namespace can start no threads,
+        // and the FUSE session's are running by now.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(setup_err("unshare the PID namespace"))?;
+        // SAFETY: the closure runs in the forked child before exec. It only makes system
+        // calls (prctl, unshare, mount, pivot_root, umount2, mkdir, chdir, setgroups,
+        // setgid, setuid) on values prepared before the fork, and allocates nothing, which
+        // is what a child of a multi-threaded process may do.
         unsafe {
-            command.pre_exec(move || {
-                nix::unistd::chroot(root_c.as_c_str())?;
-                if nix::unistd::chdir(workdir.as_c_str()).is_err() {
-                    nix::unistd::chdir(c"/")?;
-                }
-                if let Some(gid) = gid {
-                    nix::unistd::setgroups(&[])?;
-                    nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
-                }
-                if let Some(uid) = uid {
-                    nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
-                }
-                Ok(())
-            });
+            command.pre_exec(move || child_setup.enter(gid, uid));
         }
         let mut child = command.spawn().map_err(|source| RunError::Spawn {
             program: spec.command[0].clone(),
             source,
         })?;
+        spec.child_pid
+            .store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
         let status = child.wait().map_err(|source| RunError::Spawn {
             program: spec.command[0].clone(),
             source,
-        })?;
+        });
+        spec.child_pid.store(0, std::sync::atomic::Ordering::SeqCst);
         Ok(RunOutcome {
-            status,
+            status: status?,
             elapsed: started.elapsed(),
         })
     })();
@@ -251,6 +259,110 @@ fn run_here(
     }
     image.unmount(Duration::from_secs(5))?;
     result
+}
+
+/// Capabilities the program keeps: Docker's default set. Everything else (CAP_SYS_ADMIN,
+/// CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_BOOT, ...) leaves the bounding
+/// set before exec, so not even a root program in the image can get it back.
+const KEPT_CAPABILITIES: [i32; 14] = [
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    13, // NET_RAW
+    18, // SYS_CHROOT
+    27, // MKNOD
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
+/// Everything the child needs after the fork, built before it (the child must not
+/// allocate).
+struct ChildSetup {
+    root: CString,
+    proc: CString,
+    /// The working directory and its parents, shortest first, to create if missing.
+    workdirs: Vec<CString>,
+}
+
+impl ChildSetup {
+    fn new(root: &Path, working_dir: &str) -> Result<Self, RunError> {
+        let c = |bytes: &[u8], what: &str| {
+            CString::new(bytes).map_err(|e| RunError::Setup {
+                what: what.to_owned(),
+                source: std::io::Error::other(e),
+            })
+        };
+        let mut workdirs = Vec::new();
+        let mut prefix = String::new();
+        for part in working_dir
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+        {
+            prefix.push('/');
+            prefix.push_str(part);
+            workdirs.push(c(prefix.as_bytes(), "the working directory")?);
+        }
+        Ok(Self {
+            root: c(root.as_os_str().as_encoded_bytes(), "the root")?,
+            proc: c(root.join("proc").as_os_str().as_encoded_bytes(), "/proc")?,
+            workdirs,
+        })
+    }
+
+    /// In the child (PID 1 of its namespace): dies with its parent, gets a mount namespace
+    /// of its own, mounts its /proc, makes the image its root with pivot_root (the host's
+    /// root is detached, so there is nothing to climb back to), creates the working
+    /// directory as Docker does, drops capabilities, and takes its user.
+    fn enter(&self, gid: Option<u32>, uid: Option<u32>) -> std::io::Result<()> {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+        let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        mount(
+            Some(c"proc"),
+            self.proc.as_c_str(),
+            Some(c"proc"),
+            nosuid,
+            None::<&std::ffi::CStr>,
+        )?;
+        nix::unistd::chdir(self.root.as_c_str())?;
+        nix::unistd::pivot_root(c".", c".")?;
+        umount2(c".", MntFlags::MNT_DETACH)?;
+        nix::unistd::chdir(c"/")?;
+        for dir in &self.workdirs {
+            match nix::unistd::mkdir(
+                dir.as_c_str(),
+                nix::sys::stat::Mode::from_bits_truncate(0o755),
+            ) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(dir) = self.workdirs.last() {
+            nix::unistd::chdir(dir.as_c_str())?;
+        }
+        for cap in 0..64 {
+            if !KEPT_CAPABILITIES.contains(&cap) {
+                // SAFETY: prctl(PR_CAPBSET_DROP) takes integer arguments only; an unknown
+                // capability number fails with EINVAL, which is ignored.
+                let _ =
+                    unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            }
+        }
+        if let Some(gid) = gid {
+            nix::unistd::setgroups(&[])?;
+            nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
+        }
+        if let Some(uid) = uid {
+            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+        }
+        Ok(())
+    }
 }
 
 fn mount_at(
@@ -273,15 +385,19 @@ fn mount_container(
     lower: &Path,
     rw: &Path,
     root: &Path,
+    writable_bytes: u64,
     mounted: &mut Vec<PathBuf>,
 ) -> Result<(), RunError> {
+    // The writable layer and /tmp live in memory: bounded, so that a program cannot fill
+    // the host's RAM by writing.
+    let size = format!("size={writable_bytes}");
     mount_at(
         mounted,
         "tmpfs",
         rw,
         "tmpfs",
         MsFlags::empty(),
-        Some("mode=0755"),
+        Some(&format!("mode=0755,{size}")),
     )?;
     let (upper, work) = (rw.join("upper"), rw.join("work"));
     for dir in [&upper, &work] {
@@ -293,16 +409,19 @@ fn mount_container(
         upper.display(),
         work.display()
     );
+    // nodev: a device node shipped in the image opens nothing (the /dev below is the only
+    // place devices work, with the few a program needs).
     mount_at(
         mounted,
         "overlay",
         root,
         "overlay",
-        MsFlags::empty(),
+        MsFlags::MS_NODEV,
         Some(&options),
     )?;
+    // /proc is mounted by the program itself, as PID 1 of its namespace (ChildSetup).
+    std::fs::create_dir_all(root.join("proc")).map_err(io_setup_err("mkdir /proc"))?;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_at(mounted, "proc", &root.join("proc"), "proc", nosuid, None)?;
     mount_at(
         mounted,
         "sysfs",
@@ -317,7 +436,7 @@ fn mount_container(
         &root.join("tmp"),
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=1777"),
+        Some(&format!("mode=1777,{size}")),
     )?;
     let dev = root.join("dev");
     mount_at(
@@ -357,7 +476,7 @@ fn mount_container(
         &dev.join("shm"),
         "tmpfs",
         nosuid,
-        Some("mode=1777"),
+        Some("mode=1777,size=64m"),
     )?;
     for (link, target) in [
         ("fd", "/proc/self/fd"),

@@ -53,6 +53,7 @@ pub mod names {
     pub const DISK_EVICTIONS: &str = "slapshot_agent_disk_cache_evictions_total";
     pub const MEMORY_BYTES: &str = "slapshot_agent_memory_cache_bytes";
     pub const PREFETCHES: &str = "slapshot_agent_prefetches_total";
+    pub const DISK_WRITES_DROPPED: &str = "slapshot_agent_disk_cache_writes_dropped_total";
     pub const PREFETCHES_DROPPED: &str = "slapshot_agent_prefetches_dropped_total";
     pub const FETCH_FAILURES: &str = "slapshot_agent_fetch_failures_total";
     pub const IMAGE_BYTES: &str = "slapshot_agent_image_bytes";
@@ -76,6 +77,7 @@ pub struct Stats {
     pub disk_corrupt: AtomicU64,
     pub disk_evictions: AtomicU64,
     pub disk_bytes: AtomicU64,
+    pub disk_writes_dropped: AtomicU64,
     pub memory_bytes: AtomicU64,
     pub prefetches: AtomicU64,
     pub prefetches_dropped: AtomicU64,
@@ -206,6 +208,12 @@ impl Stats {
             names::DISK_BYTES,
             "Bytes in the disk cache.",
             get(&self.disk_bytes),
+        );
+        prometheus::counter(
+            &mut out,
+            names::DISK_WRITES_DROPPED,
+            "Disk-cache writes dropped because too many were pending.",
+            get(&self.disk_writes_dropped),
         );
         prometheus::gauge(
             &mut out,

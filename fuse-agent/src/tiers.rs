@@ -105,6 +105,14 @@ pub enum LoadError {
 
 type Load = Shared<BoxFuture<'static, Result<Bytes, LoadError>>>;
 
+/// Loads in flight are keyed like the memory tier: by name and key, since the plaintext a
+/// load produces is a function of both.
+type LoadKey = (ChunkName, [u8; 32]);
+
+/// Disk-cache writes waiting at once; more are dropped and counted (the chunk is still
+/// in memory, and is fetched again if it is needed after eviction).
+const MAX_PENDING_DISK_WRITES: usize = 32;
+
 #[derive(Clone, Copy)]
 struct MemoryWeighter;
 
@@ -144,8 +152,9 @@ pub struct Tiers {
     memory: MemoryCache,
     disk: Option<Arc<DiskCache>>,
     fetcher: Arc<dyn Fetcher>,
-    inflight: Mutex<HashMap<ChunkName, Load>>,
+    inflight: Mutex<HashMap<LoadKey, Load>>,
     prefetch_permits: Arc<Semaphore>,
+    disk_write_permits: Arc<Semaphore>,
     stats: Arc<Stats>,
     runtime: tokio::runtime::Handle,
     load_timeout: Duration,
@@ -171,6 +180,7 @@ impl Tiers {
             fetcher,
             inflight: Mutex::new(HashMap::new()),
             prefetch_permits: Arc::new(Semaphore::new(options.max_prefetches)),
+            disk_write_permits: Arc::new(Semaphore::new(MAX_PENDING_DISK_WRITES)),
             stats,
             runtime,
             load_timeout: options.load_timeout,
@@ -213,9 +223,8 @@ impl Tiers {
     /// Starts loading a chunk ahead of its reader, unless it is in memory, already
     /// loading, or the prefetch budget is spent (then it is dropped and counted).
     pub fn prefetch(self: &Arc<Self>, chunk: &ChunkRef) {
-        if self.memory.contains_key(&(chunk.name, chunk.key.0))
-            || lock(&self.inflight).contains_key(&chunk.name)
-        {
+        let key = (chunk.name, chunk.key.0);
+        if self.memory.contains_key(&key) || lock(&self.inflight).contains_key(&key) {
             return;
         }
         let Ok(permit) = self.prefetch_permits.clone().try_acquire_owned() else {
@@ -234,19 +243,24 @@ impl Tiers {
     /// tiers own. The task removes its own entry when it ends, whatever the outcome, so no
     /// later reader inherits a finished (or failed) load.
     fn start(self: &Arc<Self>, chunk: &ChunkRef) -> Load {
+        let key = (chunk.name, chunk.key.0);
         let mut inflight = lock(&self.inflight);
-        if let Some(load) = inflight.get(&chunk.name) {
+        if let Some(load) = inflight.get(&key) {
             return load.clone();
         }
         let this = self.clone();
         let chunk = chunk.clone();
         let name = chunk.name;
         let task = self.runtime.spawn(async move {
+            // Removes the entry however the task ends, a panic included.
+            let _entry = InflightEntry {
+                tiers: this.clone(),
+                key,
+            };
             let result = this.load_remote(&chunk).await;
             if result.is_err() {
                 inc(&this.stats.fetch_failures);
             }
-            lock(&this.inflight).remove(&chunk.name);
             result
         });
         let load: Load = async move {
@@ -259,7 +273,7 @@ impl Tiers {
         }
         .boxed()
         .shared();
-        inflight.insert(name, load.clone());
+        inflight.insert(key, load.clone());
         load
     }
 
@@ -308,14 +322,21 @@ impl Tiers {
         if tier != Tier::Disk
             && let Some(disk) = &self.disk
         {
-            let disk = disk.clone();
-            let (name, bytes) = (chunk.name, sealed.clone());
-            // Written in the background: the reader need not wait for the disk.
-            self.runtime.spawn_blocking(move || {
-                if let Err(e) = disk.put(&name, &bytes) {
-                    tracing::warn!(chunk = %name, error = %e, "cannot write the disk cache");
+            // Written in the background, the reader need not wait for the disk; a bounded
+            // number at once, so that a disk slower than the fleet cannot pile up writes.
+            match self.disk_write_permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let disk = disk.clone();
+                    let (name, bytes) = (chunk.name, sealed.clone());
+                    self.runtime.spawn_blocking(move || {
+                        if let Err(e) = disk.put(&name, &bytes) {
+                            tracing::warn!(chunk = %name, error = %e, "cannot write the disk cache");
+                        }
+                        drop(permit);
+                    });
                 }
-            });
+                Err(_) => inc(&self.stats.disk_writes_dropped),
+            }
         }
         let mut plaintext = sealed.to_vec();
         open_in_place(&chunk.name, &chunk.key, &mut plaintext).map_err(|_| {
@@ -333,6 +354,18 @@ impl Tiers {
         self.stats
             .loaded(tier, sealed.len() as u64, started.elapsed());
         Ok(plaintext)
+    }
+}
+
+/// Takes a load's entry out of the single-flight map when dropped.
+struct InflightEntry {
+    tiers: Arc<Tiers>,
+    key: LoadKey,
+}
+
+impl Drop for InflightEntry {
+    fn drop(&mut self) {
+        lock(&self.tiers.inflight).remove(&self.key);
     }
 }
 
