@@ -23,8 +23,37 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
 fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("slapshot"),
+        // Root gets a directory no other user can create first.
+        None if nix::unistd::geteuid().is_root() => PathBuf::from("/run/slapshot"),
         None => std::env::temp_dir().join(format!("slapshot-{}", nix::unistd::geteuid())),
     }
+}
+
+/// Creates the socket directory, or checks that an existing one is ours and private: in
+/// a shared directory like /tmp, someone else could have made it first.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new()
+        .recursive(false)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir.parent().unwrap_or(Path::new("/")))?;
+            return std::fs::DirBuilder::new().mode(0o700).create(dir);
+        }
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a private directory of this user",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Serves the stats text to every connection on the mount's socket until dropped.
@@ -37,10 +66,8 @@ impl StatsSocket {
     pub fn start(mountpoint: &Path, stats: Arc<Stats>) -> std::io::Result<Self> {
         let path = socket_path(mountpoint);
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
             // Owner-only: the statistics say which chunks a program read.
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+            private_dir(dir)?;
         }
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)?;
@@ -89,9 +116,15 @@ pub fn read_stats(mountpoint: &Path) -> std::io::Result<String> {
 /// A minimal Prometheus endpoint: any request on the listener gets the stats text. Request
 /// heads are read up to 8 KiB within 5 seconds; the endpoint serves nothing else.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, stats: Arc<Stats>) {
+    // Scrapers come one at a time; a few at once are served, the rest wait in the backlog.
+    let permits = Arc::new(tokio::sync::Semaphore::new(8));
     while let Ok((mut stream, _)) = listener.accept().await {
         let stats = stats.clone();
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             let mut head = vec![0u8; 8192];
             let mut filled = 0;
             let read_head = async {
