@@ -84,6 +84,13 @@ pub enum ClientError {
     Origin(#[from] crate::origin::OriginError),
 }
 
+/// Which remote tier served a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkSource {
+    Fleet,
+    Origin,
+}
+
 /// How a PUT of a whole chunk went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PutReport {
@@ -341,6 +348,17 @@ impl FleetClient {
     /// name. Dropping the future at any point leaves nothing behind but requests and an
     /// origin fetch that end on their own.
     pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
+        self.get_chunk_with_source(name)
+            .await
+            .map(|(chunk, _)| chunk)
+    }
+
+    /// Like `get_chunk`, and says whether the fleet or the origin had the chunk (the
+    /// worker's tier statistics need to know).
+    pub async fn get_chunk_with_source(
+        &self,
+        name: &ChunkName,
+    ) -> Result<(Bytes, ChunkSource), ChunkError> {
         let inner = &self.inner;
         let ranked = inner.placement.rank(name, inner.code.total());
         let read = inner.read_fleet(name, &ranked).await;
@@ -354,7 +372,7 @@ impl FleetClient {
             if wants_repair(code, &read.answers) {
                 inner.spawn_repair(*name, chunk.clone(), code, ranked, read.answers, read.rest);
             }
-            return Ok(chunk);
+            return Ok((chunk, ChunkSource::Fleet));
         }
         if inner.origin.is_none() {
             inc(&inner.metrics.failures);
@@ -367,7 +385,7 @@ impl FleetClient {
         match inner.fetch_from_origin(name, ranked, read.answers).await {
             Ok(chunk) => {
                 inc(&inner.metrics.origin_fills);
-                Ok(chunk)
+                Ok((chunk, ChunkSource::Origin))
             }
             Err(e) => {
                 inc(&inner.metrics.failures);

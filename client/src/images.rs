@@ -33,7 +33,7 @@ pub enum ImageError {
     #[error("ref {name:?} in {origin} does not hold an image id")]
     BadRef { name: String, origin: String },
     #[error(
-        "{0:?} is not a valid image name: use 1 to 128 of A-Z a-z 0-9 . _ - : and start with a letter or digit"
+        "{0:?} is not a valid image name: use 1 to 128 of A-Z a-z 0-9 . _ - :, start with a letter or digit, and do not use 8 or more hexadecimal digits alone (they read as an image id)"
     )]
     BadName(String),
     /// The cause is printed inline, not returned by `source()` (see `ConfigError`).
@@ -41,9 +41,12 @@ pub enum ImageError {
     Manifest { id: ImageId, error: ManifestError },
 }
 
-/// Checks a human-readable image name.
+/// Checks a human-readable image name. Names that could be read as an image id (eight
+/// or more hexadecimal digits) are refused, so that a name can never stand in for an id.
 pub fn validate_name(name: &str) -> Result<(), ImageError> {
-    let ok = !name.is_empty()
+    let looks_like_id = name.len() >= MIN_ID_PREFIX && name.bytes().all(|b| b.is_ascii_hexdigit());
+    let ok = !looks_like_id
+        && !name.is_empty()
         && name.len() <= 128
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
@@ -119,14 +122,15 @@ impl ImageStore {
             })
     }
 
-    /// An image by name, by id, or by an unambiguous id prefix of at least 8 digits.
+    /// An image by id, by name, or by an unambiguous id prefix of at least 8 digits. A
+    /// full id is taken as it is: nothing stored in the origin can redirect it.
     pub async fn resolve(&self, reference: &str) -> Result<ImageId, ImageError> {
+        if let Some(id) = ImageId::parse(reference) {
+            return Ok(id);
+        }
         if validate_name(reference).is_ok()
             && let Some(id) = self.read_ref(reference).await?
         {
-            return Ok(id);
-        }
-        if let Some(id) = ImageId::parse(reference) {
             return Ok(id);
         }
         let is_prefix = reference.len() >= MIN_ID_PREFIX
@@ -295,4 +299,23 @@ impl slapshot_image::ChunkSink for OriginSink {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cannot_pass_for_ids() {
+        assert!(validate_name("python").is_ok());
+        assert!(validate_name("python:3.11").is_ok());
+        assert!(
+            validate_name("abc123").is_ok(),
+            "short hex-looking names are fine"
+        );
+        assert!(validate_name("deadbeef").is_err());
+        assert!(validate_name(&"a".repeat(64)).is_err());
+        assert!(validate_name("bad/name").is_err());
+        assert!(validate_name("").is_err());
+    }
 }

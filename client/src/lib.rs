@@ -18,5 +18,5 @@ pub mod origin;
 pub mod settings;
 
 pub use config::FleetConfig;
-pub use fleet::{ChunkError, FleetClient, PutReport};
+pub use fleet::{ChunkError, ChunkSource, FleetClient, PutReport};
 pub use origin::{Origin, open_origin, open_origin_with};

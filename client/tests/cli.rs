@@ -7,10 +7,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-const SLAPSHOT: &str = env!("CARGO_BIN_EXE_slapshot");
+/// The `slapshot` binary (built by `cargo test --workspace`, or here if missing).
+fn slapshot_bin() -> std::path::PathBuf {
+    slapshot_testkit::slapshot_binary()
+}
 
 fn slapshot(args: &[&str]) -> Output {
-    Command::new(SLAPSHOT).args(args).output().unwrap()
+    Command::new(slapshot_bin()).args(args).output().unwrap()
 }
 
 fn wait_for(path: &Path, up: &mut std::process::Child) {
@@ -28,7 +31,7 @@ fn wait_for(path: &Path, up: &mut std::process::Child) {
 fn fleet_up_serves_chunks_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let fleet_dir = dir.path().join("fleet");
-    let mut up = Command::new(SLAPSHOT)
+    let mut up = Command::new(slapshot_bin())
         .args([
             "fleet",
             "up",
@@ -257,10 +260,11 @@ fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
 #[test]
 fn the_demo_runs_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(SLAPSHOT)
+    let output = Command::new(slapshot_bin())
         .args([
             "demo",
             "--chunks",
+            "--chunk-count",
             "24",
             "--dir",
             dir.path().to_str().unwrap(),

@@ -14,7 +14,10 @@ use slapshot_image::{
     source::RuntimeConfig,
 };
 
-const SLAPSHOT: &str = env!("CARGO_BIN_EXE_slapshot");
+/// The `slapshot` binary (built by `cargo test --workspace`, or here if missing).
+fn slapshot_bin() -> std::path::PathBuf {
+    slapshot_testkit::slapshot_binary()
+}
 
 /// A scratch origin and key file, and the flags that select them.
 struct Env {
@@ -33,7 +36,7 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(SLAPSHOT)
+        Command::new(slapshot_bin())
             .args(args)
             .arg("--origin")
             .arg(self.origin())
@@ -159,7 +162,7 @@ fn flatten_names_lists_and_reads_images() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid image name"));
 
     // Another tenant key cannot open the image, and says why.
-    let out = Command::new(SLAPSHOT)
+    let out = Command::new(slapshot_bin())
         .args(["cat", "small", "/etc/motd", "--origin"])
         .arg(env.origin())
         .arg("--key-file")
@@ -220,7 +223,7 @@ fn settings_come_from_slapshot_toml() {
     .unwrap();
     let reference = format!("oci:{}:gz", layout.display());
     // Found in the current directory...
-    let out = Command::new(SLAPSHOT)
+    let out = Command::new(slapshot_bin())
         .args(["flatten", &reference, "--name", "x"])
         .env_remove("SLAPSHOT_CONFIG")
         .current_dir(dir.path())
@@ -234,7 +237,7 @@ fn settings_come_from_slapshot_toml() {
     assert!(dir.path().join("o/refs/x").exists());
     assert!(dir.path().join("keys/tenant.key").exists());
     // ...and through $SLAPSHOT_CONFIG from anywhere.
-    let out = Command::new(SLAPSHOT)
+    let out = Command::new(slapshot_bin())
         .args(["cat", "x", "/etc/motd"])
         .env("SLAPSHOT_CONFIG", dir.path().join("slapshot.toml"))
         .current_dir("/")
@@ -247,7 +250,7 @@ fn settings_come_from_slapshot_toml() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Without any settings, the missing origin is named.
-    let out = Command::new(SLAPSHOT)
+    let out = Command::new(slapshot_bin())
         .args(["images"])
         .env_remove("SLAPSHOT_CONFIG")
         .current_dir("/")

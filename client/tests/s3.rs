@@ -176,7 +176,7 @@ fn the_command_line_reads_through_s3_with_standard_aws_variables() {
     std::fs::write(&chunk, slapshot_testkit::Rng::new(41).bytes(200_000)).unwrap();
 
     let slapshot = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_slapshot"))
+        let output = Command::new(slapshot_testkit::slapshot_binary())
             .args(args)
             .envs(s3.env())
             .output()

@@ -232,17 +232,25 @@ pub fn write_docker_archive(
     layers: &[LayerBuilder],
 ) -> io::Result<()> {
     let mut outer = TarWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
-    let mut diff_ids = Vec::new();
-    let mut layer_paths = Vec::new();
-    for layer in layers {
+    let mut diff_ids: Vec<Digest> = Vec::new();
+    let mut layer_paths: Vec<String> = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
         let tar = layer.tar()?;
         let digest = Digest::of(&tar);
-        let name = format!("{}/layer.tar", digest.hex());
-        outer.append(
-            &member(&format!("{}/", digest.hex()), EntryKind::Directory, 0),
-            &[],
-        )?;
-        outer.append(&member(&name, EntryKind::Regular, tar.len() as u64), &tar)?;
+        // Directories are named by a per-layer id, as docker's v1 ids are; a layer that
+        // appears twice is written once, and the second copy is a symlink to the first, as
+        // `docker save` does.
+        let dir = format!("{i:064x}");
+        let name = format!("{dir}/layer.tar");
+        outer.append(&member(&format!("{dir}/"), EntryKind::Directory, 0), &[])?;
+        match diff_ids.iter().position(|d| *d == digest) {
+            Some(first) => {
+                let mut link = member(&name, EntryKind::Symlink, 0);
+                link.link = format!("../{}", layer_paths[first]).into_bytes();
+                outer.append(&link, &[])?;
+            }
+            None => outer.append(&member(&name, EntryKind::Regular, tar.len() as u64), &tar)?,
+        }
         diff_ids.push(digest);
         layer_paths.push(name);
     }

@@ -26,7 +26,7 @@ use crate::{
 /// Limits against tar bombs, shared by all the layers of one image.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Uncompressed file bytes across all layers.
+    /// Uncompressed file bytes and entry metadata across all layers.
     pub max_bytes: u64,
     /// Entries across all layers.
     pub max_entries: u64,
@@ -213,14 +213,31 @@ pub fn read_layer(
                 limits.max_entries
             )));
         }
+        // Every entry costs its data and its metadata (a header block, its path, link and
+        // xattrs): metadata is held in memory until the layers are applied, so a layer of
+        // empty files with long names counts against the same budget as file contents.
+        let metadata = (crate::tar::BLOCK
+            + header.path.len()
+            + header.link.len()
+            + header
+                .xattrs
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()) as u64;
+        let cost = header.size.saturating_add(metadata);
+        let before = usage
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_add(cost))
+            })
+            .expect("the update always succeeds");
+        if before.saturating_add(cost) > limits.max_bytes {
+            return Err(limit(format!(
+                "more than {} bytes of files and metadata in the image (raise --max-bytes if this is real)",
+                limits.max_bytes
+            )));
+        }
         let content = if header.kind == EntryKind::Regular {
-            let bytes_now = usage.bytes.fetch_add(header.size, Ordering::Relaxed) + header.size;
-            if bytes_now > limits.max_bytes {
-                return Err(limit(format!(
-                    "more than {} bytes of files in the image (raise --max-bytes if this is real)",
-                    limits.max_bytes
-                )));
-            }
             let offset = spool_len;
             let mut hasher = blake3::Hasher::new();
             loop {

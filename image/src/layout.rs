@@ -211,7 +211,7 @@ impl Packer {
         };
         pack.pieces.push(piece);
         pack.len += piece.len;
-        if pack.len >= params.pack_min && boundary_key % params.boundary_divisor == 0 {
+        if pack.len >= params.pack_min && boundary_key.is_multiple_of(params.boundary_divisor) {
             self.open = None;
         }
         extent

@@ -124,7 +124,7 @@ impl LayerBlob {
     /// The layer's stored bytes, verified against `stored_digest` at the end of the
     /// stream, and the flag that says the check passed. Without a stored digest there is
     /// no flag, and the caller must check `diff_id` on the uncompressed stream.
-    pub fn open(&self) -> Result<(Box<dyn Read + Send>, Option<Arc<AtomicBool>>), SourceError> {
+    pub fn open(&self) -> Result<OpenedBlob, SourceError> {
         let io_err = |source| SourceError::Io {
             path: self.file.clone(),
             source,
@@ -143,6 +143,9 @@ impl LayerBlob {
         })
     }
 }
+
+/// A layer's stored bytes, and the flag its digest check sets when it passes.
+pub type OpenedBlob = (Box<dyn Read + Send>, Option<Arc<AtomicBool>>);
 
 /// A resolved image: configuration and layers, bottom first.
 #[derive(Debug, Clone)]
@@ -480,25 +483,50 @@ fn open_docker_archive(reference: &SourceRef, path: &Path) -> Result<ImageSource
     let file = File::open(path).map_err(io_err)?;
     let mut reader = TarReader::new(io::BufReader::with_capacity(1 << 16, file));
     let mut members = HashMap::new();
+    // `docker save` writes a layer that appears twice as a symlink to its first copy.
+    let mut links: HashMap<String, String> = HashMap::new();
     while let Some(header) = reader
         .next_entry()
         .map_err(|e| invalid(path, "the archive", e))?
     {
-        if header.kind == EntryKind::Regular {
-            let name = String::from_utf8_lossy(&header.path)
-                .trim_start_matches("./")
-                .to_owned();
-            members.insert(
-                name,
-                Member {
-                    offset: reader.offset(),
-                    len: header.size,
-                },
-            );
+        let name = normalize_member(&String::from_utf8_lossy(&header.path));
+        match header.kind {
+            EntryKind::Regular => {
+                members.insert(
+                    name,
+                    Member {
+                        offset: reader.offset(),
+                        len: header.size,
+                    },
+                );
+            }
+            EntryKind::Symlink => {
+                let target = String::from_utf8_lossy(&header.link).into_owned();
+                let dir = name.rsplit_once('/').map_or("", |(d, _)| d);
+                links.insert(name.clone(), normalize_member(&format!("{dir}/{target}")));
+            }
+            EntryKind::HardLink => {
+                links.insert(
+                    name,
+                    normalize_member(&String::from_utf8_lossy(&header.link)),
+                );
+            }
+            _ => {}
         }
     }
+    let find = |name: &str| -> Option<&Member> {
+        let mut name = normalize_member(name);
+        // A few hops at most; a loop, or a link that leaves the archive, finds nothing.
+        for _ in 0..8 {
+            if let Some(member) = members.get(&name) {
+                return Some(member);
+            }
+            name = links.get(&name)?.clone();
+        }
+        None
+    };
     let read_member = |name: &str| -> Result<Vec<u8>, SourceError> {
-        let member = members.get(name).ok_or_else(|| SourceError::NotFound {
+        let member = find(name).ok_or_else(|| SourceError::NotFound {
             path: path.to_owned(),
             message: format!("the archive has no {name}"),
         })?;
@@ -552,12 +580,10 @@ fn open_docker_archive(reference: &SourceRef, path: &Path) -> Result<ImageSource
     }
     let mut layers = Vec::with_capacity(entry.layers.len());
     for (i, (name, diff_id)) in entry.layers.iter().zip(&diff_ids).enumerate() {
-        let member = members
-            .get(name.as_str())
-            .ok_or_else(|| SourceError::NotFound {
-                path: path.to_owned(),
-                message: format!("the archive has no {name} (layer {i})"),
-            })?;
+        let member = find(name).ok_or_else(|| SourceError::NotFound {
+            path: path.to_owned(),
+            message: format!("the archive has no {name} (layer {i})"),
+        })?;
         let diff_id = parse_digest(path, &format!("layer {i}'s diff_id"), diff_id)?;
         let stored_digest = name
             .strip_prefix("blobs/sha256/")
@@ -576,6 +602,21 @@ fn open_docker_archive(reference: &SourceRef, path: &Path) -> Result<ImageSource
         config,
         layers,
     })
+}
+
+/// A member's path without `./`, `.` and `..` (which stop at the archive's root).
+fn normalize_member(name: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in name.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    parts.join("/")
 }
 
 /// The digest a member's name carries: `blobs/sha256/<hex>` or `<hex>.json`.
@@ -620,6 +661,13 @@ mod tests {
         );
         assert!(SourceRef::parse("docker://busybox").is_err());
         assert!(SourceRef::parse("oci:").is_err());
+    }
+
+    #[test]
+    fn member_names_normalize() {
+        assert_eq!(normalize_member("./a/b/../c"), "a/c");
+        assert_eq!(normalize_member("abc/../def/layer.tar"), "def/layer.tar");
+        assert_eq!(normalize_member("../../x"), "x");
     }
 
     #[test]

@@ -18,6 +18,20 @@ pub const BLOCK: usize = 512;
 /// hostile layer cannot make us buffer gigabytes.
 pub const MAX_EXTENSION_LEN: u64 = 1 << 20;
 
+/// All the extended headers of one entry together: the same 1 MiB. Without it, a run of
+/// PAX headers could pile megabytes of xattrs onto one entry.
+pub const MAX_EXTENSIONS_PER_ENTRY: u64 = 1 << 20;
+
+/// Longest path or link target accepted (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// Xattrs of one entry, names and values together (Linux's XATTR_LIST_MAX).
+pub const MAX_XATTR_BYTES: usize = 64 << 10;
+
+/// Largest entry size: what fits an i64, as in Go's archive/tar (what Docker and
+/// containerd read layers with), so that we never read an archive differently than they.
+const MAX_ENTRY_SIZE: u64 = i64::MAX as u64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
     #[error("read failed: {0}")]
@@ -38,6 +52,8 @@ pub enum TarError {
     UnsupportedType(char),
     #[error("an entry has an empty path")]
     EmptyPath,
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// What an entry is.
@@ -129,6 +145,7 @@ impl<R: Read> TarReader<R> {
         }
         self.skip_rest()?;
         let mut overrides = Overrides::default();
+        let mut extension_bytes = 0u64;
         loop {
             let Some(block) = self.read_header_block()? else {
                 self.finished = true;
@@ -137,6 +154,18 @@ impl<R: Read> TarReader<R> {
             verify_checksum(&block)?;
             let type_flag = block[156];
             let size = number(&block[124..136], "size")?;
+            if size > MAX_ENTRY_SIZE {
+                return Err(TarError::Invalid(format!("a size of {size} bytes")));
+            }
+            if matches!(type_flag, b'x' | b'g' | b'L' | b'K') {
+                extension_bytes += size;
+                if extension_bytes > MAX_EXTENSIONS_PER_ENTRY {
+                    return Err(TarError::ExtensionTooLarge {
+                        what: "the extended headers of one entry",
+                        len: extension_bytes,
+                    });
+                }
+            }
             match type_flag {
                 b'x' => {
                     let body = self.read_extension(size, "a PAX extended header")?;
@@ -200,7 +229,30 @@ impl<R: Read> TarReader<R> {
         if path.is_empty() {
             return Err(TarError::EmptyPath);
         }
+        if path.len() > MAX_PATH_LEN {
+            return Err(TarError::Invalid(format!("a path of {} bytes", path.len())));
+        }
         let size = overrides.size.unwrap_or(size);
+        if size > MAX_ENTRY_SIZE {
+            return Err(TarError::Invalid(format!("a size of {size} bytes")));
+        }
+        // Only regular files (and, in some writers' pax mode, hard links) carry data; a
+        // directory, link or device that claims some is malformed.
+        if size > 0 && !matches!(kind, EntryKind::Regular | EntryKind::HardLink) {
+            return Err(TarError::Invalid(format!(
+                "a {kind:?} entry that claims {size} bytes of data"
+            )));
+        }
+        let xattr_bytes: usize = overrides
+            .xattrs
+            .iter()
+            .map(|(n, v)| n.len() + 1 + v.len())
+            .sum();
+        if xattr_bytes > MAX_XATTR_BYTES {
+            return Err(TarError::Invalid(format!(
+                "{xattr_bytes} bytes of xattrs, more than Linux's {MAX_XATTR_BYTES}"
+            )));
+        }
         let data = size;
         let (mtime, mtime_nanos) = match overrides.mtime {
             Some(t) => t,
@@ -221,9 +273,18 @@ impl<R: Read> TarReader<R> {
             size: if kind == EntryKind::Regular { size } else { 0 },
             mtime,
             mtime_nanos,
-            link: overrides
-                .link
-                .unwrap_or_else(|| field_bytes(&block[157..257]).to_vec()),
+            link: {
+                let link = overrides
+                    .link
+                    .unwrap_or_else(|| field_bytes(&block[157..257]).to_vec());
+                if link.len() > MAX_PATH_LEN {
+                    return Err(TarError::Invalid(format!(
+                        "a link target of {} bytes",
+                        link.len()
+                    )));
+                }
+                link
+            },
             dev_major: device_number(&block[329..337], "devmajor")?,
             dev_minor: device_number(&block[337..345], "devminor")?,
             xattrs: overrides.xattrs,
@@ -255,6 +316,7 @@ impl<R: Read> TarReader<R> {
 
     /// Skips what is left of the current entry's data and padding.
     fn skip_rest(&mut self) -> Result<(), TarError> {
+        // Both are bounded by MAX_ENTRY_SIZE, so the sum cannot overflow.
         let skip = self.remaining + self.padding;
         if skip > 0 {
             let copied = io::copy(&mut (&mut self.inner).take(skip), &mut io::sink())?;
@@ -469,7 +531,13 @@ fn parse_pax(mut body: &[u8], overrides: &mut Overrides) -> Result<(), TarError>
         match key {
             b"path" => overrides.path = Some(value.to_vec()),
             b"linkpath" => overrides.link = Some(value.to_vec()),
-            b"size" => overrides.size = Some(decimal("size")?),
+            b"size" => {
+                let size = decimal("size")?;
+                if size > MAX_ENTRY_SIZE {
+                    return Err(bad("a size beyond 2^63"));
+                }
+                overrides.size = Some(size);
+            }
             b"uid" => overrides.uid = Some(decimal("uid")?),
             b"gid" => overrides.gid = Some(decimal("gid")?),
             b"mtime" => overrides.mtime = Some(parse_pax_time(value).ok_or_else(|| bad("mtime"))?),
@@ -815,6 +883,76 @@ mod tests {
         assert_eq!(base64_decode(b"AQ==").unwrap(), vec![1]);
     }
 
+    fn raw_block(name: &[u8], type_flag: u8, size_field: &[u8]) -> [u8; BLOCK] {
+        let mut block = [0u8; BLOCK];
+        block[..name.len()].copy_from_slice(name);
+        block[156] = type_flag;
+        block[124..124 + size_field.len()].copy_from_slice(size_field);
+        block[257..263].copy_from_slice(b"ustar\0");
+        block[148..156].copy_from_slice(b"        ");
+        let sum: u64 = block.iter().map(|&b| u64::from(b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        block
+    }
+
+    fn pax_header(records: &[u8]) -> Vec<u8> {
+        let size = format!("{:011o}", records.len());
+        let mut out = raw_block(b"pax", b'x', size.as_bytes()).to_vec();
+        out.extend_from_slice(records);
+        out.resize(out.len() + padding(records.len() as u64) as usize, 0);
+        out
+    }
+
+    fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+        let body = 3 + key.len() + value.len();
+        let mut len = body + 1;
+        while len.to_string().len() + body != len {
+            len = len.to_string().len() + body;
+        }
+        [format!("{len} {key}=").as_bytes(), value, b"\n"].concat()
+    }
+
+    #[test]
+    fn sizes_beyond_i64_and_data_on_directories_are_refused() {
+        // A PAX size of 2^64 - 1 on a directory: refused, never an overflow.
+        let mut bytes = pax_header(&pax_record("size", b"18446744073709551615"));
+        bytes.extend_from_slice(&raw_block(b"d/", b'5', b"00000000000"));
+        assert!(read_all(&bytes).is_err());
+        // A directory claiming data.
+        let bytes = raw_block(b"d/", b'5', b"00000001000");
+        assert!(matches!(read_all(&bytes), Err(TarError::Invalid(_))));
+    }
+
+    #[test]
+    fn piled_up_extended_headers_are_refused() {
+        // Many PAX headers before one entry, each under the per-header limit.
+        let value = vec![b'x'; 60_000];
+        let mut bytes = Vec::new();
+        for i in 0..20 {
+            bytes.extend(pax_header(&pax_record(
+                &format!("SCHILY.xattr.user.{i}"),
+                &value,
+            )));
+        }
+        bytes.extend_from_slice(&raw_block(b"f", b'0', b"00000000000"));
+        assert!(read_all(&bytes).is_err());
+        // One PAX header with 100 KiB of xattrs: over Linux's limit for one file.
+        let mut records = Vec::new();
+        for i in 0..2 {
+            records.extend(pax_record(
+                &format!("SCHILY.xattr.user.{i}"),
+                &vec![b'y'; 50_000],
+            ));
+        }
+        let mut bytes = pax_header(&records);
+        bytes.extend_from_slice(&raw_block(b"f", b'0', b"00000000000"));
+        assert!(matches!(read_all(&bytes), Err(TarError::Invalid(_))));
+        // A path longer than PATH_MAX.
+        let mut bytes = pax_header(&pax_record("path", &vec![b'p'; 5000]));
+        bytes.extend_from_slice(&raw_block(b"f", b'0', b"00000000000"));
+        assert!(matches!(read_all(&bytes), Err(TarError::Invalid(_))));
+    }
+
     #[test]
     fn sparse_files_are_refused() {
         let mut block = [0u8; BLOCK];
@@ -828,5 +966,94 @@ mod tests {
             read_all(&block),
             Err(TarError::UnsupportedType('S'))
         ));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::{write::TarWriter, *};
+    use proptest::prelude::*;
+
+    fn archive(sizes: &[usize]) -> Vec<u8> {
+        let mut w = TarWriter::new(Vec::new());
+        for (i, &size) in sizes.iter().enumerate() {
+            let header = EntryHeader {
+                path: format!("dir/{}/{}", i, "n".repeat(i * 37 % 180)).into_bytes(),
+                kind: EntryKind::Regular,
+                mode: 0o644,
+                uid: i as u64,
+                gid: 0,
+                size: size as u64,
+                mtime: 1,
+                mtime_nanos: (i as u32) * 1000,
+                link: Vec::new(),
+                dev_major: 0,
+                dev_minor: 0,
+                xattrs: vec![(b"user.k".to_vec(), vec![i as u8; i % 5])],
+            };
+            w.append(&header, &vec![i as u8; size]).unwrap();
+        }
+        w.finish().unwrap()
+    }
+
+    /// Reads every entry and its data; returns how many entries were read before an error.
+    fn read_everything(bytes: &[u8]) -> (usize, bool) {
+        let mut reader = TarReader::new(bytes);
+        let mut entries = 0;
+        let mut buf = [0u8; 4096];
+        loop {
+            match reader.next_entry() {
+                Ok(Some(_)) => entries += 1,
+                Ok(None) => return (entries, true),
+                Err(_) => return (entries, false),
+            }
+            loop {
+                match reader.read_data(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => return (entries, false),
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Damage anywhere in a valid archive (flipped bytes, truncation) gives errors or
+        /// fewer entries, never a panic; because the input starts valid, the damage is met
+        /// past the first header's checks (the test counts that it is).
+        #[test]
+        fn damaged_archives_never_panic(
+            sizes in proptest::collection::vec(0usize..3000, 1..6),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..4),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut bytes = archive(&sizes);
+            let clean = read_everything(&bytes);
+            prop_assert_eq!(clean, (sizes.len(), true));
+            for (at, mask) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= mask;
+            }
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let (entries, _) = read_everything(&bytes);
+            prop_assert!(entries <= sizes.len() + 1);
+        }
+
+        /// Arbitrary bytes behind a valid first header.
+        #[test]
+        fn garbage_after_a_valid_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut bytes = archive(&[10]);
+            // Keep the whole first entry (its PAX header, header and data), drop the
+            // end-of-archive marker.
+            bytes.truncate(bytes.len() - 2 * BLOCK);
+            bytes.extend_from_slice(&tail);
+            let (entries, _) = read_everything(&bytes);
+            prop_assert!(entries >= 1, "the valid first entry is read");
+        }
     }
 }

@@ -17,7 +17,7 @@
 //! aufs bookkeeping entries (`.wh..wh.*` other than the opaque marker) are ignored, as
 //! Docker and containerd do.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::{
     layer::{Content, LayerEntry, lossy},
@@ -25,9 +25,7 @@ use crate::{
 };
 
 const MAX_NAME: usize = 255;
-const MAX_PATH: usize = 4096;
-/// Linux's XATTR_LIST_MAX and XATTR_SIZE_MAX are both 64 KiB.
-const MAX_XATTR_BYTES: usize = 64 << 10;
+use crate::tar::{MAX_PATH_LEN as MAX_PATH, MAX_XATTR_BYTES};
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
@@ -163,8 +161,8 @@ impl Tree {
                 message,
             };
             let (parent, name) = path.split_at(path.len() - 1);
-            match self.find(parent).map_err(fail)? {
-                Some(id) => match &mut self.nodes[id as usize].kind {
+            if let Some(id) = self.find(parent).map_err(fail)? {
+                match &mut self.nodes[id as usize].kind {
                     Kind::Dir(children) => {
                         children.remove(name[0]);
                     }
@@ -177,8 +175,7 @@ impl Tree {
                         )));
                     }
                     _ => {}
-                },
-                None => {}
+                }
             }
         }
 
@@ -191,38 +188,60 @@ impl Tree {
             })?;
         }
 
-        // Hard links may point at other hard links of the same layer, in any order: resolve
-        // them in rounds until no more can be.
+        // Hard links may point at other hard links of the same layer, in any order: each is
+        // applied after the chain of links it points through (followed once, remembered), so
+        // n links cost O(n) whatever their order, and a cycle is an error.
         links.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut pending = links;
-        while !pending.is_empty() {
-            let before = pending.len();
-            let mut still = Vec::new();
-            for (path, entry) in pending {
-                match self.link(&path, entry) {
-                    Ok(true) => {}
-                    Ok(false) => still.push((path, entry)),
-                    Err(message) => {
-                        return Err(TreeError {
-                            layer: label.to_owned(),
-                            entry: lossy(&entry.header.path),
-                            message,
-                        });
+        let by_path: HashMap<&[&[u8]], &LayerEntry> =
+            links.iter().map(|(p, e)| (p.as_slice(), *e)).collect();
+        let mut applied: HashSet<&[&[u8]]> = HashSet::with_capacity(links.len());
+        for (path, _) in &links {
+            let mut chain: Vec<&[&[u8]]> = Vec::new();
+            let mut on_chain: HashSet<&[&[u8]]> = HashSet::new();
+            let mut current: &[&[u8]] = path.as_slice();
+            loop {
+                if applied.contains(current) {
+                    break;
+                }
+                if !on_chain.insert(current) {
+                    let entry = by_path[current];
+                    return Err(TreeError {
+                        layer: label.to_owned(),
+                        entry: lossy(&entry.header.path),
+                        message: "a cycle of hard links".into(),
+                    });
+                }
+                chain.push(current);
+                let entry = by_path[current];
+                let target = components(&entry.header.link).map_err(|e| TreeError {
+                    layer: label.to_owned(),
+                    entry: lossy(&entry.header.path),
+                    message: format!("hard link target {:?}: {e}", lossy(&entry.header.link)),
+                })?;
+                match by_path.get_key_value(target.as_slice()) {
+                    Some((&key, _)) => current = key,
+                    None => break,
+                }
+            }
+            for &link in chain.iter().rev() {
+                let entry = by_path[link];
+                let fail = |message: String| TreeError {
+                    layer: label.to_owned(),
+                    entry: lossy(&entry.header.path),
+                    message,
+                };
+                match self.link(link, entry).map_err(fail)? {
+                    true => {
+                        applied.insert(link);
+                    }
+                    false => {
+                        return Err(fail(format!(
+                            "hard link to {:?}, which does not exist",
+                            lossy(&entry.header.link)
+                        )));
                     }
                 }
             }
-            if still.len() == before {
-                let (_, entry) = &still[0];
-                return Err(TreeError {
-                    layer: label.to_owned(),
-                    entry: lossy(&entry.header.path),
-                    message: format!(
-                        "hard link to {:?}, which does not exist",
-                        lossy(&entry.header.link)
-                    ),
-                });
-            }
-            pending = still;
         }
         Ok(())
     }
@@ -749,6 +768,36 @@ mod tests {
             ],
         )
         .unwrap();
+    }
+
+    #[test]
+    fn long_chains_of_hard_links_resolve_in_linear_time_and_cycles_are_refused() {
+        // l0 -> l1 -> ... -> l{n-1} -> file, listed in the worst order for rounds.
+        let n = 20_000;
+        let mut entries = vec![entry("file", Regular)];
+        for i in 0..n {
+            let target = if i + 1 == n {
+                "file".to_owned()
+            } else {
+                format!("l{:06}", i + 1)
+            };
+            entries.push(link(&format!("l{i:06}"), HardLink, &target));
+        }
+        // (Resolved in rounds, as before, this took minutes: each round resolved one link.)
+        let mut tree = Tree::new();
+        tree.apply_layer("l", &entries).unwrap();
+        let flat = tree.finish();
+        let file = flat
+            .inodes
+            .iter()
+            .find(|i| matches!(i.kind, FlatKind::File(_)))
+            .unwrap();
+        assert_eq!(file.nlink as usize, n + 1);
+        let mut tree = Tree::new();
+        let err = tree
+            .apply_layer("l", &[link("a", HardLink, "b"), link("b", HardLink, "a")])
+            .unwrap_err();
+        assert!(err.message.contains("cycle"), "{err}");
     }
 
     #[test]

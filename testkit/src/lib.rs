@@ -21,6 +21,15 @@ pub fn server_binary() -> PathBuf {
         .clone()
 }
 
+/// The `slapshot` command-line binary, found like `server_binary` (`$SLAPSHOT_BIN`
+/// overrides).
+pub fn slapshot_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| locate_binary("slapshot", "slapshot", "SLAPSHOT_BIN"))
+        .clone()
+}
+
 /// Finds a workspace binary next to the running test executable (target/PROFILE/deps/..),
 /// building its package with cargo if it is not there.
 pub fn locate_binary(name: &str, package: &str, env_override: &str) -> PathBuf {

@@ -1,4 +1,4 @@
-//! `slapshot demo`: the whole read path on one machine, with embedded defaults.
+//! `slapshot demo --chunks`: the fleet's read path on one machine, with embedded defaults.
 //!
 //! Starts a 5-node fleet on loopback (4-of-5), seals a set of chunks with convergent
 //! encryption into a local origin, then reads them three times: from a cold fleet (every
@@ -18,13 +18,13 @@ use crate::{
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Chunks of 512 KiB to seal and read.
-    #[arg(long, default_value_t = 256)]
-    pub chunks: usize,
+    /// Chunks of 512 KiB to seal and read (with --chunks).
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub chunk_count: usize,
     /// Concurrent chunk reads.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// Keep the fleet's files here instead of a temporary directory.
+    /// Keep the demo's files (fleet, origin, caches) here instead of a temporary directory.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<std::path::PathBuf>,
 }
@@ -68,9 +68,9 @@ async fn demo(args: &DemoArgs, fleet: &mut LocalFleet) -> anyhow::Result<()> {
     // An "image": chunks of pseudo-random plaintext, sealed under one salt.
     let salt = Salt::new(b"demo-epoch-1");
     let started = Instant::now();
-    let mut names = Vec::with_capacity(args.chunks);
+    let mut names = Vec::with_capacity(args.chunk_count);
     let mut state = 0x5eed_u64;
-    for _ in 0..args.chunks {
+    for _ in 0..args.chunk_count {
         let plaintext: Vec<u8> = (0..CHUNK_SIZE / 8)
             .flat_map(|_| {
                 state = state
@@ -180,7 +180,7 @@ impl Snapshot {
 }
 
 /// A fresh directory under the system's temporary directory.
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
+pub fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("slapshot-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

@@ -50,6 +50,10 @@ pub struct LayoutArgs {
     /// Refuse images with more entries than this (a tar-bomb limit).
     #[arg(long, value_name = "N", default_value_t = 10_000_000)]
     pub max_entries: u64,
+    /// Where layer contents wait between reading and sealing (unlinked files; up to the
+    /// image's size) [default: $TMPDIR, else /tmp: choose a disk if that is a small tmpfs].
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 impl LayoutArgs {
@@ -58,14 +62,21 @@ impl LayoutArgs {
         let chunk_size = u32::try_from(self.chunk_size.0)
             .ok()
             .context("--chunk-size is too large")?;
+        let small = |value: Option<ByteSize>, flag: &str| -> anyhow::Result<Option<u32>> {
+            value
+                .map(|b| {
+                    u32::try_from(b.0)
+                        .ok()
+                        .with_context(|| format!("{flag} is too large"))
+                })
+                .transpose()
+        };
+        let max_packed = small(self.max_packed, "--max-packed")?;
+        let pack_min = small(self.pack_min, "--pack-min")?;
         let layout = LayoutParams {
             chunk_size,
-            max_packed: self
-                .max_packed
-                .map_or(defaults.max_packed.min(chunk_size), |b| b.0 as u32),
-            pack_min: self
-                .pack_min
-                .map_or(defaults.pack_min.min(chunk_size), |b| b.0 as u32),
+            max_packed: max_packed.unwrap_or(defaults.max_packed.min(chunk_size)),
+            pack_min: pack_min.unwrap_or(defaults.pack_min.min(chunk_size)),
             boundary_divisor: self.boundary_divisor.unwrap_or(defaults.boundary_divisor),
         };
         layout
@@ -81,7 +92,7 @@ impl LayoutArgs {
             threads: self
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-            spool_dir: std::env::temp_dir(),
+            spool_dir: self.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
         })
     }
 }

@@ -1,4 +1,5 @@
-//! The `slapshot` command line.
+//! The client's commands of the `slapshot` command line (the binary is the `slapshot`
+//! crate, which adds the worker's commands from the FUSE agent).
 
 pub mod chunk;
 pub mod demo;
@@ -7,46 +8,7 @@ pub mod image;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "slapshot",
-    version,
-    about = "slapshot: on-demand container image loading through an erasure-coded cache fleet"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-
-    /// Log filter for messages on stderr, e.g. "info" or "slapshot_client=debug" [default: warn, or RUST_LOG].
-    #[arg(long, global = true, value_name = "FILTER")]
-    pub log: Option<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the read path end to end on this machine: a 5-node fleet, sealed chunks in an
-    /// origin, cold, warm and node-killed reads, with a summary.
-    Demo(demo::DemoArgs),
-    /// Run and inspect cache fleets.
-    #[command(subcommand)]
-    Fleet(FleetCommand),
-    /// Store and fetch single chunks: an operator's smoke test of a fleet.
-    #[command(subcommand)]
-    Chunk(ChunkCommand),
-    /// Flatten an OCI image (oci:PATH[:TAG] or docker-archive:PATH) into sealed chunks and
-    /// a manifest in the origin; prints the image id.
-    Flatten(image::FlattenArgs),
-    /// List an image's tree from its manifest: mode, links, owner, size, mtime, path.
-    Ls(image::LsArgs),
-    /// Write one file of an image to stdout, reading and verifying its chunks from the origin.
-    Cat(image::CatArgs),
-    /// List the named images in the origin.
-    Images(image::ImagesArgs),
-    /// Compare dedup by layer, by file and by chunk (this layout) over a set of images.
-    Dedup(image::DedupArgs),
-}
+use clap::Subcommand;
 
 /// The fleet file, and settings that override it for this command.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,0 +1,239 @@
+//! `slapshot mount`, `slapshot run` and `slapshot stats`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use slapshot_client::settings::{Settings, SettingsArgs};
+use slapshot_core::ByteSize;
+
+use crate::{
+    agent::{build_tiers, resolve_image},
+    control::{StatsSocket, read_stats, serve_metrics},
+    fs::ImageFs,
+    mount::{DEFAULT_THREADS, Mount, Unmounted, check_can_mount},
+    run::{RunSpec, run},
+    stats::{Summary, human},
+};
+
+/// Cache sizes that override the settings file for one command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CacheArgs {
+    /// Memory tier: decrypted chunks kept in memory [default: settings, 256MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub memory: Option<ByteSize>,
+    /// Disk tier: sealed chunks kept on disk, shared by all images [default: settings, 4GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub disk: Option<ByteSize>,
+    /// Directory of the disk tier [default: settings, ~/.cache/slapshot].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    fn apply(&self, settings: &mut Settings) {
+        if let Some(memory) = self.memory {
+            settings.cache.memory = memory;
+        }
+        if let Some(disk) = self.disk {
+            settings.cache.disk = disk;
+        }
+        if let Some(dir) = &self.cache_dir {
+            settings.cache.dir = Some(dir.clone());
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// The image: a name or id in the origin, or oci:PATH[:TAG] / docker-archive:PATH
+    /// (flattened first if it has not been).
+    pub image: String,
+    /// Where to mount it (an existing directory).
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// FUSE event-loop threads.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_THREADS)]
+    pub threads: usize,
+    /// Also serve the statistics as Prometheus text on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+}
+
+/// Mounts an image and serves it until SIGINT or SIGTERM (or an unmount from outside).
+pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
+    check_can_mount()?;
+    let mut settings = Settings::resolve(&args.settings)?;
+    args.cache.apply(&mut settings);
+    let (id, manifest) = resolve_image(&settings, &args.image).await?;
+    let runtime = tokio::runtime::Handle::current();
+    let tiers = build_tiers(&settings, runtime.clone())?;
+    let stats = tiers.stats().clone();
+    let fs = ImageFs::new(manifest.clone(), tiers, runtime);
+    let label = args.image.clone();
+    let mountpoint = args.mountpoint.clone();
+    let threads = args.threads;
+    let mount_stats = stats.clone();
+    let mount = tokio::task::spawn_blocking(move || {
+        Mount::new(fs, mount_stats, &mountpoint, &label, threads)
+    })
+    .await
+    .context("the mount thread failed")??;
+    let _socket = StatsSocket::start(&args.mountpoint, stats.clone())
+        .context("cannot open the stats socket")?;
+    if let Some(addr) = &args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tokio::spawn(serve_metrics(listener, stats.clone()));
+    }
+    eprintln!(
+        "mounted {} (image {}, {} files, {}) at {}; SIGINT or SIGTERM unmounts",
+        args.image,
+        &id.to_string()[..12],
+        manifest.inodes.len(),
+        human(manifest.file_bytes()),
+        args.mountpoint.display()
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if mount.ended() {
+                    eprintln!("{} was unmounted from outside", args.mountpoint.display());
+                    break;
+                }
+            }
+        }
+    }
+    let busy_notice = args.mountpoint.clone();
+    let outcome = tokio::task::spawn_blocking(move || mount.unmount(Duration::from_secs(10)))
+        .await
+        .context("the unmount thread failed")??;
+    match outcome {
+        Unmounted::Clean => eprintln!("unmounted {}", busy_notice.display()),
+        Unmounted::Detached => eprintln!(
+            "{} was busy: detached, and served until its last user let go",
+            busy_notice.display()
+        ),
+        Unmounted::Aborted => eprintln!(
+            "{} stayed busy for 10 s after it was detached: its connection was aborted",
+            busy_notice.display()
+        ),
+    }
+    eprint!("{}", Summary::from_text(&stats.render()).table());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The image: a name or id in the origin, or oci:PATH[:TAG] / docker-archive:PATH
+    /// (flattened first if it has not been).
+    pub image: String,
+    /// The program and its arguments, after `--` [default: the image's entrypoint and cmd].
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Do not print the summary after the program exits.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// What the program may write: its writable layer and /tmp are memory, each this size.
+    #[arg(long, value_name = "BYTES", default_value = "1GiB")]
+    pub writable_size: ByteSize,
+}
+
+/// Runs a program inside an image; returns its exit code.
+pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+    check_can_mount()?;
+    let mut settings = Settings::resolve(&args.settings)?;
+    args.cache.apply(&mut settings);
+    let (_, manifest) = resolve_image(&settings, &args.image).await?;
+    let runtime = tokio::runtime::Handle::current();
+    let tiers = build_tiers(&settings, runtime.clone())?;
+    let stats = tiers.stats().clone();
+    let mut spec = RunSpec::from_image(&manifest, &args.command, &args.image)?;
+    spec.writable_bytes = args.writable_size.0;
+    let child = spec.child_pid.clone();
+    let fs = ImageFs::new(manifest.clone(), tiers, runtime);
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let run_stats = stats.clone();
+    let mut task = tokio::task::spawn_blocking(move || run(fs, run_stats, manifest, spec));
+    // We stay to clean up after the program. The terminal's Ctrl-C reaches it directly (it
+    // shares our process group); SIGTERM and SIGHUP sent to us are passed on. The program
+    // is PID 1 of its namespace and may ignore them: a second signal kills it.
+    let mut signals = 0;
+    let mut pass_on = |signal: nix::sys::signal::Signal, from_terminal: bool| {
+        let pid = child.load(std::sync::atomic::Ordering::SeqCst);
+        if pid <= 0 {
+            return;
+        }
+        let pid = nix::unistd::Pid::from_raw(pid);
+        signals += 1;
+        if signals > 1 {
+            eprintln!("slapshot: killing the program");
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        } else {
+            if !from_terminal {
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
+            eprintln!(
+                "slapshot: {signal} passed to the program; send it again to kill the program"
+            );
+        }
+    };
+    let outcome = loop {
+        use nix::sys::signal::Signal;
+        tokio::select! {
+            done = &mut task => break done.context("the run thread failed")??,
+            _ = interrupt.recv() => pass_on(Signal::SIGINT, true),
+            _ = quit.recv() => pass_on(Signal::SIGQUIT, true),
+            _ = terminate.recv() => pass_on(Signal::SIGTERM, false),
+            _ = hangup.recv() => pass_on(Signal::SIGHUP, false),
+        }
+    };
+    if !args.quiet {
+        let summary = Summary::from_text(&stats.render());
+        eprintln!(
+            "slapshot: ran in {:.3} s; fetched {} ({:.2}% of the image's {}): memory {}, disk {}, fleet {}, origin {}",
+            outcome.elapsed.as_secs_f64(),
+            human(summary.fetched_bytes() as u64),
+            100.0 * summary.fetched_bytes() / summary.image_bytes.max(1.0),
+            human(summary.image_bytes as u64),
+            human(summary.bytes[0] as u64),
+            human(summary.bytes[1] as u64),
+            human(summary.bytes[2] as u64),
+            human(summary.bytes[3] as u64),
+        );
+    }
+    Ok(ExitCode::from(outcome.code().clamp(0, 255) as u8))
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// The mountpoint of a running `slapshot mount`.
+    pub mountpoint: PathBuf,
+    /// Print the raw Prometheus text instead of the table.
+    #[arg(long)]
+    pub prometheus: bool,
+}
+
+pub fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let text = read_stats(&args.mountpoint)?;
+    if args.prometheus {
+        print!("{text}");
+    } else {
+        print!("{}", Summary::from_text(&text).table());
+    }
+    Ok(())
+}

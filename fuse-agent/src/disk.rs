@@ -1,0 +1,334 @@
+//! The worker's disk tier: sealed chunks in files named by their chunk name, shared by every
+//! image and every agent on the machine, kept across restarts, bounded in bytes.
+//!
+//! Chunks are stored sealed (as the origin has them), so the cache holds no plaintext, and
+//! a chunk is checked against its name every time it is read back: a damaged file is
+//! deleted, counted, and the chunk fetched again. Files are written to a temporary name
+//! and renamed, so a crash never leaves a partial chunk under a real name. Eviction is
+//! least-recently-used by file mtime, which a hit refreshes, so the order survives a
+//! restart.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::File,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{Mutex, atomic::Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use slapshot_core::ChunkName;
+
+use crate::stats::{Stats, inc};
+
+/// Temporary files older than this are leftovers of a crash, not writes in progress.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+struct Entry {
+    len: u64,
+    /// Last use, in nanoseconds since the epoch (the file's mtime).
+    used: u128,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<ChunkName, Entry>,
+    /// (last use, name): the eviction order.
+    order: BTreeSet<(u128, ChunkName)>,
+    bytes: u64,
+}
+
+impl Index {
+    fn insert(&mut self, name: ChunkName, len: u64, used: u128) {
+        self.remove(&name);
+        self.entries.insert(name, Entry { len, used });
+        self.order.insert((used, name));
+        self.bytes += len;
+    }
+
+    fn remove(&mut self, name: &ChunkName) -> Option<Entry> {
+        let entry = self.entries.remove(name)?;
+        self.order.remove(&(entry.used, *name));
+        self.bytes -= entry.len;
+        Some(entry)
+    }
+
+    fn touch(&mut self, name: &ChunkName, used: u128) {
+        if let Some(entry) = self.entries.get_mut(name) {
+            self.order.remove(&(entry.used, *name));
+            entry.used = used;
+            self.order.insert((used, *name));
+        }
+    }
+}
+
+pub struct DiskCache {
+    dir: PathBuf,
+    budget: u64,
+    index: Mutex<Index>,
+    stats: std::sync::Arc<Stats>,
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+impl DiskCache {
+    /// Opens (creating) the cache in `dir`, indexing what is there and trimming it to
+    /// `budget` bytes.
+    pub fn open(dir: &Path, budget: u64, stats: std::sync::Arc<Stats>) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut index = Index::default();
+        for shard in std::fs::read_dir(dir)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for file in std::fs::read_dir(shard.path())? {
+                let file = file?;
+                let file_name = file.file_name();
+                let name = file_name.to_string_lossy();
+                match name.parse::<ChunkName>() {
+                    Ok(chunk) => {
+                        // Another agent sharing the directory may evict while we scan.
+                        let Ok(meta) = file.metadata() else {
+                            continue;
+                        };
+                        let used = meta
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_nanos());
+                        index.insert(chunk, meta.len(), used);
+                    }
+                    // Leftovers of a write that crashed before its rename. Recent ones may be
+                    // another agent's writes in progress: left alone.
+                    Err(_) if name.starts_with(".tmp") => {
+                        let stale = file
+                            .metadata()
+                            .ok()
+                            .and_then(|m| m.modified().ok())
+                            .and_then(|t| t.elapsed().ok())
+                            .is_some_and(|age| age > STALE_TEMP);
+                        if stale {
+                            let _ = std::fs::remove_file(file.path());
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        let cache = Self {
+            dir: dir.to_owned(),
+            budget,
+            index: Mutex::new(index),
+            stats,
+        };
+        cache.evict_to_budget();
+        cache.publish_size();
+        Ok(cache)
+    }
+
+    fn path(&self, name: &ChunkName) -> PathBuf {
+        let hex = name.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish_size(&self) {
+        let bytes = self.lock().bytes;
+        self.stats.disk_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The chunk's stored bytes if the cache has them and they are still the chunk. A
+    /// file this agent has not indexed is looked for too: agents share the directory, and
+    /// another may have written it since.
+    pub fn get(&self, name: &ChunkName) -> Option<Vec<u8>> {
+        let path = self.path(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(_) => {
+                // Evicted by another agent sharing the directory, or removed by hand.
+                if self.lock().remove(name).is_some() {
+                    self.publish_size();
+                }
+                return None;
+            }
+        };
+        if !name.matches(&bytes) {
+            tracing::warn!(chunk = %name, path = %path.display(), "disk cache entry failed verification; fetching it again");
+            inc(&self.stats.disk_corrupt);
+            let _ = std::fs::remove_file(&path);
+            self.lock().remove(name);
+            self.publish_size();
+            return None;
+        }
+        let now = now_nanos();
+        // The mtime carries the use order across restarts.
+        if let Ok(file) = File::options().write(true).open(&path) {
+            let _ = file.set_modified(SystemTime::now());
+        }
+        let known = {
+            let mut index = self.lock();
+            let known = index.entries.contains_key(name);
+            if known {
+                index.touch(name, now);
+            } else {
+                index.insert(*name, bytes.len() as u64, now);
+            }
+            known
+        };
+        if !known {
+            self.evict_to_budget();
+            self.publish_size();
+        }
+        Some(bytes)
+    }
+
+    /// Stores a chunk's (verified) stored bytes, evicting the least recently used entries
+    /// beyond the budget.
+    pub fn put(&self, name: &ChunkName, bytes: &[u8]) -> io::Result<()> {
+        if self.budget == 0 || bytes.len() as u64 > self.budget {
+            return Ok(());
+        }
+        if self.lock().entries.contains_key(name) {
+            return Ok(());
+        }
+        let path = self.path(name);
+        let dir = path.parent().expect("a shard directory");
+        std::fs::create_dir_all(dir)?;
+        // A fresh, exclusively created temporary name (agents in other PID namespaces
+        // share the directory, so a pid is not unique), renamed into place when complete.
+        // No fsync: an entry lost in a crash is fetched again, and a damaged one fails
+        // verification; durability would only cost latency.
+        let mut temp = tempfile::Builder::new().prefix(".tmp").tempfile_in(dir)?;
+        temp.write_all(bytes)?;
+        temp.persist(&path).map_err(|e| e.error)?;
+        self.lock().insert(*name, bytes.len() as u64, now_nanos());
+        self.evict_to_budget();
+        self.publish_size();
+        Ok(())
+    }
+
+    fn evict_to_budget(&self) {
+        loop {
+            let victim = {
+                let mut index = self.lock();
+                if index.bytes <= self.budget {
+                    return;
+                }
+                let Some(&(_, name)) = index.order.iter().next() else {
+                    return;
+                };
+                index.remove(&name);
+                name
+            };
+            let _ = std::fs::remove_file(self.path(&victim));
+            inc(&self.stats.disk_evictions);
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    pub fn contains(&self, name: &ChunkName) -> bool {
+        self.lock().entries.contains_key(name)
+    }
+
+    /// Where a chunk's file is (tests damage it on purpose).
+    pub fn file_of(&self, name: &ChunkName) -> PathBuf {
+        self.path(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, atomic::AtomicU64};
+
+    #[test]
+    fn two_agents_share_one_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        let b = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        let (name, bytes) = chunk(7, 5000);
+        a.put(&name, &bytes).unwrap();
+        assert_eq!(
+            b.get(&name).unwrap(),
+            bytes,
+            "b finds what a wrote after b opened"
+        );
+        assert!(b.contains(&name));
+        // A leftover temporary file of a crash long ago is removed at open; a fresh one
+        // (another agent's write in progress) is not.
+        let shard = dir.path().join("ab");
+        std::fs::create_dir_all(&shard).unwrap();
+        let old = shard.join(".tmp-old");
+        let fresh = shard.join(".tmp-fresh");
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::write(&fresh, b"y").unwrap();
+        let long_ago = SystemTime::now() - 2 * STALE_TEMP;
+        File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        assert!(!old.exists() && fresh.exists());
+    }
+
+    fn chunk(i: u8, len: usize) -> (ChunkName, Vec<u8>) {
+        let bytes = vec![i; len];
+        (ChunkName::of(&bytes), bytes)
+    }
+
+    #[test]
+    fn stores_verifies_evicts_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let cache = DiskCache::open(dir.path(), 3000, stats.clone()).unwrap();
+        let (a, a_bytes) = chunk(1, 1000);
+        let (b, b_bytes) = chunk(2, 1000);
+        let (c, c_bytes) = chunk(3, 1000);
+        cache.put(&a, &a_bytes).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        cache.put(&b, &b_bytes).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        cache.put(&c, &c_bytes).unwrap();
+        assert_eq!(cache.get(&a).unwrap(), a_bytes, "a is now the most recent");
+        let (d, d_bytes) = chunk(4, 1000);
+        cache.put(&d, &d_bytes).unwrap();
+        assert!(cache.get(&b).is_none(), "b was the least recently used");
+        assert!(cache.get(&a).is_some() && cache.get(&c).is_some());
+        assert_eq!(cache.bytes(), 3000);
+        assert_eq!(get(&stats.disk_evictions), 1);
+
+        // Damage a file: it is detected, removed and counted.
+        std::fs::write(cache.file_of(&c), vec![9; 1000]).unwrap();
+        assert!(cache.get(&c).is_none());
+        assert_eq!(get(&stats.disk_corrupt), 1);
+        assert!(!cache.file_of(&c).exists());
+
+        // A new agent finds what the old one left.
+        drop(cache);
+        let reopened = DiskCache::open(dir.path(), 3000, Arc::new(Stats::default())).unwrap();
+        assert_eq!(reopened.get(&a).unwrap(), a_bytes);
+        assert_eq!(reopened.get(&d).unwrap(), d_bytes);
+        assert_eq!(reopened.bytes(), 2000);
+        // A smaller budget trims at open.
+        drop(reopened);
+        let small = DiskCache::open(dir.path(), 1000, Arc::new(Stats::default())).unwrap();
+        assert_eq!(small.bytes(), 1000);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

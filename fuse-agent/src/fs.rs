@@ -1,0 +1,621 @@
+//! The read-only filesystem a manifest describes, served through fuser.
+//!
+//! Inode numbers are manifest inode indices plus one (FUSE's root is 1). Metadata comes
+//! from the manifest in memory, so every operation but `read` answers at once on the
+//! event-loop thread. A `read` whose chunks are all in memory is answered there too;
+//! otherwise it is handed to the runtime with its reply, so that event-loop threads never
+//! wait for the network, and the kernel's limit on outstanding requests
+//! (`max_background`) bounds how many wait at once.
+//!
+//! Errors map to errno values in one place, `errno_of`.
+
+use std::{
+    ffi::OsStr,
+    os::unix::ffi::OsStrExt,
+    sync::Arc,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use slapshot_image::{
+    Manifest,
+    manifest::{Extent, Inode, InodeKind, ZERO_CHUNK},
+};
+
+use crate::{
+    stats::{Stats, Tier, add, inc},
+    tiers::{ChunkRef, Tiers},
+};
+
+/// Content never changes under a mount: the kernel may cache names and attributes as
+/// long as it likes. A day bounds it only for the sake of a round number.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+/// Largest read the kernel sends (its own limit is 1 MiB with 256 pages); large reads
+/// mean fewer round trips for sequential I/O.
+pub const MAX_READ: u32 = 1 << 20;
+/// Kernel readahead: two chunks, so that a sequential reader always has the next chunk
+/// on its way.
+const MAX_READAHEAD: u32 = 1 << 20;
+/// Requests the kernel may have outstanding (reads among them) before it queues more.
+const MAX_BACKGROUND: u16 = 64;
+/// Chunks of a file fetched ahead of a read: the next few extents.
+const PREFETCH_EXTENTS: usize = 4;
+
+pub struct ImageFs {
+    manifest: Arc<Manifest>,
+    /// Parent of each directory (the root is its own parent).
+    parents: Vec<u32>,
+    tiers: Arc<Tiers>,
+    runtime: tokio::runtime::Handle,
+    stats: Arc<Stats>,
+    /// Per open file: where its last read ended, to tell sequential readers (whose next
+    /// chunks are fetched ahead) from random ones (whose are not). An entry lives from
+    /// open to release.
+    handles: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    next_handle: std::sync::atomic::AtomicU64,
+}
+
+/// Why an operation failed, mapped to an errno in `errno_of`.
+#[derive(Debug)]
+enum FsError {
+    NoEntry,
+    NotDir,
+    NotFile,
+    NotLink,
+    NoXattr,
+    Range,
+    ReadOnly,
+    Load,
+}
+
+fn errno_of(error: &FsError) -> Errno {
+    match error {
+        FsError::NoEntry => Errno::ENOENT,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::NotFile => Errno::EISDIR,
+        FsError::NotLink => Errno::EINVAL,
+        FsError::NoXattr => Errno::NO_XATTR,
+        FsError::Range => Errno::ERANGE,
+        FsError::ReadOnly => Errno::EROFS,
+        // No tier could produce a verified chunk: never return other bytes.
+        FsError::Load => Errno::EIO,
+    }
+}
+
+impl ImageFs {
+    pub fn new(
+        manifest: Arc<Manifest>,
+        tiers: Arc<Tiers>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        let mut parents: Vec<u32> = (0..manifest.inodes.len() as u32).collect();
+        for (i, inode) in manifest.inodes.iter().enumerate() {
+            if let InodeKind::Dir(children) = &inode.kind {
+                for (_, child) in children {
+                    if matches!(manifest.inodes[*child as usize].kind, InodeKind::Dir(_)) {
+                        parents[*child as usize] = i as u32;
+                    }
+                }
+            }
+        }
+        let stats = tiers.stats().clone();
+        stats
+            .image_bytes
+            .store(manifest.file_bytes(), std::sync::atomic::Ordering::Relaxed);
+        Self {
+            manifest,
+            parents,
+            tiers,
+            runtime,
+            stats,
+            handles: std::sync::Mutex::new(std::collections::HashMap::new()),
+            next_handle: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Records a read on a handle; true if it continues the handle's previous read.
+    fn sequential(&self, fh: FileHandle, offset: u64, len: u64) -> bool {
+        let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        match handles.get_mut(&u64::from(fh)) {
+            Some(end) => {
+                let sequential = *end == offset && offset > 0;
+                *end = offset + len;
+                sequential
+            }
+            None => false,
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Result<(u32, &Inode), FsError> {
+        let index = u64::from(ino).checked_sub(1).ok_or(FsError::NoEntry)?;
+        let index = u32::try_from(index).map_err(|_| FsError::NoEntry)?;
+        let inode = self
+            .manifest
+            .inodes
+            .get(index as usize)
+            .ok_or(FsError::NoEntry)?;
+        Ok((index, inode))
+    }
+
+    fn attr(&self, index: u32) -> FileAttr {
+        let inode = &self.manifest.inodes[index as usize];
+        let m = &inode.meta;
+        let time = if m.mtime >= 0 {
+            UNIX_EPOCH + Duration::new(m.mtime as u64, m.mtime_nanos)
+        } else {
+            UNIX_EPOCH
+                .checked_sub(Duration::from_secs(m.mtime.unsigned_abs()))
+                .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(m.mtime_nanos))))
+                .unwrap_or(UNIX_EPOCH)
+        };
+        let (kind, rdev) = match inode.kind {
+            InodeKind::Dir(_) => (FileType::Directory, 0),
+            InodeKind::File { .. } => (FileType::RegularFile, 0),
+            InodeKind::Symlink(_) => (FileType::Symlink, 0),
+            InodeKind::CharDevice(major, minor) => (FileType::CharDevice, makedev(major, minor)),
+            InodeKind::BlockDevice(major, minor) => (FileType::BlockDevice, makedev(major, minor)),
+            InodeKind::Fifo => (FileType::NamedPipe, 0),
+        };
+        let size = inode.size();
+        FileAttr {
+            ino: INodeNo(u64::from(index) + 1),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm: (m.mode & 0o7777) as u16,
+            nlink: inode.nlink,
+            uid: m.uid,
+            gid: m.gid,
+            rdev,
+            flags: 0,
+            blksize: 128 << 10,
+        }
+    }
+
+    fn chunk_ref(&self, chunk: u32) -> ChunkRef {
+        let c = &self.manifest.chunks[chunk as usize];
+        ChunkRef {
+            name: c.name,
+            key: self.manifest.keys[chunk as usize].clone(),
+            len: c.len,
+        }
+    }
+
+    fn lookup_child(&self, parent: INodeNo, name: &OsStr) -> Result<u32, FsError> {
+        let (index, inode) = self.inode(parent)?;
+        if !matches!(inode.kind, InodeKind::Dir(_)) {
+            return Err(FsError::NotDir);
+        }
+        self.manifest
+            .child(index, name.as_bytes())
+            .ok_or(FsError::NoEntry)
+    }
+
+    fn xattr(&self, ino: INodeNo, name: Option<&OsStr>, size: u32, reply: ReplyXattr) {
+        let result = self.inode(ino).and_then(|(_, inode)| {
+            let xattrs = &inode.meta.xattrs;
+            match name {
+                Some(name) => xattrs
+                    .iter()
+                    .find(|(n, _)| n.as_slice() == name.as_bytes())
+                    .map(|(_, v)| v.clone())
+                    .ok_or(FsError::NoXattr),
+                None => Ok(xattrs
+                    .iter()
+                    .flat_map(|(n, _)| n.iter().copied().chain([0]))
+                    .collect()),
+            }
+        });
+        match result {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() <= size as usize => reply.data(&value),
+            Ok(_) => reply.error(errno_of(&FsError::Range)),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+}
+
+fn makedev(major: u32, minor: u32) -> u32 {
+    // The kernel's new_encode_dev, which is what FUSE's 32-bit rdev carries.
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+/// One piece of a read: `len` bytes from `start` within extent `index`.
+struct Piece {
+    index: usize,
+    extent: Extent,
+    start: u32,
+    len: u32,
+}
+
+fn pieces(extents: &[Extent], offset: u64, len: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let end = offset.saturating_add(len);
+    let mut at = 0u64;
+    for (index, e) in extents.iter().enumerate() {
+        let e_end = at + u64::from(e.len);
+        if e_end > offset && at < end {
+            let start = offset.max(at) - at;
+            let stop = end.min(e_end) - at;
+            out.push(Piece {
+                index,
+                extent: *e,
+                start: start as u32,
+                len: (stop - start) as u32,
+            });
+        }
+        if e_end >= end {
+            break;
+        }
+        at = e_end;
+    }
+    out
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_MAX_PAGES;
+        // Take what this kernel offers; older kernels lack some of these.
+        for flag in wanted.iter() {
+            let _ = config.add_capabilities(flag);
+        }
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_child(parent, name) {
+            Ok(child) => reply.entry(&TTL, &self.attr(child), Generation(0)),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino) {
+            Ok((index, _)) => reply.attr(&TTL, &self.attr(index)),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inode(ino) {
+            Ok((_, inode)) => match &inode.kind {
+                InodeKind::Symlink(target) => reply.data(target),
+                _ => reply.error(errno_of(&FsError::NotLink)),
+            },
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode(ino) {
+            Ok((_, inode)) if matches!(inode.kind, InodeKind::Dir(_)) => {
+                reply.error(errno_of(&FsError::NotFile))
+            }
+            Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => {
+                reply.error(errno_of(&FsError::ReadOnly))
+            }
+            // The contents never change: the page cache may keep them across opens.
+            Ok(_) => {
+                let fh = self
+                    .next_handle
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.handles
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, 0);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&u64::from(fh));
+        reply.ok();
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let started = Instant::now();
+        let (_, inode) = match self.inode(ino) {
+            Ok(found) => found,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let InodeKind::File { extents, .. } = &inode.kind else {
+            return reply.error(errno_of(&FsError::NotFile));
+        };
+        let pieces = pieces(extents, offset, u64::from(size));
+        inc(&self.stats.reads);
+        // A reader that continues where it stopped reads on: ask for the chunks after this
+        // read's before waiting for this read's own. Random readers fetch only what they read.
+        if self.sequential(fh, offset, u64::from(size))
+            && let Some(last) = pieces.last()
+        {
+            for e in extents.iter().skip(last.index + 1).take(PREFETCH_EXTENTS) {
+                if e.chunk != ZERO_CHUNK {
+                    self.tiers.prefetch(&self.chunk_ref(e.chunk));
+                }
+            }
+        }
+        // Everything in memory: answer on this thread.
+        let mut cached = Vec::with_capacity(pieces.len());
+        for piece in &pieces {
+            if piece.extent.chunk == ZERO_CHUNK {
+                cached.push(None);
+                continue;
+            }
+            match self.tiers.cached(&self.chunk_ref(piece.extent.chunk)) {
+                Some(plain) => cached.push(Some(plain)),
+                None => break,
+            }
+        }
+        if cached.len() == pieces.len() {
+            for (piece, chunk) in pieces.iter().zip(&cached) {
+                if chunk.is_some() {
+                    self.stats
+                        .loaded(Tier::Memory, u64::from(piece.len), started.elapsed());
+                }
+            }
+            let data = assemble(&pieces, &cached);
+            add(&self.stats.read_bytes, data.len() as u64);
+            self.stats.read_latency.observe(started.elapsed());
+            return reply.data(&data);
+        }
+        // Otherwise the reply goes to a task on the runtime with the loads it waits for.
+        let refs: Vec<Option<ChunkRef>> = pieces
+            .iter()
+            .map(|p| (p.extent.chunk != ZERO_CHUNK).then(|| self.chunk_ref(p.extent.chunk)))
+            .collect();
+        let tiers = self.tiers.clone();
+        let stats = self.stats.clone();
+        self.runtime.spawn(async move {
+            let loads = refs.iter().map(|r| {
+                let tiers = tiers.clone();
+                async move {
+                    match r {
+                        Some(r) => tiers.load(r).await.map(Some),
+                        None => Ok(None),
+                    }
+                }
+            });
+            let results = futures::future::join_all(loads).await;
+            let mut chunks = Vec::with_capacity(results.len());
+            for result in results {
+                match result {
+                    Ok(chunk) => chunks.push(chunk),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "read failed");
+                        inc(&stats.read_errors);
+                        return reply.error(errno_of(&FsError::Load));
+                    }
+                }
+            }
+            let data = assemble(&pieces, &chunks);
+            add(&stats.read_bytes, data.len() as u64);
+            stats.read_latency.observe(started.elapsed());
+            reply.data(&data);
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        // Nothing is ever written: nothing to flush.
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode(ino) {
+            Ok((_, inode)) if matches!(inode.kind, InodeKind::Dir(_)) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(errno_of(&FsError::NotDir)),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let (index, inode) = match self.inode(ino) {
+            Ok(found) => found,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let InodeKind::Dir(children) = &inode.kind else {
+            return reply.error(errno_of(&FsError::NotDir));
+        };
+        // Offsets: 1 after ".", 2 after "..", 2 + i + 1 after child i.
+        let parent = self.parents[index as usize];
+        let entries = [(index, b".".as_slice()), (parent, b"..".as_slice())]
+            .into_iter()
+            .chain(
+                children
+                    .iter()
+                    .map(|(name, child)| (*child, name.as_slice())),
+            );
+        for (i, (child, name)) in entries.enumerate().skip(offset as usize) {
+            let kind = self.attr(child).kind;
+            if reply.add(
+                INodeNo(u64::from(child) + 1),
+                i as u64 + 1,
+                kind,
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let (index, inode) = match self.inode(ino) {
+            Ok(found) => found,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let InodeKind::Dir(children) = &inode.kind else {
+            return reply.error(errno_of(&FsError::NotDir));
+        };
+        let parent = self.parents[index as usize];
+        let entries = [(index, b".".as_slice()), (parent, b"..".as_slice())]
+            .into_iter()
+            .chain(
+                children
+                    .iter()
+                    .map(|(name, child)| (*child, name.as_slice())),
+            );
+        for (i, (child, name)) in entries.enumerate().skip(offset as usize) {
+            let attr = self.attr(child);
+            if reply.add(
+                attr.ino,
+                i as u64 + 1,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.manifest.file_bytes().div_ceil(4096);
+        reply.statfs(
+            blocks,
+            0,
+            0,
+            self.manifest.inodes.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.xattr(ino, Some(name), size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.xattr(ino, None, size, reply);
+    }
+
+    fn access(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mask: fuser::AccessFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
+        // With default_permissions the kernel checks modes itself; this is only asked for
+        // writes to a read-only filesystem, which fail.
+        match self.inode(ino) {
+            Ok(_) if mask.contains(fuser::AccessFlags::W_OK) => {
+                reply.error(errno_of(&FsError::ReadOnly))
+            }
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+}
+
+/// The bytes of a read from its pieces and their decrypted chunks (`None` for zeros).
+fn assemble(pieces: &[Piece], chunks: &[Option<bytes::Bytes>]) -> Vec<u8> {
+    let total: usize = pieces.iter().map(|p| p.len as usize).sum();
+    let mut data = Vec::with_capacity(total);
+    for (piece, chunk) in pieces.iter().zip(chunks) {
+        match chunk {
+            Some(plain) => {
+                let from = (piece.extent.offset + piece.start) as usize;
+                data.extend_from_slice(&plain[from..from + piece.len as usize]);
+            }
+            None => data.resize(data.len() + piece.len as usize, 0),
+        }
+    }
+    data
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_exactly_the_range() {
+        let e = |chunk, len| Extent {
+            chunk,
+            offset: 0,
+            len,
+        };
+        let extents = [e(0, 10), e(1, 10), e(ZERO_CHUNK, 5)];
+        let p = pieces(&extents, 5, 12);
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].index, p[0].start, p[0].len), (0, 5, 5));
+        assert_eq!((p[1].index, p[1].start, p[1].len), (1, 0, 7));
+        assert!(pieces(&extents, 25, 10).is_empty());
+        let p = pieces(&extents, 0, 1 << 20);
+        assert_eq!(p.iter().map(|p| p.len).sum::<u32>(), 25);
+    }
+
+    #[test]
+    fn device_numbers_encode_like_the_kernel() {
+        assert_eq!(makedev(1, 3), 0x103);
+        assert_eq!(makedev(8, 1), 0x801);
+        assert_eq!(makedev(259, 0x12345), 0x12310345);
+    }
+}

@@ -1,0 +1,488 @@
+//! The worker's tiers: memory (decrypted chunks), disk (sealed chunks), then the remote
+//! tiers behind a [`Fetcher`] (the fleet, then the origin).
+//!
+//! A chunk missing from memory is loaded by a task the tiers own: readers wait for it, but
+//! a reader that gives up (an interrupted read, an unmount) does not stop it, and the
+//! chunk still lands in memory and on disk for the next reader. Concurrent readers of one
+//! chunk share that one task. Every chunk is verified against its name (by the fleet
+//! client, the origin fetcher or the disk tier) and its length against the manifest before
+//! anything is decrypted; a chunk no tier can produce is an error, never other bytes.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use slapshot_client::{ChunkSource, FleetClient, Origin};
+use slapshot_core::{ChunkKey, ChunkName, chunk::open_in_place};
+use tokio::sync::Semaphore;
+
+use crate::{
+    disk::DiskCache,
+    stats::{Stats, Tier, inc},
+};
+
+/// The remote tiers: stored bytes of a chunk, verified against its name, and which tier had
+/// them. Behind a trait so that tests can put a slow or failing backend here.
+pub trait Fetcher: Send + Sync + 'static {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>>;
+}
+
+/// The fleet, which falls back to its origin itself.
+pub struct FleetFetcher {
+    pub client: FleetClient,
+}
+
+impl Fetcher for FleetFetcher {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let (bytes, source) = client
+                .get_chunk_with_source(&name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let tier = match source {
+                ChunkSource::Fleet => Tier::Fleet,
+                ChunkSource::Origin => Tier::Origin,
+            };
+            Ok((bytes, tier))
+        })
+    }
+}
+
+/// The origin alone, for workers without a fleet.
+pub struct OriginFetcher {
+    pub origin: Arc<dyn Origin>,
+    /// Fetches at once, so that a cold start cannot stampede the origin.
+    pub permits: Arc<Semaphore>,
+}
+
+impl Fetcher for OriginFetcher {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+        let origin = self.origin.clone();
+        let permits = self.permits.clone();
+        Box::pin(async move {
+            let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
+            match origin.get(&name).await.map_err(|e| e.to_string())? {
+                Some(bytes) if name.matches(&bytes) => Ok((bytes, Tier::Origin)),
+                Some(_) => Err(format!(
+                    "chunk {name} from {} does not match its name",
+                    origin.describe()
+                )),
+                None => Err(format!("chunk {name} is not in {}", origin.describe())),
+            }
+        })
+    }
+}
+
+/// What a chunk read needs to know from the manifest.
+#[derive(Debug, Clone)]
+pub struct ChunkRef {
+    pub name: ChunkName,
+    pub key: ChunkKey,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("chunk {name}: {message}")]
+    Unavailable { name: ChunkName, message: String },
+    #[error("chunk {name}: {len} bytes, the manifest says {expected}")]
+    Length {
+        name: ChunkName,
+        len: usize,
+        expected: u32,
+    },
+    #[error("chunk {name}: not loaded within {timeout:?}")]
+    Timeout { name: ChunkName, timeout: Duration },
+}
+
+type Load = Shared<BoxFuture<'static, Result<Bytes, LoadError>>>;
+
+/// Loads in flight are keyed like the memory tier: by name and key, since the plaintext a
+/// load produces is a function of both.
+type LoadKey = (ChunkName, [u8; 32]);
+
+/// Disk-cache writes waiting at once; more are dropped and counted (the chunk is still
+/// in memory, and is fetched again if it is needed after eviction).
+const MAX_PENDING_DISK_WRITES: usize = 32;
+
+#[derive(Clone, Copy)]
+struct MemoryWeighter;
+
+impl quick_cache::Weighter<(ChunkName, [u8; 32]), Bytes> for MemoryWeighter {
+    fn weight(&self, _key: &(ChunkName, [u8; 32]), value: &Bytes) -> u64 {
+        value.len().max(1) as u64
+    }
+}
+
+type MemoryCache = quick_cache::sync::Cache<(ChunkName, [u8; 32]), Bytes, MemoryWeighter>;
+
+pub struct TierOptions {
+    pub memory_bytes: u64,
+    /// Chunks fetched ahead of sequential reads at once; more are dropped and counted.
+    pub max_prefetches: usize,
+    /// How long a reader waits for a chunk before its read fails with EIO (the load goes
+    /// on regardless).
+    pub load_timeout: Duration,
+}
+
+impl Default for TierOptions {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            max_prefetches: 16,
+            // Above the fleet client's own origin timeout (30 s by default), so that a
+            // read fails for the chunk's own reasons before it fails for ours.
+            load_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Memory and disk tiers in front of a fetcher.
+pub struct Tiers {
+    // Keyed by name and key: the plaintext of a name is a function of the key that opens
+    // it, and two manifests could (in theory) pair one name with two keys.
+    memory: MemoryCache,
+    disk: Option<Arc<DiskCache>>,
+    fetcher: Arc<dyn Fetcher>,
+    inflight: Mutex<HashMap<LoadKey, Load>>,
+    prefetch_permits: Arc<Semaphore>,
+    disk_write_permits: Arc<Semaphore>,
+    stats: Arc<Stats>,
+    runtime: tokio::runtime::Handle,
+    load_timeout: Duration,
+}
+
+impl Tiers {
+    pub fn new(
+        options: &TierOptions,
+        disk: Option<Arc<DiskCache>>,
+        fetcher: Arc<dyn Fetcher>,
+        stats: Arc<Stats>,
+        runtime: tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        // quick_cache wants an item-count estimate; 512 KiB chunks are typical.
+        let estimated = (options.memory_bytes / (256 << 10)).max(16) as usize;
+        Arc::new(Self {
+            memory: MemoryCache::with_weighter(
+                estimated,
+                options.memory_bytes.max(1),
+                MemoryWeighter,
+            ),
+            disk,
+            fetcher,
+            inflight: Mutex::new(HashMap::new()),
+            prefetch_permits: Arc::new(Semaphore::new(options.max_prefetches)),
+            disk_write_permits: Arc::new(Semaphore::new(MAX_PENDING_DISK_WRITES)),
+            stats,
+            runtime,
+            load_timeout: options.load_timeout,
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.disk.as_ref()
+    }
+
+    /// The decrypted chunk if memory has it. Not counted: the caller counts the bytes it
+    /// serves from it (a 512 KiB chunk may serve four 128 KiB reads).
+    pub fn cached(&self, chunk: &ChunkRef) -> Option<Bytes> {
+        self.memory.get(&(chunk.name, chunk.key.0))
+    }
+
+    /// The decrypted chunk, from whichever tier has it; a memory hit counts the whole
+    /// chunk.
+    pub async fn load(self: &Arc<Self>, chunk: &ChunkRef) -> Result<Bytes, LoadError> {
+        let started = Instant::now();
+        if let Some(hit) = self.cached(chunk) {
+            self.stats
+                .loaded(Tier::Memory, hit.len() as u64, started.elapsed());
+            return Ok(hit);
+        }
+        let load = self.start(chunk);
+        match tokio::time::timeout(self.load_timeout, load).await {
+            Ok(result) => result,
+            Err(_) => Err(LoadError::Timeout {
+                name: chunk.name,
+                timeout: self.load_timeout,
+            }),
+        }
+    }
+
+    /// Starts loading a chunk ahead of its reader, unless it is in memory, already
+    /// loading, or the prefetch budget is spent (then it is dropped and counted).
+    pub fn prefetch(self: &Arc<Self>, chunk: &ChunkRef) {
+        let key = (chunk.name, chunk.key.0);
+        if self.memory.contains_key(&key) || lock(&self.inflight).contains_key(&key) {
+            return;
+        }
+        let Ok(permit) = self.prefetch_permits.clone().try_acquire_owned() else {
+            inc(&self.stats.prefetches_dropped);
+            return;
+        };
+        inc(&self.stats.prefetches);
+        let load = self.start(chunk);
+        self.runtime.spawn(async move {
+            let _ = load.await;
+            drop(permit);
+        });
+    }
+
+    /// The shared load of a chunk: joins the one in flight or starts one in a task the
+    /// tiers own. The task removes its own entry when it ends, whatever the outcome, so no
+    /// later reader inherits a finished (or failed) load.
+    fn start(self: &Arc<Self>, chunk: &ChunkRef) -> Load {
+        let key = (chunk.name, chunk.key.0);
+        let mut inflight = lock(&self.inflight);
+        if let Some(load) = inflight.get(&key) {
+            return load.clone();
+        }
+        let this = self.clone();
+        let chunk = chunk.clone();
+        let name = chunk.name;
+        let task = self.runtime.spawn(async move {
+            // Removes the entry however the task ends, a panic included.
+            let _entry = InflightEntry {
+                tiers: this.clone(),
+                key,
+            };
+            let result = this.load_remote(&chunk).await;
+            if result.is_err() {
+                inc(&this.stats.fetch_failures);
+            }
+            result
+        });
+        let load: Load = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(LoadError::Unavailable {
+                    name,
+                    message: format!("the load task failed: {e}"),
+                })
+            })
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, load.clone());
+        load
+    }
+
+    /// Disk, then the fetcher; fills disk and memory on the way back.
+    async fn load_remote(&self, chunk: &ChunkRef) -> Result<Bytes, LoadError> {
+        let started = Instant::now();
+        let from_disk = match &self.disk {
+            Some(disk) => {
+                let disk = disk.clone();
+                let name = chunk.name;
+                self.runtime
+                    .spawn_blocking(move || disk.get(&name))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
+        let (sealed, tier) = match from_disk {
+            Some(bytes) => (Bytes::from(bytes), Tier::Disk),
+            None => {
+                let (bytes, tier) = self.fetcher.fetch(chunk.name).await.map_err(|message| {
+                    LoadError::Unavailable {
+                        name: chunk.name,
+                        message,
+                    }
+                })?;
+                // The fetcher verified the bytes; checking again costs one hash and keeps
+                // a buggy backend from planting other bytes in the tiers.
+                if !chunk.name.matches(&bytes) {
+                    return Err(LoadError::Unavailable {
+                        name: chunk.name,
+                        message: "the remote tier returned bytes that do not match the name".into(),
+                    });
+                }
+                (bytes, tier)
+            }
+        };
+        if sealed.len() != chunk.len as usize {
+            return Err(LoadError::Length {
+                name: chunk.name,
+                len: sealed.len(),
+                expected: chunk.len,
+            });
+        }
+        if tier != Tier::Disk
+            && let Some(disk) = &self.disk
+        {
+            // Written in the background, the reader need not wait for the disk; a bounded
+            // number at once, so that a disk slower than the fleet cannot pile up writes.
+            match self.disk_write_permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let disk = disk.clone();
+                    let (name, bytes) = (chunk.name, sealed.clone());
+                    self.runtime.spawn_blocking(move || {
+                        if let Err(e) = disk.put(&name, &bytes) {
+                            tracing::warn!(chunk = %name, error = %e, "cannot write the disk cache");
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(_) => inc(&self.stats.disk_writes_dropped),
+            }
+        }
+        let mut plaintext = sealed.to_vec();
+        open_in_place(&chunk.name, &chunk.key, &mut plaintext).map_err(|_| {
+            LoadError::Unavailable {
+                name: chunk.name,
+                message: "does not match its name".into(),
+            }
+        })?;
+        let plaintext = Bytes::from(plaintext);
+        self.memory
+            .insert((chunk.name, chunk.key.0), plaintext.clone());
+        self.stats
+            .memory_bytes
+            .store(self.memory.weight(), std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .loaded(tier, sealed.len() as u64, started.elapsed());
+        Ok(plaintext)
+    }
+}
+
+/// Takes a load's entry out of the single-flight map when dropped.
+struct InflightEntry {
+    tiers: Arc<Tiers>,
+    key: LoadKey,
+}
+
+impl Drop for InflightEntry {
+    fn drop(&mut self) {
+        lock(&self.tiers.inflight).remove(&self.key);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slapshot_core::{Salt, chunk::seal};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A fetcher over a map, with a delay and a fetch counter.
+    struct MapFetcher {
+        chunks: HashMap<ChunkName, Bytes>,
+        delay: Duration,
+        fetches: AtomicUsize,
+    }
+
+    impl Fetcher for Arc<MapFetcher> {
+        fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+            let this = self.clone();
+            Box::pin(async move {
+                this.fetches.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(this.delay).await;
+                this.chunks
+                    .get(&name)
+                    .cloned()
+                    .map(|b| (b, Tier::Origin))
+                    .ok_or_else(|| "missing".to_owned())
+            })
+        }
+    }
+
+    fn setup(
+        delay: Duration,
+        disk: Option<Arc<DiskCache>>,
+    ) -> (Arc<Tiers>, Arc<MapFetcher>, ChunkRef, Vec<u8>) {
+        let plaintext: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let (sealed, key) = seal(&Salt::new(b"t"), plaintext.clone());
+        let chunk = ChunkRef {
+            name: *sealed.name(),
+            key,
+            len: sealed.len() as u32,
+        };
+        let fetcher = Arc::new(MapFetcher {
+            chunks: HashMap::from([(*sealed.name(), sealed.bytes().clone())]),
+            delay,
+            fetches: AtomicUsize::new(0),
+        });
+        let tiers = Tiers::new(
+            &TierOptions::default(),
+            disk,
+            Arc::new(fetcher.clone()),
+            Arc::new(Stats::default()),
+            tokio::runtime::Handle::current(),
+        );
+        (tiers, fetcher, chunk, plaintext)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_share_one_fetch_and_memory_serves_the_rest() {
+        let (tiers, fetcher, chunk, plaintext) = setup(Duration::from_millis(100), None);
+        let readers: Vec<_> = (0..16)
+            .map(|_| {
+                let (tiers, chunk) = (tiers.clone(), chunk.clone());
+                tokio::spawn(async move { tiers.load(&chunk).await })
+            })
+            .collect();
+        for r in readers {
+            assert_eq!(r.await.unwrap().unwrap(), plaintext);
+        }
+        assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(tiers.load(&chunk).await.unwrap(), plaintext);
+        assert_eq!(tiers.cached(&chunk).unwrap(), plaintext, "memory holds it");
+        let stats = tiers.stats();
+        assert_eq!(stats.tier(Tier::Origin).loads.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.tier(Tier::Memory).loads.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_gives_up_still_fills_the_tiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk =
+            Arc::new(DiskCache::open(dir.path(), 1 << 30, Arc::new(Stats::default())).unwrap());
+        let (tiers, fetcher, chunk, plaintext) =
+            setup(Duration::from_millis(200), Some(disk.clone()));
+        // The reader is dropped long before the fetch ends.
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), tiers.load(&chunk)).await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The next reader finds it in memory, without a second fetch...
+        assert_eq!(tiers.cached(&chunk).unwrap(), plaintext);
+        assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 1);
+        // ...and on disk.
+        assert!(disk.contains(&chunk.name));
+        assert!(
+            lock(&tiers.inflight).is_empty(),
+            "no single-flight entry is left behind"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_lengths_and_missing_chunks_are_errors_not_bytes() {
+        let (tiers, _, mut chunk, _) = setup(Duration::ZERO, None);
+        chunk.len += 1;
+        assert!(matches!(
+            tiers.load(&chunk).await,
+            Err(LoadError::Length { .. })
+        ));
+        chunk.name = ChunkName([0; 32]);
+        assert!(matches!(
+            tiers.load(&chunk).await,
+            Err(LoadError::Unavailable { .. })
+        ));
+        // A failed load leaves nothing behind: the next reader tries again.
+        assert!(lock(&tiers.inflight).is_empty());
+    }
+}

@@ -1,0 +1,874 @@
+//! Real FUSE mounts of real images: the tree against `umoci unpack`, `slapshot run`, and the
+//! tiers under faults (a node killed mid-read, a damaged disk-cache entry, an agent
+//! restart, an unmount during reads, an interrupted read).
+//!
+//! Mounting needs root and /dev/fuse; CI runs as root. Elsewhere every test here prints
+//! SKIPPED and returns.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use slapshot_client::{FleetClient, FleetConfig, config::NodeConfig, open_origin};
+use slapshot_core::{ChunkName, SealedChunk};
+use slapshot_fuse_agent::{
+    disk::DiskCache,
+    fs::ImageFs,
+    mount::{Mount, Unmounted, check_can_mount},
+    stats::{Stats, Tier, get},
+    tiers::{Fetcher, FleetFetcher, OriginFetcher, TierOptions, Tiers},
+};
+use slapshot_image::{
+    KeyFile, KeyProvider, Manifest,
+    build::{LayerBuilder, LayerCompression, write_oci},
+    source::RuntimeConfig,
+};
+use slapshot_testkit::{Rng, TestNode};
+
+fn can_mount(test: &str) -> bool {
+    match check_can_mount() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
+/// A scratch directory with an origin and a key, and the `slapshot` binary pointed at them.
+struct World {
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn slapshot(&self) -> Command {
+        let mut command = Command::new(slapshot_testkit::slapshot_binary());
+        command
+            .env_remove("SLAPSHOT_CONFIG")
+            .env("XDG_RUNTIME_DIR", self.path("run"))
+            .current_dir(self.dir.path());
+        command
+    }
+
+    fn with_origin(&self, command: &mut Command) {
+        command
+            .arg("--origin")
+            .arg(self.path("origin"))
+            .arg("--key-file")
+            .arg(self.path("tenant.key"));
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let mut command = self.slapshot();
+        command.args(args);
+        self.with_origin(&mut command);
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "slapshot {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Flattens `oci:LAYOUT:TAG` into the origin and returns its manifest.
+    fn flatten(&self, layout: &Path, tag: &str) -> Arc<Manifest> {
+        let reference = format!("oci:{}:{tag}", layout.display());
+        self.ok(&["flatten", &reference, "--name", tag]);
+        let key = KeyFile::new(self.path("tenant.key")).opening_key().unwrap();
+        let origin = open_origin(self.path("origin").to_str().unwrap()).unwrap();
+        let store = slapshot_client::images::ImageStore::new(origin);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (_, manifest) = runtime.block_on(store.load(tag, &key)).unwrap();
+        Arc::new(manifest)
+    }
+}
+
+/// An image of a large random file, some small ones, a hard link and a symlink.
+fn data_image(layout: &Path, big: usize) -> Vec<u8> {
+    let content = Rng::new(77).bytes(big);
+    let mut layer = LayerBuilder::new();
+    layer
+        .dir("data", 0o755)
+        .file("data/big", 0o644, content.clone())
+        .file("data/small", 0o600, b"small file\n".to_vec())
+        .hardlink("data/big-again", "data/big")
+        .symlink("data/link", "small");
+    write_oci(
+        layout,
+        "data",
+        &RuntimeConfig::default(),
+        &[(layer, LayerCompression::Gzip)],
+    )
+    .unwrap();
+    content
+}
+
+/// The origin as the remote tier, counting fetches and optionally slow.
+struct SlowOrigin {
+    inner: OriginFetcher,
+    delay: Duration,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl Fetcher for SlowOrigin {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+        let fetch = self.inner.fetch(name);
+        let delay = self.delay;
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            fetch.await
+        })
+    }
+}
+
+fn slow_origin(world: &World, delay: Duration) -> (Arc<dyn Fetcher>, Arc<AtomicUsize>) {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let fetcher = SlowOrigin {
+        inner: OriginFetcher {
+            origin: open_origin(world.path("origin").to_str().unwrap()).unwrap(),
+            permits: Arc::new(tokio::sync::Semaphore::new(16)),
+        },
+        delay,
+        fetches: fetches.clone(),
+    };
+    (Arc::new(fetcher), fetches)
+}
+
+fn tiers_with(
+    fetcher: Arc<dyn Fetcher>,
+    disk_dir: Option<&Path>,
+    runtime: &tokio::runtime::Runtime,
+) -> Arc<Tiers> {
+    let stats = Arc::new(Stats::default());
+    let disk = disk_dir.map(|d| Arc::new(DiskCache::open(d, 1 << 30, stats.clone()).unwrap()));
+    Tiers::new(
+        &TierOptions::default(),
+        disk,
+        fetcher,
+        stats,
+        runtime.handle().clone(),
+    )
+}
+
+fn mount_at(
+    manifest: &Arc<Manifest>,
+    tiers: &Arc<Tiers>,
+    at: &Path,
+    runtime: &tokio::runtime::Runtime,
+) -> Mount {
+    std::fs::create_dir_all(at).unwrap();
+    let fs = ImageFs::new(manifest.clone(), tiers.clone(), runtime.handle().clone());
+    Mount::new(fs, tiers.stats().clone(), at, "test", 4).unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let path = path.to_str().unwrap();
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(path))
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What lstat says about a path, for comparing two trees.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: Option<u64>,
+    nlink: u64,
+    target: Option<PathBuf>,
+    /// Other paths of the same inode (hard links), as relative paths.
+    same_inode_as: Option<String>,
+}
+
+fn walk(root: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let mut first_of_inode: BTreeMap<u64, String> = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let rel = format!("/{}", path.strip_prefix(root).unwrap().display());
+            let same_inode_as = if meta.is_file() && meta.nlink() > 1 {
+                let first = first_of_inode
+                    .entry(meta.ino())
+                    .or_insert_with(|| rel.clone());
+                (first != &rel).then(|| first.clone())
+            } else {
+                None
+            };
+            out.insert(
+                rel,
+                Entry {
+                    mode: meta.mode(),
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    size: meta.is_file().then_some(meta.len()),
+                    nlink: if meta.is_dir() { 0 } else { meta.nlink() },
+                    target: meta
+                        .file_type()
+                        .is_symlink()
+                        .then(|| std::fs::read_link(&path).unwrap()),
+                    same_inode_as,
+                },
+            );
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    out
+}
+
+fn umoci(args: &[&str]) {
+    let out = Command::new("umoci")
+        .args(args)
+        .output()
+        .expect("umoci is needed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "umoci {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_mounted_tree_equals_umoci_unpack() {
+    if !can_mount("the_mounted_tree_equals_umoci_unpack") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    let layout_arg = layout.to_str().unwrap();
+    let bundle = world.path("bundle");
+    umoci(&["init", "--layout", layout_arg]);
+    umoci(&["new", "--image", &format!("{layout_arg}:t")]);
+    umoci(&[
+        "unpack",
+        "--image",
+        &format!("{layout_arg}:t"),
+        bundle.to_str().unwrap(),
+    ]);
+    let rootfs = bundle.join("rootfs");
+    for dir in ["usr/bin", "etc/private", "var/run"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    for file in ["/usr/bin/env", "/usr/bin/cat", "/etc/passwd"] {
+        std::fs::copy(file, rootfs.join(&file[1..])).unwrap();
+    }
+    std::fs::copy(
+        std::fs::canonicalize("/bin/sh").unwrap(),
+        rootfs.join("usr/bin/sh"),
+    )
+    .unwrap();
+    std::fs::write(
+        rootfs.join("etc/private/secret"),
+        Rng::new(5).bytes(700_000),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(rootfs.join("etc/private/secret"), Some(1000), Some(1001)).unwrap();
+    std::fs::set_permissions(
+        rootfs.join("etc/private"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        rootfs.join("usr/bin/env"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("usr/bin", rootfs.join("bin")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", rootfs.join("etc/passwd-link")).unwrap();
+    std::fs::hard_link(rootfs.join("usr/bin/cat"), rootfs.join("usr/bin/cat2")).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(rootfs.join("var/run/fifo"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    umoci(&[
+        "repack",
+        "--image",
+        &format!("{layout_arg}:t"),
+        bundle.to_str().unwrap(),
+    ]);
+    let check = world.path("check");
+    umoci(&[
+        "unpack",
+        "--image",
+        &format!("{layout_arg}:t"),
+        check.to_str().unwrap(),
+    ]);
+
+    // Mounted by the binary, as a user would, then stopped with SIGTERM.
+    world.ok(&["flatten", &format!("oci:{layout_arg}:t"), "--name", "t"]);
+    let mountpoint = world.path("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mut command = world.slapshot();
+    command
+        .args(["mount", "t"])
+        .arg(&mountpoint)
+        .arg("--cache-dir")
+        .arg(world.path("cache"));
+    world.with_origin(&mut command);
+    let agent = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the mount", Duration::from_secs(30), || {
+        is_mounted(&mountpoint)
+    });
+
+    let unpacked = walk(&check.join("rootfs"));
+    let mounted = walk(&mountpoint);
+    assert_eq!(
+        mounted.keys().collect::<Vec<_>>(),
+        unpacked.keys().collect::<Vec<_>>()
+    );
+    for (path, entry) in &unpacked {
+        assert_eq!(&mounted[path], entry, "{path}");
+        if entry.size.is_some() {
+            let served = std::fs::read(mountpoint.join(&path[1..])).unwrap();
+            let expected = std::fs::read(check.join("rootfs").join(&path[1..])).unwrap();
+            assert!(served == expected, "{path}: contents differ");
+        }
+    }
+    assert!(
+        mounted.values().any(|e| e.same_inode_as.is_some()),
+        "the hard link is there"
+    );
+
+    // Writes are refused.
+    let err = std::fs::write(mountpoint.join("etc/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mountpoint.join("etc/passwd"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+    // Statistics while mounted.
+    let stats = world
+        .slapshot()
+        .arg("stats")
+        .arg(&mountpoint)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&stats.stdout);
+    assert!(
+        stats.status.success() && table.contains("origin"),
+        "{table}{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+
+    // SIGTERM unmounts and prints the table.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = agent.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unmounted"));
+    assert!(!is_mounted(&mountpoint));
+}
+
+#[test]
+fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
+    if !can_mount("run_passes_output_and_exit_codes_and_gives_a_writable_root") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    // A device node in the image (the host's /dev/null numbers) must open nothing.
+    let mut devices = LayerBuilder::new();
+    devices.raw(
+        slapshot_image::tar::EntryHeader {
+            path: b"x-null".to_vec(),
+            kind: slapshot_image::tar::EntryKind::CharDevice,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            mtime_nanos: 0,
+            link: Vec::new(),
+            dev_major: 1,
+            dev_minor: 3,
+            xattrs: Vec::new(),
+        },
+        Vec::new(),
+    );
+    slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices)).unwrap();
+    let source = format!("oci:{}:host", layout.display());
+    let run = |script: &str| {
+        let mut command = world.slapshot();
+        command
+            .args(["run", &source, "--cache-dir"])
+            .arg(world.path("cache"));
+        world.with_origin(&mut command);
+        command.args(["--", "/bin/sh", "-c", script]);
+        command.output().unwrap()
+    };
+    // Flattened on first use, then output and exit code pass through.
+    let out = run("cat /etc/motd; echo to-stderr >&2; exit 7");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Hello from an image flattened by slapshot and loaded on demand.\n"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("to-stderr") && stderr.contains("of the image"),
+        "{stderr}"
+    );
+    // A writable root and /tmp, /proc and /dev inside; writes are discarded at exit.
+    let out = run(
+        "mkdir -p /work && echo built > /work/out && cat /work/out && echo t > /tmp/t && cat /tmp/t \
+         && echo x > /dev/null && head -c 4 /dev/zero | wc -c && cat /proc/self/stat | wc -l",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "built\nt\n4\n1\n");
+    let out = run("test -e /work/out && echo leaked || echo clean");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "clean\n");
+    // Isolation: the program is PID 1 of its own namespace (its /proc shows it, not the
+    // host's init), a device node shipped in the image opens nothing, and the capability
+    // bounding set is Docker's default.
+    let out = run(
+        "head -c 7 /proc/1/cmdline; echo; (head -c 1 /x-null >/dev/null 2>&1 && echo opened) || echo refused; \
+         while read key value; do [ \"$key\" = CapBnd: ] && echo $value; done < /proc/self/status",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/bin/sh\nrefused\n00000000a80425fb\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A program that is not there is a clear error.
+    let mut command = world.slapshot();
+    command.args(["run", &source]);
+    world.with_origin(&mut command);
+    command.args(["--", "no-such-program"]);
+    let out = command.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in the image"));
+}
+
+#[test]
+fn a_node_killed_mid_read_costs_nothing() {
+    if !can_mount("a_node_killed_mid_read_costs_nothing") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    let content = data_image(&layout, 24 << 20);
+    let manifest = world.flatten(&layout, "data");
+    let mut nodes: Vec<TestNode> = (0..5)
+        .map(|i| {
+            let dir = world.path(&format!("node-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            TestNode::start(
+                &dir,
+                &[
+                    "--capacity",
+                    "256MiB",
+                    "--region-size",
+                    "8MiB",
+                    "--threads",
+                    "1",
+                ],
+            )
+        })
+        .collect();
+    let fleet = FleetConfig::new(
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NodeConfig {
+                id: format!("node-{i}"),
+                addr: n.addr.to_string(),
+                weight: 1.0,
+            })
+            .collect(),
+    );
+    let rt = runtime();
+    // Warm the fleet with every chunk; then read through a client with no origin, so that
+    // a chunk the fleet cannot serve fails the read instead of hiding in an origin fetch.
+    let origin = open_origin(world.path("origin").to_str().unwrap()).unwrap();
+    let client = FleetClient::with_origin(fleet.clone(), None).unwrap();
+    rt.block_on(async {
+        for chunk in &manifest.chunks {
+            let bytes = origin.get(&chunk.name).await.unwrap().unwrap();
+            let sealed = SealedChunk::verified(chunk.name, bytes).unwrap();
+            client.put_chunk(&sealed).await.unwrap();
+        }
+    });
+    let tiers = tiers_with(
+        Arc::new(FleetFetcher {
+            client: client.clone(),
+        }),
+        None,
+        &rt,
+    );
+    let mountpoint = world.path("mnt");
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    let path = mountpoint.join("data/big");
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).unwrap();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = file.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if out.len() == 2 << 20 {
+                // Let the test kill a node now, mid-file.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        out
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    assert!(
+        !reader.is_finished(),
+        "the read ended before the node was killed"
+    );
+    let loads_at_kill = get(&tiers.stats().tier(Tier::Fleet).loads);
+    nodes[2].kill();
+    let read = reader.join().unwrap();
+    let loads_after = get(&tiers.stats().tier(Tier::Fleet).loads) - loads_at_kill;
+    assert!(
+        loads_after >= 30,
+        "only {loads_after} chunks were read after the kill"
+    );
+    assert!(read == content, "the file came back with other bytes");
+    assert_eq!(get(&tiers.stats().read_errors), 0);
+    assert!(get(&tiers.stats().tier(Tier::Fleet).loads) >= 40);
+    assert_eq!(
+        mount.unmount(Duration::from_secs(5)).unwrap(),
+        Unmounted::Clean
+    );
+}
+
+#[test]
+fn the_disk_cache_survives_restarts_and_damaged_entries_are_fetched_again() {
+    if !can_mount("the_disk_cache_survives_restarts_and_damaged_entries_are_fetched_again") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    let content = data_image(&layout, 6 << 20);
+    let manifest = world.flatten(&layout, "data");
+    let rt = runtime();
+    let cache = world.path("cache");
+    let mountpoint = world.path("mnt");
+
+    // First agent: everything from the origin, written to disk.
+    let (fetcher, fetches) = slow_origin(&world, Duration::ZERO);
+    let tiers = tiers_with(fetcher, Some(&cache), &rt);
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    assert!(std::fs::read(mountpoint.join("data/big")).unwrap() == content);
+    // The chunks of data/big (the small files' pack is not read).
+    let ino = manifest.lookup("/data/big").unwrap();
+    let slapshot_image::manifest::InodeKind::File { extents, .. } =
+        &manifest.inodes[ino as usize].kind
+    else {
+        panic!("a file");
+    };
+    let names: Vec<ChunkName> = extents
+        .iter()
+        .map(|e| manifest.chunks[e.chunk as usize].name)
+        .collect();
+    let chunks = names.len();
+    assert_eq!(fetches.load(Ordering::SeqCst), chunks);
+    let disk = tiers.disk().unwrap().clone();
+    wait_for("the disk writes", Duration::from_secs(10), || {
+        names.iter().all(|n| disk.contains(n))
+    });
+    mount.unmount(Duration::from_secs(5)).unwrap();
+
+    // Second agent on the same disk: nothing fetched.
+    let (fetcher, fetches) = slow_origin(&world, Duration::ZERO);
+    let tiers = tiers_with(fetcher, Some(&cache), &rt);
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    assert!(std::fs::read(mountpoint.join("data/big")).unwrap() == content);
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        0,
+        "a restarted agent fetched what its disk had"
+    );
+    assert_eq!(get(&tiers.stats().tier(Tier::Disk).loads) as usize, chunks);
+    mount.unmount(Duration::from_secs(5)).unwrap();
+
+    // Damage one entry: detected, and that chunk alone is fetched again.
+    let victim = names[0];
+    let file = tiers.disk().unwrap().file_of(&victim);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let (fetcher, fetches) = slow_origin(&world, Duration::ZERO);
+    let tiers = tiers_with(fetcher, Some(&cache), &rt);
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    assert!(std::fs::read(mountpoint.join("data/big")).unwrap() == content);
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(get(&tiers.stats().disk_corrupt), 1);
+    mount.unmount(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn unmounting_during_reads_is_clean() {
+    if !can_mount("unmounting_during_reads_is_clean") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    data_image(&layout, 4 << 20);
+    let manifest = world.flatten(&layout, "data");
+    let rt = runtime();
+    let (fetcher, _) = slow_origin(&world, Duration::from_secs(2));
+    let tiers = tiers_with(fetcher, None, &rt);
+    let mountpoint = world.path("mnt");
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let path = mountpoint.join("data/big");
+            std::thread::spawn(move || std::fs::read(path).map(|b| b.len()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let outcome = mount.unmount(Duration::from_millis(500)).unwrap();
+    // The readers hold the mount busy for 2 s, longer than the 500 ms grace: detached,
+    // then aborted.
+    assert_eq!(outcome, Unmounted::Aborted);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the unmount hung"
+    );
+    for reader in readers {
+        // Each reader ends: with the whole file, or with an error, never hanging.
+        match reader.join().unwrap() {
+            Ok(len) => assert_eq!(len, 4 << 20),
+            Err(e) => assert!(
+                matches!(e.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::EIO)),
+                "{e}"
+            ),
+        }
+    }
+    assert!(!is_mounted(&mountpoint));
+}
+
+#[test]
+fn an_interrupted_read_is_clean_and_still_fills_the_tiers() {
+    if !can_mount("an_interrupted_read_is_clean_and_still_fills_the_tiers") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    let content = data_image(&layout, 600 << 10);
+    let manifest = world.flatten(&layout, "data");
+    let rt = runtime();
+    let (fetcher, fetches) = slow_origin(&world, Duration::from_millis(1500));
+    let tiers = tiers_with(fetcher, None, &rt);
+    let mountpoint = world.path("mnt");
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    // A reader interrupted by SIGINT while its chunks are on their way.
+    let mut cat = Command::new("cat")
+        .arg(mountpoint.join("data/big"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let interrupted = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(cat.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = cat.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        interrupted.elapsed() < Duration::from_millis(1000),
+        "the reader waited for the fetch"
+    );
+    // The fetches it started still complete and fill memory: the next reader gets the
+    // bytes without fetching again.
+    std::thread::sleep(Duration::from_millis(2000));
+    let before = fetches.load(Ordering::SeqCst);
+    assert!(before >= 1);
+    {
+        // The first 100 KB: what the interrupted read was waiting for.
+        use std::io::Read;
+        let mut head = vec![0u8; 100_000];
+        std::fs::File::open(mountpoint.join("data/big"))
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        assert!(head[..] == content[..100_000]);
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        before,
+        "the interrupted read's fetch was wasted"
+    );
+    assert!(std::fs::read(mountpoint.join("data/big")).unwrap() == content);
+    assert_eq!(get(&tiers.stats().read_errors), 0);
+    mount.unmount(Duration::from_secs(5)).unwrap();
+}
+
+/// A remote tier that serves other bytes under every name.
+struct LyingOrigin;
+
+impl Fetcher for LyingOrigin {
+    fn fetch(&self, _name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+        Box::pin(async {
+            Ok((
+                Bytes::from_static(b"not the chunk you asked for"),
+                Tier::Origin,
+            ))
+        })
+    }
+}
+
+#[test]
+fn a_chunk_no_tier_can_produce_is_eio_never_other_bytes() {
+    if !can_mount("a_chunk_no_tier_can_produce_is_eio_never_other_bytes") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    data_image(&layout, 1 << 20);
+    let manifest = world.flatten(&layout, "data");
+    let rt = runtime();
+    let tiers = tiers_with(Arc::new(LyingOrigin), None, &rt);
+    let mountpoint = world.path("mnt");
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    let err = std::fs::read(mountpoint.join("data/big")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Metadata still works; only the unverifiable bytes fail.
+    assert_eq!(
+        std::fs::metadata(mountpoint.join("data/big"))
+            .unwrap()
+            .len(),
+        1 << 20
+    );
+    assert!(get(&tiers.stats().read_errors) >= 1);
+    mount.unmount(Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn the_demo_runs_as_root_and_explains_itself_without() {
+    // The README's first command, end to end: as root it mounts and runs; as another user
+    // it says why it cannot and reads the same files through the tiers.
+    let run_demo = |as_nobody: bool| {
+        let mut command = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+            c.arg(slapshot_testkit::slapshot_binary());
+            c
+        } else {
+            Command::new(slapshot_testkit::slapshot_binary())
+        };
+        command
+            .arg("demo")
+            .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
+            .env("TMPDIR", "/tmp")
+            .output()
+            .unwrap()
+    };
+    if can_mount("the_demo_runs_as_root_and_explains_itself_without (as root)") {
+        let out = run_demo(false);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("Hello from an image flattened by slapshot"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("cold: empty worker and fleet"), "{stdout}");
+        assert!(
+            stdout.contains("1048576 bytes read of the 32 MiB /data/blob"),
+            "{stdout}"
+        );
+    }
+    if nix::unistd::geteuid().is_root() {
+        let out = run_demo(true);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("cannot mount here"), "{stdout}");
+        assert!(
+            stdout.contains("Hello from an image flattened by slapshot"),
+            "{stdout}"
+        );
+    }
+}
