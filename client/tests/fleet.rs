@@ -71,7 +71,7 @@ async fn a_node_killed_with_sigkill_costs_nothing_and_the_origin_is_never_asked(
         get(&m.degraded_rebuilds) > 0,
         "some chunks had a data shard on the dead node"
     );
-    assert_eq!(get(&m.nodes_down), 1, "{}", m.render());
+    assert_eq!(get(&m.nodes_down), 1);
     assert!(!client.node_health()[2].1);
 }
 

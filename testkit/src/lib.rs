@@ -72,13 +72,7 @@ impl TestNode {
     /// Starts a node storing under `dir/data` (unless `extra` names a `--device`), with
     /// `extra` flags added.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
-        // `extra` may name the address (tests that kill nodes while others start give
-        // each fleet its own loopback address, so that a freed port taken by another
-        // test's node is not reached under the old address).
-        let mut args: Vec<String> = Vec::new();
-        if !extra.contains(&"--listen") {
-            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
-        }
+        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
         if !extra.contains(&"--threads") {
             args.extend(["--threads".into(), "2".into()]);
         }

@@ -29,26 +29,15 @@ pub struct TestFleet {
 
 impl TestFleet {
     /// `n` nodes of 128 MiB each, one runtime thread per node.
-    ///
-    /// Each fleet listens on loopback addresses of its own (127.P.F.i, P from the process,
-    /// F counting fleets): tests kill and stop nodes while other tests start theirs, and a
-    /// port freed by a killed node may be handed to another test's node, which on a shared
-    /// address would answer (or, stopped, swallow) the requests meant for the dead one.
     pub fn start(n: usize) -> TestFleet {
-        static FLEETS: AtomicUsize = AtomicUsize::new(0);
-        let fleet = FLEETS.fetch_add(1, Ordering::Relaxed) % 250;
-        let process = std::process::id() as usize % 250;
         let dir = tempfile::tempdir().unwrap();
         let nodes = (0..n)
             .map(|i| {
                 let node_dir = dir.path().join(format!("node-{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
-                let listen = format!("127.{}.{}.{}:0", process + 1, fleet + 1, i + 1);
                 TestNode::start(
                     &node_dir,
                     &[
-                        "--listen",
-                        &listen,
                         "--capacity",
                         "128MiB",
                         "--region-size",
