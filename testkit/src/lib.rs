@@ -30,6 +30,28 @@ pub fn slapshot_binary() -> PathBuf {
         .clone()
 }
 
+/// A port for a test node, outside Linux's default ephemeral range (32768-60999).
+///
+/// Nodes restart on the port they had, as real nodes do, and listen with SO_REUSEPORT. A
+/// port handed out by the kernel for port 0 could meanwhile have gone to another test's
+/// node, and the two would then share connections; a port from below that range is never
+/// handed out for port 0. A bind without SO_REUSEPORT checks that nobody listens there.
+fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test processes that run at once start at different places.
+    let start = (std::process::id() % 400) * 30;
+    for _ in 0..COUNT {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + COUNT);
+}
+
 /// Finds a workspace binary next to the running test executable (target/PROFILE/deps/..),
 /// building its package with cargo if it is not there.
 pub fn locate_binary(name: &str, package: &str, env_override: &str) -> PathBuf {
@@ -72,7 +94,7 @@ impl TestNode {
     /// Starts a node storing under `dir/data` (unless `extra` names a `--device`), with
     /// `extra` flags added.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
-        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        let mut args: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{}", free_port())];
         if !extra.contains(&"--threads") {
             args.extend(["--threads".into(), "2".into()]);
         }
