@@ -31,7 +31,7 @@ fn wait_for(path: &Path, up: &mut std::process::Child) {
 fn fleet_up_serves_chunks_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let fleet_dir = dir.path().join("fleet");
-    let mut up = Command::new(slapshot_bin())
+    let up = Command::new(slapshot_bin())
         .args([
             "fleet",
             "up",
@@ -47,8 +47,19 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // A failed assertion must not leave the fleet running (it would hold the test
+    // harness's output open, and its nodes would outlive the run).
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = KillOnDrop(up);
+    let up = &mut guard.0;
     let fleet_file = fleet_dir.join("fleet.toml");
-    wait_for(&fleet_file, &mut up);
+    wait_for(&fleet_file, up);
     let fleet = fleet_file.to_str().unwrap();
 
     let data = slapshot_testkit::Rng::new(51).bytes(512 * 1024);

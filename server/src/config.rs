@@ -99,6 +99,11 @@ pub struct Options {
     #[arg(long)]
     pub auth_reads: bool,
 
+    /// Enable the fault injector for experiments: /admin/faults then sets delays, errors
+    /// and stalls on shard requests. Off by default; never on a production node.
+    #[arg(long)]
+    pub fault_injection: bool,
+
     /// Open connections beyond which new ones get 503 and are closed [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -166,6 +171,7 @@ impl Options {
             reformat: self.reformat || file.reformat,
             token_file: self.token_file.or(file.token_file),
             auth_reads: self.auth_reads || file.auth_reads,
+            fault_injection: self.fault_injection || file.fault_injection,
             max_connections: self.max_connections.or(file.max_connections),
             header_timeout: self.header_timeout.or(file.header_timeout),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
@@ -224,6 +230,8 @@ pub struct HttpConfig {
     pub io_timeout: Duration,
     pub token: Option<String>,
     pub auth_reads: bool,
+    /// `/admin/faults` is served (see `faults`).
+    pub fault_injection: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +329,7 @@ impl ServerConfig {
                 io_timeout: duration(options.io_timeout, 30),
                 token,
                 auth_reads: options.auth_reads,
+                fault_injection: options.fault_injection,
             },
             drain_grace: duration(options.drain_grace, 0),
             shutdown_timeout: duration(options.shutdown_timeout, 30),

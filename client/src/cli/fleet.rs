@@ -83,6 +83,59 @@ struct RunningNode {
     id: String,
     dir: PathBuf,
     child: Child,
+    /// The server and its arguments, to start it again on the same address.
+    server: PathBuf,
+    args: Vec<String>,
+}
+
+impl RunningNode {
+    fn spawn(server: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Child> {
+        let _ = std::fs::remove_file(dir.join("addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))?;
+        Command::new(server)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", server.display()))
+    }
+
+    /// Waits for the node's address file: it is serving.
+    async fn wait_ready(&mut self, deadline: Instant) -> anyhow::Result<String> {
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.join("addr"))
+                && !text.trim().is_empty()
+            {
+                return Ok(text.trim().to_owned());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited with {status} while starting; its log:\n{}",
+                    self.id,
+                    log_tail(&self.dir)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start within {START_TIMEOUT:?}; its log:\n{}",
+                    self.id,
+                    log_tail(&self.dir)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), signal);
+        }
+    }
 }
 
 /// Nodes started by this process, and the fleet file describing them.
@@ -139,6 +192,33 @@ impl LocalFleet {
         let _ = self.nodes[index].child.kill().await;
     }
 
+    /// Starts a stopped or killed node again, on the same address and data, and waits
+    /// until it serves.
+    pub async fn restart_node(&mut self, index: usize) -> anyhow::Result<()> {
+        let node = &mut self.nodes[index];
+        if node.child.try_wait()?.is_none() {
+            bail!("{} is still running", node.id);
+        }
+        node.child = RunningNode::spawn(&node.server, &node.dir, &node.args)?;
+        node.wait_ready(Instant::now() + START_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the node keeps its sockets and answers nothing (a black hole).
+    pub fn pause_node(&self, index: usize) {
+        self.nodes[index].signal(Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after `pause_node`.
+    pub fn resume_node(&self, index: usize) {
+        self.nodes[index].signal(Signal::SIGCONT);
+    }
+
+    /// The directory a node keeps its data and log in.
+    pub fn node_dir(&self, index: usize) -> &Path {
+        &self.nodes[index].dir
+    }
+
     /// Stops every node cleanly (SIGTERM, then SIGKILL after a timeout).
     pub async fn stop(&mut self) {
         stop_nodes(&mut self.nodes).await;
@@ -177,63 +257,47 @@ async fn start_nodes(
         let dir = args.dir.join(&id);
         std::fs::create_dir_all(&dir)?;
         let addr_file = dir.join("addr");
-        let _ = std::fs::remove_file(&addr_file);
         let port = match args.base_port {
             Some(base) => base
                 .checked_add(u16::try_from(i)?)
                 .ok_or_else(|| anyhow!("--base-port too high for {} nodes", args.nodes))?,
             None => 0,
         };
-        let log = std::fs::File::create(dir.join("server.log"))?;
-        let mut command = Command::new(server);
-        command
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(["--capacity", &args.capacity.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--threads", &args.threads.to_string()])
-            .arg("--addr-file")
-            .arg(&addr_file);
+        let _ = std::fs::remove_file(dir.join("server.log"));
+        let mut node_args: Vec<String> = vec![
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--capacity".into(),
+            args.capacity.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--threads".into(),
+            args.threads.to_string(),
+            "--addr-file".into(),
+            addr_file.display().to_string(),
+        ];
         if let Some(memory) = args.memory {
-            command.args(["--memory", &memory.to_string()]);
+            node_args.extend(["--memory".into(), memory.to_string()]);
         }
-        command
-            .args(&args.server_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true);
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", server.display()))?;
-        nodes.push(RunningNode { id, dir, child });
+        node_args.extend(args.server_args.iter().cloned());
+        let child = RunningNode::spawn(server, &dir, &node_args)?;
+        nodes.push(RunningNode {
+            id,
+            dir,
+            child,
+            server: server.to_owned(),
+            args: node_args,
+        });
     }
 
     let deadline = Instant::now() + START_TIMEOUT;
     let mut configs = Vec::with_capacity(nodes.len());
     for node in nodes.iter_mut() {
-        let addr = loop {
-            if let Ok(text) = std::fs::read_to_string(node.dir.join("addr"))
-                && !text.trim().is_empty()
-            {
-                break text.trim().to_owned();
-            }
-            if let Some(status) = node.child.try_wait()? {
-                bail!(
-                    "{} exited with {status} while starting; its log:\n{}",
-                    node.id,
-                    log_tail(&node.dir)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not start within {START_TIMEOUT:?}; its log:\n{}",
-                    node.id,
-                    log_tail(&node.dir)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let addr = node.wait_ready(deadline).await?;
+        // A restart listens on the address the node was given.
+        if let Some(listen) = node.args.iter().position(|a| a == "--listen") {
+            node.args[listen + 1] = addr.clone();
+        }
         configs.push(NodeConfig {
             id: node.id.clone(),
             addr,

@@ -42,6 +42,8 @@ pub struct Node {
     draining: AtomicBool,
     /// Set when the drain grace is over: listeners close, connections finish and close.
     stopping: AtomicBool,
+    /// The fault injector, with `--fault-injection` only.
+    pub faults: Option<crate::faults::Faults>,
 }
 
 impl Node {
@@ -54,10 +56,11 @@ impl Node {
         Self {
             store,
             metrics,
-            http,
             shutdown_timeout,
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            faults: http.fault_injection.then(crate::faults::Faults::default),
+            http,
         }
     }
 

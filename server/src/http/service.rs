@@ -17,6 +17,7 @@ use slapshot_core::{CRC_HEADER, ShardKey};
 
 use super::{CoreContext, conn::ActiveGuard};
 use crate::{
+    faults::{Fault, FaultSettings, Faults},
     metrics::{self, add},
     store::{PendingRecord, PutOutcome, StoreError, Tier},
 };
@@ -149,7 +150,28 @@ async fn route<B: RequestBody>(
     body: &mut B,
 ) -> Reply {
     if let Some(key) = path.strip_prefix(SHARD_PREFIX) {
+        if let Some(faults) = &ctx.node.faults {
+            match faults.draw() {
+                Fault::None => {}
+                Fault::Delay(delay) => monoio::time::sleep(delay).await,
+                Fault::Error => {
+                    return reject_body(
+                        text(StatusCode::SERVICE_UNAVAILABLE, "injected fault\n"),
+                        body,
+                    )
+                    .await;
+                }
+                // A black hole: no answer until the connection goes (the watchdog's
+                // timeouts end it, as they would a stuck request).
+                Fault::Stall => std::future::pending::<()>().await,
+            }
+        }
         return shard(ctx, method, key, headers, body).await;
+    }
+    if path == "/admin/faults"
+        && let Some(faults) = &ctx.node.faults
+    {
+        return admin_faults(faults, method, body).await;
     }
     match (method, path) {
         (&Method::GET | &Method::HEAD, "/health") => {
@@ -176,6 +198,36 @@ async fn route<B: RequestBody>(
             StatusCode::NOT_FOUND,
             "no such endpoint; shards live under /v1/shards/{key}\n",
         ),
+    }
+}
+
+/// `/admin/faults`: see `crate::faults`.
+async fn admin_faults<B: RequestBody>(faults: &Faults, method: &Method, body: &mut B) -> Reply {
+    match *method {
+        Method::GET => text(StatusCode::OK, faults.settings().render()),
+        Method::DELETE => {
+            faults.set(FaultSettings::default());
+            text(StatusCode::OK, faults.settings().render())
+        }
+        Method::PUT => {
+            // Settings are a few short lines.
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.next_chunk().await {
+                match chunk {
+                    Ok(data) if bytes.len() + data.len() <= 4096 => bytes.extend_from_slice(&data),
+                    Ok(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "settings over 4 KiB\n"),
+                    Err(_) => return text(StatusCode::BAD_REQUEST, "unreadable body\n"),
+                }
+            }
+            match faults.settings().update(&String::from_utf8_lossy(&bytes)) {
+                Ok(next) => {
+                    faults.set(next);
+                    text(StatusCode::OK, faults.settings().render())
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        _ => method_not_allowed("GET, PUT, DELETE"),
     }
 }
 

@@ -1,0 +1,267 @@
+//! `experiment failover`: a steady chunk-read load through the thin client while each node
+//! in turn is killed (-9) and restarted. Reports errors (the goal is none), origin fetches,
+//! the fleet hit rate over time (plotted) and latency per phase.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use slapshot_client::{FleetClient, config::ReadMode, metrics::get};
+use slapshot_core::HumanDuration;
+
+use super::{Common, start_fleet};
+use crate::{
+    chunks::error_kind,
+    plot,
+    report::{Recorder, Report, us},
+    shards::Rng,
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FailoverArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Distinct chunks (512 KiB each) to read.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub chunks: usize,
+    /// Reads in flight.
+    #[arg(long, value_name = "C", default_value_t = 8)]
+    pub concurrency: usize,
+    /// How long each node stays down, and then up before the next one goes.
+    #[arg(long, value_name = "DURATION", default_value = "3s")]
+    pub phase: HumanDuration,
+    /// The client's read mode: all (late binding) or hedged.
+    #[arg(long, value_name = "MODE", default_value = "all")]
+    pub read_mode: String,
+}
+
+/// Samples of the timeline, every `TICK`.
+const TICK: Duration = Duration::from_millis(250);
+
+pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.common.out)?;
+    let work = tempfile::Builder::new()
+        .prefix("slapshot-failover-")
+        .tempdir()?;
+    let mut fleet = start_fleet(work.path(), 5, 4, 5, &args.common).await?;
+    let result = experiment(&args, &mut fleet).await;
+    fleet.stop().await;
+    result
+}
+
+async fn experiment(
+    args: &FailoverArgs,
+    fleet: &mut slapshot_client::cli::fleet::LocalFleet,
+) -> anyhow::Result<()> {
+    let mut config = fleet.config.clone();
+    config.read.mode = match args.read_mode.as_str() {
+        "all" => ReadMode::All,
+        "hedged" => ReadMode::Hedged,
+        other => anyhow::bail!("--read-mode is all or hedged, not {other:?}"),
+    };
+    let client = FleetClient::new(config)?;
+    eprintln!(
+        "writing {} chunks of 512 KiB to the origin and the fleet",
+        args.chunks
+    );
+    let names = Arc::new(
+        crate::chunks::write_chunks(&client, args.chunks, 512 << 10, args.common.seed).await?,
+    );
+
+    let mut phases: Vec<String> = vec!["baseline".into()];
+    for i in 0..fleet.config.nodes.len() {
+        phases.push(format!("node-{i} down"));
+        phases.push(format!("node-{i} back"));
+    }
+    let phase = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(crate::report::Live::default());
+
+    // Readers: each records into the phase current when its read ends.
+    let mut readers = tokio::task::JoinSet::new();
+    for w in 0..args.concurrency {
+        let (client, names, phase, stop, live) = (
+            client.clone(),
+            names.clone(),
+            phase.clone(),
+            stop.clone(),
+            live.clone(),
+        );
+        let count = phases.len();
+        let seed = args.common.seed.wrapping_add(w as u64 * 977);
+        readers.spawn(async move {
+            let mut rng = Rng::new(seed);
+            let mut recorders: Vec<Recorder> = (0..count).map(|_| Recorder::default()).collect();
+            while !stop.load(Ordering::Relaxed) {
+                let name = names[rng.below(names.len() as u64) as usize];
+                let started = Instant::now();
+                let result = client.get_chunk(&name).await;
+                let p = phase.load(Ordering::Relaxed).min(count - 1);
+                match result {
+                    Ok(bytes) => {
+                        recorders[p].success(started.elapsed(), bytes.len() as u64);
+                        live.count(true, bytes.len() as u64);
+                    }
+                    Err(e) => {
+                        recorders[p].error(started.elapsed(), error_kind(&e));
+                        live.count(false, 0);
+                    }
+                }
+            }
+            recorders
+        });
+    }
+
+    // The timeline: reads, errors and origin fetches per tick.
+    let metrics = client.metrics().clone();
+    let (timeline_live, timeline_stop) = (live.clone(), stop.clone());
+    let sampler = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut points: Vec<(f64, u64, u64, u64)> = Vec::new();
+        let mut last = (0u64, 0u64, 0u64);
+        let mut tick = tokio::time::interval(TICK);
+        while !timeline_stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let now = (
+                timeline_live.requests.load(Ordering::Relaxed),
+                timeline_live.errors.load(Ordering::Relaxed),
+                get(&metrics.origin_fetches),
+            );
+            points.push((
+                started.elapsed().as_secs_f64(),
+                now.0 - last.0,
+                now.1 - last.1,
+                now.2 - last.2,
+            ));
+            last = now;
+        }
+        points
+    });
+
+    let mut marks: Vec<(f64, String)> = Vec::new();
+    let started = Instant::now();
+    let origin_before = get(&client.metrics().origin_fetches);
+    let mut origin_per_phase = vec![0u64; phases.len()];
+    let mut last_origin = origin_before;
+    let mut next_phase = |p: usize, phase: &AtomicUsize, marks: &mut Vec<(f64, String)>| {
+        let origin = get(&client.metrics().origin_fetches);
+        origin_per_phase[phase.load(Ordering::Relaxed)] += origin - last_origin;
+        last_origin = origin;
+        phase.store(p, Ordering::Relaxed);
+        marks.push((started.elapsed().as_secs_f64(), phases[p].clone()));
+    };
+    tokio::time::sleep(args.phase.0).await;
+    for i in 0..fleet.config.nodes.len() {
+        eprintln!("killing node-{i}");
+        fleet.kill_node(i).await;
+        next_phase(1 + 2 * i, &phase, &mut marks);
+        tokio::time::sleep(args.phase.0).await;
+        eprintln!("restarting node-{i}");
+        fleet.restart_node(i).await?;
+        next_phase(2 + 2 * i, &phase, &mut marks);
+        tokio::time::sleep(args.phase.0).await;
+    }
+    {
+        let origin = get(&client.metrics().origin_fetches);
+        origin_per_phase[phase.load(Ordering::Relaxed)] += origin - last_origin;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut per_phase: Vec<Recorder> = (0..phases.len()).map(|_| Recorder::default()).collect();
+    while let Some(done) = readers.join_next().await {
+        for (all, one) in per_phase.iter_mut().zip(done?) {
+            all.merge(&one);
+        }
+    }
+    let points = sampler.await?;
+
+    // The report.
+    use std::fmt::Write;
+    let mut table = String::from(
+        "| phase | reads | errors | origin fetches | hit rate | p50 | p99 | p99.9 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut json_phases = Vec::new();
+    let mut total_errors = 0;
+    for (i, name) in phases.iter().enumerate() {
+        let r = Report::new(&per_phase[i], args.phase.0);
+        total_errors += r.errors;
+        let hit_rate = 1.0 - origin_per_phase[i] as f64 / r.requests.max(1) as f64;
+        let _ = writeln!(
+            table,
+            "| {name} | {} | {} | {} | {:.2}% | {} | {} | {} |",
+            r.requests,
+            r.errors,
+            origin_per_phase[i],
+            100.0 * hit_rate,
+            us(r.p50_us),
+            us(r.p99_us),
+            us(r.p999_us)
+        );
+        json_phases.push(serde_json::json!({
+            "phase": name,
+            "requests": r.requests,
+            "successes": r.successes,
+            "errors": r.errors,
+            "errors_by_kind": r.errors_by_kind,
+            "origin_fetches": origin_per_phase[i],
+            "hit_rate": hit_rate,
+            "p50_us": r.p50_us,
+            "p99_us": r.p99_us,
+            "p999_us": r.p999_us,
+            "max_us": r.max_us,
+        }));
+    }
+    let _ = writeln!(table, "\n{total_errors} errors in all (goal: none)");
+    print!("{table}");
+    std::fs::write(args.common.out.join("failover.md"), &table)?;
+    let hit_rate: Vec<(f64, f64)> = points
+        .iter()
+        .map(|(t, reads, _, origin)| {
+            (
+                *t,
+                if *reads == 0 {
+                    1.0
+                } else {
+                    1.0 - *origin as f64 / *reads as f64
+                },
+            )
+        })
+        .collect();
+    let reads_per_second: Vec<(f64, f64)> = points
+        .iter()
+        .map(|(t, reads, _, _)| (*t, *reads as f64 / TICK.as_secs_f64()))
+        .collect();
+    for file in plot::timeline(
+        &args.common.out.join("failover-hit-rate"),
+        "fleet hit rate while each node is killed and restarted",
+        "hit rate",
+        &[("hit rate".into(), hit_rate.clone())],
+    )? {
+        eprintln!("wrote {}", file.display());
+    }
+    for file in plot::timeline(
+        &args.common.out.join("failover-reads"),
+        "chunk reads per second while each node is killed and restarted",
+        "reads per second",
+        &[("reads/s".into(), reads_per_second)],
+    )? {
+        eprintln!("wrote {}", file.display());
+    }
+    let json = serde_json::json!({
+        "phases": json_phases,
+        "errors": total_errors,
+        "marks": marks,
+        "timeline": points.iter().map(|(t, reads, errors, origin)| serde_json::json!({
+            "seconds": t, "reads": reads, "errors": errors, "origin_fetches": origin
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        args.common.out.join("failover.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    eprintln!("wrote {}", args.common.out.join("failover.json").display());
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `slapshot-loadgen experiment ...`: each starts its own local fleet, runs bounded in
+//! time, writes its outputs in `--out` and cleans up.
+
+pub mod failover;
+pub mod tail;
+pub mod tiers;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use slapshot_client::cli::fleet::{LocalFleet, UpArgs};
+use slapshot_core::ByteSize;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ExperimentCommand {
+    /// k-of-M late binding against no redundancy, a single copy and hedging, with no
+    /// fault, one slow node and one dead node (the design brief's comparison).
+    Tail(tail::TailArgs),
+    /// A steady chunk-read load while each node in turn is killed and restarted.
+    Failover(failover::FailoverArgs),
+    /// Workers starting functions whose images follow a Zipf popularity: the share of
+    /// chunk loads each tier serves.
+    Tiers(tiers::TiersArgs),
+}
+
+/// Flags every experiment has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Where to write the table, the JSON and the plots.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub out: PathBuf,
+    /// The slapshot-server binary [default: next to this one, then PATH].
+    #[arg(long, value_name = "PATH")]
+    pub server_bin: Option<PathBuf>,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+pub async fn run(command: ExperimentCommand) -> anyhow::Result<()> {
+    match command {
+        ExperimentCommand::Tail(args) => tail::run(args).await,
+        ExperimentCommand::Failover(args) => failover::run(args).await,
+        ExperimentCommand::Tiers(args) => tiers::run(args).await,
+    }
+}
+
+/// A local fleet in a temporary directory, with fault injection enabled on every node.
+pub async fn start_fleet(
+    dir: &Path,
+    nodes: usize,
+    data: usize,
+    total: usize,
+    common: &Common,
+) -> anyhow::Result<LocalFleet> {
+    let up = UpArgs {
+        nodes,
+        dir: dir.to_owned(),
+        base_port: None,
+        capacity: ByteSize(512 << 20),
+        memory: None,
+        threads: 1,
+        data_shards: data,
+        total_shards: total,
+        origin: None,
+        server_bin: common.server_bin.clone(),
+        server_args: vec!["--fault-injection".into()],
+    };
+    LocalFleet::start(&up)
+        .await
+        .context("cannot start the experiment's fleet")
+}
+
+/// Latency quantiles of one run, in microseconds; `None` where the quantile falls among
+/// reads that missed (a chunk the scheme could not read from the fleet).
+#[derive(Debug, Clone, Serialize)]
+pub struct Quantiles {
+    pub reads: u64,
+    pub misses: u64,
+    pub p50_us: Option<u64>,
+    pub p90_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub p999_us: Option<u64>,
+}
+
+impl Quantiles {
+    pub fn of(hits: &Histogram<u64>, misses: u64) -> Self {
+        let reads = hits.len() + misses;
+        let q = |q: f64| -> Option<u64> {
+            if reads == 0 {
+                return None;
+            }
+            // Misses are slower than any hit: a quantile beyond the hits' share is a miss.
+            let rank = q * reads as f64;
+            if rank > hits.len() as f64 {
+                None
+            } else {
+                Some(hits.value_at_quantile(rank / hits.len() as f64))
+            }
+        };
+        Self {
+            reads,
+            misses,
+            p50_us: q(0.5),
+            p90_us: q(0.9),
+            p99_us: q(0.99),
+            p999_us: q(0.999),
+        }
+    }
+}
+
+pub fn cell(v: Option<u64>) -> String {
+    match v {
+        Some(v) => crate::report::us(v),
+        None => "miss".into(),
+    }
+}
+
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}

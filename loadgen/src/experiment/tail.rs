@@ -1,0 +1,447 @@
+//! `experiment tail`: the design brief's comparison of read schemes under faults.
+//!
+//! On a 5-node fleet (4-of-5 code, one whole-chunk copy of each chunk beside its shards),
+//! every sampled read sends all five shard GETs at once and records when each answered.
+//! The schemes are then built from the same samples, as in the paper:
+//! - 4-of-5 late binding: the 4th answer of the 5;
+//! - 4-of-4, no redundancy: the last of the 4 data shards' answers (a miss if one failed);
+//! - hedged 4-of-5: the 4 data shards, and the 5th asked only when the 4th answer is later
+//!   than the p95 of 4th answers in the fault-free run (a 5% token bucket of hedges); the
+//!   5th shard's answer counts from the hedge's send time;
+//! - a single copy: a separate pass reading whole chunks from one node each.
+//!
+//! A fifth row reads through the thin client itself (4-of-5, late binding), to show what
+//! decoding, verification and scheduling add on top of the network.
+//!
+//! Scenarios: no fault; one node slow for a fraction of its requests (the server's fault
+//! injector); one node killed (-9). Misses (reads a scheme cannot serve from the fleet) are
+//! slower than any hit: a quantile that falls among them reads "miss".
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use slapshot_client::FleetClient;
+use slapshot_core::{ChunkName, HumanDuration, Placement};
+
+use super::{Common, Quantiles, cell, histogram, start_fleet};
+use crate::{
+    faults::{self, Faults},
+    plot::{self, Series},
+    shards::{Rng, Sender, Target, connect},
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Distinct chunks (512 KiB each) to read.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub chunks: usize,
+    /// Sampled reads per scenario and scheme pass.
+    #[arg(long, value_name = "N", default_value_t = 3000)]
+    pub reads: usize,
+    /// Reads in flight.
+    #[arg(long, value_name = "C", default_value_t = 4)]
+    pub concurrency: usize,
+    /// The slow node's faults: share of its requests delayed, and by how much.
+    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    pub slow_fraction: f64,
+    #[arg(long, value_name = "DIST", default_value = "uniform:10ms:50ms")]
+    pub slow_delay: String,
+    /// A shard that has not answered after this long failed.
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub shard_timeout: HumanDuration,
+}
+
+const SCHEMES: [&str; 5] = [
+    "4-of-5 late binding",
+    "4-of-4 (no redundancy)",
+    "single copy",
+    "hedged 4-of-5",
+    "4-of-5 (thin client)",
+];
+
+/// The node faults are put on.
+const VICTIM: usize = 2;
+
+/// Results of one scenario: per scheme, hits and misses.
+struct Outcome {
+    hits: Vec<Histogram<u64>>,
+    misses: Vec<u64>,
+    /// p95 of the 4th arrival among the data shards (the hedge trigger, from run (a)).
+    fourth_p95_us: u64,
+    hedges: u64,
+}
+
+pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.common.out)?;
+    let work = tempfile::Builder::new()
+        .prefix("slapshot-tail-")
+        .tempdir()?;
+    let mut fleet = start_fleet(work.path(), 5, 4, 5, &args.common).await?;
+    let result = experiment(&args, &mut fleet).await;
+    fleet.stop().await;
+    result
+}
+
+async fn experiment(
+    args: &TailArgs,
+    fleet: &mut slapshot_client::cli::fleet::LocalFleet,
+) -> anyhow::Result<()> {
+    let mut config = fleet.config.clone();
+    config.origin = None;
+    let client = FleetClient::with_origin(config.clone(), None)?;
+    let placement = Placement::new(&config.members())?;
+    let addrs: Vec<SocketAddr> = config
+        .nodes
+        .iter()
+        .map(|n| n.addr.parse().context("a node address"))
+        .collect::<anyhow::Result<_>>()?;
+    eprintln!(
+        "writing {} chunks of 512 KiB (4-of-5 shards and a whole copy each)",
+        args.chunks
+    );
+    let names =
+        crate::chunks::write_chunks(&client, args.chunks, 512 << 10, args.common.seed).await?;
+    for (i, name) in names.iter().enumerate() {
+        // The same bytes write_chunks stored, whole, on the chunk's first node.
+        let bytes = crate::chunks::chunk_bytes(args.common.seed, i, 512 << 10);
+        put_whole(addrs[placement.rank(name, 1)[0]], name, Bytes::from(bytes)).await?;
+    }
+    let names = Arc::new(names);
+
+    let mut results: BTreeMap<&str, Outcome> = BTreeMap::new();
+    let mut trigger = None;
+    for scenario in ["a-no-fault", "b-one-slow-node", "c-one-dead-node"] {
+        match scenario {
+            "b-one-slow-node" => {
+                faults::set(
+                    addrs[VICTIM],
+                    &Faults {
+                        delay_fraction: args.slow_fraction,
+                        delay: args.slow_delay.clone(),
+                        ..Faults::default()
+                    },
+                )
+                .await?;
+            }
+            "c-one-dead-node" => {
+                faults::set(addrs[VICTIM], &Faults::default()).await?;
+                fleet.kill_node(VICTIM).await;
+            }
+            _ => {}
+        }
+        eprintln!("scenario {scenario}: {} reads per pass", args.reads);
+        let outcome = scenario_run(args, &client, &placement, &addrs, &names, trigger).await?;
+        trigger.get_or_insert(outcome.fourth_p95_us);
+        results.insert(scenario, outcome);
+    }
+    fleet.restart_node(VICTIM).await?;
+    report(args, &results)
+}
+
+async fn put_whole(addr: SocketAddr, name: &ChunkName, bytes: Bytes) -> anyhow::Result<()> {
+    let target = Target::of(addr);
+    let mut sender = connect(&target, false).await?;
+    let request = http::Request::put(format!("/v1/shards/{}-whole", name.to_hex()))
+        .header(http::header::HOST, &target.authority)
+        .header(slapshot_core::CRC_HEADER, crc32fast::hash(&bytes))
+        .body(Full::new(bytes))?;
+    let response = sender.send(request).await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "{addr} refused a whole copy: {}",
+        response.status()
+    );
+    Ok(())
+}
+
+/// One GET; the latency, or `None` for a failure (refused, timed out, not 200).
+async fn get(
+    sender: &mut Option<Sender>,
+    target: &Target,
+    key: &str,
+    timeout: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, async {
+        if sender.is_none() {
+            *sender = Some(connect(target, false).await.ok()?);
+        }
+        let request = http::Request::get(format!("/v1/shards/{key}"))
+            .header(http::header::HOST, &target.authority)
+            .body(Full::new(Bytes::new()))
+            .ok()?;
+        let response = sender.as_mut()?.send(request).await.ok()?;
+        let ok = response.status() == http::StatusCode::OK;
+        response.into_body().collect().await.ok()?;
+        ok.then_some(())
+    })
+    .await;
+    match result {
+        Ok(Some(())) => Some(started.elapsed()),
+        _ => {
+            *sender = None;
+            None
+        }
+    }
+}
+
+async fn scenario_run(
+    args: &TailArgs,
+    client: &FleetClient,
+    placement: &Placement,
+    addrs: &[SocketAddr],
+    names: &Arc<Vec<ChunkName>>,
+    trigger: Option<u64>,
+) -> anyhow::Result<Outcome> {
+    // Pass 1: all five shards per read.
+    let samples: Arc<Mutex<Vec<[Option<Duration>; 5]>>> = Arc::new(Mutex::new(Vec::new()));
+    let whole: Arc<Mutex<Vec<Option<Duration>>>> = Arc::new(Mutex::new(Vec::new()));
+    let per_worker = args.reads.div_ceil(args.concurrency);
+    let timeout = args.shard_timeout.0;
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..args.concurrency {
+        let (names, samples, whole) = (names.clone(), samples.clone(), whole.clone());
+        let targets: Vec<Target> = addrs.iter().copied().map(Target::of).collect();
+        let ranks: Vec<Vec<usize>> = names.iter().map(|n| placement.rank(n, 5)).collect();
+        let seed = args.common.seed.wrapping_add(w as u64 * 31);
+        workers.spawn(async move {
+            let mut rng = Rng::new(seed);
+            let mut senders: Vec<Option<Sender>> = (0..targets.len()).map(|_| None).collect();
+            for _ in 0..per_worker {
+                let j = rng.below(names.len() as u64) as usize;
+                let key = names[j].to_hex();
+                // Every shard GET on its own connection, all at once.
+                let mut taken: Vec<(usize, Option<Sender>)> =
+                    ranks[j].iter().map(|&n| (n, senders[n].take())).collect();
+                let gets = taken.iter_mut().map(|(n, sender)| {
+                    let target = &targets[*n];
+                    let key = &key;
+                    async move { get(sender, target, key, timeout).await }
+                });
+                let latencies = futures::future::join_all(gets).await;
+                for (n, sender) in taken {
+                    senders[n] = sender;
+                }
+                let sample: [Option<Duration>; 5] = std::array::from_fn(|r| latencies[r]);
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(sample);
+            }
+            // Pass 2: whole copies, one node per read.
+            for _ in 0..per_worker {
+                let j = rng.below(names.len() as u64) as usize;
+                let owner = ranks[j][0];
+                let key = format!("{}-whole", names[j].to_hex());
+                let latency = get(&mut senders[owner], &targets[owner], &key, timeout).await;
+                whole
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(latency);
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done?;
+    }
+    // Pass 3: the thin client itself.
+    let live = Arc::new(crate::report::Live::default());
+    let client_reads = crate::chunks::read_chunks(
+        client,
+        names.clone(),
+        args.concurrency,
+        Instant::now() + Duration::from_secs(300),
+        Some(args.reads as u64),
+        args.common.seed,
+        live,
+    )
+    .await;
+
+    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut hits: Vec<Histogram<u64>> = (0..SCHEMES.len()).map(|_| histogram()).collect();
+    let mut misses = vec![0u64; SCHEMES.len()];
+    // The hedge trigger: the p95 of the 4th data-shard arrival without faults.
+    let mut fourth = histogram();
+    for s in &samples {
+        if let Some(d) = last_of(&s[..4]) {
+            fourth.saturating_record(us(d));
+        }
+    }
+    let fourth_p95_us = if fourth.is_empty() {
+        1000
+    } else {
+        fourth.value_at_quantile(0.95)
+    };
+    let trigger = Duration::from_micros(trigger.unwrap_or(fourth_p95_us));
+    let mut tokens = 10.0f64;
+    let mut hedges = 0;
+    for s in &samples {
+        // 4-of-5 late binding.
+        record(&mut hits[0], &mut misses[0], kth(s, 4));
+        // 4-of-4.
+        record(&mut hits[1], &mut misses[1], last_of(&s[..4]));
+        // Hedged 4-of-5: a 5% token bucket (10 banked), one token per hedge request.
+        tokens = (tokens + 0.05).min(10.0);
+        let data_done = last_of(&s[..4]);
+        let needs_hedge = data_done.is_none_or(|d| d > trigger);
+        let latency = if needs_hedge && tokens >= 1.0 {
+            tokens -= 1.0;
+            hedges += 1;
+            let hedged: [Option<Duration>; 5] = [s[0], s[1], s[2], s[3], s[4].map(|l| l + trigger)];
+            kth(&hedged, 4)
+        } else {
+            data_done
+        };
+        record(&mut hits[3], &mut misses[3], latency);
+    }
+    for w in whole.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        record(&mut hits[2], &mut misses[2], *w);
+    }
+    hits[4].add(&client_reads.latency).expect("same bounds");
+    // Errors were recorded with their latency too; count them as misses instead.
+    let client_errors: u64 = client_reads.errors.values().sum();
+    misses[4] = client_errors;
+    Ok(Outcome {
+        hits,
+        misses,
+        fourth_p95_us,
+        hedges,
+    })
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn record(h: &mut Histogram<u64>, misses: &mut u64, latency: Option<Duration>) {
+    match latency {
+        Some(d) => h.saturating_record(us(d)),
+        None => *misses += 1,
+    }
+}
+
+/// The k-th answer among those that came (None if fewer than k came).
+fn kth(sample: &[Option<Duration>], k: usize) -> Option<Duration> {
+    let mut answered: Vec<Duration> = sample.iter().flatten().copied().collect();
+    answered.sort_unstable();
+    answered.get(k - 1).copied()
+}
+
+/// The last of all answers, or None if any failed.
+fn last_of(sample: &[Option<Duration>]) -> Option<Duration> {
+    sample
+        .iter()
+        .copied()
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .max()
+}
+
+fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<()> {
+    let mut json = serde_json::Map::new();
+    let mut table = String::new();
+    use std::fmt::Write;
+    let _ = writeln!(
+        table,
+        "| scenario | scheme | reads | misses | p50 | p90 | p99 | p99.9 |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (scenario, outcome) in results {
+        let mut per_scheme = serde_json::Map::new();
+        for (i, scheme) in SCHEMES.iter().enumerate() {
+            let q = Quantiles::of(&outcome.hits[i], outcome.misses[i]);
+            let _ = writeln!(
+                table,
+                "| {scenario} | {scheme} | {} | {} | {} | {} | {} | {} |",
+                q.reads,
+                q.misses,
+                cell(q.p50_us),
+                cell(q.p90_us),
+                cell(q.p99_us),
+                cell(q.p999_us)
+            );
+            per_scheme.insert((*scheme).to_owned(), serde_json::to_value(&q)?);
+        }
+        per_scheme.insert("hedges_sent".into(), outcome.hedges.into());
+        per_scheme.insert("hedge_trigger_us".into(), outcome.fourth_p95_us.into());
+        json.insert(
+            (*scenario).to_owned(),
+            serde_json::Value::Object(per_scheme),
+        );
+        let series: Vec<Series<'_>> = SCHEMES
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Series {
+                name: (*s).to_owned(),
+                latency: &outcome.hits[i],
+            })
+            .collect();
+        let stem = args.common.out.join(format!("tail-{scenario}"));
+        for file in plot::cdf(&stem, &format!("chunk read latency, {scenario}"), &series)? {
+            eprintln!("wrote {}", file.display());
+        }
+    }
+    let goal = |s: &str| {
+        results
+            .get(s)
+            .and_then(|o| Quantiles::of(&o.hits[0], o.misses[0]).p99_us)
+    };
+    if let (Some(base), Some(slow)) = (goal("a-no-fault"), goal("b-one-slow-node")) {
+        let _ = writeln!(
+            table,
+            "\n4-of-5 late binding p99 with one slow node: {:.2}x its fault-free p99 (goal: at most 1.2x)",
+            slow as f64 / base as f64
+        );
+        json.insert(
+            "late_binding_p99_slow_over_fault_free".into(),
+            (slow as f64 / base as f64).into(),
+        );
+    }
+    print!("{table}");
+    std::fs::write(args.common.out.join("tail.md"), &table)?;
+    let path = args.common.out.join("tail.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&serde_json::Value::Object(json))?,
+    )?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_from_samples() {
+        let ms = |v: u64| Some(Duration::from_millis(v));
+        let s = [ms(1), ms(5), ms(2), ms(3), ms(4)];
+        assert_eq!(kth(&s, 4), ms(4));
+        assert_eq!(last_of(&s[..4]), ms(5));
+        let dead = [ms(1), None, ms(2), ms(3), ms(4)];
+        assert_eq!(kth(&dead, 4), ms(4));
+        assert_eq!(last_of(&dead[..4]), None);
+        assert_eq!(kth(&[ms(1), None, None, None, ms(2)], 4), None);
+    }
+
+    #[test]
+    fn misses_are_slower_than_any_hit() {
+        let mut h = histogram();
+        for i in 1..=98 {
+            h.record(i).unwrap();
+        }
+        let q = Quantiles::of(&h, 2);
+        assert_eq!(q.reads, 100);
+        assert!(q.p50_us.is_some());
+        assert!(q.p99_us.is_none(), "the 99th read of 100 is a miss");
+    }
+}
