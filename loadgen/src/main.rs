@@ -74,10 +74,11 @@ fn main() -> ExitCode {
 }
 
 fn emit(report: &slapshot_loadgen::report::Report, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string(report)?);
+    let text = if json {
+        serde_json::to_string(report)? + "\n"
     } else {
-        report.print();
-    }
+        report.render()
+    };
+    slapshot_loadgen::print_stdout(&text)?;
     Ok(())
 }

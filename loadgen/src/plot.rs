@@ -1,8 +1,9 @@
 //! Latency CDF plots (SVG and PNG) with a log-scale latency axis, one line per series.
 //!
-//! Text in the PNG needs a TrueType font: the first of a few common system fonts is loaded
-//! at run time (Debian's fonts-dejavu-core is enough). Without one, only the SVG is
-//! written, and the caller is told.
+//! Text needs a TrueType font even in the SVG (plotters lays out its labels with it): the
+//! first of a few common system fonts is loaded at run time (Debian's fonts-dejavu-core is
+//! enough). Without one, no plot is written, a warning says why, and the experiment's
+//! table and JSON are still written.
 
 use std::{
     path::{Path, PathBuf},
@@ -34,6 +35,11 @@ fn font_available() -> bool {
                 }
             }
         }
+        tracing::warn!(
+            "no TrueType font found (looked for {}, ...): plots skipped; \
+             install fonts-dejavu-core to get them",
+            FONT_PATHS[0]
+        );
         false
     })
 }
@@ -44,9 +50,12 @@ pub struct Series<'a> {
     pub latency: &'a Histogram<u64>,
 }
 
-/// Writes `stem.svg` and (with a font) `stem.png`; returns the files written.
+/// Writes `stem.svg` and `stem.png`; returns the files written (none without a font).
 pub fn cdf(stem: &Path, title: &str, series: &[Series<'_>]) -> anyhow::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
+    if !font_available() {
+        return Ok(written);
+    }
     let svg = stem.with_extension("svg");
     draw(
         SVGBackend::new(&svg, (900, 560)).into_drawing_area(),
@@ -54,20 +63,13 @@ pub fn cdf(stem: &Path, title: &str, series: &[Series<'_>]) -> anyhow::Result<Ve
         series,
     )?;
     written.push(svg);
-    if font_available() {
-        let png = stem.with_extension("png");
-        draw(
-            BitMapBackend::new(&png, (900, 560)).into_drawing_area(),
-            title,
-            series,
-        )?;
-        written.push(png);
-    } else {
-        tracing::warn!(
-            "no TrueType font found ({}): PNG plots skipped",
-            FONT_PATHS[0]
-        );
-    }
+    let png = stem.with_extension("png");
+    draw(
+        BitMapBackend::new(&png, (900, 560)).into_drawing_area(),
+        title,
+        series,
+    )?;
+    written.push(png);
     Ok(written)
 }
 
@@ -153,6 +155,9 @@ pub fn timeline(
     series: &[(String, Vec<(f64, f64)>)],
 ) -> anyhow::Result<Vec<PathBuf>> {
     let mut written = Vec::new();
+    if !font_available() {
+        return Ok(written);
+    }
     let svg = stem.with_extension("svg");
     draw_timeline(
         SVGBackend::new(&svg, (900, 420)).into_drawing_area(),
@@ -161,16 +166,14 @@ pub fn timeline(
         series,
     )?;
     written.push(svg);
-    if font_available() {
-        let png = stem.with_extension("png");
-        draw_timeline(
-            BitMapBackend::new(&png, (900, 420)).into_drawing_area(),
-            title,
-            y_desc,
-            series,
-        )?;
-        written.push(png);
-    }
+    let png = stem.with_extension("png");
+    draw_timeline(
+        BitMapBackend::new(&png, (900, 420)).into_drawing_area(),
+        title,
+        y_desc,
+        series,
+    )?;
+    written.push(png);
     Ok(written)
 }
 

@@ -150,8 +150,11 @@ impl Report {
     }
 
     /// The human summary.
-    pub fn print(&self) {
-        println!(
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
             "{} requests in {:.2}s: {:.0} req/s, {}/s; {} errors",
             self.requests,
             self.seconds,
@@ -159,7 +162,8 @@ impl Report {
             human(self.bytes_per_second),
             self.errors
         );
-        println!(
+        let _ = writeln!(
+            out,
             "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
             us(self.p50_us),
             us(self.p90_us),
@@ -168,11 +172,12 @@ impl Report {
             us(self.max_us)
         );
         for (kind, n) in &self.errors_by_kind {
-            println!("  error {kind}: {n}");
+            let _ = writeln!(out, "  error {kind}: {n}");
         }
         for (key, value) in &self.extra {
-            println!("  {key}: {value}");
+            let _ = writeln!(out, "  {key}: {value}");
         }
+        out
     }
 }
 

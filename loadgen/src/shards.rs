@@ -59,7 +59,7 @@ pub struct ShardsArgs {
     /// Open loop: requests per second, due at fixed intervals.
     #[arg(long, value_name = "R")]
     pub rate: Option<f64>,
-    /// PUT every key first.
+    /// PUT every key to every target first.
     #[arg(long)]
     pub preload: bool,
     /// HTTP/2 with prior knowledge instead of HTTP/1.1.
@@ -372,26 +372,28 @@ pub async fn run(args: ShardsArgs) -> anyhow::Result<Report> {
         .with("protocol", if args.http2 { "http2" } else { "http1.1" }))
 }
 
-/// PUTs every key, `connections` at a time.
+/// PUTs every key to every target, `connections` at a time: each connection of the run
+/// talks to one target and asks it for any key.
 async fn preload(shared: &Arc<Shared>, keys: u64, connections: usize) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
+    let targets = shared.targets.len() as u64;
     let mut workers = tokio::task::JoinSet::new();
-    for c in 0..connections {
+    for _ in 0..connections {
         let (shared, next) = (shared.clone(), next.clone());
         workers.spawn(async move {
-            let target = shared.targets[c % shared.targets.len()].clone();
-            let mut sender = None;
+            let mut senders: Vec<Option<Sender>> = shared.targets.iter().map(|_| None).collect();
             let mut recorder = Recorder::default();
             loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= keys {
+                let job = next.fetch_add(1, Ordering::Relaxed);
+                if job >= keys * targets {
                     break;
                 }
+                let t = (job % targets) as usize;
                 shared
                     .issue(
-                        &mut sender,
-                        &target,
-                        Op::Put(k),
+                        &mut senders[t],
+                        &shared.targets[t],
+                        Op::Put(job / targets),
                         Instant::now(),
                         &mut recorder,
                     )
@@ -475,7 +477,10 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
     let limited_by_count = args.requests.is_some();
     let mut rng = Rng::new(args.seed);
     let (keys, put_fraction) = (args.keys, args.put_fraction);
-    let schedule = tokio::spawn(async move {
+    // The schedule runs on a thread of its own with the OS's high-resolution sleep: the
+    // runtime's timer wheel ticks in milliseconds, and its lateness would be charged to
+    // every request (latency counts from the due time).
+    let schedule = std::thread::spawn(move || {
         let start = Instant::now();
         let interval = Duration::from_secs_f64(1.0 / rate);
         for i in 0..total {
@@ -483,10 +488,12 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
             if !limited_by_count && due >= start + duration {
                 break;
             }
-            tokio::time::sleep_until(due.into()).await;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
             if tx
-                .send((due, choose(&mut rng, keys, put_fraction)))
-                .await
+                .blocking_send((due, choose(&mut rng, keys, put_fraction)))
                 .is_err()
             {
                 break;
@@ -509,8 +516,10 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
         });
     }
     drop(rx);
-    let _ = schedule.await;
-    collect(workers).await
+    let recorder = collect(workers).await;
+    // The workers end when the schedule has ended and dropped its sender.
+    let _ = tokio::task::spawn_blocking(move || schedule.join()).await;
+    recorder
 }
 
 /// A bounded multi-consumer queue: a tokio mpsc receiver shared behind a mutex.

@@ -95,12 +95,26 @@ impl RunningNode {
             .create(true)
             .append(true)
             .open(dir.join("server.log"))?;
-        Command::new(server)
+        let mut command = Command::new(server);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // kill_on_drop covers a fleet dropped in an orderly way; a `fleet up` or an
+        // experiment that is itself killed (-9, or a fatal signal) must not leave its nodes
+        // running either: the kernel kills them when the thread that started them exits
+        // (the runtime's threads live as long as the process).
+        // SAFETY: between fork and exec, the closure only calls prctl(2), which is
+        // async-signal-safe, and allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command
             .spawn()
             .with_context(|| format!("cannot start {}", server.display()))
     }

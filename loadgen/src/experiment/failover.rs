@@ -215,7 +215,7 @@ async fn experiment(
         }));
     }
     let _ = writeln!(table, "\n{total_errors} errors in all (goal: none)");
-    print!("{table}");
+    crate::print_stdout(&table)?;
     std::fs::write(args.common.out.join("failover.md"), &table)?;
     let hit_rate: Vec<(f64, f64)> = points
         .iter()

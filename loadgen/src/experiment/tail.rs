@@ -6,8 +6,10 @@
 //! - 4-of-5 late binding: the 4th answer of the 5;
 //! - 4-of-4, no redundancy: the last of the 4 data shards' answers (a miss if one failed);
 //! - hedged 4-of-5: the 4 data shards, and the 5th asked only when the 4th answer is later
-//!   than the p95 of 4th answers in the fault-free run (a 5% token bucket of hedges); the
-//!   5th shard's answer counts from the hedge's send time;
+//!   than the p95 of 4th answers in the fault-free run (a 5% token bucket of hedges), or at
+//!   once when a data shard fails (a refused connection, an error status: as the thin
+//!   client does, not charged to the hedge budget); the 5th shard's answer counts from the
+//!   time it was asked;
 //! - a single copy: a separate pass reading whole chunks from one node each.
 //!
 //! A fifth row reads through the thin client itself (4-of-5, late binding), to show what
@@ -79,6 +81,8 @@ struct Outcome {
     /// p95 of the 4th arrival among the data shards (the hedge trigger, from run (a)).
     fourth_p95_us: u64,
     hedges: u64,
+    /// Hedged reads whose parity shard was asked because a data shard failed.
+    fallbacks: u64,
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
@@ -164,13 +168,8 @@ async fn put_whole(addr: SocketAddr, name: &ChunkName, bytes: Bytes) -> anyhow::
     Ok(())
 }
 
-/// One GET; the latency, or `None` for a failure (refused, timed out, not 200).
-async fn get(
-    sender: &mut Option<Sender>,
-    target: &Target,
-    key: &str,
-    timeout: Duration,
-) -> Option<Duration> {
+/// One GET: `Ok(latency)`, or `Err(time until it failed)` (refused, timed out, not 200).
+async fn get(sender: &mut Option<Sender>, target: &Target, key: &str, timeout: Duration) -> Answer {
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, async {
         if sender.is_none() {
@@ -187,13 +186,16 @@ async fn get(
     })
     .await;
     match result {
-        Ok(Some(())) => Some(started.elapsed()),
+        Ok(Some(())) => Ok(started.elapsed()),
         _ => {
             *sender = None;
-            None
+            Err(started.elapsed())
         }
     }
 }
+
+/// When a shard GET answered, or when it failed.
+type Answer = Result<Duration, Duration>;
 
 async fn scenario_run(
     args: &TailArgs,
@@ -204,8 +206,8 @@ async fn scenario_run(
     trigger: Option<u64>,
 ) -> anyhow::Result<Outcome> {
     // Pass 1: all five shards per read.
-    let samples: Arc<Mutex<Vec<[Option<Duration>; 5]>>> = Arc::new(Mutex::new(Vec::new()));
-    let whole: Arc<Mutex<Vec<Option<Duration>>>> = Arc::new(Mutex::new(Vec::new()));
+    let samples: Arc<Mutex<Vec<[Answer; 5]>>> = Arc::new(Mutex::new(Vec::new()));
+    let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
     let per_worker = args.reads.div_ceil(args.concurrency);
     let timeout = args.shard_timeout.0;
     let mut workers = tokio::task::JoinSet::new();
@@ -232,7 +234,7 @@ async fn scenario_run(
                 for (n, sender) in taken {
                     senders[n] = sender;
                 }
-                let sample: [Option<Duration>; 5] = std::array::from_fn(|r| latencies[r]);
+                let sample: [Answer; 5] = std::array::from_fn(|r| latencies[r]);
                 samples
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -285,27 +287,27 @@ async fn scenario_run(
     let trigger = Duration::from_micros(trigger.unwrap_or(fourth_p95_us));
     let mut tokens = 10.0f64;
     let mut hedges = 0;
+    let mut fallbacks = 0;
     for s in &samples {
         // 4-of-5 late binding.
         record(&mut hits[0], &mut misses[0], kth(s, 4));
         // 4-of-4.
         record(&mut hits[1], &mut misses[1], last_of(&s[..4]));
-        // Hedged 4-of-5: a 5% token bucket (10 banked), one token per hedge request.
-        tokens = (tokens + 0.05).min(10.0);
-        let data_done = last_of(&s[..4]);
-        let needs_hedge = data_done.is_none_or(|d| d > trigger);
-        let latency = if needs_hedge && tokens >= 1.0 {
-            tokens -= 1.0;
-            hedges += 1;
-            let hedged: [Option<Duration>; 5] = [s[0], s[1], s[2], s[3], s[4].map(|l| l + trigger)];
-            kth(&hedged, 4)
-        } else {
-            data_done
+        let latency = match hedged(s, trigger, &mut tokens) {
+            (latency, Parity::Hedged) => {
+                hedges += 1;
+                latency
+            }
+            (latency, Parity::AfterFailure) => {
+                fallbacks += 1;
+                latency
+            }
+            (latency, Parity::NotAsked) => latency,
         };
         record(&mut hits[3], &mut misses[3], latency);
     }
     for w in whole.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        record(&mut hits[2], &mut misses[2], *w);
+        record(&mut hits[2], &mut misses[2], w.ok());
     }
     hits[4].add(&client_reads.latency).expect("same bounds");
     // Errors were recorded with their latency too; count them as misses instead.
@@ -316,7 +318,34 @@ async fn scenario_run(
         misses,
         fourth_p95_us,
         hedges,
+        fallbacks,
     })
+}
+
+/// Why the hedged scheme asked the parity shard.
+#[derive(Debug, PartialEq)]
+enum Parity {
+    NotAsked,
+    Hedged,
+    AfterFailure,
+}
+
+/// Hedged 4-of-5 on one sample: a 5% token bucket (10 banked), one token per hedge sent
+/// when the data shards are not all in by `trigger`; a failed data shard asks the parity
+/// shard at once, outside the budget. The parity's answer counts from when it was asked.
+fn hedged(s: &[Answer; 5], trigger: Duration, tokens: &mut f64) -> (Option<Duration>, Parity) {
+    *tokens = (*tokens + 0.05).min(10.0);
+    let first_failure = s[..4].iter().filter_map(|a| a.err()).min();
+    let (asked_at, why) = match (first_failure, last_of(&s[..4])) {
+        (Some(failed), _) => (failed, Parity::AfterFailure),
+        (None, Some(done)) if done > trigger && *tokens >= 1.0 => {
+            *tokens -= 1.0;
+            (trigger, Parity::Hedged)
+        }
+        (None, done) => return (done, Parity::NotAsked),
+    };
+    let parity = s[4].map(|l| l + asked_at).map_err(|l| l + asked_at);
+    (kth(&[s[0], s[1], s[2], s[3], parity], 4), why)
 }
 
 fn us(d: Duration) -> u64 {
@@ -331,17 +360,17 @@ fn record(h: &mut Histogram<u64>, misses: &mut u64, latency: Option<Duration>) {
 }
 
 /// The k-th answer among those that came (None if fewer than k came).
-fn kth(sample: &[Option<Duration>], k: usize) -> Option<Duration> {
-    let mut answered: Vec<Duration> = sample.iter().flatten().copied().collect();
+fn kth(sample: &[Answer], k: usize) -> Option<Duration> {
+    let mut answered: Vec<Duration> = sample.iter().filter_map(|a| a.ok()).collect();
     answered.sort_unstable();
     answered.get(k - 1).copied()
 }
 
 /// The last of all answers, or None if any failed.
-fn last_of(sample: &[Option<Duration>]) -> Option<Duration> {
+fn last_of(sample: &[Answer]) -> Option<Duration> {
     sample
         .iter()
-        .copied()
+        .map(|a| a.ok())
         .collect::<Option<Vec<_>>>()?
         .into_iter()
         .max()
@@ -372,6 +401,7 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
             per_scheme.insert((*scheme).to_owned(), serde_json::to_value(&q)?);
         }
         per_scheme.insert("hedges_sent".into(), outcome.hedges.into());
+        per_scheme.insert("hedge_fallbacks".into(), outcome.fallbacks.into());
         per_scheme.insert("hedge_trigger_us".into(), outcome.fourth_p95_us.into());
         json.insert(
             (*scenario).to_owned(),
@@ -406,7 +436,7 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
             (slow as f64 / base as f64).into(),
         );
     }
-    print!("{table}");
+    crate::print_stdout(&table)?;
     std::fs::write(args.common.out.join("tail.md"), &table)?;
     let path = args.common.out.join("tail.json");
     std::fs::write(
@@ -421,16 +451,55 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
 mod tests {
     use super::*;
 
+    const fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
     #[test]
     fn schemes_from_samples() {
-        let ms = |v: u64| Some(Duration::from_millis(v));
-        let s = [ms(1), ms(5), ms(2), ms(3), ms(4)];
-        assert_eq!(kth(&s, 4), ms(4));
-        assert_eq!(last_of(&s[..4]), ms(5));
-        let dead = [ms(1), None, ms(2), ms(3), ms(4)];
-        assert_eq!(kth(&dead, 4), ms(4));
+        let s = [Ok(ms(1)), Ok(ms(5)), Ok(ms(2)), Ok(ms(3)), Ok(ms(4))];
+        assert_eq!(kth(&s, 4), Some(ms(4)));
+        assert_eq!(last_of(&s[..4]), Some(ms(5)));
+        let dead = [Ok(ms(1)), Err(ms(0)), Ok(ms(2)), Ok(ms(3)), Ok(ms(4))];
+        assert_eq!(kth(&dead, 4), Some(ms(4)));
         assert_eq!(last_of(&dead[..4]), None);
-        assert_eq!(kth(&[ms(1), None, None, None, ms(2)], 4), None);
+        let three_dead = [Ok(ms(1)), Err(ms(0)), Err(ms(0)), Err(ms(0)), Ok(ms(2))];
+        assert_eq!(kth(&three_dead, 4), None);
+    }
+
+    #[test]
+    fn hedging_from_samples() {
+        let mut tokens = 10.0;
+        // All data shards in before the trigger: no hedge, the last data shard's time.
+        let fast = [Ok(ms(1)), Ok(ms(2)), Ok(ms(1)), Ok(ms(2)), Ok(ms(1))];
+        assert_eq!(
+            hedged(&fast, ms(3), &mut tokens),
+            (Some(ms(2)), Parity::NotAsked)
+        );
+        // One slow data shard: the parity, asked at 3 ms, answers 1 ms later.
+        let slow = [Ok(ms(1)), Ok(ms(40)), Ok(ms(1)), Ok(ms(2)), Ok(ms(1))];
+        assert_eq!(
+            hedged(&slow, ms(3), &mut tokens),
+            (Some(ms(4)), Parity::Hedged)
+        );
+        // A refused data shard asks the parity at once: 0.5 + 1 ms.
+        let refused = [
+            Ok(ms(1)),
+            Err(Duration::from_micros(500)),
+            Ok(ms(1)),
+            Ok(ms(2)),
+            Ok(ms(1)),
+        ];
+        assert_eq!(
+            hedged(&refused, ms(3), &mut tokens),
+            (Some(Duration::from_micros(2000)), Parity::AfterFailure)
+        );
+        // The budget runs out: slow reads wait for their slow shard.
+        let mut empty = 0.0;
+        assert_eq!(
+            hedged(&slow, ms(3), &mut empty),
+            (Some(ms(40)), Parity::NotAsked)
+        );
     }
 
     #[test]

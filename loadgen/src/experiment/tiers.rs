@@ -260,7 +260,7 @@ async fn experiment(args: &TiersArgs, dir: &Path) -> anyhow::Result<()> {
         args.worker_disk,
         elapsed.as_secs_f64()
     );
-    print!("{table}");
+    crate::print_stdout(&table)?;
     std::fs::write(args.common.out.join("tiers.md"), &table)?;
     let json = serde_json::json!({
         "tiers": json_tiers,
