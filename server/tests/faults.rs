@@ -99,3 +99,28 @@ fn errors_delays_and_stalls_hit_shard_requests_only() {
     );
     assert_eq!(node.client().get("/v1/shards/k").text(), "value");
 }
+
+#[test]
+fn with_a_token_changing_faults_needs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let (_node_dir, node) = node(&["--fault-injection", "--token-file", token.to_str().unwrap()]);
+    let mut client = node.client();
+    let refused = client.request("PUT", "/admin/faults", &[], b"error-rate=1\n");
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        client.request("DELETE", "/admin/faults", &[], b"").status,
+        401
+    );
+    // Nothing changed: reads are not failed.
+    assert!(client.get("/admin/faults").text().contains("error-rate=0"));
+    let set = client.request(
+        "PUT",
+        "/admin/faults",
+        &[("authorization", "Bearer s3cret")],
+        b"error-rate=1\n",
+    );
+    assert_eq!(set.status, 200, "{}", set.text());
+    assert!(client.get("/admin/faults").text().contains("error-rate=1"));
+}

@@ -171,6 +171,10 @@ async fn route<B: RequestBody>(
     if path == "/admin/faults"
         && let Some(faults) = &ctx.node.faults
     {
+        // Changing faults is a write: it needs the token whenever writes do.
+        if *method != Method::GET && !authorized(ctx, headers) {
+            return reject_body(unauthorized(), body).await;
+        }
         return admin_faults(faults, method, body).await;
     }
     match (method, path) {
@@ -199,6 +203,14 @@ async fn route<B: RequestBody>(
             "no such endpoint; shards live under /v1/shards/{key}\n",
         ),
     }
+}
+
+fn unauthorized() -> Reply {
+    let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    reply
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    reply
 }
 
 /// `/admin/faults`: see `crate::faults`.
@@ -244,11 +256,7 @@ async fn shard<B: RequestBody>(
         _ => return method_not_allowed("GET, HEAD, PUT, DELETE"),
     };
     if needs_token && !authorized(ctx, headers) {
-        let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
-        reply
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return reject_body(reply, body).await;
+        return reject_body(unauthorized(), body).await;
     }
     let key = match ShardKey::parse(key) {
         Ok(key) => key,
