@@ -11,7 +11,7 @@ use serde::Deserialize;
 use slapshot_core::{ByteSize, HumanDuration};
 
 use crate::store::{
-    StoreConfig,
+    Durability, StoreConfig,
     device::{DeviceOptions, DirectIo, StoreTarget},
 };
 
@@ -91,6 +91,13 @@ pub struct Options {
     #[arg(long)]
     pub reformat: bool,
 
+    /// When a PUT or DELETE is acknowledged: group (after a group-committed fdatasync
+    /// shared by the writes that completed before it), dsync (every write is an O_DSYNC
+    /// write, FUA where the device has it), or none (a pure cache: acknowledged once the
+    /// device accepted the write, lost on power failure) [default: group].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub durability: Option<Durability>,
+
     /// File holding a bearer token; PUT and DELETE then need "Authorization: Bearer TOKEN".
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -164,6 +171,7 @@ impl Options {
             direct_io: self.direct_io.or(file.direct_io),
             reinsert_hits: self.reinsert_hits.or(file.reinsert_hits),
             reformat: self.reformat || file.reformat,
+            durability: self.durability.or(file.durability),
             token_file: self.token_file.or(file.token_file),
             auth_reads: self.auth_reads || file.auth_reads,
             max_connections: self.max_connections.or(file.max_connections),
@@ -306,6 +314,7 @@ impl ServerConfig {
                     region_size: options.region_size.unwrap_or(DEFAULT_REGION_SIZE).bytes(),
                     direct_io: options.direct_io.unwrap_or_default(),
                     reformat: options.reformat,
+                    durability: options.durability.unwrap_or_default(),
                 },
                 memory_bytes: memory,
                 max_shard_size: options.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD).bytes(),

@@ -27,6 +27,8 @@ pub mod names {
     pub const EVICTED_REGIONS: &str = "slapshot_flash_evicted_regions_total";
     pub const EVICTED_SHARDS: &str = "slapshot_flash_evicted_shards_total";
     pub const REINSERTED_SHARDS: &str = "slapshot_flash_reinserted_shards_total";
+    pub const FLUSHES: &str = "slapshot_flash_flushes_total";
+    pub const FLUSH_WAITERS: &str = "slapshot_flash_flush_waiters_total";
     pub const FLASH_BYTES_USED: &str = "slapshot_flash_bytes_used";
     pub const FLASH_CAPACITY: &str = "slapshot_flash_capacity_bytes";
     pub const FLASH_SHARDS: &str = "slapshot_flash_shards";
@@ -95,6 +97,8 @@ pub struct CoreMetrics {
     pub evicted_regions: AtomicU64,
     pub evicted_shards: AtomicU64,
     pub reinserted_shards: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_waiters: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -336,6 +340,20 @@ impl Metrics {
             names::REINSERTED_SHARDS,
             "Hot shards rewritten instead of evicted.",
             self.sum(|c| &c.reinserted_shards),
+        );
+
+        counter(
+            w,
+            names::FLUSHES,
+            "fdatasync calls made to acknowledge writes (--durability group).",
+            self.sum(|c| &c.flushes),
+        );
+        counter(
+            w,
+            names::FLUSH_WAITERS,
+            "Operations that waited for those fdatasync calls; divided by the flushes, the \
+             average group size.",
+            self.sum(|c| &c.flush_waiters),
         );
 
         gauge(

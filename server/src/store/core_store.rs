@@ -11,7 +11,7 @@ use bytes::Bytes;
 use slapshot_core::ShardKey;
 
 use super::{
-    Store, StoreError,
+    Durability, Store, StoreError,
     aligned::AlignedBuf,
     device::random_u64,
     format::{
@@ -139,6 +139,21 @@ pub struct CoreStore {
     puts: AppendStream,
     reinserts: AppendStream,
     evicting: Cell<bool>,
+    commit: GroupCommit,
+}
+
+/// What a flush tells its waiters: `std::io::Error` cannot be cloned, so each gets its
+/// kind and message.
+type FlushResult = Result<(), (std::io::ErrorKind, String)>;
+
+/// Operations of this thread waiting for a flush (`Durability::Group`). Each waiter's
+/// writes completed before it registered, so the next fdatasync to start covers them all.
+#[derive(Default)]
+struct GroupCommit {
+    waiting: RefCell<Vec<tokio::sync::oneshot::Sender<FlushResult>>>,
+    /// A committer task is running; it takes every waiter that registers before it
+    /// starts its next fdatasync.
+    running: Cell<bool>,
 }
 
 impl CoreStore {
@@ -151,6 +166,7 @@ impl CoreStore {
             puts: AppendStream::default(),
             reinserts: AppendStream::default(),
             evicting: Cell::new(false),
+            commit: GroupCommit::default(),
         })
     }
 
@@ -329,6 +345,9 @@ impl CoreStore {
                 AppendMode::Put,
             )
             .await?;
+        // The record is durable before it is indexed, so that nobody reads bytes that a
+        // power failure could take back.
+        self.durable().await?;
 
         let zero_copy = appended.buf.is_spliceable();
         let data = appended
@@ -364,6 +383,7 @@ impl CoreStore {
             // has a higher sequence number and wins there too.
             let _ = self.invalidate(previous.location).await;
             drop(pin);
+            self.durable().await?;
             return Ok(PutOutcome::Replaced);
         }
         Ok(if was_in_memory {
@@ -375,7 +395,7 @@ impl CoreStore {
 
     /// Deletes a shard; true if it existed. The record is invalidated on the device before
     /// the delete is acknowledged, so it cannot come back after a restart.
-    pub async fn delete(&self, key: ShardKey<'_>) -> Result<bool, StoreError> {
+    pub async fn delete(self: &Rc<Self>, key: ShardKey<'_>) -> Result<bool, StoreError> {
         let store = &*self.store;
         let hash = key_hash(key.as_bytes());
         let (removed, was_in_memory, pin) = {
@@ -390,8 +410,60 @@ impl CoreStore {
             let result = self.invalidate(entry.location).await;
             drop(pin);
             result?;
+            self.durable().await?;
         }
         Ok(removed.is_some() || was_in_memory)
+    }
+
+    /// Makes every write of this thread that has completed so far durable, as
+    /// `--durability` defines it. With `Group`, concurrent callers share one fdatasync: the
+    /// first starts a committer task, which flushes for everyone registered before the
+    /// flush began and goes on until nobody waits.
+    async fn durable(self: &Rc<Self>) -> Result<(), StoreError> {
+        match self.store.durability {
+            // O_DSYNC writes are durable when they complete; `None` promises nothing more.
+            Durability::Dsync | Durability::None => return Ok(()),
+            Durability::Group => {}
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commit.waiting.borrow_mut().push(tx);
+        if !self.commit.running.replace(true) {
+            let this = self.clone();
+            // The committer is owned by the store thread, not by any caller: a caller that
+            // goes away does not stop the flush the others wait for.
+            monoio::spawn(async move {
+                loop {
+                    let batch = std::mem::take(&mut *this.commit.waiting.borrow_mut());
+                    if batch.is_empty() {
+                        break;
+                    }
+                    let result = this.file.sync_data().await;
+                    let m = this.metrics();
+                    add(&m.flushes, 1);
+                    add(&m.flush_waiters, batch.len() as u64);
+                    if let Err(e) = &result {
+                        add(&m.io_errors_write, 1);
+                        tracing::error!(error = %e, "fdatasync failed");
+                    }
+                    for tx in batch {
+                        let _ = tx.send(
+                            result
+                                .as_ref()
+                                .map(|_| ())
+                                .map_err(|e| (e.kind(), e.to_string())),
+                        );
+                    }
+                }
+                this.commit.running.set(false);
+            });
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((kind, message))) => Err(StoreError::Io(std::io::Error::new(kind, message))),
+            Err(_) => Err(StoreError::Io(std::io::Error::other(
+                "the store thread stopped before the flush",
+            ))),
+        }
     }
 
     async fn read_blocks(&self, location: Location, blocks: u32) -> std::io::Result<AlignedBuf> {
@@ -645,11 +717,22 @@ impl CoreStore {
         }
 
         wait_for_zero(&meta.pins).await;
+        // The copies are durable before the originals are retired, and the retirement is
+        // durable before the region is reused: otherwise a power failure could bring the
+        // old incarnation's header back over records written since.
         let retired = random_u64();
-        match self
-            .write_region_header(victim, RegionState::Retired, retired, 0)
-            .await
-        {
+        let retirement = match self.durable().await {
+            Ok(()) => self
+                .write_region_header(victim, RegionState::Retired, retired, 0)
+                .await
+                .map_err(StoreError::Io),
+            Err(e) => Err(e),
+        };
+        let retirement = match retirement {
+            Ok(()) => self.durable().await,
+            Err(e) => Err(e),
+        };
+        match retirement {
             Ok(()) => {
                 meta.nonce.store(retired, Ordering::Release);
                 store.regions.push_free(victim);

@@ -32,7 +32,10 @@ use std::{
 
 use slapshot_core::ByteSize;
 
-pub use self::core_store::{CoreStore, PendingRecord, PutOutcome, Shard, Tier};
+pub use self::{
+    core_store::{CoreStore, PendingRecord, PutOutcome, Shard, Tier},
+    device::Durability,
+};
 use self::{
     device::{Device, DeviceOptions},
     format::{BLOCK_SIZE, record_blocks},
@@ -134,6 +137,7 @@ pub struct Store {
     region_blocks: u32,
     max_payload: u64,
     reinsert_hits: u8,
+    durability: Durability,
     /// Eviction starts when fewer regions than this are free: one per thread to open next,
     /// plus one for reinsertion to spill into.
     low_watermark: usize,
@@ -200,6 +204,7 @@ impl Store {
             region_blocks,
             max_payload: config.max_shard_size,
             reinsert_hits: config.reinsert_hits,
+            durability: config.device.durability,
             low_watermark,
             reinsert_credit: std::sync::atomic::AtomicI64::new(0),
             evictions_running: std::sync::atomic::AtomicUsize::new(0),

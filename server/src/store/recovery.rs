@@ -102,6 +102,9 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
     for location in &losers {
         invalidate_blocking(store, *location)?;
     }
+    if !losers.is_empty() && store.durability != super::Durability::None {
+        store.device.file.sync_data()?;
+    }
 
     let mut keys_by_region: Vec<Vec<u64>> = vec![Vec::new(); region_count as usize];
     let mut bytes_used = 0;
