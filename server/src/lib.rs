@@ -5,6 +5,7 @@
 //! fast. See ARCHITECTURE.md for the map and the invariants.
 
 pub mod config;
+pub mod hooks;
 pub mod http;
 pub mod metrics;
 pub mod node;

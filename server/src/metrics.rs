@@ -34,6 +34,9 @@ pub mod names {
     pub const FLASH_SHARDS: &str = "slapshot_flash_shards";
     pub const FLASH_FREE_REGIONS: &str = "slapshot_flash_free_regions";
     pub const FLASH_BROKEN_REGIONS: &str = "slapshot_flash_broken_regions";
+    pub const FLASH_REGIONS: &str = "slapshot_flash_regions";
+    pub const FLASH_SETTLING_KEYS: &str = "slapshot_flash_settling_keys";
+    pub const FLASH_READ_ONLY: &str = "slapshot_flash_read_only";
     pub const MEMORY_BYTES_USED: &str = "slapshot_memory_bytes_used";
     pub const MEMORY_CAPACITY: &str = "slapshot_memory_capacity_bytes";
     pub const MEMORY_SHARDS: &str = "slapshot_memory_shards";
@@ -132,6 +135,10 @@ pub struct StoreGauges {
     pub memory_bytes_used: u64,
     pub memory_capacity: u64,
     pub memory_shards: u64,
+    pub regions: crate::store::RegionCounts,
+    /// Keys with records waiting to be zeroed or retired (see `store::settling`).
+    pub settling_keys: u64,
+    pub read_only: bool,
 }
 
 /// Facts about start-up recovery, fixed once the node serves.
@@ -385,6 +392,35 @@ impl Metrics {
             names::FLASH_BROKEN_REGIONS,
             "Regions out of service after write errors.",
             gauges.broken_regions,
+        );
+        header(
+            w,
+            names::FLASH_REGIONS,
+            "gauge",
+            "Regions by state; they add up to the region count.",
+        );
+        let r = gauges.regions;
+        for (state, n) in [
+            ("free", r.free),
+            ("open", r.open),
+            ("sealed", r.sealed),
+            ("evicting", r.evicting),
+            ("quarantined", r.quarantined),
+            ("broken", r.broken),
+        ] {
+            sample(w, names::FLASH_REGIONS, &format!("state=\"{state}\""), n);
+        }
+        gauge(
+            w,
+            names::FLASH_SETTLING_KEYS,
+            "Keys with records on flash waiting to be zeroed or retired.",
+            gauges.settling_keys,
+        );
+        gauge(
+            w,
+            names::FLASH_READ_ONLY,
+            "1 once a write failure could not be made safe: writes are refused.",
+            u64::from(gauges.read_only),
         );
         gauge(
             w,

@@ -66,12 +66,19 @@ pub struct TestNode {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl TestNode {
     /// Starts a node storing under `dir/data` (unless `extra` names a `--device`), with
     /// `extra` flags added.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Like `start`, with environment variables for the node (for example the server's
+    /// test hooks, `SLAPSHOT_TEST_HOOKS`). Restarts keep them unless `set_env` changes them.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> TestNode {
         let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
         if !extra.contains(&"--threads") {
             args.extend(["--threads".into(), "2".into()]);
@@ -85,6 +92,10 @@ impl TestNode {
             addr: "127.0.0.1:0".parse().unwrap(),
             dir: dir.to_owned(),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         node.launch();
         node
@@ -100,6 +111,7 @@ impl TestNode {
             .unwrap();
         let child = Command::new(server_binary())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--addr-file")
             .arg(&addr_file)
             .stdin(Stdio::null())
@@ -194,6 +206,14 @@ impl TestNode {
     /// True while the process runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Replaces the environment variables given to the node at its next (re)start.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     /// Starts the node again with the same flags and data.

@@ -18,7 +18,7 @@ use slapshot_core::ByteSize;
 use super::{
     StoreError,
     aligned::AlignedBuf,
-    format::{BLOCK_SIZE, Superblock},
+    format::{BLOCK_SIZE, METADATA_BLOCKS, Superblock, decode_quarantine, encode_quarantine},
 };
 
 /// Name of the preallocated store file inside `--data-dir`.
@@ -83,6 +83,11 @@ pub struct Device {
     pub superblock: Superblock,
     /// True if the superblock was written just now (nothing to recover).
     pub formatted: bool,
+    /// The superblock's generation before this open incremented it: an index checkpoint
+    /// written in that generation describes the store exactly as it is now.
+    pub previous_generation: u64,
+    /// Regions listed in the quarantine block.
+    pub quarantined: Vec<u32>,
 }
 
 impl Device {
@@ -113,15 +118,17 @@ impl Device {
             }
         };
 
-        let region_count = requested.saturating_sub(BLOCK_SIZE as u64) / opts.region_size;
+        let metadata = METADATA_BLOCKS * BLOCK_SIZE as u64;
+        let region_count = requested.saturating_sub(metadata) / opts.region_size;
         let region_count =
             u32::try_from(region_count).map_err(|_| StoreError::TooManyRegions(region_count))?;
         let wanted = Superblock {
             region_size: opts.region_size,
             region_count,
             store_id: 0,
+            generation: 0,
         };
-        let len = BLOCK_SIZE as u64 + u64::from(region_count) * opts.region_size;
+        let len = metadata + u64::from(region_count) * opts.region_size;
 
         let is_data_dir = matches!(opts.target, StoreTarget::DataDir(_));
         let dsync = opts.durability == Durability::Dsync;
@@ -145,7 +152,7 @@ impl Device {
             Err(source) => return Err(StoreError::Superblock { path, source }),
         };
 
-        let (superblock, formatted) = match existing {
+        let (mut superblock, formatted) = match existing {
             Some(sb)
                 if sb.region_size == wanted.region_size
                     && sb.region_count == wanted.region_count =>
@@ -167,9 +174,10 @@ impl Device {
                     store_id: random_u64(),
                     ..wanted
                 };
-                block.resize_zeroed(BLOCK_SIZE);
-                sb.encode(block.as_mut_slice());
-                file.write_all_at(block.as_slice(), 0)
+                // Superblock and an empty quarantine block in one write.
+                let mut blocks = AlignedBuf::zeroed(2 * BLOCK_SIZE);
+                sb.encode(blocks.as_mut_slice());
+                file.write_all_at(blocks.as_slice(), 0)
                     .map_err(StoreError::Io)?;
                 // The superblock, the file's size and allocation, and (below) its name in
                 // the directory are on stable storage before anything is acknowledged.
@@ -181,12 +189,35 @@ impl Device {
                 (sb, true)
             }
         };
+
+        block.resize_zeroed(BLOCK_SIZE);
+        file.read_exact_at(block.as_mut_slice(), BLOCK_SIZE as u64)
+            .map_err(StoreError::Io)?;
+        let quarantined =
+            decode_quarantine(block.as_slice(), superblock.store_id).map_err(|source| {
+                StoreError::Superblock {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+
+        // A new generation, durable before anything else is written: a checkpoint left by
+        // an earlier generation no longer describes the store once this node writes.
+        let previous_generation = superblock.generation;
+        superblock.generation += 1;
+        block.resize_zeroed(BLOCK_SIZE);
+        superblock.encode(block.as_mut_slice());
+        file.write_all_at(block.as_slice(), 0)
+            .and_then(|()| file.sync_data())
+            .map_err(StoreError::Io)?;
         Ok(Self {
             path,
             file,
             direct,
             superblock,
             formatted,
+            previous_generation,
+            quarantined,
         })
     }
 
@@ -194,10 +225,21 @@ impl Device {
     pub fn region_offset(&self, region: u32) -> u64 {
         region_offset(self.superblock.region_size, region)
     }
+
+    /// Writes the quarantine list and waits until it is durable. This is a blocking call
+    /// on the caller's thread; it runs only after a device write failed, which is rare
+    /// and already slow.
+    pub fn write_quarantine(&self, regions: &[u32]) -> std::io::Result<()> {
+        let mut block = AlignedBuf::zeroed(BLOCK_SIZE);
+        encode_quarantine(block.as_mut_slice(), self.superblock.store_id, regions);
+        self.file
+            .write_all_at(block.as_slice(), BLOCK_SIZE as u64)?;
+        self.file.sync_data()
+    }
 }
 
 pub fn region_offset(region_size: u64, region: u32) -> u64 {
-    BLOCK_SIZE as u64 + u64::from(region) * region_size
+    METADATA_BLOCKS * BLOCK_SIZE as u64 + u64::from(region) * region_size
 }
 
 fn describe(region_size: u64, region_count: u32) -> String {
@@ -205,7 +247,7 @@ fn describe(region_size: u64, region_count: u32) -> String {
         "{} regions of {} ({} in all)",
         region_count,
         ByteSize(region_size),
-        ByteSize(BLOCK_SIZE as u64 + u64::from(region_count) * region_size)
+        ByteSize(METADATA_BLOCKS * BLOCK_SIZE as u64 + u64::from(region_count) * region_size)
     )
 }
 

@@ -20,6 +20,7 @@ pub mod index;
 pub mod memory;
 mod recovery;
 mod regions;
+mod settling;
 
 use std::{
     path::PathBuf,
@@ -35,6 +36,7 @@ use slapshot_core::ByteSize;
 pub use self::{
     core_store::{CoreStore, PendingRecord, PutOutcome, Shard, Tier},
     device::Durability,
+    regions::RegionCounts,
 };
 use self::{
     device::{Device, DeviceOptions},
@@ -103,10 +105,14 @@ pub enum StoreError {
     BadRegionSize(ByteSize),
     #[error("the filesystem under {0} does not support O_DIRECT (use --direct-io auto or off)")]
     NoDirectIo(PathBuf),
-    #[error("device I/O failed: {0}")]
+    #[error("device I/O failed")]
     Io(#[from] std::io::Error),
     #[error("no free region: the store is busy evicting or its regions are out of service")]
     NoSpace,
+    #[error("the store is read-only: a device write failed and the failure could not be recorded")]
+    ReadOnly,
+    #[error("the store thread is shutting down")]
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +156,13 @@ pub struct Store {
     /// Evictions running on any thread, so that a writer waiting for a free region knows
     /// whether one is coming.
     evictions_running: std::sync::atomic::AtomicUsize,
+    /// Records on the device that no index entry points at and that are not gone yet.
+    settling: settling::Settling,
+    /// The regions listed in the quarantine block; the lock also serialises its writes.
+    quarantine: std::sync::Mutex<Vec<u32>>,
+    /// Set when a failed write could not be made safe (see `quarantine`): writes and
+    /// deletes are refused from then on, reads go on.
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -208,8 +221,16 @@ impl Store {
             low_watermark,
             reinsert_credit: std::sync::atomic::AtomicI64::new(0),
             evictions_running: std::sync::atomic::AtomicUsize::new(0),
+            settling: settling::Settling::default(),
+            quarantine: std::sync::Mutex::new(device.quarantined.clone()),
+            read_only: std::sync::atomic::AtomicBool::new(false),
             device,
         };
+        for &region in &store.device.quarantined {
+            if region < region_count {
+                store.regions.set_quarantined(region);
+            }
+        }
 
         let started = Instant::now();
         let report = recovery::recover(&store, threads)?;
@@ -247,12 +268,16 @@ impl Store {
     }
 
     pub fn gauges(&self) -> StoreGauges {
+        let regions = self.regions.counts();
         StoreGauges {
             flash_bytes_used: self.bytes_used.load(Ordering::Relaxed),
             flash_capacity: self.flash_capacity(),
             flash_shards: self.index.len() as u64,
-            free_regions: self.regions.free_count() as u64,
-            broken_regions: u64::from(self.regions.broken_count()),
+            free_regions: regions.free,
+            broken_regions: regions.broken + regions.quarantined,
+            regions,
+            settling_keys: self.settling.len() as u64,
+            read_only: self.read_only.load(Ordering::Relaxed),
             memory_bytes_used: self.memory.bytes_used(),
             memory_capacity: self.memory.capacity(),
             memory_shards: self.memory.len() as u64,
@@ -285,6 +310,68 @@ impl Store {
                 (credit >= blocks).then_some(credit - blocks)
             })
             .is_ok()
+    }
+
+    /// Refuses writes once the store is read-only.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        if self.read_only.load(Ordering::Acquire) {
+            Err(StoreError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes `region` out of service for good because a write the store relies on failed
+    /// there (zeroing a record that must not come back, or retiring the region): the region
+    /// is listed, durably, in the quarantine block, which recovery honours by never reading
+    /// it, so nothing in it can come back. Every index entry pointing into it is dropped
+    /// (those shards become misses; the fleet's erasure code covers them). If the list
+    /// cannot be written, or is full, the store turns read-only: it can no longer promise
+    /// that deleted shards stay deleted, so it stops accepting writes and deletes.
+    ///
+    /// The list is written with a blocking write on the calling runtime thread: this runs
+    /// only after a device error, rarely, and the lock serialises writers from all threads.
+    fn quarantine(&self, region: u32, reason: &str) -> Result<(), StoreError> {
+        let mut list = regions::lock(&self.quarantine);
+        if !list.contains(&region) {
+            if list.len() >= format::MAX_QUARANTINED {
+                self.go_read_only("the quarantine list is full");
+                return Err(StoreError::ReadOnly);
+            }
+            list.push(region);
+            if let Err(e) = self.device.write_quarantine(&list) {
+                list.pop();
+                tracing::error!(region, error = %e, "cannot record a quarantined region");
+                self.go_read_only("the quarantine block cannot be written");
+                return Err(StoreError::ReadOnly);
+            }
+        }
+        drop(list);
+        let first = self.regions.set_quarantined(region);
+        if first {
+            tracing::error!(region, reason, "region quarantined");
+        }
+        let meta = self.regions.get(region);
+        for hash in meta.keys() {
+            let mut map = self.index.lock(hash);
+            if let Some(entry) = map.get(&hash).copied()
+                && entry.location.region == region
+            {
+                map.remove(&hash);
+                drop(map);
+                self.sub_used(entry.disk_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn go_read_only(&self, why: &str) {
+        if !self.read_only.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                why,
+                "the store is now read-only: writes and deletes get 503 until it is repaired"
+            );
+        }
     }
 
     fn add_used(&self, bytes: u64) {
