@@ -21,6 +21,12 @@ const DEFAULT_DATA_DIR_CAPACITY: ByteSize = ByteSize(1 << 30);
 /// keeping the unit of eviction a small fraction of any realistic device.
 const DEFAULT_REGION_SIZE: ByteSize = ByteSize(16 << 20);
 const DEFAULT_MAX_SHARD: ByteSize = ByteSize(4 << 20);
+/// Room for 256 bodies of the largest default shard (4 MiB) at once, or 8,000 shards of a
+/// 4-of-5 coded 512 KiB chunk; a node receives a few hundred at a time under full load.
+const DEFAULT_BODY_MEMORY: ByteSize = ByteSize(1 << 30);
+/// 64 KiB/s: a 4 MiB shard then may take a minute past the grace period, far slower
+/// than any healthy client in a data centre, yet a trickle of a byte a second is cut.
+const DEFAULT_MIN_BODY_RATE: ByteSize = ByteSize(64 << 10);
 /// The memory tier defaults to 10% of flash, the ratio the paper's AZ cache runs with.
 pub const DEFAULT_MEMORY_PERCENT: u64 = 10;
 
@@ -110,6 +116,17 @@ pub struct Options {
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
 
+    /// Memory all request bodies in flight may take together: PUT buffers, grown read
+    /// buffers, and each HTTP/2 connection's 1 MiB receive window. A request that does not
+    /// fit gets 503 and its connection is closed [default: 1GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_memory: Option<ByteSize>,
+
+    /// Bytes per second a request body must average once it has been arriving for
+    /// --header-timeout; slower uploads are cut. 0 turns the check off [default: 64KiB].
+    #[arg(long, value_name = "BYTES")]
+    pub min_body_rate: Option<ByteSize>,
+
     /// Time a client may take to send a request's headers once it started [default: 10s].
     #[arg(long, value_name = "DURATION")]
     pub header_timeout: Option<HumanDuration>,
@@ -175,6 +192,8 @@ impl Options {
             token_file: self.token_file.or(file.token_file),
             auth_reads: self.auth_reads || file.auth_reads,
             max_connections: self.max_connections.or(file.max_connections),
+            max_body_memory: self.max_body_memory.or(file.max_body_memory),
+            min_body_rate: self.min_body_rate.or(file.min_body_rate),
             header_timeout: self.header_timeout.or(file.header_timeout),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
             io_timeout: self.io_timeout.or(file.io_timeout),
@@ -227,6 +246,10 @@ pub struct HttpConfig {
     /// Splice large GET bodies from spliceable buffers instead of copying them.
     pub zero_copy: bool,
     pub max_connections: usize,
+    /// See `budget`.
+    pub max_body_memory: u64,
+    /// Bytes per second; 0 for no minimum.
+    pub min_body_rate: u64,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub io_timeout: Duration,
@@ -325,6 +348,14 @@ impl ServerConfig {
                 http1: options.http1.unwrap_or_default(),
                 zero_copy: !options.no_zero_copy,
                 max_connections: options.max_connections.unwrap_or(10_000),
+                max_body_memory: options
+                    .max_body_memory
+                    .unwrap_or(DEFAULT_BODY_MEMORY)
+                    .bytes(),
+                min_body_rate: options
+                    .min_body_rate
+                    .unwrap_or(DEFAULT_MIN_BODY_RATE)
+                    .bytes(),
                 header_timeout: duration(options.header_timeout, 10),
                 idle_timeout: duration(options.idle_timeout, 60),
                 io_timeout: duration(options.io_timeout, 30),

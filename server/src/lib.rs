@@ -4,6 +4,7 @@
 //! coding, the node keeps shards on flash (with a memory tier in front) and serves them
 //! fast. See ARCHITECTURE.md for the map and the invariants.
 
+pub mod budget;
 pub mod config;
 pub mod hooks;
 pub mod http;

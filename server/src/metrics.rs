@@ -20,6 +20,9 @@ pub mod names {
     pub const CONNECTIONS_ACCEPTED: &str = "slapshot_http_connections_accepted_total";
     pub const CONNECTIONS_REJECTED: &str = "slapshot_http_connections_rejected_total";
     pub const CONNECTION_TIMEOUTS: &str = "slapshot_http_connection_timeouts_total";
+    pub const BODY_MEMORY: &str = "slapshot_http_body_memory_bytes";
+    pub const BODY_MEMORY_LIMIT: &str = "slapshot_http_body_memory_limit_bytes";
+    pub const BODY_REFUSALS: &str = "slapshot_http_body_budget_refusals_total";
     pub const CACHE_HITS: &str = "slapshot_cache_hits_total";
     pub const CACHE_MISSES: &str = "slapshot_cache_misses_total";
     pub const CHECKSUM_FAILURES: &str = "slapshot_checksum_failures_total";
@@ -76,9 +79,11 @@ pub enum TimeoutKind {
     Header = 0,
     Idle = 1,
     Io = 2,
+    /// A request body arrived slower than `--min-body-rate`.
+    Body = 3,
 }
 
-const TIMEOUT_KINDS: [&str; 3] = ["header", "idle", "io"];
+const TIMEOUT_KINDS: [&str; 4] = ["header", "idle", "io", "body"];
 
 /// Counters of one runtime thread.
 #[derive(Default)]
@@ -141,6 +146,14 @@ pub struct StoreGauges {
     pub read_only: bool,
 }
 
+/// The body budget (see `budget`) at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BodyGauges {
+    pub used: u64,
+    pub limit: u64,
+    pub refused: u64,
+}
+
 /// Facts about start-up recovery, fixed once the node serves.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RecoveryReport {
@@ -183,7 +196,7 @@ impl Metrics {
     }
 
     /// Renders everything in the Prometheus text exposition format.
-    pub fn render(&self, gauges: StoreGauges, draining: bool) -> String {
+    pub fn render(&self, gauges: StoreGauges, body: BodyGauges, draining: bool) -> String {
         let mut out = String::with_capacity(8192);
         let w = &mut out;
 
@@ -266,6 +279,25 @@ impl Metrics {
                 self.sum(|c| &c.timeouts[k]),
             );
         }
+
+        gauge(
+            w,
+            names::BODY_MEMORY,
+            "Memory reserved for request bodies in flight.",
+            body.used,
+        );
+        gauge(
+            w,
+            names::BODY_MEMORY_LIMIT,
+            "The body memory budget (--max-body-memory).",
+            body.limit,
+        );
+        counter(
+            w,
+            names::BODY_REFUSALS,
+            "Requests and connections refused because the body budget was spent.",
+            body.refused,
+        );
 
         header(
             w,
@@ -484,7 +516,7 @@ mod tests {
         metrics
             .core(1)
             .record_request(2, 201, Duration::from_secs(9));
-        let text = metrics.render(StoreGauges::default(), false);
+        let text = metrics.render(StoreGauges::default(), BodyGauges::default(), false);
         assert!(text.contains("slapshot_http_requests_total{method=\"GET\",status=\"200\"} 2"));
         assert!(text.contains("slapshot_http_requests_total{method=\"PUT\",status=\"201\"} 1"));
         assert!(text.contains(
@@ -508,7 +540,7 @@ mod tests {
     fn unknown_status_is_counted_as_other() {
         let metrics = Metrics::new(1);
         metrics.core(0).record_request(4, 418, Duration::ZERO);
-        let text = metrics.render(StoreGauges::default(), false);
+        let text = metrics.render(StoreGauges::default(), BodyGauges::default(), false);
         assert!(text.contains("{method=\"OTHER\",status=\"0\"} 1"));
     }
 }

@@ -155,10 +155,7 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
         .write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
         .unwrap();
     let (reply, _) = read_until_closed(garbage);
-    assert!(
-        reply.is_empty() || reply.starts_with("HTTP/1.1 400"),
-        "{reply:?}"
-    );
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply:?}");
     bystander.still_served();
 
     // A body cut short by the client: nothing stored.
@@ -203,10 +200,7 @@ fn broken_clients_get_clean_answers_while_others_are_served() {
     );
     let _ = huge.write_all(header.as_bytes());
     let (reply, _) = read_until_closed(huge);
-    assert!(
-        reply.is_empty() || reply.starts_with("HTTP/1.1 431") || reply.starts_with("HTTP/1.1 400"),
-        "{reply:?}"
-    );
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply:?}");
     bystander.still_served();
 
     assert!(node.metric("slapshot_http_connection_timeouts_total{kind=\"header\"}") >= 1.0);

@@ -119,13 +119,30 @@ fn connection_close_is_honoured() {
 #[test]
 fn framing_errors_are_refused_and_close_the_connection() {
     let (_dir, node) = node(&[]);
-    let cases: [(&[u8], &str); 6] = [
-        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", "400"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", "501"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3x\r\n\r\nabc", "400"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", "400"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
-        (b"GET /\x01 HTTP/1.1\r\n\r\n", "400"),
+    let many_trailers: String = (0..40).map(|i| format!("x-t{i}: v\r\n")).collect();
+    let too_many_trailers = format!(
+        "PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n{many_trailers}\r\n"
+    );
+    let cases: [(&[u8], &str); 15] = [
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip\r\n\r\n", "501"),
+        // A coding under chunked would be stored still encoded.
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "501"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ncontent-length: 3x\r\n\r\nabc", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
+        // Chunk sizes are hex digits only: no sign, no leading space.
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n+3\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n 3\r\nabc\r\n0\r\n\r\n", "400"),
+        // A bare LF does not end a line inside a chunked body.
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\n0\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", "400"),
+        // HTTP/1.1 needs exactly one Host.
+        (b"GET /health HTTP/1.1\r\n\r\n", "400"),
+        (b"GET /health HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", "400"),
+        (too_many_trailers.as_bytes(), "400"),
+        (b"GET /\x01 HTTP/1.1\r\nhost: t\r\n\r\n", "400"),
     ];
     for (request, status) in cases {
         let mut stream = raw(&node);
@@ -140,7 +157,7 @@ fn framing_errors_are_refused_and_close_the_connection() {
     let many: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
     let mut stream = raw(&node);
     stream
-        .write_all(format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes())
+        .write_all(format!("GET /health HTTP/1.1\r\nhost: t\r\n{many}\r\n").as_bytes())
         .unwrap();
     assert!(read_to_close(stream).starts_with("HTTP/1.1 431"));
     assert_eq!(
@@ -148,6 +165,10 @@ fn framing_errors_are_refused_and_close_the_connection() {
         404,
         "nothing was stored"
     );
+    // HTTP/1.0 may leave Host out.
+    let mut stream = raw(&node);
+    stream.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+    assert!(read_to_close(stream).starts_with("HTTP/1.1 200"));
 }
 
 #[test]
@@ -155,7 +176,7 @@ fn chunked_bodies_with_extensions_and_trailers_are_stored() {
     let (_dir, node) = node(&[]);
     let mut stream = raw(&node);
     stream
-        .write_all(b"PUT /v1/shards/c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: yes\r\n\r\nGET /v1/shards/c HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .write_all(b"PUT /v1/shards/c HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6 ;x\r\n world\r\n0\r\nx-trailer: yes\r\n\r\nGET /v1/shards/c HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
         .unwrap();
     let reply = read_to_close(stream);
     assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");

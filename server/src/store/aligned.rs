@@ -74,6 +74,24 @@ impl AlignedBuf {
         }
     }
 
+    /// A buffer with no allocation at all, to stand in for one lent out to the kernel.
+    pub fn empty() -> Self {
+        Self {
+            ptr: NonNull::dangling(),
+            len: 0,
+            cap: 0,
+            mapped: false,
+        }
+    }
+
+    /// Makes room for `total` bytes in all (rounded up to whole blocks), moving the
+    /// contents if the allocation must grow.
+    pub fn reserve_total(&mut self, total: usize) {
+        if total > self.cap {
+            self.grow(total);
+        }
+    }
+
     /// True if the buffer's pages may be handed to the kernel by reference (see the
     /// module documentation).
     pub fn is_spliceable(&self) -> bool {
@@ -187,7 +205,9 @@ fn map(len: usize) -> Option<NonNull<u8>> {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.mapped {
+        if self.cap == 0 {
+            // `empty()`: nothing was allocated.
+        } else if self.mapped {
             // SAFETY: `ptr` and `cap` are exactly what `map` returned and was asked for, and
             // no reference into the buffer outlives `&mut self`. Pages the kernel still
             // holds (spliced into a socket) stay alive until it lets them go.

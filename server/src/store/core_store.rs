@@ -22,7 +22,7 @@ use super::{
     device::random_u64,
     format::{
         BLOCK_SIZE, RecordHeader, RegionHeader, RegionState, decode_record_header,
-        encode_record_header, record_blocks, record_header_len,
+        encode_record_header, record_blocks, record_header_len, round_up_to_block,
     },
     index::{Entry, Location, key_hash},
     memory::MemShard,
@@ -57,11 +57,100 @@ pub enum PutOutcome {
 }
 
 /// A shard being received, laid out as the record that will be written: space for the
-/// header, then the payload, with the crc32 computed as bytes arrive.
+/// header, then the payload, with the crc32 computed as bytes arrive. Its buffer is paid
+/// for from the node's body budget, before it is allocated, and never outgrows it.
 pub struct PendingRecord {
     buf: AlignedBuf,
     header_len: usize,
     hasher: crc32fast::Hasher,
+    max_payload: usize,
+    permit: crate::budget::BodyPermit,
+}
+
+/// Why bytes cannot be added to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordFull {
+    /// The payload would exceed the largest shard allowed.
+    TooLarge,
+    /// The body budget cannot pay for a bigger buffer.
+    OverBudget,
+}
+
+impl PendingRecord {
+    /// A record with room for `expected_payload` bytes (at most `max_payload`), paid for
+    /// from `budget`; `None` if the budget cannot cover it.
+    pub fn new(
+        key: ShardKey<'_>,
+        expected_payload: usize,
+        max_payload: usize,
+        budget: &Arc<crate::budget::BodyBudget>,
+    ) -> Option<Self> {
+        let header_len = record_header_len(key.as_bytes().len());
+        let capacity = round_up_to_block((header_len + expected_payload.min(max_payload)).max(1));
+        let permit = budget.try_take(capacity as u64)?;
+        let mut buf = AlignedBuf::with_capacity(capacity);
+        buf.resize_zeroed(header_len);
+        Some(Self {
+            buf,
+            header_len,
+            hasher: crc32fast::Hasher::new(),
+            max_payload,
+            permit,
+        })
+    }
+
+    pub fn push(&mut self, data: &[u8]) -> Result<(), RecordFull> {
+        if self.payload_len() + data.len() > self.max_payload {
+            return Err(RecordFull::TooLarge);
+        }
+        let needed = self.buf.len() + data.len();
+        if needed > self.buf.capacity() {
+            // Grow by doubling (chunked bodies of unknown length), never past the largest
+            // record, and only as far as the budget pays.
+            let largest = round_up_to_block(self.header_len + self.max_payload);
+            let capacity = round_up_to_block(needed.max(self.buf.capacity() * 2)).min(largest);
+            if !self.permit.grow_to(capacity as u64) {
+                return Err(RecordFull::OverBudget);
+            }
+            self.buf.reserve_total(capacity);
+        }
+        self.buf.extend_from_slice(data);
+        self.hasher.update(data);
+        Ok(())
+    }
+
+    pub fn payload_len(&self) -> usize {
+        self.buf.len() - self.header_len
+    }
+
+    /// Bytes the buffer can take without growing.
+    pub fn spare(&self) -> usize {
+        (self.buf.capacity() - self.buf.len()).min(self.max_payload - self.payload_len())
+    }
+
+    /// Lends the buffer out, to be filled past `len()` by an io_uring read straight from
+    /// the socket (no copy through another buffer); give it back with `filled`.
+    pub fn lend(&mut self) -> AlignedBuf {
+        std::mem::replace(&mut self.buf, AlignedBuf::empty())
+    }
+
+    /// Takes the lent buffer back; the bytes past `from` are new payload.
+    pub fn filled(&mut self, buf: AlignedBuf, from: usize) {
+        self.buf = buf;
+        self.hasher.update(&self.buf.as_slice()[from..]);
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.payload_len() == 0
+    }
+
+    pub fn crc(&self) -> u32 {
+        self.hasher.clone().finalize()
+    }
 }
 
 /// A pin or a writer count on a region (see `regions`), released when dropped. It holds the
@@ -120,32 +209,6 @@ unsafe impl<B: monoio::buf::IoBufMut> monoio::buf::IoBufMut for Guarded<B> {
         // SAFETY: monoio promises that `pos` bytes were initialised, which is what the
         // wrapped buffer's `set_init` requires.
         unsafe { self.buf.set_init(pos) }
-    }
-}
-
-impl PendingRecord {
-    pub fn new(key: ShardKey<'_>, expected_payload: usize) -> Self {
-        let header_len = record_header_len(key.as_bytes().len());
-        let mut buf = AlignedBuf::with_capacity(header_len + expected_payload);
-        buf.resize_zeroed(header_len);
-        Self {
-            buf,
-            header_len,
-            hasher: crc32fast::Hasher::new(),
-        }
-    }
-
-    pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-        self.hasher.update(data);
-    }
-
-    pub fn payload_len(&self) -> usize {
-        self.buf.len() - self.header_len
-    }
-
-    pub fn crc(&self) -> u32 {
-        self.hasher.clone().finalize()
     }
 }
 
@@ -354,6 +417,7 @@ impl CoreStore {
         let fault = match read {
             Ok(buf) => {
                 let zero_copy = buf.is_spliceable();
+                let alloc = buf.capacity();
                 match self.verify(buf, nonce, key.as_bytes(), entry.payload_len) {
                     Ok((data, crc)) => {
                         // Cache the bytes only if the entry still points at what we read, so
@@ -366,6 +430,7 @@ impl CoreStore {
                                     data: data.clone(),
                                     crc,
                                     zero_copy,
+                                    alloc,
                                 },
                             );
                         }
@@ -495,6 +560,9 @@ impl CoreStore {
         let payload_len = record.payload_len();
         let crc = record.crc();
         let header_len = record.header_len;
+        // The buffer stays paid for until its write completes; then it is either dropped or
+        // held (and weighed) by the memory tier.
+        let PendingRecord { buf, permit, .. } = record;
         // Taken before the write: whichever of two PUTs of one key took the higher number
         // is the one that stays, in the index now and at recovery after a crash.
         let seq = store.next_seq();
@@ -502,7 +570,7 @@ impl CoreStore {
             .append(
                 hash,
                 key.as_bytes(),
-                record.buf,
+                buf,
                 payload_len,
                 crc,
                 seq,
@@ -516,6 +584,7 @@ impl CoreStore {
                 return;
             }
         };
+        drop(permit);
         // The record is durable before it is indexed, so that nobody reads bytes that a
         // power failure could take back.
         let durable = match hooks::at(Hook::PutAfterWrite, Some(key.as_bytes())).await {
@@ -542,6 +611,7 @@ impl CoreStore {
             writing,
         } = appended;
         let zero_copy = buf.is_spliceable();
+        let alloc = buf.capacity();
         let data = buf.into_bytes().slice(header_len..header_len + payload_len);
         let entry = Entry {
             location,
@@ -584,6 +654,7 @@ impl CoreStore {
                         data,
                         crc,
                         zero_copy,
+                        alloc,
                     },
                 );
                 store.add_used(entry.disk_bytes());

@@ -34,7 +34,7 @@ use std::{
 use slapshot_core::ByteSize;
 
 pub use self::{
-    core_store::{CoreStore, PendingRecord, PutOutcome, Shard, Tier},
+    core_store::{CoreStore, PendingRecord, PutOutcome, RecordFull, Shard, Tier},
     device::Durability,
     regions::RegionCounts,
 };
