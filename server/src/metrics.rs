@@ -30,6 +30,9 @@ pub mod names {
     pub const EVICTED_REGIONS: &str = "slapshot_flash_evicted_regions_total";
     pub const EVICTED_SHARDS: &str = "slapshot_flash_evicted_shards_total";
     pub const REINSERTED_SHARDS: &str = "slapshot_flash_reinserted_shards_total";
+    pub const REPLY_BODIES: &str = "slapshot_http_reply_bodies_total";
+    pub const BUFFER_MAPS: &str = "slapshot_buffer_maps_total";
+    pub const BUFFER_UNMAPS: &str = "slapshot_buffer_unmaps_total";
     pub const FLUSHES: &str = "slapshot_flash_flushes_total";
     pub const FLUSH_WAITERS: &str = "slapshot_flash_flush_waiters_total";
     pub const FLASH_BYTES_USED: &str = "slapshot_flash_bytes_used";
@@ -107,6 +110,10 @@ pub struct CoreMetrics {
     pub reinserted_shards: AtomicU64,
     pub flushes: AtomicU64,
     pub flush_waiters: AtomicU64,
+    /// Reply bodies of the native engine by how they left: spliced, writev, inline.
+    pub bodies_spliced: AtomicU64,
+    pub bodies_writev: AtomicU64,
+    pub bodies_inline: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -381,6 +388,32 @@ impl Metrics {
             self.sum(|c| &c.reinserted_shards),
         );
 
+        header(
+            w,
+            names::REPLY_BODIES,
+            "counter",
+            "Reply bodies sent by the native HTTP/1.1 engine, by path: spliced (pages by \
+             reference), writev (copied by the kernel), inline (copied after the head).",
+        );
+        for (path, counter) in [
+            ("splice", self.sum(|c| &c.bodies_spliced)),
+            ("writev", self.sum(|c| &c.bodies_writev)),
+            ("inline", self.sum(|c| &c.bodies_inline)),
+        ] {
+            sample(w, names::REPLY_BODIES, &format!("path=\"{path}\""), counter);
+        }
+        counter(
+            w,
+            names::BUFFER_MAPS,
+            "Buffer mappings made (mmap); flat in steady state, when the pools serve.",
+            crate::store::aligned::MAPS.load(Ordering::Relaxed),
+        );
+        counter(
+            w,
+            names::BUFFER_UNMAPS,
+            "Buffer mappings removed (munmap) when a pool overflowed.",
+            crate::store::aligned::UNMAPS.load(Ordering::Relaxed),
+        );
         counter(
             w,
             names::FLUSHES,

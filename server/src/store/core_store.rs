@@ -415,7 +415,13 @@ impl CoreStore {
         let read = self.read_blocks(entry.location, entry.blocks(), pin).await;
 
         let fault = match read {
-            Ok(buf) => {
+            Ok(mut buf) => {
+                // A buffer the memory tier will hold may be spliced by later hits; it is
+                // marked so before it is frozen (see `aligned`). Without a tier, it goes
+                // back to the pool as soon as the reply has been copied out.
+                if store.memory.is_enabled() {
+                    buf.share();
+                }
                 let zero_copy = buf.is_spliceable();
                 let alloc = buf.capacity();
                 match self.verify(buf, nonce, key.as_bytes(), entry.payload_len) {
@@ -607,9 +613,12 @@ impl CoreStore {
 
         let Appended {
             location,
-            buf,
+            mut buf,
             writing,
         } = appended;
+        if store.memory.is_enabled() {
+            buf.share();
+        }
         let zero_copy = buf.is_spliceable();
         let alloc = buf.capacity();
         let data = buf.into_bytes().slice(header_len..header_len + payload_len);

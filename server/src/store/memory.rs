@@ -62,6 +62,11 @@ impl MemoryTier {
         Self { cache, capacity }
     }
 
+    /// False when `--memory 0` turned the tier off.
+    pub fn is_enabled(&self) -> bool {
+        self.cache.is_some()
+    }
+
     pub fn get(&self, key: &str) -> Option<MemShard> {
         self.cache.as_ref()?.get(key)
     }
