@@ -27,6 +27,8 @@ const DEFAULT_BODY_MEMORY: ByteSize = ByteSize(1 << 30);
 /// 64 KiB/s: a 4 MiB shard then may take a minute past the grace period, far slower
 /// than any healthy client in a data centre, yet a trickle of a byte a second is cut.
 const DEFAULT_MIN_BODY_RATE: ByteSize = ByteSize(64 << 10);
+/// The index checkpoint's name inside `--data-dir`.
+const CHECKPOINT_FILE_NAME: &str = "index.ckpt";
 /// The memory tier defaults to 10% of flash, the ratio the paper's AZ cache runs with.
 pub const DEFAULT_MEMORY_PERCENT: u64 = 10;
 
@@ -96,6 +98,11 @@ pub struct Options {
     /// to start.
     #[arg(long)]
     pub reformat: bool,
+
+    /// Where a clean shutdown writes the index checkpoint that makes the next start fast
+    /// [default: index.ckpt in --data-dir; none with --device].
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint_file: Option<PathBuf>,
 
     /// When a PUT or DELETE is acknowledged: group (after a group-committed fdatasync
     /// shared by the writes that completed before it), dsync (every write is an O_DSYNC
@@ -188,6 +195,7 @@ impl Options {
             direct_io: self.direct_io.or(file.direct_io),
             reinsert_hits: self.reinsert_hits.or(file.reinsert_hits),
             reformat: self.reformat || file.reformat,
+            checkpoint_file: self.checkpoint_file.or(file.checkpoint_file),
             durability: self.durability.or(file.durability),
             token_file: self.token_file.or(file.token_file),
             auth_reads: self.auth_reads || file.auth_reads,
@@ -322,6 +330,11 @@ impl ServerConfig {
             bail!("--auth-reads needs --token-file");
         }
 
+        let checkpoint = match (&options.checkpoint_file, &target) {
+            (Some(path), _) => Some(path.clone()),
+            (None, StoreTarget::DataDir(dir)) => Some(dir.join(CHECKPOINT_FILE_NAME)),
+            (None, StoreTarget::Device(_)) => None,
+        };
         let duration = |d: Option<HumanDuration>, default: u64| {
             d.map_or(Duration::from_secs(default), |d| d.0)
         };
@@ -343,6 +356,7 @@ impl ServerConfig {
                 max_shard_size: options.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD).bytes(),
                 reinsert_hits: options.reinsert_hits.unwrap_or(1),
                 threads,
+                checkpoint,
             },
             http: HttpConfig {
                 http1: options.http1.unwrap_or_default(),

@@ -48,6 +48,7 @@ pub mod names {
     pub const MEMORY_SHARDS: &str = "slapshot_memory_shards";
     pub const RECOVERED_SHARDS: &str = "slapshot_recovered_shards";
     pub const RECOVERY_SECONDS: &str = "slapshot_recovery_duration_seconds";
+    pub const RECOVERY_FROM_CHECKPOINT: &str = "slapshot_recovery_from_checkpoint";
     pub const DRAINING: &str = "slapshot_draining";
 }
 
@@ -167,6 +168,8 @@ pub struct RecoveryReport {
     pub shards: u64,
     pub checksum_failures: u64,
     pub duration: Duration,
+    /// The index came from a checkpoint, not from a scan of the device.
+    pub from_checkpoint: bool,
 }
 
 pub struct Metrics {
@@ -522,6 +525,13 @@ impl Metrics {
             names::RECOVERY_SECONDS,
             "",
             recovery.duration.as_secs_f64(),
+        );
+        gauge(
+            w,
+            names::RECOVERY_FROM_CHECKPOINT,
+            "1 if the index was loaded from the checkpoint of a clean shutdown, 0 if the \
+             device was scanned.",
+            u64::from(recovery.from_checkpoint),
         );
         gauge(
             w,

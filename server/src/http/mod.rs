@@ -196,6 +196,7 @@ pub async fn serve_core(
             tasks = ctx.store.owned_tasks(),
             "shutdown timeout: store work left unfinished"
         );
+        node.store.note_unfinished_work();
     }
 }
 

@@ -943,9 +943,10 @@ impl CoreStore {
             AppendMode::Reinsert => store.regions.pop_free().ok_or(StoreError::NoSpace)?,
         };
         let nonce = random_u64();
+        let open_seq = store.next_seq();
         let written = match hooks::at(Hook::RegionBeforeHeader, None).await {
             Ok(()) => {
-                self.write_region_header(region, RegionState::Live, nonce, store.next_seq())
+                self.write_region_header(region, RegionState::Live, nonce, open_seq)
                     .await
             }
             Err(e) => Err(e),
@@ -959,6 +960,7 @@ impl CoreStore {
         }
         let meta = store.regions.get(region);
         meta.nonce.store(nonce, Ordering::Release);
+        meta.open_seq.store(open_seq, Ordering::Release);
         meta.take_keys();
         *stream.open.borrow_mut() = Some(OpenRegion {
             region,

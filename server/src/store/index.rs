@@ -99,6 +99,11 @@ impl Index {
         super::regions::lock(&self.shards[shard])
     }
 
+    /// The independently locked parts, for a checkpoint of the whole index.
+    pub fn shards(&self) -> &[Mutex<IndexMap>] {
+        &self.shards
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()

@@ -13,6 +13,7 @@
 //! own io_uring file descriptor and its own open region.
 
 pub mod aligned;
+mod checkpoint;
 mod core_store;
 pub mod device;
 pub mod format;
@@ -128,6 +129,8 @@ pub struct StoreConfig {
     pub reinsert_hits: u8,
     /// Runtime threads that will each hold one open region.
     pub threads: usize,
+    /// Where a clean shutdown writes the index checkpoint, and a start looks for one.
+    pub checkpoint: Option<PathBuf>,
 }
 
 pub struct Store {
@@ -163,6 +166,9 @@ pub struct Store {
     /// Set when a failed write could not be made safe (see `quarantine`): writes and
     /// deletes are refused from then on, reads go on.
     read_only: std::sync::atomic::AtomicBool,
+    checkpoint: Option<PathBuf>,
+    /// Set when a runtime thread stopped with store work unfinished: no checkpoint then.
+    unfinished: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -224,6 +230,8 @@ impl Store {
             settling: settling::Settling::default(),
             quarantine: std::sync::Mutex::new(device.quarantined.clone()),
             read_only: std::sync::atomic::AtomicBool::new(false),
+            checkpoint: config.checkpoint.clone(),
+            unfinished: std::sync::atomic::AtomicBool::new(false),
             device,
         };
         for &region in &store.device.quarantined {
@@ -233,7 +241,10 @@ impl Store {
         }
 
         let started = Instant::now();
-        let report = recovery::recover(&store, threads)?;
+        let report = match store.load_checkpoint() {
+            Some(report) => report,
+            None => recovery::recover(&store, threads)?,
+        };
         let report = RecoveryReport {
             duration: started.elapsed(),
             ..report
@@ -244,6 +255,7 @@ impl Store {
             regions = region_count,
             region_size = %ByteSize(region_size),
             shards = report.shards,
+            from_checkpoint = report.from_checkpoint,
             checksum_failures = report.checksum_failures,
             bytes_used = %ByteSize(store.bytes_used.load(Ordering::Relaxed)),
             seconds = report.duration.as_secs_f64(),
@@ -310,6 +322,96 @@ impl Store {
                 (credit >= blocks).then_some(credit - blocks)
             })
             .is_ok()
+    }
+
+    /// Loads the checkpoint of the last clean shutdown if there is a current one (see
+    /// `checkpoint`); `None` means the device must be scanned. The file is removed either
+    /// way: this run writes its own at its end.
+    fn load_checkpoint(&self) -> Option<RecoveryReport> {
+        let path = self.checkpoint.as_deref()?;
+        if self.device.formatted {
+            checkpoint::discard(path);
+            return None;
+        }
+        let loaded = match checkpoint::load(self, path) {
+            Ok(loaded) => loaded,
+            Err(checkpoint::Stale::Missing) => return None,
+            Err(why) => {
+                tracing::warn!(path = %path.display(), reason = %why, "ignoring the index checkpoint; scanning the store");
+                checkpoint::discard(path);
+                return None;
+            }
+        };
+        checkpoint::discard(path);
+        let region_count = self.device.superblock.region_count;
+        let mut keys: Vec<Vec<u64>> = vec![Vec::new(); region_count as usize];
+        let mut shards = 0;
+        let mut bytes_used = 0;
+        for (hash, entry) in loaded.entries {
+            let region = entry.location.region;
+            if self.regions.get(region).is_quarantined() {
+                continue;
+            }
+            keys[region as usize].push(hash);
+            bytes_used += entry.disk_bytes();
+            shards += 1;
+            self.index.lock(hash).insert(hash, entry);
+        }
+        self.add_used(bytes_used);
+        let mut sealed = Vec::new();
+        for (region, state) in loaded.regions.into_iter().enumerate() {
+            let region = region as u32;
+            let meta = self.regions.get(region);
+            if meta.is_quarantined() {
+                continue;
+            }
+            let region_keys = std::mem::take(&mut keys[region as usize]);
+            match state {
+                Some((nonce, open_seq)) if !region_keys.is_empty() => {
+                    meta.nonce.store(nonce, Ordering::Relaxed);
+                    meta.open_seq.store(open_seq, Ordering::Relaxed);
+                    meta.set_keys(region_keys);
+                    sealed.push((open_seq, region));
+                }
+                _ => self.regions.push_free(region),
+            }
+        }
+        sealed.sort_unstable();
+        for (_, region) in sealed {
+            self.regions.recovered_sealed(region);
+        }
+        self.seq.store(loaded.next_seq, Ordering::Relaxed);
+        Some(RecoveryReport {
+            shards,
+            from_checkpoint: true,
+            ..Default::default()
+        })
+    }
+
+    /// A runtime thread stopped before its store work finished.
+    pub fn note_unfinished_work(&self) {
+        self.unfinished.store(true, Ordering::Release);
+    }
+
+    /// Writes the index checkpoint, after every runtime thread has stopped. It is skipped
+    /// (the next start scans) unless the store is quiet: see `checkpoint`.
+    pub fn write_checkpoint(&self) -> Result<bool, StoreError> {
+        let Some(path) = self.checkpoint.as_deref() else {
+            return Ok(false);
+        };
+        let quiet = !self.unfinished.load(Ordering::Acquire)
+            && self.evictions_running.load(Ordering::Acquire) == 0
+            && self.settling.len() == 0
+            && !self.read_only.load(Ordering::Acquire);
+        if !quiet {
+            tracing::warn!("store work was left unfinished: no checkpoint; the next start scans");
+            return Ok(false);
+        }
+        checkpoint::write(self, path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(true)
     }
 
     /// Refuses writes once the store is read-only.

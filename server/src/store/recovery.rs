@@ -136,6 +136,7 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
             Some(header) if header.state == RegionState::Live && !keys.is_empty() => {
                 let meta = store.regions.get(region.region);
                 meta.nonce.store(header.nonce, Ordering::Relaxed);
+                meta.open_seq.store(header.open_seq, Ordering::Relaxed);
                 meta.set_keys(keys);
                 sealed.push((header.open_seq, region.region));
             }
@@ -152,7 +153,7 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
     Ok(RecoveryReport {
         shards: winners.len() as u64,
         checksum_failures,
-        duration: Default::default(),
+        ..Default::default()
     })
 }
 

@@ -26,6 +26,8 @@ use std::{
 pub struct RegionMeta {
     /// Nonce of the current incarnation; every record written in it carries this value.
     pub nonce: AtomicU64,
+    /// Sequence number when the incarnation was opened (its header's), for FIFO order.
+    pub open_seq: AtomicU64,
     /// Reads and invalidations in flight.
     pub pins: AtomicU32,
     /// Appends reserved but not yet indexed.
@@ -41,6 +43,7 @@ impl RegionMeta {
     fn new() -> Self {
         Self {
             nonce: AtomicU64::new(0),
+            open_seq: AtomicU64::new(0),
             pins: AtomicU32::new(0),
             writers: AtomicU32::new(0),
             keys: Mutex::new(Vec::new()),
