@@ -43,7 +43,7 @@ pub const DEFAULT_MEMORY_PERCENT: u64 = 10;
         open flash region; shards are written and read with O_DIRECT through io_uring.\n\n\
         Every option may also be set in a TOML file given with --config, using the flag's\n\
         name without the leading dashes (for example: capacity = \"8GiB\"). Flags win.",
-    after_help = "Example: slapshot-server --data-dir /var/lib/slapshot --capacity 64GiB --listen 0.0.0.0:7070"
+    after_help = "Example: slapshot-server --data-dir /var/lib/slapshot --capacity 64GiB --listen 0.0.0.0:7070 --token-file /etc/slapshot/token"
 )]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
@@ -118,6 +118,12 @@ pub struct Options {
     /// Require the token for GET and HEAD too.
     #[arg(long)]
     pub auth_reads: bool,
+
+    /// Serve PUT and DELETE without a token on an address other than loopback. Without
+    /// it, a node listening beyond loopback refuses to start unless --token-file is given
+    /// (like Redis's protected mode).
+    #[arg(long, conflicts_with = "token_file")]
+    pub no_auth: bool,
 
     /// Open connections beyond which new ones get 503 and are closed [default: 10000].
     #[arg(long, value_name = "N")]
@@ -199,6 +205,7 @@ impl Options {
             durability: self.durability.or(file.durability),
             token_file: self.token_file.or(file.token_file),
             auth_reads: self.auth_reads || file.auth_reads,
+            no_auth: self.no_auth || file.no_auth,
             max_connections: self.max_connections.or(file.max_connections),
             max_body_memory: self.max_body_memory.or(file.max_body_memory),
             min_body_rate: self.min_body_rate.or(file.min_body_rate),
@@ -329,6 +336,20 @@ impl ServerConfig {
         if options.auth_reads && token.is_none() {
             bail!("--auth-reads needs --token-file");
         }
+        let listen = options
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
+        if options.no_auth && token.is_some() {
+            bail!("give either --token-file or --no-auth, not both");
+        }
+        // Protected by default: anyone who can reach a node that takes writes without a
+        // token can delete its shards or fill it with garbage.
+        if !listen.ip().is_loopback() && token.is_none() && !options.no_auth {
+            bail!(
+                "refusing to listen on {listen} without a token: anyone who can reach it could \
+                 write and delete shards; give --token-file FILE, or --no-auth if that is meant"
+            );
+        }
 
         let checkpoint = match (&options.checkpoint_file, &target) {
             (Some(path), _) => Some(path.clone()),
@@ -339,9 +360,7 @@ impl ServerConfig {
             d.map_or(Duration::from_secs(default), |d| d.0)
         };
         Ok(Self {
-            listen: options
-                .listen
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            listen,
             threads,
             store: StoreConfig {
                 device: DeviceOptions {
@@ -431,6 +450,29 @@ mod tests {
         std::fs::write(&path, "data-dir = \"/srv\"\ncapacty = \"8GiB\"\n").unwrap();
         let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(format!("{err:#}").contains("capacty"), "{err:#}");
+    }
+
+    #[test]
+    fn beyond_loopback_a_token_or_no_auth_is_required() {
+        let err = parse(&["--data-dir", "/x", "--listen", "0.0.0.0:7070"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--no-auth"), "{err:#}");
+        let err = parse(&["--data-dir", "/x", "--listen", "10.1.2.3:7070"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--token-file"), "{err:#}");
+        assert!(parse(&["--data-dir", "/x", "--listen", "0.0.0.0:7070", "--no-auth"]).is_ok());
+        assert!(parse(&["--data-dir", "/x", "--listen", "[::1]:7070"]).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "secret\n").unwrap();
+        let config = parse(&[
+            "--data-dir",
+            "/x",
+            "--listen",
+            "0.0.0.0:7070",
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(config.http.token.as_deref(), Some("secret"));
     }
 
     #[test]

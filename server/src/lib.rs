@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod config;
+pub mod errors;
 pub mod hooks;
 pub mod http;
 pub mod metrics;

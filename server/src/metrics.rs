@@ -34,6 +34,7 @@ pub mod names {
     pub const BUFFER_MAPS: &str = "slapshot_buffer_maps_total";
     pub const BUFFER_UNMAPS: &str = "slapshot_buffer_unmaps_total";
     pub const FLUSHES: &str = "slapshot_flash_flushes_total";
+    pub const FLASH_READ_BYTES: &str = "slapshot_flash_read_bytes_total";
     pub const FLUSH_WAITERS: &str = "slapshot_flash_flush_waiters_total";
     pub const FLASH_BYTES_USED: &str = "slapshot_flash_bytes_used";
     pub const FLASH_CAPACITY: &str = "slapshot_flash_capacity_bytes";
@@ -111,6 +112,7 @@ pub struct CoreMetrics {
     pub reinserted_shards: AtomicU64,
     pub flushes: AtomicU64,
     pub flush_waiters: AtomicU64,
+    pub flash_read_bytes: AtomicU64,
     /// Reply bodies of the native engine by how they left: spliced, writev, inline.
     pub bodies_spliced: AtomicU64,
     pub bodies_writev: AtomicU64,
@@ -416,6 +418,12 @@ impl Metrics {
             names::BUFFER_UNMAPS,
             "Buffer mappings removed (munmap) when a pool overflowed.",
             crate::store::aligned::UNMAPS.load(Ordering::Relaxed),
+        );
+        counter(
+            w,
+            names::FLASH_READ_BYTES,
+            "Bytes read from flash: whole records for GET and reinsertion, one block for HEAD.",
+            self.sum(|c| &c.flash_read_bytes),
         );
         counter(
             w,

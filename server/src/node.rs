@@ -108,7 +108,9 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
         ),
         Ok(false) => {}
         // The store is intact; the next start scans it.
-        Err(e) => tracing::warn!(error = %e, "cannot write the index checkpoint"),
+        Err(e) => {
+            tracing::warn!(error = %crate::errors::Chain(&e), "cannot write the index checkpoint")
+        }
     }
     tracing::info!("stopped");
     Ok(())

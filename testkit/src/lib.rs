@@ -79,7 +79,10 @@ impl TestNode {
     /// Like `start`, with environment variables for the node (for example the server's
     /// test hooks, `SLAPSHOT_TEST_HOOKS`). Restarts keep them unless `set_env` changes them.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> TestNode {
-        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
         if !extra.contains(&"--threads") {
             args.extend(["--threads".into(), "2".into()]);
         }

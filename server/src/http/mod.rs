@@ -126,7 +126,12 @@ pub async fn serve_core(
     let setup = node
         .store
         .for_core(core)
-        .map_err(|e| format!("thread {core}: cannot open the store: {e}"))
+        .map_err(|e| {
+            format!(
+                "thread {core}: cannot open the store: {}",
+                crate::errors::Chain(&e)
+            )
+        })
         .and_then(|store| {
             TcpListener::from_std(listener)
                 .map(|l| (store, l))

@@ -275,8 +275,8 @@ async fn shard<B: RequestBody>(
         }
     };
     match *method {
-        Method::GET => get(ctx, key, true).await,
-        Method::HEAD => get(ctx, key, false).await,
+        Method::GET => get(ctx, key).await,
+        Method::HEAD => head(ctx, key).await,
         Method::PUT => put(ctx, key, headers, body).await,
         _ => delete(ctx, key).await,
     }
@@ -318,52 +318,73 @@ fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {
     let Some(token) = &ctx.node.http.token else {
         return true;
     };
-    let Some(given) = headers
+    headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-    else {
-        return false;
-    };
-    constant_time_eq(given, token.as_bytes())
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .is_some_and(|given| token_matches(given, token.as_bytes()))
 }
 
-/// Compares without an early exit, so response timing does not reveal how much of a
-/// guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The credentials of an `Authorization: Bearer TOKEN` header. Auth schemes are
+/// case-insensitive (RFC 9110 section 11.1), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
 }
 
-async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>, with_body: bool) -> Reply {
+/// Compares in constant time (`subtle`), so response timing does not reveal how much of a
+/// guessed token was right. Only the length can be told apart, which a token of a fixed,
+/// generated length does not give away.
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.ct_eq(token).into()
+}
+
+async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>) -> Reply {
     let Some(shard) = ctx.store.get(key).await else {
         return text(StatusCode::NOT_FOUND, "shard not found\n");
     };
-    let len = shard.data.len();
-    let zero_copy = shard.zero_copy && with_body;
-    let mut reply = Response::new(with_body.then_some(shard.data));
+    let (crc, tier, zero_copy) = (shard.crc, shard.tier, shard.zero_copy);
+    let mut reply = Response::new(Some(shard.data));
     if zero_copy {
         reply.extensions_mut().insert(ZeroCopy);
     }
+    shard_headers(&mut reply, crc, tier);
+    reply
+}
+
+/// HEAD: the length and crc32 a GET would answer with, without reading the payload.
+async fn head(ctx: &Rc<CoreContext>, key: ShardKey<'_>) -> Reply {
+    let Some(info) = ctx.store.head(key).await else {
+        return text(StatusCode::NOT_FOUND, "shard not found\n");
+    };
+    let mut reply = Response::new(None);
+    shard_headers(&mut reply, info.crc, info.tier);
+    reply
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(info.len));
+    reply
+}
+
+fn shard_headers(reply: &mut Reply, crc: u32, tier: Tier) {
     let headers = reply.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(CRC_HEADER, HeaderValue::from(shard.crc));
+    headers.insert(CRC_HEADER, HeaderValue::from(crc));
     headers.insert(
         TIER_HEADER,
-        HeaderValue::from_static(if shard.tier == Tier::Memory {
+        HeaderValue::from_static(if tier == Tier::Memory {
             "memory"
         } else {
             "flash"
         }),
     );
-    if !with_body {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    reply
 }
 
 async fn put<B: RequestBody>(
@@ -452,7 +473,10 @@ fn store_unavailable(e: &StoreError) -> Reply {
         StoreError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    text(status, format!("store unavailable: {e}\n"))
+    text(
+        status,
+        format!("store unavailable: {}\n", crate::errors::Chain(e)),
+    )
 }
 
 /// Room a chunked body of unknown length starts with; it doubles as it arrives.
@@ -508,12 +532,22 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, token_matches};
 
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secret", b"secreT"));
+        assert!(!token_matches(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer abc", "bearer abc", "BEARER  abc ", "bEaReR abc"] {
+            assert_eq!(bearer_token(value.as_bytes()), Some(&b"abc"[..]), "{value}");
+        }
+        for value in ["Basic abc", "Bearerabc", "Bearer ", "abc"] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value}");
+        }
     }
 }

@@ -50,6 +50,14 @@ pub struct Shard {
     pub zero_copy: bool,
 }
 
+/// What a HEAD tells: a shard's length and crc32, and where they were found.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardInfo {
+    pub len: u64,
+    pub crc: u32,
+    pub tier: Tier,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
     Created,
@@ -475,6 +483,50 @@ impl CoreStore {
         None
     }
 
+    /// A shard's length and crc32 without its payload: from the memory tier, or from the
+    /// record header alone (one block read from flash, checked like any record header:
+    /// magic, checksum, region incarnation, key and length). The payload is not read, so
+    /// it is not verified either; a GET verifies it. Not counted as a read for reinsertion.
+    pub async fn head(self: &Rc<Self>, key: ShardKey<'_>) -> Option<ShardInfo> {
+        let store = &*self.store;
+        if let Some(shard) = store.memory.get(key.as_str()) {
+            return Some(ShardInfo {
+                len: shard.data.len() as u64,
+                crc: shard.crc,
+                tier: Tier::Memory,
+            });
+        }
+        let hash = key_hash(key.as_bytes());
+        let (entry, nonce, pin) = {
+            let map = store.index.lock(hash);
+            let entry = *map.get(&hash)?;
+            let region = entry.location.region;
+            (
+                entry,
+                store.regions.get(region).nonce.load(Ordering::Acquire),
+                self.pin(region),
+            )
+        };
+        let buf = match self.read_blocks(entry.location, 1, pin).await {
+            Ok(buf) => buf,
+            Err(e) => {
+                add(&self.metrics().io_errors_read, 1);
+                tracing::warn!(key = %key, region = entry.location.region, error = %e, "shard header read failed; answering a miss");
+                return None;
+            }
+        };
+        // A header that does not decode, or names another key, was overwritten by a racing
+        // DELETE or PUT (or is damaged, which the next GET finds and handles): a miss.
+        let header = decode_record_header(buf.as_slice(), nonce, store.max_payload).ok()?;
+        (header.key == key.as_bytes() && header.payload_len == entry.payload_len).then_some(
+            ShardInfo {
+                len: u64::from(entry.payload_len),
+                crc: header.payload_crc,
+                tier: Tier::Flash,
+            },
+        )
+    }
+
     fn verify(
         &self,
         buf: AlignedBuf,
@@ -798,10 +850,12 @@ impl CoreStore {
         blocks: u32,
         guard: RegionGuard,
     ) -> std::io::Result<AlignedBuf> {
+        let bytes = blocks as usize * BLOCK_SIZE;
         let buf = Guarded {
-            buf: AlignedBuf::with_capacity(blocks as usize * BLOCK_SIZE),
+            buf: AlignedBuf::with_capacity(bytes),
             _guard: guard,
         };
+        add(&self.metrics().flash_read_bytes, bytes as u64);
         let (result, buf) = self.file.read_exact_at(buf, self.offset(location)).await;
         result.map(|()| buf.buf)
     }
@@ -1109,7 +1163,7 @@ impl CoreStore {
             }
             Err(e) => {
                 add(&self.metrics().io_errors_write, 1);
-                tracing::error!(region = victim, error = %e, "cannot retire an evicted region");
+                tracing::error!(region = victim, error = %crate::errors::Chain(&e), "cannot retire an evicted region");
                 // Its records must not come back: quarantine keeps recovery out of it. If
                 // even that fails the store is read-only, and the region stays out of use.
                 let _ = store.quarantine(victim, "its retirement failed");

@@ -35,7 +35,7 @@ use std::{
 use slapshot_core::ByteSize;
 
 pub use self::{
-    core_store::{CoreStore, PendingRecord, PutOutcome, RecordFull, Shard, Tier},
+    core_store::{CoreStore, PendingRecord, PutOutcome, RecordFull, Shard, ShardInfo, Tier},
     device::Durability,
     regions::RegionCounts,
 };
@@ -50,7 +50,7 @@ use crate::metrics::{Metrics, RecoveryReport, StoreGauges};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
@@ -63,13 +63,13 @@ pub enum StoreError {
         size: u64,
         capacity: u64,
     },
-    #[error("cannot reserve {size} for the store at {path}: {source}")]
+    #[error("cannot reserve {size} for the store at {path}")]
     Allocate {
         path: PathBuf,
         size: ByteSize,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("cannot use the store at {path}")]
     Superblock {
         path: PathBuf,
         source: format::SuperblockError,
