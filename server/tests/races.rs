@@ -351,8 +351,180 @@ fn a_region_whose_retirement_fails_never_comes_back() {
     assert_regions_add_up(&node, "after kill -9");
 }
 
+/// One operation of the concurrent tests on a shared key, with when it ran.
+struct Op {
+    key: usize,
+    /// The bytes a PUT stored; `None` for a DELETE.
+    put: Option<Vec<u8>>,
+    start: Instant,
+    end: Instant,
+}
+
+/// The states a key may be in after concurrent operations on it: what any operation that
+/// no other one strictly followed left behind (the last one, in some order consistent with
+/// real time), or nothing if the cache evicted it. Anything else (an overwritten or
+/// deleted version) is a stale record that came back.
+fn allowed(ops: &[Op], key: usize, state: &(u16, Vec<u8>)) -> bool {
+    let ops: Vec<&Op> = ops.iter().filter(|o| o.key == key).collect();
+    match state.0 {
+        404 => true,
+        200 => ops.iter().any(|o| {
+            o.put.as_deref() == Some(&state.1[..]) && !ops.iter().any(|later| later.start > o.end)
+        }),
+        other => panic!("same-{key}: unexpected {other}"),
+    }
+}
+
+/// Shared-key traffic: `workers` clients run at least `min_ops` operations each on keys
+/// `same-0..keys`, then on until `stop`; per 100 operations, `puts` PUTs, `deletes`
+/// DELETEs and the rest GETs, `pause` apart. Returns the PUTs and DELETEs with their times
+/// after checking that every GET served bytes some PUT of that key stored.
+struct Mix {
+    workers: u64,
+    keys: usize,
+    min_ops: usize,
+    puts: usize,
+    deletes: usize,
+    pause: Duration,
+}
+
+impl Mix {
+    fn run(
+        self,
+        node: &TestNode,
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> thread::JoinHandle<Vec<Op>> {
+        let (addr, stop) = (node.addr, stop.clone());
+        thread::spawn(move || {
+            let workers: Vec<_> = (0..self.workers)
+                .map(|w| {
+                    let stop = stop.clone();
+                    thread::spawn(move || {
+                        let mut client = Client::connect(addr);
+                        let mut rng = Rng::new(100 + w);
+                        let (mut ops, mut seen) = (Vec::new(), Vec::new());
+                        let mut op = 0;
+                        while op < self.min_ops || !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            op += 1;
+                            let key = rng.range(0, self.keys - 1);
+                            let path = format!("/v1/shards/same-{key}");
+                            let start = Instant::now();
+                            let dice = rng.range(0, 99);
+                            if dice < self.puts {
+                                let mut data = format!("worker {w} op {op} ").into_bytes();
+                                let len = rng.range(1, 40_000);
+                                data.extend(rng.bytes(len));
+                                let status = client.put(&path, &data).status;
+                                assert!(status == 201 || status == 204, "PUT {path}: {status}");
+                                ops.push(Op {
+                                    key,
+                                    put: Some(data),
+                                    start,
+                                    end: Instant::now(),
+                                });
+                            } else if dice < self.puts + self.deletes {
+                                let status = client.request("DELETE", &path, &[], &[]).status;
+                                assert!(status == 204 || status == 404, "DELETE {path}: {status}");
+                                ops.push(Op {
+                                    key,
+                                    put: None,
+                                    start,
+                                    end: Instant::now(),
+                                });
+                            } else {
+                                let got = client.get(&path);
+                                assert!(got.status == 200 || got.status == 404, "GET {path}");
+                                if got.status == 200 {
+                                    seen.push((key, got.body));
+                                }
+                            }
+                            thread::sleep(self.pause);
+                        }
+                        (ops, seen)
+                    })
+                })
+                .collect();
+            let (mut ops, mut seen) = (Vec::new(), Vec::new());
+            for worker in workers {
+                let (o, s) = worker.join().unwrap();
+                ops.extend(o);
+                seen.extend(s);
+            }
+            for (key, body) in &seen {
+                assert!(
+                    ops.iter()
+                        .any(|o| o.key == *key && o.put.as_ref() == Some(body)),
+                    "same-{key} served bytes no PUT stored"
+                );
+            }
+            ops
+        })
+    }
+}
+
+fn all_regions(node: &TestNode) -> [f64; 6] {
+    [
+        "free",
+        "open",
+        "sealed",
+        "evicting",
+        "quarantined",
+        "broken",
+    ]
+    .map(|state| region_gauge(node, state))
+}
+
+/// Checks each shared key's state against what the operations allow, kills the node with
+/// -9, restarts it and checks that it serves the same states (a deleted key stays deleted)
+/// with every region accounted for and none quarantined or broken.
+fn check_across_kill_9(node: &mut TestNode, ops: &[Op], keys: usize) {
+    // Let eviction settle, so that nothing changes between the look and the crash.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut evicted = -1.0;
+    loop {
+        let now = node.metric("slapshot_flash_evicted_regions_total");
+        if now == evicted && region_gauge(node, "evicting") == 0.0 {
+            break;
+        }
+        evicted = now;
+        assert!(Instant::now() < deadline, "eviction never settled");
+        thread::sleep(Duration::from_millis(300));
+    }
+    let total: f64 = all_regions(node).iter().sum();
+    let before: Vec<_> = (0..keys).map(|k| get(node, &format!("same-{k}"))).collect();
+    for (k, state) in before.iter().enumerate() {
+        assert!(
+            allowed(ops, k, state),
+            "same-{k}: a stale version is served"
+        );
+    }
+    node.kill();
+    node.set_env(&[]);
+    node.restart();
+    for (k, seen) in before.iter().enumerate() {
+        assert!(
+            get(node, &format!("same-{k}")) == *seen,
+            "same-{k} changed across kill -9 (was {})",
+            seen.0
+        );
+    }
+    let after = all_regions(node);
+    assert_eq!(
+        after.iter().sum::<f64>(),
+        total,
+        "regions by state: {after:?}"
+    );
+    assert_eq!(
+        after[4] + after[5],
+        0.0,
+        "no region quarantined or broken: {after:?}"
+    );
+}
+
 #[test]
 fn concurrent_puts_and_deletes_of_the_same_keys_agree_with_recovery() {
+    // Six clients on two store threads replace and delete four keys as fast as they can.
     let dir = tempfile::tempdir().unwrap();
     let mut node = TestNode::start(
         dir.path(),
@@ -365,42 +537,79 @@ fn concurrent_puts_and_deletes_of_the_same_keys_agree_with_recovery() {
             "0",
         ],
     );
-    const KEYS: usize = 4;
-    let workers: Vec<_> = (0..6)
-        .map(|w| {
-            let addr = node.addr;
-            thread::spawn(move || {
-                let mut client = Client::connect(addr);
-                let mut rng = Rng::new(100 + w);
-                for op in 0..150 {
-                    let key = format!("/v1/shards/same-{}", rng.range(0, KEYS - 1));
-                    if rng.range(0, 3) == 0 {
-                        let status = client.request("DELETE", &key, &[], &[]).status;
-                        assert!(status == 204 || status == 404, "DELETE {key}: {status}");
-                    } else {
-                        let mut data = format!("worker {w} op {op} ").into_bytes();
-                        let len = rng.range(1, 40_000);
-                        data.extend(rng.bytes(len));
-                        let status = client.put(&key, &data).status;
-                        assert!(status == 201 || status == 204, "PUT {key}: {status}");
-                    }
-                }
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.join().unwrap();
-    }
-    let before: Vec<_> = (0..KEYS)
-        .map(|k| get(&node, &format!("same-{k}")))
-        .collect();
-    node.kill();
-    node.restart();
-    for (k, seen) in before.iter().enumerate() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mix = Mix {
+        workers: 6,
+        keys: 4,
+        min_ops: 150,
+        puts: 50,
+        deletes: 25,
+        pause: Duration::ZERO,
+    };
+    let ops = mix.run(&node, &stop).join().unwrap();
+    check_across_kill_9(&mut node, &ops, 4);
+}
+
+#[test]
+fn deletes_and_puts_during_reinsertion_agree_with_recovery() {
+    // Sixteen hot keys (mostly read, each rewritten about twice a second) in a small store
+    // that a filler keeps evicting: their current versions get reinserted (a reinserted
+    // copy then sits in the thread's reinsertion region, so each version is reinserted
+    // about once), and each
+    // reinsertion is held open 100 ms after its copy, so PUTs and DELETEs of the same keys
+    // land in the middle of reinsertions on both store threads.
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = TestNode::start_with_env(
+        dir.path(),
+        &[
+            "--capacity",
+            "64MiB",
+            "--region-size",
+            "4MiB",
+            "--max-shard-size",
+            "1MiB",
+            "--memory",
+            "0",
+            "--reinsert-hits",
+            "1",
+        ],
+        &[(HOOKS, "reinsert.after_copy@same-=delay:100")],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let filler = thread::spawn({
+        let (addr, stop) = (node.addr, stop.clone());
+        move || {
+            let mut client = Client::connect(addr);
+            let mut rng = Rng::new(99);
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let status = put(&mut client, &format!("fill-{i}"), &rng.bytes(512 * 1024));
+                assert_eq!(status, 201, "fill-{i}");
+                i += 1;
+            }
+        }
+    });
+    let mix = Mix {
+        workers: 3,
+        keys: 16,
+        min_ops: 100,
+        puts: 3,
+        deletes: 2,
+        pause: Duration::from_millis(10),
+    };
+    let mix = mix.run(&node, &stop);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node.metric("slapshot_flash_reinserted_shards_total") < 10.0 {
         assert!(
-            get(&node, &format!("same-{k}")) == *seen,
-            "same-{k} changed across kill -9 (was {})",
-            seen.0
+            Instant::now() < deadline,
+            "too few reinsertions ({}): the test did not exercise them\n{}",
+            node.metric("slapshot_flash_reinserted_shards_total"),
+            node.client().get("/metrics").text()
         );
+        thread::sleep(Duration::from_millis(50));
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ops = mix.join().unwrap();
+    filler.join().unwrap();
+    check_across_kill_9(&mut node, &ops, 16);
 }
