@@ -440,6 +440,177 @@ mod tests {
         }
     }
 
+    /// Flips bytes of `buf` at `flips` (positions taken modulo `window`) and returns the
+    /// positions whose bytes really changed (two flips of one byte may cancel).
+    fn mutate(
+        buf: &mut [u8],
+        window: usize,
+        flips: &[(proptest::sample::Index, u8)],
+    ) -> Vec<usize> {
+        let original = buf.to_vec();
+        for (at, flip) in flips {
+            buf[at.index(window)] ^= flip;
+        }
+        (0..buf.len()).filter(|&i| buf[i] != original[i]).collect()
+    }
+
+    fn flips() -> impl proptest::strategy::Strategy<Value = Vec<(proptest::sample::Index, u8)>> {
+        proptest::collection::vec(
+            (
+                proptest::prelude::any::<proptest::sample::Index>(),
+                1u8..=255,
+            ),
+            1..4,
+        )
+    }
+
+    // Inputs that get past the magic number: valid encodings of random values, then
+    // damaged bytes (mostly inside the header) or fields rewritten under a fresh checksum.
+    // The decoders must never panic, must give back exactly what was encoded, and must
+    // accept a damaged encoding only when no byte they cover changed.
+    proptest::proptest! {
+        #[test]
+        fn record_headers_round_trip_and_reject_damage_consistently(
+            nonce in proptest::prelude::any::<u64>(),
+            seq in proptest::prelude::any::<u64>(),
+            key in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..=slapshot_core::MAX_SHARD_KEY_LEN),
+            payload_len in 0u32..=(1 << 20),
+            payload_crc in proptest::prelude::any::<u32>(),
+            flips in flips(),
+        ) {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            encode_record_header(&mut buf, nonce, seq, &key, payload_len, payload_crc);
+            let original = RecordHeader { seq, payload_len, payload_crc, key: &key };
+            proptest::prop_assert_eq!(decode_record_header(&buf, nonce, 1 << 20), Ok(original));
+            // A short buffer holding the whole header decodes the same; one that cuts it
+            // does not.
+            let header_len = record_header_len(key.len());
+            proptest::prop_assert_eq!(decode_record_header(&buf[..header_len], nonce, 1 << 20), Ok(original));
+            proptest::prop_assert!(decode_record_header(&buf[..header_len - 1], nonce, 1 << 20).is_err());
+            if payload_len > 0 {
+                proptest::prop_assert_eq!(
+                    decode_record_header(&buf, nonce, u64::from(payload_len) - 1),
+                    Err(RecordHeaderError::Corrupt)
+                );
+            }
+
+            let mut damaged = buf.clone();
+            let changed = mutate(&mut damaged, header_len + 16, &flips);
+            let result = decode_record_header(&damaged, nonce, 1 << 20);
+            let in_magic_or_nonce = changed.iter().any(|&i| i < 4 || (8..16).contains(&i));
+            if changed.iter().all(|&i| i >= header_len) {
+                proptest::prop_assert_eq!(result, Ok(original));
+            } else if in_magic_or_nonce {
+                proptest::prop_assert_eq!(result, Err(RecordHeaderError::NotARecord));
+            } else {
+                proptest::prop_assert_eq!(result, Err(RecordHeaderError::Corrupt));
+            }
+        }
+
+        /// Fields no encoder writes, under a checksum that matches: rejected, not trusted.
+        #[test]
+        fn record_headers_with_impossible_fields_are_corrupt(
+            nonce in proptest::prelude::any::<u64>(),
+            key_len in (slapshot_core::MAX_SHARD_KEY_LEN + 1)..=255,
+            payload_len in proptest::prelude::any::<u32>(),
+        ) {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            encode_record_header(&mut buf, nonce, 1, &vec![b'k'; key_len], 0, 0);
+            proptest::prop_assert_eq!(decode_record_header(&buf, nonce, 1 << 20), Err(RecordHeaderError::Corrupt));
+            // A zero-length key under a valid checksum.
+            encode_record_header(&mut buf, nonce, 1, b"", 0, 0);
+            proptest::prop_assert_eq!(decode_record_header(&buf, nonce, 1 << 20), Err(RecordHeaderError::Corrupt));
+            encode_record_header(&mut buf, nonce, 1, b"k", payload_len, 0);
+            let max = 1 << 20;
+            proptest::prop_assert_eq!(
+                decode_record_header(&buf, nonce, max).is_ok(),
+                u64::from(payload_len) <= max
+            );
+        }
+
+        #[test]
+        fn superblocks_round_trip_and_reject_damage_consistently(
+            region_size in proptest::prelude::any::<u64>(),
+            region_count in proptest::prelude::any::<u32>(),
+            store_id in proptest::prelude::any::<u64>(),
+            generation in proptest::prelude::any::<u64>(),
+            flips in flips(),
+        ) {
+            let sb = Superblock { region_size, region_count, store_id, generation };
+            let mut block = vec![0u8; BLOCK_SIZE];
+            sb.encode(&mut block);
+            proptest::prop_assert_eq!(Superblock::decode(&block), Ok(Some(sb)));
+            let changed = mutate(&mut block, 64, &flips);
+            let result = Superblock::decode(&block);
+            if changed.iter().all(|&i| i >= 52) {
+                proptest::prop_assert_eq!(result, Ok(Some(sb)));
+            } else if changed.iter().any(|&i| i < 8) {
+                proptest::prop_assert_eq!(result, Ok(None), "no magic: a fresh device");
+            } else {
+                proptest::prop_assert!(result.is_err(), "{:?}", result);
+            }
+        }
+
+        #[test]
+        fn region_headers_round_trip_and_reject_damage_consistently(
+            region in proptest::prelude::any::<u32>(),
+            retired in proptest::prelude::any::<bool>(),
+            nonce in proptest::prelude::any::<u64>(),
+            open_seq in proptest::prelude::any::<u64>(),
+            store_id in proptest::prelude::any::<u64>(),
+            state in 0u32..8,
+            flips in flips(),
+        ) {
+            let header = RegionHeader {
+                region,
+                state: if retired { RegionState::Retired } else { RegionState::Live },
+                nonce,
+                open_seq,
+                store_id,
+            };
+            let mut block = vec![0u8; BLOCK_SIZE];
+            header.encode(&mut block);
+            proptest::prop_assert_eq!(RegionHeader::decode(&block, region, store_id), Some(header));
+            proptest::prop_assert_eq!(RegionHeader::decode(&block, region ^ 1, store_id), None);
+            proptest::prop_assert_eq!(RegionHeader::decode(&block, region, store_id ^ 1), None);
+            let mut damaged = block.clone();
+            let changed = mutate(&mut damaged, 56, &flips);
+            let intact = changed.iter().all(|&i| i >= 44);
+            proptest::prop_assert_eq!(
+                RegionHeader::decode(&damaged, region, store_id),
+                intact.then_some(header)
+            );
+            // A state no encoder writes, under a fresh checksum.
+            block[12..16].copy_from_slice(&state.to_le_bytes());
+            let crc = crc32fast::hash(&block[0..40]);
+            block[40..44].copy_from_slice(&crc.to_le_bytes());
+            proptest::prop_assert_eq!(
+                RegionHeader::decode(&block, region, store_id).is_some(),
+                state == 1 || state == 2
+            );
+        }
+
+        #[test]
+        fn quarantine_lists_round_trip_and_reject_damage_consistently(
+            store_id in proptest::prelude::any::<u64>(),
+            regions in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..64),
+            flips in flips(),
+        ) {
+            let mut block = vec![0u8; BLOCK_SIZE];
+            encode_quarantine(&mut block, store_id, &regions);
+            proptest::prop_assert_eq!(decode_quarantine(&block, store_id), Ok(regions.clone()));
+            proptest::prop_assert!(decode_quarantine(&block, store_id ^ 1).is_err());
+            let end = 24 + 4 * regions.len();
+            let changed = mutate(&mut block, end + 16, &flips);
+            let result = decode_quarantine(&block, store_id);
+            if changed.iter().all(|&i| i >= end) {
+                proptest::prop_assert_eq!(result, Ok(regions));
+            } else {
+                proptest::prop_assert_eq!(result, Err(SuperblockError::Quarantine));
+            }
+        }
+    }
+
     #[test]
     fn record_sizes_round_to_blocks() {
         assert_eq!(record_blocks(10, 0), 1);
