@@ -48,13 +48,44 @@ fn read_for(stream: &mut TcpStream, wait: Duration) -> (String, bool) {
     }
 }
 
+/// Raises this process's open-file limit (the node inherits it) to hold `wanted`
+/// descriptors, as far as the hard limit allows; fails the test if that is not enough.
+fn raise_nofile(wanted: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed by pointer, which outlives the call.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(got, 0);
+    if limit.rlim_cur < wanted {
+        assert!(
+            limit.rlim_max >= wanted,
+            "the hard limit on open files ({}) is below the {wanted} this test needs",
+            limit.rlim_max
+        );
+        limit.rlim_cur = wanted;
+        // SAFETY: setrlimit only reads the struct passed by pointer.
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+        assert_eq!(set, 0);
+    }
+}
+
 #[test]
 fn two_thousand_silent_uploads_leave_memory_bounded_and_a_bystander_served() {
-    const MEMORY_TIER: u64 = 64 << 20;
+    const CONNECTIONS: usize = 2000;
+    const MEMORY_TIER: u64 = 16 << 20;
     const BODY_BUDGET: u64 = 64 << 20;
-    // An idle node with two runtimes, its rings and 2,000 idle connections (tasks, 4 KiB
-    // read buffers) stays well under this; 2,000 bodies of 4 MiB would be 8 GiB.
-    const BASE: u64 = 96 << 20;
+    // What an idle node of this shape takes besides its memory tier: two runtimes with
+    // their rings, pooled buffers, the index, the binary. Measured at 15 MiB (RSS 30 MiB
+    // with 15 MiB in the tier, docs/PERFORMANCE.md); the bound leaves room for other
+    // allocators and kernels.
+    const BASE: u64 = 48 << 20;
+    // What 2,000 open connections may add that is not body memory: a task, a 4 KiB read
+    // buffer and socket state each. 2,000 bodies of 4 MiB would be 8 GiB.
+    const PER_CONNECTION: u64 = 16 << 10;
+    // Both ends of every connection live in this test: the node's and the test's.
+    raise_nofile(2 * CONNECTIONS as u64 + 256);
     let dir = tempfile::tempdir().unwrap();
     let node = TestNode::start(
         dir.path(),
@@ -64,22 +95,46 @@ fn two_thousand_silent_uploads_leave_memory_bounded_and_a_bystander_served() {
             "--region-size",
             "8MiB",
             "--memory",
-            "64MiB",
+            "16MiB",
             "--max-body-memory",
             "64MiB",
             "--header-timeout",
             "2s",
         ],
     );
-    let shard = Rng::new(11).bytes(128 * 1024);
-    assert_eq!(
-        node.client().put("/v1/shards/bystander", &shard).status,
-        201
+    // The memory tier is filled first, so that what it holds counts in the baseline and
+    // the bound below is the body budget's alone.
+    let mut client = node.client();
+    let mut rng = Rng::new(11);
+    let shard = rng.bytes(128 * 1024);
+    assert_eq!(client.put("/v1/shards/bystander", &shard).status, 201);
+    for i in 0..(2 * MEMORY_TIER / (128 << 10)) {
+        let path = format!("/v1/shards/tier-{i}");
+        assert_eq!(client.put(&path, &rng.bytes(128 * 1024)).status, 201);
+        assert_eq!(client.get(&path).status, 200);
+    }
+    drop(client);
+    let tier = metric(&node, "slapshot_memory_bytes_used");
+    assert!(
+        tier >= 0.75 * MEMORY_TIER as f64,
+        "the memory tier holds {tier} bytes"
+    );
+    let (baseline, baseline_peak) = rss(node.pid());
+    eprintln!(
+        "baseline: RSS {} MiB (peak {} MiB) with {} MiB in the memory tier",
+        baseline >> 20,
+        baseline_peak >> 20,
+        tier as u64 >> 20
+    );
+    assert!(
+        baseline <= MEMORY_TIER + BASE,
+        "an idle node takes {} MiB",
+        baseline >> 20
     );
 
     // 2,000 connections each announce a 4 MiB PUT and send nothing more.
-    let mut silent = Vec::with_capacity(2000);
-    for i in 0..2000 {
+    let mut silent = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
         let mut stream = TcpStream::connect(node.addr).unwrap();
         write!(
             stream,
@@ -89,40 +144,56 @@ fn two_thousand_silent_uploads_leave_memory_bounded_and_a_bystander_served() {
         .unwrap();
         silent.push(stream);
     }
-    // The node has read every head (each either holds budget or was refused).
+    // The node has read every head: each upload either holds its 4 MiB (and a little)
+    // of body budget or was refused.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&node, "slapshot_http_body_budget_refusals_total") < 1900.0 {
+    loop {
+        let refused = metric(&node, "slapshot_http_body_budget_refusals_total");
+        let admitted =
+            (metric(&node, "slapshot_http_body_memory_bytes") / (4 << 20) as f64).floor();
+        if refused + admitted >= CONNECTIONS as f64 {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "the node did not refuse the uploads over its budget"
+            "the node did not read every head ({refused} refused, {admitted} admitted)"
         );
         thread::sleep(Duration::from_millis(50));
     }
 
-    // A bystander is answered at once (a liveness check, not a latency target).
+    // A bystander is answered (a liveness check with a generous bound, not a latency
+    // target).
     let started = Instant::now();
     let got = node.client().get("/v1/shards/bystander");
     assert_eq!(got.status, 200);
     assert!(got.body == shard);
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(10),
         "the bystander waited {:?}",
         started.elapsed()
     );
 
     let (now, peak) = rss(node.pid());
+    eprintln!(
+        "under {CONNECTIONS} silent uploads: RSS {} MiB, peak {} MiB; body memory {} MiB",
+        now >> 20,
+        peak >> 20,
+        metric(&node, "slapshot_http_body_memory_bytes") as u64 >> 20
+    );
+    let bound = baseline.max(baseline_peak) + BODY_BUDGET + CONNECTIONS as u64 * PER_CONNECTION;
     assert!(
-        peak <= MEMORY_TIER + BODY_BUDGET + BASE,
-        "peak RSS {} MiB (now {} MiB) exceeds the memory tier, the body budget and {} MiB",
+        peak <= bound,
+        "peak RSS {} MiB (now {} MiB) exceeds the baseline, the body budget and the \
+         connections' {} MiB",
         peak >> 20,
         now >> 20,
-        BASE >> 20
+        bound >> 20
     );
     assert!(metric(&node, "slapshot_http_body_memory_bytes") <= BODY_BUDGET as f64);
 
     // Those refused got a 503 and a closed connection; those admitted are cut once their
     // grace (the header timeout) is over, for sending nothing.
-    let (reply, closed) = read_for(&mut silent[1999], Duration::from_secs(5));
+    let (reply, closed) = read_for(&mut silent[CONNECTIONS - 1], Duration::from_secs(5));
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply:?}");
     assert!(closed);
     let deadline = Instant::now() + Duration::from_secs(30);
