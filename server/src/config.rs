@@ -11,7 +11,7 @@ use serde::Deserialize;
 use slapshot_core::{ByteSize, HumanDuration};
 
 use crate::store::{
-    StoreConfig,
+    Durability, StoreConfig,
     device::{DeviceOptions, DirectIo, StoreTarget},
 };
 
@@ -21,6 +21,14 @@ const DEFAULT_DATA_DIR_CAPACITY: ByteSize = ByteSize(1 << 30);
 /// keeping the unit of eviction a small fraction of any realistic device.
 const DEFAULT_REGION_SIZE: ByteSize = ByteSize(16 << 20);
 const DEFAULT_MAX_SHARD: ByteSize = ByteSize(4 << 20);
+/// Room for 256 bodies of the largest default shard (4 MiB) at once, or 8,000 shards of a
+/// 4-of-5 coded 512 KiB chunk; a node receives a few hundred at a time under full load.
+const DEFAULT_BODY_MEMORY: ByteSize = ByteSize(1 << 30);
+/// 64 KiB/s: a 4 MiB shard then may take a minute past the grace period, far slower
+/// than any healthy client in a data centre, yet a trickle of a byte a second is cut.
+const DEFAULT_MIN_BODY_RATE: ByteSize = ByteSize(64 << 10);
+/// The index checkpoint's name inside `--data-dir`.
+const CHECKPOINT_FILE_NAME: &str = "index.ckpt";
 /// The memory tier defaults to 10% of flash, the ratio the paper's AZ cache runs with.
 pub const DEFAULT_MEMORY_PERCENT: u64 = 10;
 
@@ -35,7 +43,7 @@ pub const DEFAULT_MEMORY_PERCENT: u64 = 10;
         open flash region; shards are written and read with O_DIRECT through io_uring.\n\n\
         Every option may also be set in a TOML file given with --config, using the flag's\n\
         name without the leading dashes (for example: capacity = \"8GiB\"). Flags win.",
-    after_help = "Example: slapshot-server --data-dir /var/lib/slapshot --capacity 64GiB --listen 0.0.0.0:7070"
+    after_help = "Example: slapshot-server --data-dir /var/lib/slapshot --capacity 64GiB --listen 0.0.0.0:7070 --token-file /etc/slapshot/token"
 )]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
@@ -91,6 +99,18 @@ pub struct Options {
     #[arg(long)]
     pub reformat: bool,
 
+    /// Where a clean shutdown writes the index checkpoint that makes the next start fast
+    /// [default: index.ckpt in --data-dir; none with --device].
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint_file: Option<PathBuf>,
+
+    /// When a PUT or DELETE is acknowledged: group (after a group-committed fdatasync
+    /// shared by the writes that completed before it), dsync (every write is an O_DSYNC
+    /// write, FUA where the device has it), or none (a pure cache: acknowledged once the
+    /// device accepted the write, lost on power failure) [default: group].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub durability: Option<Durability>,
+
     /// File holding a bearer token; PUT and DELETE then need "Authorization: Bearer TOKEN".
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -103,10 +123,26 @@ pub struct Options {
     /// and stalls on shard requests. Off by default; never on a production node.
     #[arg(long)]
     pub fault_injection: bool,
+    /// Serve PUT and DELETE without a token on an address other than loopback. Without
+    /// it, a node listening beyond loopback refuses to start unless --token-file is given
+    /// (like Redis's protected mode).
+    #[arg(long, conflicts_with = "token_file")]
+    pub no_auth: bool,
 
     /// Open connections beyond which new ones get 503 and are closed [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Memory all request bodies in flight may take together: PUT buffers, grown read
+    /// buffers, and each HTTP/2 connection's 1 MiB receive window. A request that does not
+    /// fit gets 503 and its connection is closed [default: 1GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_memory: Option<ByteSize>,
+
+    /// Bytes per second a request body must average once it has been arriving for
+    /// --header-timeout; slower uploads are cut. 0 turns the check off [default: 64KiB].
+    #[arg(long, value_name = "BYTES")]
+    pub min_body_rate: Option<ByteSize>,
 
     /// Time a client may take to send a request's headers once it started [default: 10s].
     #[arg(long, value_name = "DURATION")]
@@ -169,10 +205,15 @@ impl Options {
             direct_io: self.direct_io.or(file.direct_io),
             reinsert_hits: self.reinsert_hits.or(file.reinsert_hits),
             reformat: self.reformat || file.reformat,
+            checkpoint_file: self.checkpoint_file.or(file.checkpoint_file),
+            durability: self.durability.or(file.durability),
             token_file: self.token_file.or(file.token_file),
             auth_reads: self.auth_reads || file.auth_reads,
             fault_injection: self.fault_injection || file.fault_injection,
+            no_auth: self.no_auth || file.no_auth,
             max_connections: self.max_connections.or(file.max_connections),
+            max_body_memory: self.max_body_memory.or(file.max_body_memory),
+            min_body_rate: self.min_body_rate.or(file.min_body_rate),
             header_timeout: self.header_timeout.or(file.header_timeout),
             idle_timeout: self.idle_timeout.or(file.idle_timeout),
             io_timeout: self.io_timeout.or(file.io_timeout),
@@ -225,6 +266,10 @@ pub struct HttpConfig {
     /// Splice large GET bodies from spliceable buffers instead of copying them.
     pub zero_copy: bool,
     pub max_connections: usize,
+    /// See `budget`.
+    pub max_body_memory: u64,
+    /// Bytes per second; 0 for no minimum.
+    pub min_body_rate: u64,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub io_timeout: Duration,
@@ -298,14 +343,31 @@ impl ServerConfig {
         if options.auth_reads && token.is_none() {
             bail!("--auth-reads needs --token-file");
         }
+        let listen = options
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
+        if options.no_auth && token.is_some() {
+            bail!("give either --token-file or --no-auth, not both");
+        }
+        // Protected by default: anyone who can reach a node that takes writes without a
+        // token can delete its shards or fill it with garbage.
+        if !listen.ip().is_loopback() && token.is_none() && !options.no_auth {
+            bail!(
+                "refusing to listen on {listen} without a token: anyone who can reach it could \
+                 write and delete shards; give --token-file FILE, or --no-auth if that is meant"
+            );
+        }
 
+        let checkpoint = match (&options.checkpoint_file, &target) {
+            (Some(path), _) => Some(path.clone()),
+            (None, StoreTarget::DataDir(dir)) => Some(dir.join(CHECKPOINT_FILE_NAME)),
+            (None, StoreTarget::Device(_)) => None,
+        };
         let duration = |d: Option<HumanDuration>, default: u64| {
             d.map_or(Duration::from_secs(default), |d| d.0)
         };
         Ok(Self {
-            listen: options
-                .listen
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            listen,
             threads,
             store: StoreConfig {
                 device: DeviceOptions {
@@ -314,16 +376,26 @@ impl ServerConfig {
                     region_size: options.region_size.unwrap_or(DEFAULT_REGION_SIZE).bytes(),
                     direct_io: options.direct_io.unwrap_or_default(),
                     reformat: options.reformat,
+                    durability: options.durability.unwrap_or_default(),
                 },
                 memory_bytes: memory,
                 max_shard_size: options.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD).bytes(),
                 reinsert_hits: options.reinsert_hits.unwrap_or(1),
                 threads,
+                checkpoint,
             },
             http: HttpConfig {
                 http1: options.http1.unwrap_or_default(),
                 zero_copy: !options.no_zero_copy,
                 max_connections: options.max_connections.unwrap_or(10_000),
+                max_body_memory: options
+                    .max_body_memory
+                    .unwrap_or(DEFAULT_BODY_MEMORY)
+                    .bytes(),
+                min_body_rate: options
+                    .min_body_rate
+                    .unwrap_or(DEFAULT_MIN_BODY_RATE)
+                    .bytes(),
                 header_timeout: duration(options.header_timeout, 10),
                 idle_timeout: duration(options.idle_timeout, 60),
                 io_timeout: duration(options.io_timeout, 30),
@@ -386,6 +458,29 @@ mod tests {
         std::fs::write(&path, "data-dir = \"/srv\"\ncapacty = \"8GiB\"\n").unwrap();
         let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(format!("{err:#}").contains("capacty"), "{err:#}");
+    }
+
+    #[test]
+    fn beyond_loopback_a_token_or_no_auth_is_required() {
+        let err = parse(&["--data-dir", "/x", "--listen", "0.0.0.0:7070"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--no-auth"), "{err:#}");
+        let err = parse(&["--data-dir", "/x", "--listen", "10.1.2.3:7070"]).unwrap_err();
+        assert!(format!("{err:#}").contains("--token-file"), "{err:#}");
+        assert!(parse(&["--data-dir", "/x", "--listen", "0.0.0.0:7070", "--no-auth"]).is_ok());
+        assert!(parse(&["--data-dir", "/x", "--listen", "[::1]:7070"]).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "secret\n").unwrap();
+        let config = parse(&[
+            "--data-dir",
+            "/x",
+            "--listen",
+            "0.0.0.0:7070",
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(config.http.token.as_deref(), Some("secret"));
     }
 
     #[test]

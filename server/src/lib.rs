@@ -4,8 +4,11 @@
 //! coding, the node keeps shards on flash (with a memory tier in front) and serves them
 //! fast. See ARCHITECTURE.md for the map and the invariants.
 
+pub mod budget;
 pub mod config;
+pub mod errors;
 pub mod faults;
+pub mod hooks;
 pub mod http;
 pub mod metrics;
 pub mod node;

@@ -24,7 +24,8 @@ fn main() -> ExitCode {
     match slapshot_server::node::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One line, each cause once (anyhow's `{:#}` walks the sources; the library's
+            // messages leave their causes to it).
             eprintln!("slapshot-server: {e:#}");
             ExitCode::FAILURE
         }

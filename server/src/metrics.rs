@@ -20,6 +20,9 @@ pub mod names {
     pub const CONNECTIONS_ACCEPTED: &str = "slapshot_http_connections_accepted_total";
     pub const CONNECTIONS_REJECTED: &str = "slapshot_http_connections_rejected_total";
     pub const CONNECTION_TIMEOUTS: &str = "slapshot_http_connection_timeouts_total";
+    pub const BODY_MEMORY: &str = "slapshot_http_body_memory_bytes";
+    pub const BODY_MEMORY_LIMIT: &str = "slapshot_http_body_memory_limit_bytes";
+    pub const BODY_REFUSALS: &str = "slapshot_http_body_budget_refusals_total";
     pub const CACHE_HITS: &str = "slapshot_cache_hits_total";
     pub const CACHE_MISSES: &str = "slapshot_cache_misses_total";
     pub const CHECKSUM_FAILURES: &str = "slapshot_checksum_failures_total";
@@ -27,16 +30,26 @@ pub mod names {
     pub const EVICTED_REGIONS: &str = "slapshot_flash_evicted_regions_total";
     pub const EVICTED_SHARDS: &str = "slapshot_flash_evicted_shards_total";
     pub const REINSERTED_SHARDS: &str = "slapshot_flash_reinserted_shards_total";
+    pub const REPLY_BODIES: &str = "slapshot_http_reply_bodies_total";
+    pub const BUFFER_MAPS: &str = "slapshot_buffer_maps_total";
+    pub const BUFFER_UNMAPS: &str = "slapshot_buffer_unmaps_total";
+    pub const FLUSHES: &str = "slapshot_flash_flushes_total";
+    pub const FLASH_READ_BYTES: &str = "slapshot_flash_read_bytes_total";
+    pub const FLUSH_WAITERS: &str = "slapshot_flash_flush_waiters_total";
     pub const FLASH_BYTES_USED: &str = "slapshot_flash_bytes_used";
     pub const FLASH_CAPACITY: &str = "slapshot_flash_capacity_bytes";
     pub const FLASH_SHARDS: &str = "slapshot_flash_shards";
     pub const FLASH_FREE_REGIONS: &str = "slapshot_flash_free_regions";
     pub const FLASH_BROKEN_REGIONS: &str = "slapshot_flash_broken_regions";
+    pub const FLASH_REGIONS: &str = "slapshot_flash_regions";
+    pub const FLASH_SETTLING_KEYS: &str = "slapshot_flash_settling_keys";
+    pub const FLASH_READ_ONLY: &str = "slapshot_flash_read_only";
     pub const MEMORY_BYTES_USED: &str = "slapshot_memory_bytes_used";
     pub const MEMORY_CAPACITY: &str = "slapshot_memory_capacity_bytes";
     pub const MEMORY_SHARDS: &str = "slapshot_memory_shards";
     pub const RECOVERED_SHARDS: &str = "slapshot_recovered_shards";
     pub const RECOVERY_SECONDS: &str = "slapshot_recovery_duration_seconds";
+    pub const RECOVERY_FROM_CHECKPOINT: &str = "slapshot_recovery_from_checkpoint";
     pub const DRAINING: &str = "slapshot_draining";
 }
 
@@ -71,9 +84,11 @@ pub enum TimeoutKind {
     Header = 0,
     Idle = 1,
     Io = 2,
+    /// A request body arrived slower than `--min-body-rate`.
+    Body = 3,
 }
 
-const TIMEOUT_KINDS: [&str; 3] = ["header", "idle", "io"];
+const TIMEOUT_KINDS: [&str; 4] = ["header", "idle", "io", "body"];
 
 /// Counters of one runtime thread.
 #[derive(Default)]
@@ -95,6 +110,13 @@ pub struct CoreMetrics {
     pub evicted_regions: AtomicU64,
     pub evicted_shards: AtomicU64,
     pub reinserted_shards: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_waiters: AtomicU64,
+    pub flash_read_bytes: AtomicU64,
+    /// Reply bodies of the native engine by how they left: spliced, writev, inline.
+    pub bodies_spliced: AtomicU64,
+    pub bodies_writev: AtomicU64,
+    pub bodies_inline: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -128,6 +150,18 @@ pub struct StoreGauges {
     pub memory_bytes_used: u64,
     pub memory_capacity: u64,
     pub memory_shards: u64,
+    pub regions: crate::store::RegionCounts,
+    /// Keys with records waiting to be zeroed or retired (see `store::settling`).
+    pub settling_keys: u64,
+    pub read_only: bool,
+}
+
+/// The body budget (see `budget`) at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BodyGauges {
+    pub used: u64,
+    pub limit: u64,
+    pub refused: u64,
 }
 
 /// Facts about start-up recovery, fixed once the node serves.
@@ -136,6 +170,8 @@ pub struct RecoveryReport {
     pub shards: u64,
     pub checksum_failures: u64,
     pub duration: Duration,
+    /// The index came from a checkpoint, not from a scan of the device.
+    pub from_checkpoint: bool,
 }
 
 pub struct Metrics {
@@ -172,7 +208,7 @@ impl Metrics {
     }
 
     /// Renders everything in the Prometheus text exposition format.
-    pub fn render(&self, gauges: StoreGauges, draining: bool) -> String {
+    pub fn render(&self, gauges: StoreGauges, body: BodyGauges, draining: bool) -> String {
         let mut out = String::with_capacity(8192);
         let w = &mut out;
 
@@ -256,6 +292,25 @@ impl Metrics {
             );
         }
 
+        gauge(
+            w,
+            names::BODY_MEMORY,
+            "Memory reserved for request bodies in flight.",
+            body.used,
+        );
+        gauge(
+            w,
+            names::BODY_MEMORY_LIMIT,
+            "The body memory budget (--max-body-memory).",
+            body.limit,
+        );
+        counter(
+            w,
+            names::BODY_REFUSALS,
+            "Requests and connections refused because the body budget was spent.",
+            body.refused,
+        );
+
         header(
             w,
             names::CACHE_HITS,
@@ -338,6 +393,52 @@ impl Metrics {
             self.sum(|c| &c.reinserted_shards),
         );
 
+        header(
+            w,
+            names::REPLY_BODIES,
+            "counter",
+            "Reply bodies sent by the native HTTP/1.1 engine, by path: spliced (pages by \
+             reference), writev (copied by the kernel), inline (copied after the head).",
+        );
+        for (path, counter) in [
+            ("splice", self.sum(|c| &c.bodies_spliced)),
+            ("writev", self.sum(|c| &c.bodies_writev)),
+            ("inline", self.sum(|c| &c.bodies_inline)),
+        ] {
+            sample(w, names::REPLY_BODIES, &format!("path=\"{path}\""), counter);
+        }
+        counter(
+            w,
+            names::BUFFER_MAPS,
+            "Buffer mappings made (mmap); flat in steady state, when the pools serve.",
+            crate::store::aligned::MAPS.load(Ordering::Relaxed),
+        );
+        counter(
+            w,
+            names::BUFFER_UNMAPS,
+            "Buffer mappings removed (munmap) when a pool overflowed.",
+            crate::store::aligned::UNMAPS.load(Ordering::Relaxed),
+        );
+        counter(
+            w,
+            names::FLASH_READ_BYTES,
+            "Bytes read from flash: whole records for GET and reinsertion, one block for HEAD.",
+            self.sum(|c| &c.flash_read_bytes),
+        );
+        counter(
+            w,
+            names::FLUSHES,
+            "fdatasync calls made to acknowledge writes (--durability group).",
+            self.sum(|c| &c.flushes),
+        );
+        counter(
+            w,
+            names::FLUSH_WAITERS,
+            "Operations that waited for those fdatasync calls; divided by the flushes, the \
+             average group size.",
+            self.sum(|c| &c.flush_waiters),
+        );
+
         gauge(
             w,
             names::FLASH_BYTES_USED,
@@ -367,6 +468,35 @@ impl Metrics {
             names::FLASH_BROKEN_REGIONS,
             "Regions out of service after write errors.",
             gauges.broken_regions,
+        );
+        header(
+            w,
+            names::FLASH_REGIONS,
+            "gauge",
+            "Regions by state; they add up to the region count.",
+        );
+        let r = gauges.regions;
+        for (state, n) in [
+            ("free", r.free),
+            ("open", r.open),
+            ("sealed", r.sealed),
+            ("evicting", r.evicting),
+            ("quarantined", r.quarantined),
+            ("broken", r.broken),
+        ] {
+            sample(w, names::FLASH_REGIONS, &format!("state=\"{state}\""), n);
+        }
+        gauge(
+            w,
+            names::FLASH_SETTLING_KEYS,
+            "Keys with records on flash waiting to be zeroed or retired.",
+            gauges.settling_keys,
+        );
+        gauge(
+            w,
+            names::FLASH_READ_ONLY,
+            "1 once a write failure could not be made safe: writes are refused.",
+            u64::from(gauges.read_only),
         );
         gauge(
             w,
@@ -406,6 +536,13 @@ impl Metrics {
         );
         gauge(
             w,
+            names::RECOVERY_FROM_CHECKPOINT,
+            "1 if the index was loaded from the checkpoint of a clean shutdown, 0 if the \
+             device was scanned.",
+            u64::from(recovery.from_checkpoint),
+        );
+        gauge(
+            w,
             names::DRAINING,
             "1 while the node is shutting down.",
             u64::from(draining),
@@ -430,7 +567,7 @@ mod tests {
         metrics
             .core(1)
             .record_request(2, 201, Duration::from_secs(9));
-        let text = metrics.render(StoreGauges::default(), false);
+        let text = metrics.render(StoreGauges::default(), BodyGauges::default(), false);
         assert!(text.contains("slapshot_http_requests_total{method=\"GET\",status=\"200\"} 2"));
         assert!(text.contains("slapshot_http_requests_total{method=\"PUT\",status=\"201\"} 1"));
         assert!(text.contains(
@@ -454,7 +591,7 @@ mod tests {
     fn unknown_status_is_counted_as_other() {
         let metrics = Metrics::new(1);
         metrics.core(0).record_request(4, 418, Duration::ZERO);
-        let text = metrics.render(StoreGauges::default(), false);
+        let text = metrics.render(StoreGauges::default(), BodyGauges::default(), false);
         assert!(text.contains("{method=\"OTHER\",status=\"0\"} 1"));
     }
 }

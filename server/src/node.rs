@@ -100,6 +100,18 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
         core.join()
             .map_err(|_| anyhow!("a runtime thread panicked"))?;
     }
+    let started = std::time::Instant::now();
+    match node.store.write_checkpoint() {
+        Ok(true) => tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "index checkpoint written"
+        ),
+        Ok(false) => {}
+        // The store is intact; the next start scans it.
+        Err(e) => {
+            tracing::warn!(error = %crate::errors::Chain(&e), "cannot write the index checkpoint")
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

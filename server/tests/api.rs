@@ -309,6 +309,16 @@ fn token_guards_writes_and_optionally_reads() {
         200,
         "reads are open without --auth-reads"
     );
+    // The scheme is case-insensitive (RFC 9110); the token is not.
+    for (value, status) in [
+        ("bearer s3cret", 204),
+        ("BEARER   s3cret", 204),
+        ("Bearer S3CRET", 401),
+        ("Basic s3cret", 401),
+    ] {
+        let response = client.request("PUT", "/v1/shards/t", &[("authorization", value)], b"y");
+        assert_eq!(response.status, status, "{value}");
+    }
     drop(client);
     drop(node);
 
@@ -387,5 +397,33 @@ fn http2_prior_knowledge_get_and_put_with_curl() {
         get.stdout == data,
         "HTTP/2 GET returned {} bytes",
         get.stdout.len()
+    );
+}
+
+#[test]
+fn head_reads_the_record_header_only() {
+    let (_dir, node) = node(&["--memory", "0"]);
+    let mut client = node.client();
+    let data = Rng::new(31).bytes(1 << 20);
+    assert_eq!(client.put("/v1/shards/big", &data).status, 201);
+    let read = || node.metric("slapshot_flash_read_bytes_total");
+    let before = read();
+    let head = client.request("HEAD", "/v1/shards/big", &[], &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("1048576"));
+    assert_eq!(
+        head.header("x-slapshot-crc32"),
+        Some(crc32(&data).to_string().as_str())
+    );
+    assert_eq!(head.header("x-slapshot-tier"), Some("flash"));
+    assert_eq!(read() - before, 4096.0, "HEAD read one block");
+    let before = read();
+    assert!(client.get("/v1/shards/big").body == data);
+    assert!(read() - before > 1_000_000.0, "GET read the whole record");
+    assert_eq!(
+        client
+            .request("HEAD", "/v1/shards/missing", &[], &[])
+            .status,
+        404
     );
 }

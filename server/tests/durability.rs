@@ -192,3 +192,61 @@ fn graceful_shutdown_finishes_a_request_in_flight() {
     node.restart();
     assert!(node.client().get("/v1/shards/in-flight").body == data);
 }
+
+/// Every acknowledged PUT and DELETE waited for a flush (group commit by default), and the
+/// store file holds no unwritten extents, whose first write would need a journal commit to
+/// be durable; `--durability none` flushes nothing.
+#[test]
+fn acknowledgements_wait_for_flushes_and_the_store_file_is_written_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = TestNode::start(
+        dir.path(),
+        &["--capacity", "256MiB", "--region-size", "8MiB"],
+    );
+    let mut client = node.client();
+    let data = Rng::new(3).bytes(100_000);
+    for i in 0..10 {
+        assert_eq!(client.put(&format!("/v1/shards/f{i}"), &data).status, 201);
+    }
+    for i in 0..5 {
+        let response = client.request("DELETE", &format!("/v1/shards/f{i}"), &[], &[]);
+        assert_eq!(response.status, 204);
+    }
+    // One request at a time: nothing to share a flush with.
+    assert_eq!(node.metric("slapshot_flash_flush_waiters_total"), 15.0);
+    assert_eq!(node.metric("slapshot_flash_flushes_total"), 15.0);
+
+    if let Ok(output) = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(dir.path().join("data/shards.slap"))
+        .output()
+    {
+        let extents = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{extents}");
+        assert!(
+            !extents.contains("unwritten"),
+            "the store file has unwritten extents:\n{extents}"
+        );
+    } else {
+        eprintln!("filefrag (e2fsprogs) is not installed: extents not checked");
+    }
+    node.kill();
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(
+        dir.path(),
+        &[
+            "--capacity",
+            "256MiB",
+            "--region-size",
+            "8MiB",
+            "--durability",
+            "none",
+        ],
+    );
+    let mut client = node.client();
+    for i in 0..10 {
+        assert_eq!(client.put(&format!("/v1/shards/f{i}"), &data).status, 201);
+    }
+    assert_eq!(node.metric("slapshot_flash_flushes_total"), 0.0);
+}

@@ -119,13 +119,30 @@ fn connection_close_is_honoured() {
 #[test]
 fn framing_errors_are_refused_and_close_the_connection() {
     let (_dir, node) = node(&[]);
-    let cases: [(&[u8], &str); 6] = [
-        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", "400"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", "501"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3x\r\n\r\nabc", "400"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", "400"),
-        (b"PUT /v1/shards/x HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
-        (b"GET /\x01 HTTP/1.1\r\n\r\n", "400"),
+    let many_trailers: String = (0..40).map(|i| format!("x-t{i}: v\r\n")).collect();
+    let too_many_trailers = format!(
+        "PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n{many_trailers}\r\n"
+    );
+    let cases: [(&[u8], &str); 15] = [
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip\r\n\r\n", "501"),
+        // A coding under chunked would be stored still encoded.
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "501"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ncontent-length: 3x\r\n\r\nabc", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\nabcd", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
+        // Chunk sizes are hex digits only: no sign, no leading space.
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n+3\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n 3\r\nabc\r\n0\r\n\r\n", "400"),
+        // A bare LF does not end a line inside a chunked body.
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\n0\r\n\r\n", "400"),
+        (b"PUT /v1/shards/x HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", "400"),
+        // HTTP/1.1 needs exactly one Host.
+        (b"GET /health HTTP/1.1\r\n\r\n", "400"),
+        (b"GET /health HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", "400"),
+        (too_many_trailers.as_bytes(), "400"),
+        (b"GET /\x01 HTTP/1.1\r\nhost: t\r\n\r\n", "400"),
     ];
     for (request, status) in cases {
         let mut stream = raw(&node);
@@ -140,7 +157,7 @@ fn framing_errors_are_refused_and_close_the_connection() {
     let many: String = (0..100).map(|i| format!("x-h{i}: v\r\n")).collect();
     let mut stream = raw(&node);
     stream
-        .write_all(format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes())
+        .write_all(format!("GET /health HTTP/1.1\r\nhost: t\r\n{many}\r\n").as_bytes())
         .unwrap();
     assert!(read_to_close(stream).starts_with("HTTP/1.1 431"));
     assert_eq!(
@@ -148,6 +165,10 @@ fn framing_errors_are_refused_and_close_the_connection() {
         404,
         "nothing was stored"
     );
+    // HTTP/1.0 may leave Host out.
+    let mut stream = raw(&node);
+    stream.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
+    assert!(read_to_close(stream).starts_with("HTTP/1.1 200"));
 }
 
 #[test]
@@ -155,7 +176,7 @@ fn chunked_bodies_with_extensions_and_trailers_are_stored() {
     let (_dir, node) = node(&[]);
     let mut stream = raw(&node);
     stream
-        .write_all(b"PUT /v1/shards/c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: yes\r\n\r\nGET /v1/shards/c HTTP/1.1\r\nconnection: close\r\n\r\n")
+        .write_all(b"PUT /v1/shards/c HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6 ;x\r\n world\r\n0\r\nx-trailer: yes\r\n\r\nGET /v1/shards/c HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
         .unwrap();
     let reply = read_to_close(stream);
     assert!(reply.starts_with("HTTP/1.1 201"), "{reply}");
@@ -232,37 +253,42 @@ fn read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
     (head, body)
 }
 
+fn reply_bodies(node: &TestNode, path: &str) -> f64 {
+    node.metric(&format!(
+        "slapshot_http_reply_bodies_total{{path=\"{path}\"}}"
+    ))
+}
+
 #[test]
 fn spliced_bytes_in_flight_survive_their_buffer_being_freed_and_reused() {
-    // With the memory tier off, a GET's buffer is dropped (unmapped) as soon as the reply has
-    // been spliced into the socket, while a client that is not reading still has the bytes
-    // queued. Lots of new buffers then take over the address space and are filled with
-    // other bytes. The queued reply must come out exactly as stored.
-    let (_dir, node) = node(&["--memory", "0"]);
+    // A GET served from the memory tier splices the shard's pages into the socket. The
+    // client does not read; the tier then evicts the shard, its buffer goes back to the
+    // pool and is reused for other shards, with other bytes. The queued reply must come
+    // out exactly as stored: a reused buffer's spliced pages are detached first.
+    let (_dir, node) = node(&["--memory", "1MiB", "--threads", "1"]);
     let mut rng = Rng::new(71);
     let original = rng.bytes(160 * 1024);
     let mut client = node.client();
-    // Warm up: after a few buffers of this size have come and gone, a heap allocator would
-    // serve the next ones from reusable heap memory (glibc raises its mmap threshold), which
-    // is what this test must be able to catch.
-    for i in 0..10 {
-        let warm = rng.bytes(160 * 1024);
-        client.put(&format!("/v1/shards/warm{i}"), &warm);
-        assert!(client.get(&format!("/v1/shards/warm{i}")).body == warm);
-    }
     assert_eq!(client.put("/v1/shards/in-flight", &original).status, 201);
 
     // A receive buffer big enough for the whole reply, so that the node finishes sending
-    // (and frees the buffer) while every byte is still queued, unread.
+    // (and lets go of the buffer) while every byte is still queued, unread.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4 << 20).unwrap();
     socket.connect(&node.addr.into()).unwrap();
     let mut slow: TcpStream = socket.into();
     slow.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    let spliced = reply_bodies(&node, "splice");
     slow.write_all(b"GET /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\n\r\n")
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        reply_bodies(&node, "splice"),
+        spliced + 1.0,
+        "the reply was spliced from the memory tier's buffer"
+    );
+    let maps = node.metric("slapshot_buffer_maps_total");
     for i in 0..60 {
         let other = rng.bytes(160 * 1024);
         assert_eq!(
@@ -271,12 +297,51 @@ fn spliced_bytes_in_flight_survive_their_buffer_being_freed_and_reused() {
         );
         assert!(client.get(&format!("/v1/shards/churn{i}")).body == other);
     }
+    assert!(
+        node.metric("slapshot_buffer_maps_total") < maps + 60.0,
+        "the churn reused pooled buffers (the freed one among them)"
+    );
     let (head, body) = read_response(&mut slow);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         body == original,
-        "a spliced reply changed after its buffer was freed"
+        "a spliced reply changed after its buffer was freed and reused"
     );
+}
+
+#[test]
+fn flash_replies_are_copied_from_pooled_buffers_without_new_mappings() {
+    let (_dir, node) = node(&["--memory", "0", "--threads", "1"]);
+    let mut rng = Rng::new(73);
+    let shards: Vec<Vec<u8>> = (0..20).map(|_| rng.bytes(128 * 1024)).collect();
+    let mut client = node.client();
+    for (i, data) in shards.iter().enumerate() {
+        assert_eq!(client.put(&format!("/v1/shards/p{i}"), data).status, 201);
+        assert!(client.get(&format!("/v1/shards/p{i}")).body == *data);
+    }
+    let (maps, unmaps) = (
+        node.metric("slapshot_buffer_maps_total"),
+        node.metric("slapshot_buffer_unmaps_total"),
+    );
+    let (spliced, copied) = (reply_bodies(&node, "splice"), reply_bodies(&node, "writev"));
+    for round in 0..10 {
+        for (i, data) in shards.iter().enumerate() {
+            let got = client.get(&format!("/v1/shards/p{i}"));
+            assert!(got.body == *data, "round {round}, p{i}");
+        }
+    }
+    assert_eq!(
+        reply_bodies(&node, "splice"),
+        spliced,
+        "flash reads are never spliced"
+    );
+    assert_eq!(reply_bodies(&node, "writev"), copied + 200.0);
+    assert_eq!(
+        node.metric("slapshot_buffer_maps_total"),
+        maps,
+        "steady-state GETs mapped new buffers"
+    );
+    assert_eq!(node.metric("slapshot_buffer_unmaps_total"), unmaps);
 }
 
 #[test]
@@ -285,5 +350,9 @@ fn zero_copy_can_be_turned_off() {
     let data = Rng::new(72).bytes(500_000);
     let mut client = node.client();
     client.put("/v1/shards/z", &data);
-    assert!(client.get("/v1/shards/z").body == data);
+    let got = client.get("/v1/shards/z");
+    assert_eq!(got.header("x-slapshot-tier"), Some("memory"));
+    assert!(got.body == data);
+    assert_eq!(reply_bodies(&node, "splice"), 0.0);
+    assert_eq!(reply_bodies(&node, "writev"), 1.0);
 }

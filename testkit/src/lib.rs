@@ -88,13 +88,23 @@ pub struct TestNode {
     pub addr: SocketAddr,
     pub dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl TestNode {
     /// Starts a node storing under `dir/data` (unless `extra` names a `--device`), with
     /// `extra` flags added.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
-        let mut args: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{}", free_port())];
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// Like `start`, with environment variables for the node (for example the server's
+    /// test hooks, `SLAPSHOT_TEST_HOOKS`). Restarts keep them unless `set_env` changes them.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> TestNode {
+        let mut args: Vec<String> = Vec::new();
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".into(), format!("127.0.0.1:{}", free_port())]);
+        }
         if !extra.contains(&"--threads") {
             args.extend(["--threads".into(), "2".into()]);
         }
@@ -107,6 +117,10 @@ impl TestNode {
             addr: "127.0.0.1:0".parse().unwrap(),
             dir: dir.to_owned(),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         node.launch();
         node
@@ -122,6 +136,7 @@ impl TestNode {
             .unwrap();
         let child = Command::new(server_binary())
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--addr-file")
             .arg(&addr_file)
             .stdin(Stdio::null())
@@ -255,6 +270,14 @@ impl TestNode {
     /// True while the process runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Replaces the environment variables given to the node at its next (re)start.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     /// Starts the node again with the same flags and data.

@@ -8,7 +8,11 @@
 //!   to complete the headers (a slowloris client is cut here);
 //! - idle: a connection with no request in progress is closed after `idle_timeout`;
 //! - io: a request in progress that reads or writes nothing for `io_timeout` is aborted
-//!   (a stalled upload, or a client that stops reading its response).
+//!   (a stalled upload, or a client that stops reading its response);
+//! - body rate: while a request body is being received, the connection must deliver at
+//!   least `min_body_rate` bytes per second on average once `header_timeout` has passed
+//!   since the body began; one byte every few seconds would otherwise keep a body buffer
+//!   (paid from the body budget) alive for as long as the client likes.
 
 use std::{
     cell::Cell,
@@ -29,6 +33,8 @@ pub struct Timeouts {
     pub header: Duration,
     pub idle: Duration,
     pub io: Duration,
+    /// Bytes per second a body must average after its grace period; 0 turns it off.
+    pub min_body_rate: u64,
 }
 
 /// What a connection is doing, as far as the watchdog is concerned.
@@ -41,6 +47,11 @@ pub struct Activity {
     partial_since: Cell<Option<Instant>>,
     /// Last time a byte moved in either direction.
     last_progress: Cell<Instant>,
+    /// Request bodies being received.
+    bodies: Cell<u32>,
+    /// When the current stretch of body reception began, and the bytes read since.
+    body_since: Cell<Instant>,
+    body_bytes: Cell<u64>,
 }
 
 impl Activity {
@@ -50,11 +61,17 @@ impl Activity {
             idle_since: Cell::new(now),
             partial_since: Cell::new(None),
             last_progress: Cell::new(now),
+            bodies: Cell::new(0),
+            body_since: Cell::new(now),
+            body_bytes: Cell::new(0),
         }
     }
 
-    pub(super) fn on_read(&self, now: Instant) {
+    pub(super) fn on_read(&self, now: Instant, bytes: usize) {
         self.last_progress.set(now);
+        if self.bodies.get() > 0 {
+            self.body_bytes.set(self.body_bytes.get() + bytes as u64);
+        }
         if self.active.get() == 0 && self.partial_since.get().is_none() {
             self.partial_since.set(Some(now));
         }
@@ -72,6 +89,19 @@ impl Activity {
         ActiveGuard(self.clone())
     }
 
+    /// A request body starts arriving (after `100 Continue`, if the client asked for it).
+    pub(super) fn body_started(&self, now: Instant) {
+        if self.bodies.get() == 0 {
+            self.body_since.set(now);
+            self.body_bytes.set(0);
+        }
+        self.bodies.set(self.bodies.get() + 1);
+    }
+
+    pub(super) fn body_ended(&self) {
+        self.bodies.set(self.bodies.get().saturating_sub(1));
+    }
+
     /// True when no request is in progress and none has started arriving: the connection
     /// can be closed without cutting anybody off.
     pub fn is_idle(&self) -> bool {
@@ -81,7 +111,23 @@ impl Activity {
     /// The limit this connection has overrun, if any.
     pub fn expired(&self, now: Instant, t: &Timeouts) -> Option<TimeoutKind> {
         let (since, limit, kind) = self.current_limit(t);
-        (now.saturating_duration_since(since) >= limit).then_some(kind)
+        if now.saturating_duration_since(since) >= limit {
+            return Some(kind);
+        }
+        self.body_too_slow(now, t).then_some(TimeoutKind::Body)
+    }
+
+    /// A body has been arriving for longer than the grace period (the header timeout) at
+    /// less than the minimum rate, counted from when it began.
+    fn body_too_slow(&self, now: Instant, t: &Timeouts) -> bool {
+        if self.bodies.get() == 0 || t.min_body_rate == 0 {
+            return false;
+        }
+        let elapsed = now.saturating_duration_since(self.body_since.get());
+        let Some(rated) = elapsed.checked_sub(t.header) else {
+            return false;
+        };
+        (self.body_bytes.get() as f64) < rated.as_secs_f64() * t.min_body_rate as f64
     }
 
     /// When to look again. The state can change between checks (a request may start),
@@ -165,7 +211,8 @@ impl AsyncRead for TrackedStream {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.on_read(Instant::now());
+            this.activity
+                .on_read(Instant::now(), buf.filled().len() - before);
         }
         result
     }
@@ -215,6 +262,7 @@ mod tests {
         header: Duration::from_secs(10),
         idle: Duration::from_secs(60),
         io: Duration::from_secs(30),
+        min_body_rate: 1000,
     };
 
     #[test]
@@ -232,9 +280,9 @@ mod tests {
     fn partial_request_expires_after_the_header_timeout() {
         let start = Instant::now();
         let a = Activity::new(start);
-        a.on_read(start + Duration::from_secs(1));
+        a.on_read(start + Duration::from_secs(1), 1);
         // A slow trickle of bytes does not extend the header deadline.
-        a.on_read(start + Duration::from_secs(9));
+        a.on_read(start + Duration::from_secs(9), 1);
         assert!(matches!(
             a.expired(start + Duration::from_secs(11), &T),
             Some(TimeoutKind::Header)
@@ -257,6 +305,34 @@ mod tests {
             a.expired(Instant::now() + Duration::from_secs(1), &T)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_body_that_trickles_in_is_cut_after_its_grace() {
+        let start = Instant::now();
+        let a = Rc::new(Activity::new(start));
+        let _request = a.begin_request();
+        a.body_started(start);
+        // One byte every 9 s keeps the I/O timeout happy, but not the rate.
+        for s in (9..100).step_by(9) {
+            a.on_read(start + Duration::from_secs(s), 1);
+            let now = start + Duration::from_secs(s);
+            if s <= 10 {
+                assert!(a.expired(now, &T).is_none(), "within the grace at {s}s");
+            }
+        }
+        assert!(matches!(
+            a.expired(start + Duration::from_secs(99), &T),
+            Some(TimeoutKind::Body)
+        ));
+        // A body at the rate passes.
+        let b = Rc::new(Activity::new(start));
+        let _request = b.begin_request();
+        b.body_started(start);
+        b.on_read(start + Duration::from_secs(20), 20_000);
+        assert!(b.expired(start + Duration::from_secs(20), &T).is_none());
+        b.body_ended();
+        assert!(b.expired(start + Duration::from_secs(29), &T).is_none());
     }
 
     #[test]

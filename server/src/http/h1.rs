@@ -8,8 +8,18 @@
 //!
 //! The engine speaks what the shard API needs: keep-alive and pipelined requests,
 //! Content-Length and chunked request bodies, `Expect: 100-continue`, HTTP/1.0 clients.
-//! Malformed requests get a 400 (431 for oversized heads, 501 for unknown transfer codings)
-//! and a closed connection.
+//! Framing is strict (RFC 9112): a chunk size is hex digits and nothing else before its
+//! extensions, every line of a chunked body ends in CRLF, trailers are bounded, a transfer
+//! coding other than `chunked` is refused with 501, and an HTTP/1.1 request without
+//! exactly one Host is refused. Malformed requests get a 400 (431 for oversized heads) and
+//! a closed connection.
+//!
+//! Parsing is linear in the bytes received, whatever the client's pacing: the read buffer
+//! has a cursor (consumed bytes are skipped, not moved, and the rest is moved down only
+//! when that is paid for by what was consumed), the end of a head is searched for only in
+//! bytes that arrived since the last search, and the full head is parsed once it is there
+//! (plus at doubling sizes on the way, so that garbage is refused early). A body with a
+//! declared length is read from the socket straight into its record buffer.
 
 use std::{cell::Cell, io, rc::Rc, time::Instant};
 
@@ -24,25 +34,38 @@ use monoio::{
 use super::{
     CoreContext,
     conn::Activity,
-    service::{self, DISCARD_LIMIT, Reply, RequestBody, ZeroCopy},
+    service::{self, BodyError, CloseConnection, DISCARD_LIMIT, Reply, RequestBody, ZeroCopy},
     splice::{self, SplicePipe},
 };
-use crate::metrics;
+use crate::{budget::BodyPermit, metrics, store::PendingRecord};
 
 /// Request line and headers together may not exceed this; beyond it the answer is 431.
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 64;
-/// Room asked for on every socket read.
+/// Every connection's read buffer starts this small; a head or chunked body that needs
+/// more grows it (up to `READ_SIZE`, or `MAX_HEAD` for a head), paying the growth from the
+/// body budget, and it shrinks back when the connection goes idle. Ten thousand idle
+/// keep-alive connections then hold 40 MiB, not 640.
+const INITIAL_BUF: usize = 4 * 1024;
+/// Room asked for on every socket read once a buffer is in use for a body.
 const READ_SIZE: usize = 64 * 1024;
+/// A read is worth its system call only with this much room; with less, the buffer is
+/// compacted or grown first.
+const MIN_READ: usize = 1024;
 /// Longest chunk-size or trailer line accepted in a chunked body.
 const MAX_LINE: usize = 4096;
+/// Trailer fields accepted after a chunked body (they are read and dropped).
+const MAX_TRAILERS: usize = 32;
+/// How long, and how much, a refused client's remaining input is read and dropped.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
 /// Bodies up to this size are copied after the head into one write; larger ones go out
 /// as a second iovec of the same writev, without a copy.
 const INLINE_BODY: usize = 16 * 1024;
 /// Why a body read fails when the client goes away.
 const CLOSED_MID_BODY: &str = "the connection closed before the body ended";
 /// What every HTTP/2 connection starts with; no HTTP/1 method begins like it.
-const H2_PREFACE_START: &[u8] = b"PRI ";
+pub const H2_PREFACE_START: &[u8] = b"PRI ";
 
 /// How a connection served by the engine ended.
 pub enum Ended {
@@ -53,10 +76,74 @@ pub enum Ended {
     Http2(TcpStream, Vec<u8>),
 }
 
+/// Bytes read from the socket: `data[start..]` is not consumed yet.
+struct ReadBuf {
+    data: Vec<u8>,
+    start: usize,
+}
+
+impl ReadBuf {
+    fn new() -> Self {
+        Self {
+            data: Vec::with_capacity(INITIAL_BUF),
+            start: 0,
+        }
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.data[self.start..]
+    }
+
+    fn len(&self) -> usize {
+        self.data.len() - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Marks `n` bytes as consumed: O(1).
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        debug_assert!(self.start <= self.data.len());
+        if self.start == self.data.len() {
+            self.data.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Makes at least `want` bytes of room after the unread bytes without exceeding
+    /// `limit` bytes of allocation: moves the unread bytes down when at least as many have
+    /// been consumed (so each byte moves at most once per byte consumed before it), grows
+    /// the allocation otherwise. Returns the room there is (zero when `limit` is reached
+    /// with the buffer full of unread bytes).
+    fn make_room(&mut self, want: usize, limit: usize) -> usize {
+        let free = self.data.capacity() - self.data.len();
+        if free >= want {
+            return free;
+        }
+        if self.start > 0 && self.start >= self.len() {
+            self.data.drain(..self.start);
+            self.start = 0;
+        }
+        let free = self.data.capacity() - self.data.len();
+        if free < want && self.data.capacity() < limit {
+            // Doubling keeps the copies of a growing head linear.
+            let target = (self.data.len() + want)
+                .max(2 * self.data.capacity())
+                .min(limit);
+            self.data.reserve_exact(target - self.data.len());
+        }
+        self.data.capacity() - self.data.len()
+    }
+}
+
 struct Conn<'a> {
     stream: TcpStream,
-    /// Bytes read from the socket and not consumed yet.
-    buf: Vec<u8>,
+    buf: ReadBuf,
+    /// Pays for `buf` beyond `INITIAL_BUF`.
+    buf_permit: Option<BodyPermit>,
+    ctx: &'a CoreContext,
     activity: &'a Activity,
     /// Send replies marked zero-copy by splicing (see `splice`).
     zero_copy: bool,
@@ -81,6 +168,10 @@ impl Refusal {
     fn new(status: StatusCode, message: &'static str) -> Self {
         Self { status, message }
     }
+
+    fn bad(message: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
 }
 
 /// Serves HTTP/1.1 requests on `stream` until the client leaves, an error or a shutdown
@@ -93,20 +184,24 @@ pub async fn serve(
 ) -> io::Result<Ended> {
     let mut conn = Conn {
         stream,
-        buf: Vec::with_capacity(READ_SIZE),
+        buf: ReadBuf::new(),
+        buf_permit: None,
+        ctx,
         activity,
         zero_copy: ctx.node.http.zero_copy,
         pipe: None,
     };
 
     // Tell HTTP/2 with prior knowledge from HTTP/1 by the first bytes.
-    while conn.buf.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(&conn.buf) {
-        if conn.fill().await? == 0 {
+    while conn.buf.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(conn.buf.unread())
+    {
+        if conn.fill(INITIAL_BUF).await? == 0 {
             return Ok(Ended::Closed);
         }
     }
-    if conn.buf.starts_with(H2_PREFACE_START) {
-        return Ok(Ended::Http2(conn.stream, conn.buf));
+    if conn.buf.unread().starts_with(H2_PREFACE_START) {
+        let replay = conn.buf.unread().to_vec();
+        return Ok(Ended::Http2(conn.stream, replay));
     }
 
     loop {
@@ -131,10 +226,17 @@ pub async fn serve(
             !head.http10 && framing.has_body() && expects_continue(&head.headers);
         let mut body = Body::new(&mut conn, framing, expects_continue);
         let reply = service::respond(ctx, &head.method, &head.path, &head.headers, &mut body).await;
-        // A small body the service did not read is skipped so that the connection can
-        // carry the next request; otherwise the stream is mid-message and must close.
-        service::drain(&mut body, DISCARD_LIMIT).await;
-        keep_alive &= body.is_finished();
+        if reply.extensions().get::<CloseConnection>().is_some() {
+            // The node will not read this body (it has no memory for it): answer and
+            // close, without inviting or draining anything.
+            keep_alive = false;
+        } else {
+            // A small body the service did not read is skipped so that the connection can
+            // carry the next request; otherwise the stream is mid-message and must close.
+            service::drain(&mut body, DISCARD_LIMIT).await;
+            keep_alive &= body.is_finished();
+        }
+        drop(body);
         keep_alive &= !closing.get();
         conn.write_reply(head.method == Method::HEAD, reply, keep_alive)
             .await?;
@@ -143,61 +245,122 @@ pub async fn serve(
             let _ = conn.stream.shutdown().await;
             return Ok(Ended::Closed);
         }
+        conn.shrink_when_idle();
     }
 }
 
 impl Conn<'_> {
-    /// Reads more bytes from the socket into `buf`; 0 at end of stream.
-    async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
-            self.buf.reserve(READ_SIZE);
+    /// Reads more bytes from the socket into the buffer, which may grow to `limit`
+    /// bytes (paid from the body budget beyond `INITIAL_BUF`); 0 at end of stream. An
+    /// error if the buffer is full of unread bytes at `limit`, or the budget is spent.
+    /// Heads read into whatever room the buffer has (`MIN_READ` at least); bodies ask
+    /// for larger reads, so a chunked body grows the buffer.
+    async fn fill(&mut self, limit: usize) -> io::Result<usize> {
+        let want = if limit > MAX_LINE + 2 && limit != MAX_HEAD {
+            (limit / 4).clamp(MIN_READ, READ_SIZE)
+        } else {
+            MIN_READ.min(limit)
+        };
+        let before = self.buf.data.capacity();
+        let room = self.buf.make_room(want, limit);
+        let capacity = self.buf.data.capacity();
+        if capacity > before && capacity > INITIAL_BUF {
+            let paid = match &mut self.buf_permit {
+                Some(permit) => permit.grow_to(capacity as u64),
+                None => match self.ctx.node.budget.try_take(capacity as u64) {
+                    Some(permit) => {
+                        self.buf_permit = Some(permit);
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if !paid {
+                return Err(io::Error::other(
+                    "no body budget left for this connection's read buffer",
+                ));
+            }
         }
-        let (filled, capacity) = (self.buf.len(), self.buf.capacity());
-        let buf = std::mem::take(&mut self.buf);
-        let (result, slice) = self.stream.read(buf.slice_mut(filled..capacity)).await;
-        self.buf = slice.into_inner();
+        if room == 0 {
+            return Err(io::Error::other("read buffer full"));
+        }
+        let filled = self.buf.data.len();
+        let data = std::mem::take(&mut self.buf.data);
+        let (result, slice) = self.stream.read(data.slice_mut(filled..capacity)).await;
+        self.buf.data = slice.into_inner();
         let n = result?;
         if n > 0 {
-            self.activity.on_read(Instant::now());
+            self.activity.on_read(Instant::now(), n);
         }
         Ok(n)
     }
 
+    /// Between requests: a buffer that grew for a big head or a chunked body goes back
+    /// to its first size, and its budget with it.
+    fn shrink_when_idle(&mut self) {
+        if self.buf.data.capacity() > INITIAL_BUF && self.buf.len() <= INITIAL_BUF {
+            let mut small = Vec::with_capacity(INITIAL_BUF);
+            small.extend_from_slice(self.buf.unread());
+            self.buf = ReadBuf {
+                data: small,
+                start: 0,
+            };
+            self.buf_permit = None;
+        }
+    }
+
     /// The next request's head: `None` if the client closed between requests.
     async fn read_head(&mut self) -> io::Result<Option<Result<Head, Refusal>>> {
+        // Bytes of the unread part already searched for the end of the head.
+        let mut scanned = 0;
+        // Partial parses happen at doubling sizes only, so that garbage is refused early
+        // while a head that trickles in byte by byte costs linear time.
+        let mut next_probe = 512;
         loop {
-            if !self.buf.is_empty() {
+            let unread = self.buf.unread();
+            if let Some(end) = head_end(unread, scanned) {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let mut request = httparse::Request::new(&mut headers);
-                match request.parse(&self.buf) {
+                let parsed = request.parse(&unread[..end]);
+                let result = match parsed {
                     Ok(httparse::Status::Complete(len)) => {
                         let head = Head::parse(&request);
-                        self.buf.drain(..len);
+                        self.buf.consume(len);
                         return Ok(Some(head));
                     }
-                    Ok(httparse::Status::Partial) if self.buf.len() >= MAX_HEAD => {
-                        return Ok(Some(Err(Refusal::new(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            "request head too large\n",
-                        ))));
-                    }
-                    Ok(httparse::Status::Partial) => {}
-                    Err(httparse::Error::TooManyHeaders) => {
-                        return Ok(Some(Err(Refusal::new(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            "too many headers\n",
-                        ))));
-                    }
-                    Err(_) => {
-                        return Ok(Some(Err(Refusal::new(
-                            StatusCode::BAD_REQUEST,
-                            "malformed request\n",
-                        ))));
-                    }
-                }
+                    Ok(httparse::Status::Partial) => Err(Refusal::bad("malformed request\n")),
+                    Err(e) => Err(refusal_for(e)),
+                };
+                return Ok(Some(result));
             }
-            if self.fill().await? == 0 {
-                return Ok(None);
+            scanned = unread.len();
+            if unread.len() >= MAX_HEAD {
+                return Ok(Some(Err(Refusal::new(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head too large\n",
+                ))));
+            }
+            if unread.len() >= next_probe {
+                next_probe = unread.len() * 2;
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                if let Err(e) = httparse::Request::new(&mut headers).parse(unread) {
+                    return Ok(Some(Err(refusal_for(e))));
+                }
+            } else if !unread.is_empty() && unread.len() < 16 && !starts_like_a_method(unread) {
+                return Ok(Some(Err(Refusal::bad("malformed request\n"))));
+            }
+            match self.fill(MAX_HEAD).await {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                // The client closed in the middle of a head: nothing to answer.
+                Ok(0) => return Ok(None),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Other => {
+                    return Ok(Some(Err(Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no memory for this request head now\n",
+                    ))));
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -218,6 +381,28 @@ impl Conn<'_> {
         );
         let _ = self.write_reply(false, reply, false).await;
         let _ = self.stream.shutdown().await;
+        self.linger().await;
+    }
+
+    /// After a refusal: closing a socket with unread input makes the kernel send a reset,
+    /// which can destroy the reply before the client reads it (a client still sending an
+    /// oversized head, say). So what the client still sends is read and dropped, into the
+    /// buffer the connection has, until it closes, or for `LINGER_TIME` and `LINGER_BYTES`
+    /// at most (nginx's lingering close).
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            self.buf.consume(self.buf.len());
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return;
+            };
+            let limit = self.buf.data.capacity().max(INITIAL_BUF);
+            match monoio::time::timeout(left, self.fill(limit)).await {
+                Ok(Ok(n)) if n > 0 => discarded += n,
+                _ => return,
+            }
+        }
     }
 
     /// Writes a reply: the head, then the body without copying it when it is large.
@@ -243,6 +428,10 @@ impl Conn<'_> {
         out.extend_from_slice(b"\r\n");
         let mut has_length = false;
         for (name, value) in &parts.headers {
+            // The engine decides whether the connection stays open, and says so below.
+            if name == header::CONNECTION {
+                continue;
+            }
             if name == header::CONTENT_LENGTH {
                 // HEAD replies carry the length of the body a GET would have sent.
                 if !head_only {
@@ -266,14 +455,17 @@ impl Conn<'_> {
         }
         out.extend_from_slice(b"\r\n");
 
+        let m = self.ctx.metrics();
         let result = match body {
             Some(body) if body.len() > INLINE_BODY && spliceable && self.zero_copy => {
                 self.splice_reply(out, body).await
             }
             Some(body) if body.len() > INLINE_BODY => {
+                metrics::add(&m.bodies_writev, 1);
                 self.write_head_and_body(HeadAndBody::new(out, body)).await
             }
             Some(body) => {
+                metrics::add(&m.bodies_inline, 1);
                 out.extend_from_slice(&body);
                 self.stream.write_all(out).await.0.map(drop)
             }
@@ -288,15 +480,20 @@ impl Conn<'_> {
     async fn splice_reply(&mut self, head: Vec<u8>, body: Bytes) -> io::Result<()> {
         if self.pipe.is_none() {
             match SplicePipe::new() {
-                Ok(pipe) => self.pipe = Some(pipe),
+                Ok(pipe) => {
+                    tracing::debug!(capacity = pipe.capacity(), "a pipe for spliced replies");
+                    self.pipe = Some(pipe);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "no pipe for zero-copy replies; copying");
                     self.zero_copy = false;
+                    metrics::add(&self.ctx.metrics().bodies_writev, 1);
                     return self.write_head_and_body(HeadAndBody::new(head, body)).await;
                 }
             }
         }
         let pipe = self.pipe.as_ref().expect("made above");
+        metrics::add(&self.ctx.metrics().bodies_spliced, 1);
         splice::send(&self.stream, pipe, &head, &body, self.activity).await
     }
 
@@ -316,25 +513,47 @@ impl Conn<'_> {
         }
         Ok(())
     }
+}
 
-    /// Takes the first `n` buffered bytes as an owned buffer, without a copy when they are
-    /// all there is.
-    fn take_front(&mut self, n: usize) -> Bytes {
-        if n == self.buf.len() {
-            return Bytes::from(std::mem::replace(
-                &mut self.buf,
-                Vec::with_capacity(READ_SIZE),
-            ));
+/// Where the head ends (just past its blank line) in `buf`, searching only from `from`
+/// (less the three bytes a terminator could straddle). A bare LF ends a line too, as
+/// httparse accepts (RFC 9112 section 2.2 allows it in heads).
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let mut i = start;
+    while let Some(offset) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + offset;
+        let blank = (nl >= 1 && buf[nl - 1] == b'\n')
+            || (nl >= 2 && buf[nl - 1] == b'\r' && buf[nl - 2] == b'\n');
+        if blank {
+            return Some(nl + 1);
         }
-        let front = Bytes::copy_from_slice(&self.buf[..n]);
-        self.buf.drain(..n);
-        front
+        i = nl + 1;
+    }
+    None
+}
+
+/// True if `bytes` could be the start of a request line (a token of method characters).
+fn starts_like_a_method(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .take_while(|&&b| b != b' ')
+        .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'_')
+}
+
+fn refusal_for(e: httparse::Error) -> Refusal {
+    match e {
+        httparse::Error::TooManyHeaders => Refusal::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "too many headers\n",
+        ),
+        _ => Refusal::bad("malformed request\n"),
     }
 }
 
 impl Head {
     fn parse(request: &httparse::Request<'_, '_>) -> Result<Head, Refusal> {
-        let bad = |message| Refusal::new(StatusCode::BAD_REQUEST, message);
+        let bad = Refusal::bad;
         let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
             .map_err(|_| bad("bad method\n"))?;
         let target: http::Uri = request
@@ -349,10 +568,16 @@ impl Head {
             let value = HeaderValue::from_bytes(h.value).map_err(|_| bad("bad header value\n"))?;
             headers.append(name, value);
         }
+        let http10 = request.version == Some(0);
+        // RFC 9112 section 3.2: an HTTP/1.1 request has exactly one Host.
+        let hosts = headers.get_all(header::HOST).iter().count();
+        if (!http10 && hosts == 0) || hosts > 1 {
+            return Err(bad("an HTTP/1.1 request needs exactly one Host header\n"));
+        }
         Ok(Head {
             method,
             path: target.path().to_owned(),
-            http10: request.version == Some(0),
+            http10,
             headers,
         })
     }
@@ -392,31 +617,39 @@ enum Framing {
 
 impl Framing {
     fn of(head: &Head) -> Result<Framing, Refusal> {
-        let bad = |message| Refusal::new(StatusCode::BAD_REQUEST, message);
-        let codings: Vec<String> = head
-            .headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .map(|v| v.to_str().map(|s| s.to_ascii_lowercase()))
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad("bad transfer-encoding\n"))?;
+        let bad = Refusal::bad;
+        let mut codings = Vec::new();
+        for value in head.headers.get_all(header::TRANSFER_ENCODING) {
+            let value = value.to_str().map_err(|_| bad("bad transfer-encoding\n"))?;
+            codings.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_ascii_lowercase),
+            );
+        }
         let lengths = head.headers.get_all(header::CONTENT_LENGTH);
-        if !codings.is_empty() {
+        if head.headers.contains_key(header::TRANSFER_ENCODING) {
             // Both headers at once is how requests are smuggled past proxies.
             if lengths.iter().next().is_some() {
                 return Err(bad("both transfer-encoding and content-length\n"));
             }
-            let last = codings
-                .iter()
-                .flat_map(|c| c.split(','))
-                .map(str::trim)
-                .rfind(|c| !c.is_empty());
-            return match last {
-                Some("chunked") if !head.http10 => Ok(Framing::Chunked),
-                _ => Err(Refusal::new(
+            // The node decodes no coding but chunked: anything else, alone or stacked
+            // under chunked, would be stored still encoded (RFC 9112 section 6.1: 501).
+            if codings.iter().any(|c| c != "chunked") {
+                return Err(Refusal::new(
                     StatusCode::NOT_IMPLEMENTED,
                     "unsupported transfer-encoding\n",
-                )),
+                ));
+            }
+            if head.http10 {
+                return Err(bad("transfer-encoding in an HTTP/1.0 request\n"));
+            }
+            // Chunked exactly once (applying it twice is forbidden).
+            return match codings.len() {
+                1 => Ok(Framing::Chunked),
+                _ => Err(bad("bad transfer-encoding\n")),
             };
         }
         let mut length = None;
@@ -445,6 +678,26 @@ impl Framing {
     }
 }
 
+/// Parses a chunk-size line (without its CRLF): one to sixteen hex digits, then either
+/// nothing or chunk extensions, which may be preceded by spaces or tabs (RFC 9112 section
+/// 7.1.1: `chunk-size [ chunk-ext ]`, `chunk-ext = *( BWS ";" ... )`). No sign, no
+/// leading space, no `0x`.
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let after_space = rest.iter().position(|&b| b != b' ' && b != b'\t');
+    match after_space {
+        None if rest.is_empty() => {}
+        Some(i) if rest[i] == b';' => {}
+        _ => return None,
+    }
+    let text = std::str::from_utf8(&line[..digits]).ok()?;
+    u64::from_str_radix(text, 16).ok()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     /// Expecting a chunk-size line.
@@ -464,9 +717,20 @@ struct Body<'c, 'a> {
     /// Bytes left in the body (Content-Length) or in the current chunk.
     remaining: u64,
     chunk: ChunkState,
+    trailers: usize,
     continue_pending: bool,
+    /// The watchdog is counting this body's bytes (see `Activity::body_started`).
+    receiving: bool,
     finished: bool,
     failed: bool,
+}
+
+impl Drop for Body<'_, '_> {
+    fn drop(&mut self) {
+        if self.receiving {
+            self.conn.activity.body_ended();
+        }
+    }
 }
 
 impl<'c, 'a> Body<'c, 'a> {
@@ -481,7 +745,9 @@ impl<'c, 'a> Body<'c, 'a> {
             framing,
             remaining,
             chunk: ChunkState::Size,
+            trailers: 0,
             continue_pending,
+            receiving: false,
             finished: !framing.has_body(),
             failed: false,
         }
@@ -491,47 +757,81 @@ impl<'c, 'a> Body<'c, 'a> {
         self.finished && !self.failed
     }
 
+    /// Before the first byte of the body is read: invites the body if the client waits
+    /// for that, and starts the watchdog's rate count.
+    async fn begin(&mut self) -> Result<(), String> {
+        if self.continue_pending {
+            self.continue_pending = false;
+            let (result, _) = self
+                .conn
+                .stream
+                .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
+                .await;
+            result.map_err(|e| e.to_string())?;
+        }
+        if !self.receiving {
+            self.receiving = true;
+            self.conn.activity.body_started(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Fills the buffer if it is empty; an error at end of stream.
+    async fn fill_some(&mut self, limit: usize) -> Result<(), String> {
+        if self.conn.buf.is_empty() && self.conn.fill(limit).await.map_err(|e| e.to_string())? == 0
+        {
+            return Err(CLOSED_MID_BODY.into());
+        }
+        Ok(())
+    }
+
     /// The next bytes of the body (Content-Length) or of the current chunk: whatever is
     /// buffered, up to what `remaining` allows, reading from the socket if nothing is.
     async fn take_remaining(&mut self) -> Result<Bytes, String> {
-        if self.conn.buf.is_empty() && self.conn.fill().await.map_err(|e| e.to_string())? == 0 {
-            return Err(CLOSED_MID_BODY.into());
-        }
+        self.fill_some(READ_SIZE).await?;
         let n = (self.conn.buf.len() as u64).min(self.remaining) as usize;
         self.remaining -= n as u64;
-        Ok(self.conn.take_front(n))
+        let bytes = Bytes::copy_from_slice(&self.conn.buf.unread()[..n]);
+        self.conn.buf.consume(n);
+        Ok(bytes)
     }
 
-    /// Reads one CRLF-terminated line of a chunked body, without its CRLF.
+    /// Reads one CRLF-terminated line of a chunked body, without its CRLF. A bare LF is
+    /// not a line end here: inside a body it is how requests get smuggled.
     async fn line(&mut self) -> Result<Vec<u8>, String> {
+        let mut scanned: usize = 0;
         loop {
-            if let Some(end) = self.conn.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = self.conn.buf[..end].to_vec();
-                self.conn.buf.drain(..end + 2);
+            let unread = self.conn.buf.unread();
+            let from = scanned.saturating_sub(1);
+            if let Some(end) = unread[from..].windows(2).position(|w| w == b"\r\n") {
+                let end = from + end;
+                let line = unread[..end].to_vec();
+                self.conn.buf.consume(end + 2);
                 return Ok(line);
             }
-            if self.conn.buf.len() > MAX_LINE {
+            scanned = unread.len();
+            if scanned > MAX_LINE {
                 return Err("chunked body line too long".into());
             }
-            if self.conn.fill().await.map_err(|e| e.to_string())? == 0 {
+            if self
+                .conn
+                .fill(MAX_LINE + 2)
+                .await
+                .map_err(|e| e.to_string())?
+                == 0
+            {
                 return Err(CLOSED_MID_BODY.into());
             }
         }
     }
 
-    async fn next_chunked(&mut self) -> Result<Option<Bytes>, String> {
+    /// Moves the framing on to the next chunk's data; false at the end of the body.
+    async fn next_chunk_data(&mut self) -> Result<bool, String> {
         loop {
             match self.chunk {
                 ChunkState::Size => {
                     let line = self.line().await?;
-                    let size = line.split(|&b| b == b';').next().unwrap_or_default();
-                    let size = std::str::from_utf8(size)
-                        .ok()
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty() && s.len() <= 16);
-                    let size = size
-                        .and_then(|s| u64::from_str_radix(s, 16).ok())
-                        .ok_or("bad chunk size")?;
+                    let size = parse_chunk_size(&line).ok_or("bad chunk size")?;
                     if size == 0 {
                         self.chunk = ChunkState::Trailers;
                     } else {
@@ -539,13 +839,8 @@ impl<'c, 'a> Body<'c, 'a> {
                         self.chunk = ChunkState::Data;
                     }
                 }
-                ChunkState::Data => {
-                    let bytes = self.take_remaining().await?;
-                    if self.remaining == 0 {
-                        self.chunk = ChunkState::DataEnd;
-                    }
-                    return Ok(Some(bytes));
-                }
+                ChunkState::Data if self.remaining == 0 => self.chunk = ChunkState::DataEnd,
+                ChunkState::Data => return Ok(true),
                 ChunkState::DataEnd => {
                     if !self.line().await?.is_empty() {
                         return Err("chunk data longer than its size".into());
@@ -554,11 +849,32 @@ impl<'c, 'a> Body<'c, 'a> {
                 }
                 ChunkState::Trailers => {
                     if self.line().await?.is_empty() {
-                        return Ok(None);
+                        return Ok(false);
+                    }
+                    self.trailers += 1;
+                    if self.trailers > MAX_TRAILERS {
+                        return Err("too many trailer fields".into());
                     }
                 }
             }
         }
+    }
+
+    /// Moves buffered body bytes (no more than the body or chunk has left) into `record`.
+    fn copy_buffered(&mut self, record: &mut PendingRecord) -> Result<usize, BodyError> {
+        let n = (self.conn.buf.len() as u64).min(self.remaining) as usize;
+        record
+            .push(&self.conn.buf.unread()[..n])
+            .map_err(BodyError::Full)?;
+        self.conn.buf.consume(n);
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+
+    fn fail(&mut self, e: String) -> String {
+        self.failed = true;
+        self.finished = true;
+        e
     }
 }
 
@@ -578,22 +894,17 @@ impl RequestBody for Body<'_, '_> {
         if self.finished {
             return None;
         }
-        if self.continue_pending {
-            self.continue_pending = false;
-            let (result, _) = self
-                .conn
-                .stream
-                .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-                .await;
-            if let Err(e) = result {
-                self.failed = true;
-                return Some(Err(e.to_string()));
-            }
+        if let Err(e) = self.begin().await {
+            return Some(Err(self.fail(e)));
         }
         let next = match self.framing {
             Framing::Length(_) if self.remaining == 0 => Ok(None),
             Framing::Length(_) => self.take_remaining().await.map(Some),
-            Framing::Chunked => self.next_chunked().await,
+            Framing::Chunked => match self.next_chunk_data().await {
+                Ok(true) => self.take_remaining().await.map(Some),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            },
         };
         match next {
             Ok(Some(bytes)) => Some(Ok(bytes)),
@@ -601,11 +912,60 @@ impl RequestBody for Body<'_, '_> {
                 self.finished = true;
                 None
             }
-            Err(e) => {
-                self.failed = true;
-                self.finished = true;
-                Some(Err(e))
+            Err(e) => Some(Err(self.fail(e))),
+        }
+    }
+
+    /// Buffered bytes are copied into the record; the rest of a chunk or of a declared
+    /// length is read from the socket straight into the record's buffer.
+    async fn read_into(&mut self, record: &mut PendingRecord) -> Result<usize, BodyError> {
+        if self.finished {
+            return Ok(0);
+        }
+        self.begin()
+            .await
+            .map_err(|e| BodyError::Broken(self.fail(e)))?;
+        if self.framing == Framing::Chunked {
+            match self.next_chunk_data().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.finished = true;
+                    return Ok(0);
+                }
+                Err(e) => return Err(BodyError::Broken(self.fail(e))),
             }
+        } else if self.remaining == 0 {
+            self.finished = true;
+            return Ok(0);
+        }
+        if !self.conn.buf.is_empty() {
+            return self.copy_buffered(record);
+        }
+        let want = (self.remaining.min(READ_SIZE as u64 * 16) as usize).min(record.spare());
+        if want == 0 {
+            // No room left in the record (a chunked body outgrew it): read into the
+            // connection's buffer and copy, which grows the record (or refuses).
+            self.fill_some(READ_SIZE)
+                .await
+                .map_err(|e| BodyError::Broken(self.fail(e)))?;
+            return self.copy_buffered(record);
+        }
+        let buf = record.lend();
+        let from = buf.len();
+        let (result, slice) = self
+            .conn
+            .stream
+            .read(buf.slice_mut(from..from + want))
+            .await;
+        record.filled(slice.into_inner(), from);
+        match result {
+            Ok(0) => Err(BodyError::Broken(self.fail(CLOSED_MID_BODY.into()))),
+            Ok(n) => {
+                self.conn.activity.on_read(Instant::now(), n);
+                self.remaining -= n as u64;
+                Ok(n)
+            }
+            Err(e) => Err(BodyError::Broken(self.fail(e.to_string()))),
         }
     }
 }
@@ -677,5 +1037,67 @@ unsafe impl IoVecBuf for HeadAndBody {
 
     fn read_iovec_len(&self) -> usize {
         self.count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_hex_digits_only() {
+        assert_eq!(parse_chunk_size(b"1a"), Some(26));
+        assert_eq!(parse_chunk_size(b"5;name=value"), Some(5));
+        assert_eq!(parse_chunk_size(b"5 ;name"), Some(5));
+        assert_eq!(parse_chunk_size(b"0"), Some(0));
+        assert_eq!(parse_chunk_size(b"ffffffffffffffff"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-5",
+            b" 5",
+            b"5 ",
+            b"0x5",
+            b"5 x",
+            b"zz",
+            b"1ffffffffffffffff",
+        ] {
+            assert_eq!(
+                parse_chunk_size(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_from_where_the_last_search_stopped() {
+        let head = b"GET / HTTP/1.1\r\nhost: x\r\n\r\nrest";
+        assert_eq!(head_end(head, 0), Some(27));
+        // Resuming inside the terminator still finds it.
+        assert_eq!(head_end(head, 26), Some(27));
+        assert_eq!(head_end(&head[..26], 0), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\nhost: x\n\nrest", 0), Some(24));
+    }
+
+    #[test]
+    fn the_read_cursor_moves_bytes_only_when_paid_for() {
+        let mut buf = ReadBuf::new();
+        buf.data.extend_from_slice(&[1u8; 3000]);
+        buf.consume(100);
+        // Few bytes consumed, many unread: grow instead of moving them.
+        let room = buf.make_room(2000, 16 * 1024);
+        assert!(room >= 2000);
+        assert_eq!(buf.start, 100);
+        buf.consume(2800);
+        let capacity = buf.data.capacity();
+        buf.data.resize(capacity, 2);
+        buf.consume(capacity / 2);
+        // Now more was consumed than is unread: moving is cheap and makes the room.
+        let unread = buf.unread().to_vec();
+        assert!(buf.make_room(1000, capacity) >= 1000);
+        assert_eq!(buf.start, 0);
+        assert_eq!(buf.unread(), &unread[..]);
     }
 }

@@ -21,12 +21,13 @@ use std::{
 
 use hyper_util::{rt::TokioIo, server::conn::auto};
 use monoio::{
-    io::{AsyncWriteRentExt, IntoPollIo},
+    io::{AsyncReadRent, AsyncWriteRentExt, IntoPollIo},
     net::{TcpListener, TcpStream},
 };
 
 use self::conn::{Activity, Timeouts, TrackedStream};
 use crate::{
+    budget::BodyBudget,
     config::{Http1Engine, HttpConfig},
     metrics::{CoreMetrics, Metrics},
     store::{CoreStore, Store},
@@ -37,6 +38,8 @@ pub struct Node {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub http: HttpConfig,
+    /// Memory for request bodies in flight, shared by all threads (see `budget`).
+    pub budget: Arc<BodyBudget>,
     pub shutdown_timeout: Duration,
     /// Set at SIGTERM: /health answers 503.
     draining: AtomicBool,
@@ -56,6 +59,7 @@ impl Node {
         Self {
             store,
             metrics,
+            budget: BodyBudget::new(http.max_body_memory),
             shutdown_timeout,
             draining: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -125,7 +129,12 @@ pub async fn serve_core(
     let setup = node
         .store
         .for_core(core)
-        .map_err(|e| format!("thread {core}: cannot open the store: {e}"))
+        .map_err(|e| {
+            format!(
+                "thread {core}: cannot open the store: {}",
+                crate::errors::Chain(&e)
+            )
+        })
         .and_then(|store| {
             TcpListener::from_std(listener)
                 .map(|l| (store, l))
@@ -184,6 +193,19 @@ pub async fn serve_core(
             "shutdown timeout: closing connections with requests in flight"
         );
     }
+    // Writes, deletes and evictions run in tasks the store owns; they finish even though
+    // nobody waits for their answers any more.
+    while ctx.store.owned_tasks() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if ctx.store.owned_tasks() > 0 {
+        tracing::warn!(
+            core,
+            tasks = ctx.store.owned_tasks(),
+            "shutdown timeout: store work left unfinished"
+        );
+        node.store.note_unfinished_work();
+    }
 }
 
 fn admit(ctx: &Rc<CoreContext>, stream: TcpStream) {
@@ -237,15 +259,47 @@ async fn serve_connection(ctx: &Rc<CoreContext>, stream: TcpStream) {
             .await;
             match ended {
                 Some(Ok(h1::Ended::Http2(stream, replay))) => {
-                    serve_hyper(ctx, stream, replay, &activity).await
+                    serve_hyper(ctx, stream, replay, &activity, true).await
                 }
                 Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
                 _ => {}
             }
         }
-        Http1Engine::Hyper => serve_hyper(ctx, stream, Vec::new(), &activity).await,
+        Http1Engine::Hyper => {
+            let sniffed = sniff_http2(stream);
+            let mut sniffed = std::pin::pin!(sniffed);
+            if let Some(Ok((stream, replay, http2))) =
+                supervise(ctx, &activity, sniffed.as_mut(), |_| true).await
+            {
+                serve_hyper(ctx, stream, replay, &activity, http2).await
+            }
+        }
     }
 }
+
+/// Reads the first bytes of a connection: HTTP/2 with prior knowledge starts with its
+/// preface, which no HTTP/1 method does. Returns the bytes read, to be replayed.
+async fn sniff_http2(mut stream: TcpStream) -> std::io::Result<(TcpStream, Vec<u8>, bool)> {
+    let mut seen = Vec::with_capacity(h1::H2_PREFACE_START.len());
+    while seen.len() < h1::H2_PREFACE_START.len() && h1::H2_PREFACE_START.starts_with(&seen) {
+        let want = h1::H2_PREFACE_START.len() - seen.len();
+        let (result, buf) = stream.read(Vec::with_capacity(want)).await;
+        if result? == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf);
+    }
+    let http2 = seen.starts_with(h1::H2_PREFACE_START);
+    Ok((stream, seen, http2))
+}
+
+/// The receive window of an HTTP/2 connection, and of each of its streams. It is what a
+/// peer may send before the node reads it, so each HTTP/2 connection reserves it from the
+/// body budget for its lifetime. 1 MiB covers the bandwidth-delay product of a 10 Gbit/s
+/// link at 800 us, several times a data centre's round trip.
+const H2_WINDOW: u32 = 1 << 20;
+/// Concurrent streams per HTTP/2 connection; they share the connection's window.
+const H2_STREAMS: u32 = 64;
 
 /// Serves a connection with hyper: HTTP/1.1, or HTTP/2 with prior knowledge. `replay`
 /// holds bytes already read from the stream.
@@ -254,7 +308,21 @@ async fn serve_hyper(
     stream: TcpStream,
     replay: Vec<u8>,
     activity: &Rc<Activity>,
+    http2: bool,
 ) {
+    // HTTP/2 flow control lets the peer send a whole window before the node reads a byte:
+    // the window is paid from the body budget, or the connection is refused.
+    let _window = if http2 {
+        match ctx.node.budget.try_take(u64::from(H2_WINDOW)) {
+            Some(permit) => Some(permit),
+            None => {
+                tracing::debug!("no body budget for another HTTP/2 connection; closing it");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let stream = match stream.into_poll_io() {
         Ok(stream) => stream,
         Err(e) => {
@@ -267,21 +335,27 @@ async fn serve_hyper(
         let ctx = ctx.clone();
         let activity = activity.clone();
         hyper::service::service_fn(move |req| {
-            service::handle(ctx.clone(), req, activity.begin_request())
+            service::handle(ctx.clone(), req, activity.begin_request(), activity.clone())
         })
     };
 
     let mut builder = auto::Builder::new(LocalExec);
-    builder.http1().keep_alive(true).max_buf_size(1 << 20);
-    // Flow-control windows sized for 128 KiB-4 MiB shards: the default 64 KiB window would
-    // cost a round trip per 64 KiB on every large GET or PUT.
+    builder = if http2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    // hyper's read buffer holds a request head and body bytes on their way to the
+    // service: a head is at most MAX_HEAD, bodies go on into budgeted records.
+    builder.http1().keep_alive(true).max_buf_size(h1::MAX_HEAD);
     builder
         .http2()
-        .max_concurrent_streams(256)
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(H2_STREAMS)
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
         .max_frame_size(256 << 10)
-        .max_send_buf_size(4 << 20);
+        .max_send_buf_size(H2_WINDOW as usize)
+        .max_header_list_size(h1::MAX_HEAD as u32);
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
     let ended = supervise(ctx, activity, conn.as_mut(), |conn| {
@@ -307,6 +381,7 @@ async fn supervise<F: Future>(
         header: ctx.node.http.header_timeout,
         idle: ctx.node.http.idle_timeout,
         io: ctx.node.http.io_timeout,
+        min_body_rate: ctx.node.http.min_body_rate,
     };
     let mut stop = ctx.stop.clone();
     let mut stopping = false;

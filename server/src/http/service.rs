@@ -15,11 +15,14 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use slapshot_core::{CRC_HEADER, ShardKey};
 
-use super::{CoreContext, conn::ActiveGuard};
+use super::{
+    CoreContext,
+    conn::{ActiveGuard, Activity},
+};
 use crate::{
     faults::{Fault, FaultSettings, Faults},
     metrics::{self, add},
-    store::{PendingRecord, PutOutcome, StoreError, Tier},
+    store::{PendingRecord, PutOutcome, RecordFull, StoreError, Tier},
 };
 
 /// Header telling which tier served a GET (memory or flash); for operators and tests.
@@ -69,20 +72,72 @@ pub trait RequestBody {
     fn awaiting_continue(&self) -> bool {
         false
     }
+
+    /// Reads the next part of the body into `record`: the bytes added, 0 at the end. The
+    /// native engine reads straight from the socket into the record's buffer.
+    async fn read_into(&mut self, record: &mut PendingRecord) -> Result<usize, BodyError> {
+        loop {
+            match self.next_chunk().await {
+                None => return Ok(0),
+                Some(Ok(data)) if data.is_empty() => continue,
+                Some(Ok(data)) => {
+                    record.push(&data).map_err(BodyError::Full)?;
+                    return Ok(data.len());
+                }
+                Some(Err(e)) => return Err(BodyError::Broken(e)),
+            }
+        }
+    }
 }
 
-/// hyper's request body (HTTP/2, and HTTP/1.1 with `--http1 hyper`).
-pub struct HyperBody(pub Incoming);
+/// Why a request body could not be read into its record.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The client broke off or broke the framing.
+    Broken(String),
+    /// The record cannot take more (too large, or over the body budget).
+    Full(RecordFull),
+}
+
+/// hyper's request body (HTTP/2, and HTTP/1.1 with `--http1 hyper`). It tells the
+/// connection's watchdog while it is being received, for the minimum body rate.
+pub struct HyperBody {
+    incoming: Incoming,
+    activity: Rc<Activity>,
+    started: bool,
+}
+
+impl HyperBody {
+    pub fn new(incoming: Incoming, activity: Rc<Activity>) -> Self {
+        Self {
+            incoming,
+            activity,
+            started: false,
+        }
+    }
+}
+
+impl Drop for HyperBody {
+    fn drop(&mut self) {
+        if self.started {
+            self.activity.body_ended();
+        }
+    }
+}
 
 impl RequestBody for HyperBody {
     fn size_hint(&self) -> (u64, Option<u64>) {
-        let hint = self.0.size_hint();
+        let hint = self.incoming.size_hint();
         (hint.lower(), hint.exact())
     }
 
     async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        if !self.started && !self.incoming.is_end_stream() {
+            self.started = true;
+            self.activity.body_started(Instant::now());
+        }
         loop {
-            match self.0.frame().await? {
+            match self.incoming.frame().await? {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
                         return Some(Ok(data));
@@ -100,11 +155,17 @@ impl RequestBody for HyperBody {
 #[derive(Debug, Clone, Copy)]
 pub struct ZeroCopy;
 
+/// Marks a reply after which the connection must close without reading the rest of the
+/// request (a body the node has no memory for).
+#[derive(Debug, Clone, Copy)]
+pub struct CloseConnection;
+
 /// Serves one request through hyper and counts it.
 pub async fn handle(
     ctx: Rc<CoreContext>,
     req: Request<Incoming>,
     in_progress: ActiveGuard,
+    activity: Rc<Activity>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let (parts, body) = req.into_parts();
     let response = respond(
@@ -112,7 +173,7 @@ pub async fn handle(
         &parts.method,
         parts.uri.path(),
         &parts.headers,
-        &mut HyperBody(body),
+        &mut HyperBody::new(body, activity),
     )
     .await;
     Ok(response.map(|data| ResponseBody {
@@ -186,10 +247,15 @@ async fn route<B: RequestBody>(
             }
         }
         (&Method::GET, "/metrics") => {
-            let body = ctx
-                .node
-                .metrics
-                .render(ctx.node.store.gauges(), ctx.node.is_draining());
+            let body = ctx.node.metrics.render(
+                ctx.node.store.gauges(),
+                crate::metrics::BodyGauges {
+                    used: ctx.node.budget.used(),
+                    limit: ctx.node.budget.limit(),
+                    refused: ctx.node.budget.refused(),
+                },
+                ctx.node.is_draining(),
+            );
             let mut reply = Response::new(Some(Bytes::from(body)));
             reply.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -269,8 +335,8 @@ async fn shard<B: RequestBody>(
         }
     };
     match *method {
-        Method::GET => get(ctx, key, true).await,
-        Method::HEAD => get(ctx, key, false).await,
+        Method::GET => get(ctx, key).await,
+        Method::HEAD => head(ctx, key).await,
         Method::PUT => put(ctx, key, headers, body).await,
         _ => delete(ctx, key).await,
     }
@@ -312,52 +378,73 @@ fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {
     let Some(token) = &ctx.node.http.token else {
         return true;
     };
-    let Some(given) = headers
+    headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-    else {
-        return false;
-    };
-    constant_time_eq(given, token.as_bytes())
+        .and_then(|v| bearer_token(v.as_bytes()))
+        .is_some_and(|given| token_matches(given, token.as_bytes()))
 }
 
-/// Compares without an early exit, so response timing does not reveal how much of a
-/// guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// The credentials of an `Authorization: Bearer TOKEN` header. Auth schemes are
+/// case-insensitive (RFC 9110 section 11.1), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
 }
 
-async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>, with_body: bool) -> Reply {
+/// Compares in constant time (`subtle`), so response timing does not reveal how much of a
+/// guessed token was right. Only the length can be told apart, which a token of a fixed,
+/// generated length does not give away.
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    given.ct_eq(token).into()
+}
+
+async fn get(ctx: &Rc<CoreContext>, key: ShardKey<'_>) -> Reply {
     let Some(shard) = ctx.store.get(key).await else {
         return text(StatusCode::NOT_FOUND, "shard not found\n");
     };
-    let len = shard.data.len();
-    let zero_copy = shard.zero_copy && with_body;
-    let mut reply = Response::new(with_body.then_some(shard.data));
+    let (crc, tier, zero_copy) = (shard.crc, shard.tier, shard.zero_copy);
+    let mut reply = Response::new(Some(shard.data));
     if zero_copy {
         reply.extensions_mut().insert(ZeroCopy);
     }
+    shard_headers(&mut reply, crc, tier);
+    reply
+}
+
+/// HEAD: the length and crc32 a GET would answer with, without reading the payload.
+async fn head(ctx: &Rc<CoreContext>, key: ShardKey<'_>) -> Reply {
+    let Some(info) = ctx.store.head(key).await else {
+        return text(StatusCode::NOT_FOUND, "shard not found\n");
+    };
+    let mut reply = Response::new(None);
+    shard_headers(&mut reply, info.crc, info.tier);
+    reply
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(info.len));
+    reply
+}
+
+fn shard_headers(reply: &mut Reply, crc: u32, tier: Tier) {
     let headers = reply.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(CRC_HEADER, HeaderValue::from(shard.crc));
+    headers.insert(CRC_HEADER, HeaderValue::from(crc));
     headers.insert(
         TIER_HEADER,
-        HeaderValue::from_static(if shard.tier == Tier::Memory {
+        HeaderValue::from_static(if tier == Tier::Memory {
             "memory"
         } else {
             "flash"
         }),
     );
-    if !with_body {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    reply
 }
 
 async fn put<B: RequestBody>(
@@ -390,18 +477,26 @@ async fn put<B: RequestBody>(
     if exact.is_some_and(|len| len > max) {
         return discard(too_large(max), body, drain_limit).await;
     }
-    let mut record = PendingRecord::new(key, lower.min(max) as usize);
-    while let Some(chunk) = body.next_chunk().await {
-        match chunk {
-            Ok(data) => {
-                if (record.payload_len() + data.len()) as u64 > max {
-                    return discard(too_large(max), body, drain_limit).await;
-                }
-                add(&ctx.metrics().request_bytes, data.len() as u64);
-                record.push(&data);
+    // The buffer is paid for from the body budget before it exists and before the client
+    // is invited to send (100 Continue goes out with the first read). A chunked body
+    // starts small and grows, paying as it goes.
+    let expected = exact.unwrap_or(lower.max(CHUNKED_START)).min(max);
+    let Some(mut record) =
+        PendingRecord::new(key, expected as usize, max as usize, &ctx.node.budget)
+    else {
+        return over_budget();
+    };
+    loop {
+        match body.read_into(&mut record).await {
+            Ok(0) => break,
+            Ok(n) => add(&ctx.metrics().request_bytes, n as u64),
+            Err(BodyError::Full(RecordFull::TooLarge)) => {
+                drop(record);
+                return discard(too_large(max), body, drain_limit).await;
             }
+            Err(BodyError::Full(RecordFull::OverBudget)) => return over_budget(),
             // The client closed or broke the stream before the body ended.
-            Err(e) => {
+            Err(BodyError::Broken(e)) => {
                 return text(
                     StatusCode::BAD_REQUEST,
                     format!("incomplete request body: {e}\n"),
@@ -438,7 +533,30 @@ fn store_unavailable(e: &StoreError) -> Reply {
         StoreError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    text(status, format!("store unavailable: {e}\n"))
+    text(
+        status,
+        format!("store unavailable: {}\n", crate::errors::Chain(e)),
+    )
+}
+
+/// Room a chunked body of unknown length starts with; it doubles as it arrives.
+const CHUNKED_START: u64 = 64 * 1024;
+
+/// The node has no memory for this body now: 503, and the connection is closed without
+/// reading what the client may still send.
+fn over_budget() -> Reply {
+    let mut reply = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "request bodies in flight exceed the node's memory budget; retry later\n",
+    );
+    reply
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    reply
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    reply.extensions_mut().insert(CloseConnection);
+    reply
 }
 
 fn too_large(max: u64) -> Reply {
@@ -474,12 +592,22 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, token_matches};
 
     #[test]
     fn token_comparison() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(token_matches(b"secret", b"secret"));
+        assert!(!token_matches(b"secret", b"secreT"));
+        assert!(!token_matches(b"secret", b"secret2"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer abc", "bearer abc", "BEARER  abc ", "bEaReR abc"] {
+            assert_eq!(bearer_token(value.as_bytes()), Some(&b"abc"[..]), "{value}");
+        }
+        for value in ["Basic abc", "Bearerabc", "Bearer ", "abc"] {
+            assert_eq!(bearer_token(value.as_bytes()), None, "{value}");
+        }
     }
 }

@@ -35,6 +35,8 @@ pub struct SplicePipe {
     read: OwnedFd,
     write: OwnedFd,
     capacity: usize,
+    /// The socket's file status flags, read once: nothing else changes them.
+    socket_flags: std::cell::Cell<Option<libc::c_int>>,
 }
 
 impl SplicePipe {
@@ -50,14 +52,30 @@ impl SplicePipe {
         // SAFETY: as above, for the other end.
         let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
         // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ only reads its integer argument.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
-        // If the kernel refuses the size, the default (64 KiB) works, in more rounds.
-        let capacity = if size > 0 { size as usize } else { 64 * 1024 };
+        let granted = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE) };
+        // The kernel may refuse (an unprivileged user past fs.pipe-user-pages-soft, or a
+        // lowered fs.pipe-max-size); the pipe then keeps whatever it was given, which past
+        // the soft limit is two pages, not the usual 64 KiB. Ask rather than assume.
+        let capacity = if granted > 0 {
+            granted
+        } else {
+            // SAFETY: fcntl on a descriptor we own; F_GETPIPE_SZ takes no argument.
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) }
+        };
+        if capacity <= 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Self {
             read,
             write,
-            capacity,
+            capacity: capacity as usize,
+            socket_flags: std::cell::Cell::new(None),
         })
+    }
+
+    /// Bytes the pipe holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
@@ -70,7 +88,14 @@ pub async fn send(
     activity: &Activity,
 ) -> io::Result<()> {
     let socket = stream.as_raw_fd();
-    let blocking_flags = flags(socket)?;
+    let blocking_flags = match pipe.socket_flags.get() {
+        Some(flags) => flags,
+        None => {
+            let read = flags(socket)?;
+            pipe.socket_flags.set(Some(read));
+            read
+        }
+    };
     let mut head = head;
     let mut sent = 0;
     while !head.is_empty() || sent < body.len() {
@@ -176,5 +201,18 @@ fn splice(pipe: RawFd, socket: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pipe_knows_the_size_it_was_given() {
+        let pipe = SplicePipe::new().unwrap();
+        // SAFETY: fcntl on a descriptor the pipe owns; F_GETPIPE_SZ takes no argument.
+        let actual = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        assert_eq!(pipe.capacity(), actual as usize);
     }
 }

@@ -18,7 +18,7 @@ use slapshot_core::ByteSize;
 use super::{
     StoreError,
     aligned::AlignedBuf,
-    format::{BLOCK_SIZE, Superblock},
+    format::{BLOCK_SIZE, METADATA_BLOCKS, Superblock, decode_quarantine, encode_quarantine},
 };
 
 /// Name of the preallocated store file inside `--data-dir`.
@@ -46,6 +46,23 @@ pub enum DirectIo {
     Off,
 }
 
+/// What an acknowledged write promises. See `--durability` and ARCHITECTURE.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Writes complete, then one fdatasync covers every write that completed before it
+    /// started; concurrent PUTs share it (group commit). Measured faster than `Dsync` under
+    /// concurrent PUTs on this kind of device (docs/PERFORMANCE.md).
+    #[default]
+    Group,
+    /// Every write goes through a descriptor opened with O_DSYNC: a FUA write where the
+    /// device supports FUA, a write followed by a cache flush where it does not.
+    Dsync,
+    /// No flushes: an acknowledged write has reached the device, not necessarily its
+    /// non-volatile media. For a pure cache that can lose everything on power failure.
+    None,
+}
+
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
     pub target: StoreTarget,
@@ -55,6 +72,7 @@ pub struct DeviceOptions {
     pub direct_io: DirectIo,
     /// Erase a store whose shape does not match instead of refusing to start.
     pub reformat: bool,
+    pub durability: Durability,
 }
 
 /// An open store device with a valid superblock.
@@ -65,6 +83,11 @@ pub struct Device {
     pub superblock: Superblock,
     /// True if the superblock was written just now (nothing to recover).
     pub formatted: bool,
+    /// The superblock's generation before this open incremented it: an index checkpoint
+    /// written in that generation describes the store exactly as it is now.
+    pub previous_generation: u64,
+    /// Regions listed in the quarantine block.
+    pub quarantined: Vec<u32>,
 }
 
 impl Device {
@@ -95,18 +118,21 @@ impl Device {
             }
         };
 
-        let region_count = requested.saturating_sub(BLOCK_SIZE as u64) / opts.region_size;
+        let metadata = METADATA_BLOCKS * BLOCK_SIZE as u64;
+        let region_count = requested.saturating_sub(metadata) / opts.region_size;
         let region_count =
             u32::try_from(region_count).map_err(|_| StoreError::TooManyRegions(region_count))?;
         let wanted = Superblock {
             region_size: opts.region_size,
             region_count,
             store_id: 0,
+            generation: 0,
         };
-        let len = BLOCK_SIZE as u64 + u64::from(region_count) * opts.region_size;
+        let len = metadata + u64::from(region_count) * opts.region_size;
 
         let is_data_dir = matches!(opts.target, StoreTarget::DataDir(_));
-        let (file, direct) = open_file(&path, is_data_dir, opts.direct_io)?;
+        let dsync = opts.durability == Durability::Dsync;
+        let (file, direct) = open_file(&path, is_data_dir, opts.direct_io, dsync)?;
         if is_data_dir {
             preallocate(&file, &path, len)?;
         }
@@ -126,7 +152,7 @@ impl Device {
             Err(source) => return Err(StoreError::Superblock { path, source }),
         };
 
-        let (superblock, formatted) = match existing {
+        let (mut superblock, formatted) = match existing {
             Some(sb)
                 if sb.region_size == wanted.region_size
                     && sb.region_count == wanted.region_count =>
@@ -141,25 +167,57 @@ impl Device {
                 });
             }
             _ => {
+                if is_data_dir && opts.durability != Durability::None {
+                    write_out(&file, &path, len)?;
+                }
                 let sb = Superblock {
                     store_id: random_u64(),
                     ..wanted
                 };
-                block.resize_zeroed(BLOCK_SIZE);
-                sb.encode(block.as_mut_slice());
-                file.write_all_at(block.as_slice(), 0)
+                // Superblock and an empty quarantine block in one write.
+                let mut blocks = AlignedBuf::zeroed(2 * BLOCK_SIZE);
+                sb.encode(blocks.as_mut_slice());
+                file.write_all_at(blocks.as_slice(), 0)
                     .map_err(StoreError::Io)?;
+                // The superblock, the file's size and allocation, and (below) its name in
+                // the directory are on stable storage before anything is acknowledged.
                 file.sync_all().map_err(StoreError::Io)?;
+                if let Some(dir) = path.parent().filter(|_| is_data_dir) {
+                    sync_directory(dir)?;
+                }
                 tracing::info!(path = %path.display(), regions = region_count, region_size = %ByteSize(opts.region_size), "formatted a new store");
                 (sb, true)
             }
         };
+
+        block.resize_zeroed(BLOCK_SIZE);
+        file.read_exact_at(block.as_mut_slice(), BLOCK_SIZE as u64)
+            .map_err(StoreError::Io)?;
+        let quarantined =
+            decode_quarantine(block.as_slice(), superblock.store_id).map_err(|source| {
+                StoreError::Superblock {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+
+        // A new generation, durable before anything else is written: a checkpoint left by
+        // an earlier generation no longer describes the store once this node writes.
+        let previous_generation = superblock.generation;
+        superblock.generation += 1;
+        block.resize_zeroed(BLOCK_SIZE);
+        superblock.encode(block.as_mut_slice());
+        file.write_all_at(block.as_slice(), 0)
+            .and_then(|()| file.sync_data())
+            .map_err(StoreError::Io)?;
         Ok(Self {
             path,
             file,
             direct,
             superblock,
             formatted,
+            previous_generation,
+            quarantined,
         })
     }
 
@@ -167,10 +225,21 @@ impl Device {
     pub fn region_offset(&self, region: u32) -> u64 {
         region_offset(self.superblock.region_size, region)
     }
+
+    /// Writes the quarantine list and waits until it is durable. This is a blocking call
+    /// on the caller's thread; it runs only after a device write failed, which is rare
+    /// and already slow.
+    pub fn write_quarantine(&self, regions: &[u32]) -> std::io::Result<()> {
+        let mut block = AlignedBuf::zeroed(BLOCK_SIZE);
+        encode_quarantine(block.as_mut_slice(), self.superblock.store_id, regions);
+        self.file
+            .write_all_at(block.as_slice(), BLOCK_SIZE as u64)?;
+        self.file.sync_data()
+    }
 }
 
 pub fn region_offset(region_size: u64, region: u32) -> u64 {
-    BLOCK_SIZE as u64 + u64::from(region) * region_size
+    METADATA_BLOCKS * BLOCK_SIZE as u64 + u64::from(region) * region_size
 }
 
 fn describe(region_size: u64, region_count: u32) -> String {
@@ -178,17 +247,24 @@ fn describe(region_size: u64, region_count: u32) -> String {
         "{} regions of {} ({} in all)",
         region_count,
         ByteSize(region_size),
-        ByteSize(BLOCK_SIZE as u64 + u64::from(region_count) * region_size)
+        ByteSize(METADATA_BLOCKS * BLOCK_SIZE as u64 + u64::from(region_count) * region_size)
     )
 }
 
-fn open_file(path: &Path, create: bool, mode: DirectIo) -> Result<(File, bool), StoreError> {
+fn open_file(
+    path: &Path,
+    create: bool,
+    mode: DirectIo,
+    dsync: bool,
+) -> Result<(File, bool), StoreError> {
     let open = |direct: bool| {
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(create);
+        let mut flags = if dsync { libc::O_DSYNC } else { 0 };
         if direct {
-            options.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
         }
+        options.custom_flags(flags);
         options.open(path)
     };
     let open_error = |source| StoreError::Open {
@@ -237,6 +313,55 @@ fn preallocate(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
         });
     }
     Ok(())
+}
+
+/// `fallocate` mode that allocates written, zeroed extents (Linux 6.17); older kernels and
+/// devices without a write-zeroes command refuse it.
+const FALLOC_FL_WRITE_ZEROES: libc::c_int = 0x80;
+
+/// Bytes written per call while zero-filling a new store file.
+const ZERO_FILL_CHUNK: usize = 8 << 20;
+
+/// Turns every extent of a freshly formatted store file into written extents.
+///
+/// `fallocate` leaves unwritten extents: the first write into each one changes the file's
+/// metadata (ext4 and XFS convert the extent when the write completes), so that write is
+/// durable only once the filesystem journal has committed too. Writing the whole file once
+/// at format makes every later record write a plain overwrite, which a FUA write or an
+/// fdatasync (a device cache flush, no journal commit) makes durable on its own.
+fn write_out(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let len_arg = libc::off_t::try_from(len).map_err(|_| StoreError::TooManyRegions(len))?;
+    // SAFETY: fallocate only reads its integer arguments; `file` keeps the descriptor open.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), FALLOC_FL_WRITE_ZEROES, 0, len_arg) };
+    let how = if rc == 0 {
+        "write-zeroes"
+    } else {
+        let zeros = AlignedBuf::zeroed(ZERO_FILL_CHUNK);
+        let mut offset = 0u64;
+        while offset < len {
+            let n = (len - offset).min(ZERO_FILL_CHUNK as u64) as usize;
+            file.write_all_at(&zeros.as_slice()[..n], offset)
+                .map_err(|source| StoreError::Allocate {
+                    path: path.to_owned(),
+                    size: ByteSize(len),
+                    source,
+                })?;
+            offset += n as u64;
+        }
+        "zeros"
+    };
+    tracing::info!(path = %path.display(), size = %ByteSize(len), how, seconds = started.elapsed().as_secs_f64(), "wrote out the store file");
+    Ok(())
+}
+
+fn sync_directory(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Open {
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 fn device_size(path: &Path) -> Result<u64, StoreError> {

@@ -31,6 +31,10 @@ pub struct Entry {
     pub key_len: u8,
     /// Reads since the record was written or last reinserted, saturating.
     pub hits: u8,
+    /// The record's sequence number. Two PUTs of one key commit in this order whatever
+    /// order their writes finish in, so that the index always agrees with recovery, which
+    /// keeps the highest.
+    pub seq: u64,
 }
 
 impl Entry {
@@ -95,6 +99,11 @@ impl Index {
         super::regions::lock(&self.shards[shard])
     }
 
+    /// The independently locked parts, for a checkpoint of the whole index.
+    pub fn shards(&self) -> &[Mutex<IndexMap>] {
+        &self.shards
+    }
+
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -113,8 +122,9 @@ mod tests {
 
     #[test]
     fn entry_stays_small() {
-        assert!(std::mem::size_of::<Entry>() <= 16);
-        assert!(std::mem::size_of::<(u64, Entry)>() <= 24);
+        // 8 bytes of location, 6 of length and counters, 8 of sequence number.
+        assert!(std::mem::size_of::<Entry>() <= 24);
+        assert!(std::mem::size_of::<(u64, Entry)>() <= 32);
     }
 
     #[test]
@@ -129,6 +139,7 @@ mod tests {
             payload_len: 3,
             key_len: 7,
             hits: 0,
+            seq: 1,
         };
         index.lock(hash).insert(hash, entry);
         assert_eq!(index.lock(hash).get(&hash), Some(&entry));

@@ -9,22 +9,35 @@ use quick_cache::{Weighter, sync::Cache};
 
 use super::format::{record_header_len, round_up_to_block};
 
-/// A shard held in memory. `data` may share the block-aligned buffer it was written from
-/// or read into, so the tier weighs each entry by that buffer's size.
+/// A shard held in memory. `data` is a slice of the block-aligned buffer it was written
+/// from or read into, which it keeps alive whole, so the tier weighs each entry by that
+/// buffer's allocation (`alloc`), not by the payload: `--memory` bounds what the tier
+/// really holds.
 #[derive(Clone)]
 pub struct MemShard {
     pub data: Bytes,
     pub crc: u32,
     /// `data` lives in a spliceable (mmapped) buffer.
     pub zero_copy: bool,
+    /// Bytes allocated for the buffer `data` points into.
+    pub alloc: usize,
 }
+
+/// Bytes each entry costs besides its buffer: the key's own allocation, the `Bytes`
+/// handle and the buffer's owner box, and quick_cache's slot and hash table share.
+/// Measured roughly (a heap profile is not worth it); an underestimate by tens of bytes
+/// per 128 KiB shard is noise.
+const ENTRY_OVERHEAD: u64 = 160;
 
 #[derive(Clone)]
 struct ShardWeighter;
 
 impl Weighter<Box<str>, MemShard> for ShardWeighter {
     fn weight(&self, key: &Box<str>, shard: &MemShard) -> u64 {
-        round_up_to_block(record_header_len(key.len()) + shard.data.len()) as u64
+        let buffer = shard.alloc.max(round_up_to_block(
+            record_header_len(key.len()) + shard.data.len(),
+        ));
+        buffer as u64 + key.len() as u64 + ENTRY_OVERHEAD
     }
 }
 
@@ -47,6 +60,11 @@ impl MemoryTier {
             Cache::with_weighter(items, capacity, ShardWeighter)
         });
         Self { cache, capacity }
+    }
+
+    /// False when `--memory 0` turned the tier off.
+    pub fn is_enabled(&self) -> bool {
+        self.cache.is_some()
     }
 
     pub fn get(&self, key: &str) -> Option<MemShard> {
@@ -99,11 +117,35 @@ mod tests {
                     data: Bytes::from(vec![i as u8; 60_000]),
                     crc: 0,
                     zero_copy: false,
+                    alloc: 60_000,
                 },
             );
         }
         assert!(tier.bytes_used() <= 1 << 20);
         assert!(tier.len() < 100);
+    }
+
+    #[test]
+    fn entries_weigh_their_whole_buffer() {
+        let tier = MemoryTier::new(1 << 20);
+        // A 4 KiB payload that keeps a 512 KiB buffer alive counts as 512 KiB.
+        for i in 0..4 {
+            tier.insert(
+                &format!("k{i}"),
+                MemShard {
+                    data: Bytes::from(vec![0u8; 4096]),
+                    crc: 0,
+                    zero_copy: false,
+                    alloc: 512 << 10,
+                },
+            );
+        }
+        assert!(
+            tier.len() <= 2,
+            "{} entries of 512 KiB in 1 MiB",
+            tier.len()
+        );
+        assert!(tier.bytes_used() <= 1 << 20);
     }
 
     #[test]
@@ -115,6 +157,7 @@ mod tests {
                 data: Bytes::from_static(b"x"),
                 crc: 0,
                 zero_copy: false,
+                alloc: 1,
             },
         );
         assert!(tier.get("k").is_none());

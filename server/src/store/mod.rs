@@ -13,6 +13,7 @@
 //! own io_uring file descriptor and its own open region.
 
 pub mod aligned;
+mod checkpoint;
 mod core_store;
 pub mod device;
 pub mod format;
@@ -20,6 +21,7 @@ pub mod index;
 pub mod memory;
 mod recovery;
 mod regions;
+mod settling;
 
 use std::{
     path::PathBuf,
@@ -32,7 +34,11 @@ use std::{
 
 use slapshot_core::ByteSize;
 
-pub use self::core_store::{CoreStore, PendingRecord, PutOutcome, Shard, Tier};
+pub use self::{
+    core_store::{CoreStore, PendingRecord, PutOutcome, RecordFull, Shard, ShardInfo, Tier},
+    device::Durability,
+    regions::RegionCounts,
+};
 use self::{
     device::{Device, DeviceOptions},
     format::{BLOCK_SIZE, record_blocks},
@@ -44,7 +50,7 @@ use crate::metrics::{Metrics, RecoveryReport, StoreGauges};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         path: PathBuf,
         source: std::io::Error,
@@ -57,13 +63,13 @@ pub enum StoreError {
         size: u64,
         capacity: u64,
     },
-    #[error("cannot reserve {size} for the store at {path}: {source}")]
+    #[error("cannot reserve {size} for the store at {path}")]
     Allocate {
         path: PathBuf,
         size: ByteSize,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
+    #[error("cannot use the store at {path}")]
     Superblock {
         path: PathBuf,
         source: format::SuperblockError,
@@ -100,10 +106,14 @@ pub enum StoreError {
     BadRegionSize(ByteSize),
     #[error("the filesystem under {0} does not support O_DIRECT (use --direct-io auto or off)")]
     NoDirectIo(PathBuf),
-    #[error("device I/O failed: {0}")]
+    #[error("device I/O failed")]
     Io(#[from] std::io::Error),
     #[error("no free region: the store is busy evicting or its regions are out of service")]
     NoSpace,
+    #[error("the store is read-only: a device write failed and the failure could not be recorded")]
+    ReadOnly,
+    #[error("the store thread is shutting down")]
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +129,8 @@ pub struct StoreConfig {
     pub reinsert_hits: u8,
     /// Runtime threads that will each hold one open region.
     pub threads: usize,
+    /// Where a clean shutdown writes the index checkpoint, and a start looks for one.
+    pub checkpoint: Option<PathBuf>,
 }
 
 pub struct Store {
@@ -134,6 +146,7 @@ pub struct Store {
     region_blocks: u32,
     max_payload: u64,
     reinsert_hits: u8,
+    durability: Durability,
     /// Eviction starts when fewer regions than this are free: one per thread to open next,
     /// plus one for reinsertion to spill into.
     low_watermark: usize,
@@ -146,6 +159,16 @@ pub struct Store {
     /// Evictions running on any thread, so that a writer waiting for a free region knows
     /// whether one is coming.
     evictions_running: std::sync::atomic::AtomicUsize,
+    /// Records on the device that no index entry points at and that are not gone yet.
+    settling: settling::Settling,
+    /// The regions listed in the quarantine block; the lock also serialises its writes.
+    quarantine: std::sync::Mutex<Vec<u32>>,
+    /// Set when a failed write could not be made safe (see `quarantine`): writes and
+    /// deletes are refused from then on, reads go on.
+    read_only: std::sync::atomic::AtomicBool,
+    checkpoint: Option<PathBuf>,
+    /// Set when a runtime thread stopped with store work unfinished: no checkpoint then.
+    unfinished: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -200,14 +223,28 @@ impl Store {
             region_blocks,
             max_payload: config.max_shard_size,
             reinsert_hits: config.reinsert_hits,
+            durability: config.device.durability,
             low_watermark,
             reinsert_credit: std::sync::atomic::AtomicI64::new(0),
             evictions_running: std::sync::atomic::AtomicUsize::new(0),
+            settling: settling::Settling::default(),
+            quarantine: std::sync::Mutex::new(device.quarantined.clone()),
+            read_only: std::sync::atomic::AtomicBool::new(false),
+            checkpoint: config.checkpoint.clone(),
+            unfinished: std::sync::atomic::AtomicBool::new(false),
             device,
         };
+        for &region in &store.device.quarantined {
+            if region < region_count {
+                store.regions.set_quarantined(region);
+            }
+        }
 
         let started = Instant::now();
-        let report = recovery::recover(&store, threads)?;
+        let report = match store.load_checkpoint() {
+            Some(report) => report,
+            None => recovery::recover(&store, threads)?,
+        };
         let report = RecoveryReport {
             duration: started.elapsed(),
             ..report
@@ -218,6 +255,7 @@ impl Store {
             regions = region_count,
             region_size = %ByteSize(region_size),
             shards = report.shards,
+            from_checkpoint = report.from_checkpoint,
             checksum_failures = report.checksum_failures,
             bytes_used = %ByteSize(store.bytes_used.load(Ordering::Relaxed)),
             seconds = report.duration.as_secs_f64(),
@@ -242,12 +280,16 @@ impl Store {
     }
 
     pub fn gauges(&self) -> StoreGauges {
+        let regions = self.regions.counts();
         StoreGauges {
             flash_bytes_used: self.bytes_used.load(Ordering::Relaxed),
             flash_capacity: self.flash_capacity(),
             flash_shards: self.index.len() as u64,
-            free_regions: self.regions.free_count() as u64,
-            broken_regions: u64::from(self.regions.broken_count()),
+            free_regions: regions.free,
+            broken_regions: regions.broken + regions.quarantined,
+            regions,
+            settling_keys: self.settling.len() as u64,
+            read_only: self.read_only.load(Ordering::Relaxed),
             memory_bytes_used: self.memory.bytes_used(),
             memory_capacity: self.memory.capacity(),
             memory_shards: self.memory.len() as u64,
@@ -280,6 +322,158 @@ impl Store {
                 (credit >= blocks).then_some(credit - blocks)
             })
             .is_ok()
+    }
+
+    /// Loads the checkpoint of the last clean shutdown if there is a current one (see
+    /// `checkpoint`); `None` means the device must be scanned. The file is removed either
+    /// way: this run writes its own at its end.
+    fn load_checkpoint(&self) -> Option<RecoveryReport> {
+        let path = self.checkpoint.as_deref()?;
+        if self.device.formatted {
+            checkpoint::discard(path);
+            return None;
+        }
+        let loaded = match checkpoint::load(self, path) {
+            Ok(loaded) => loaded,
+            Err(checkpoint::Stale::Missing) => return None,
+            Err(why) => {
+                tracing::warn!(path = %path.display(), reason = %why, "ignoring the index checkpoint; scanning the store");
+                checkpoint::discard(path);
+                return None;
+            }
+        };
+        checkpoint::discard(path);
+        let region_count = self.device.superblock.region_count;
+        let mut keys: Vec<Vec<u64>> = vec![Vec::new(); region_count as usize];
+        let mut shards = 0;
+        let mut bytes_used = 0;
+        for (hash, entry) in loaded.entries {
+            let region = entry.location.region;
+            if self.regions.get(region).is_quarantined() {
+                continue;
+            }
+            keys[region as usize].push(hash);
+            bytes_used += entry.disk_bytes();
+            shards += 1;
+            self.index.lock(hash).insert(hash, entry);
+        }
+        self.add_used(bytes_used);
+        let mut sealed = Vec::new();
+        for (region, state) in loaded.regions.into_iter().enumerate() {
+            let region = region as u32;
+            let meta = self.regions.get(region);
+            if meta.is_quarantined() {
+                continue;
+            }
+            let region_keys = std::mem::take(&mut keys[region as usize]);
+            match state {
+                Some((nonce, open_seq)) if !region_keys.is_empty() => {
+                    meta.nonce.store(nonce, Ordering::Relaxed);
+                    meta.open_seq.store(open_seq, Ordering::Relaxed);
+                    meta.set_keys(region_keys);
+                    sealed.push((open_seq, region));
+                }
+                _ => self.regions.push_free(region),
+            }
+        }
+        sealed.sort_unstable();
+        for (_, region) in sealed {
+            self.regions.recovered_sealed(region);
+        }
+        self.seq.store(loaded.next_seq, Ordering::Relaxed);
+        Some(RecoveryReport {
+            shards,
+            from_checkpoint: true,
+            ..Default::default()
+        })
+    }
+
+    /// A runtime thread stopped before its store work finished.
+    pub fn note_unfinished_work(&self) {
+        self.unfinished.store(true, Ordering::Release);
+    }
+
+    /// Writes the index checkpoint, after every runtime thread has stopped. It is skipped
+    /// (the next start scans) unless the store is quiet: see `checkpoint`.
+    pub fn write_checkpoint(&self) -> Result<bool, StoreError> {
+        let Some(path) = self.checkpoint.as_deref() else {
+            return Ok(false);
+        };
+        let quiet = !self.unfinished.load(Ordering::Acquire)
+            && self.evictions_running.load(Ordering::Acquire) == 0
+            && self.settling.len() == 0
+            && !self.read_only.load(Ordering::Acquire);
+        if !quiet {
+            tracing::warn!("store work was left unfinished: no checkpoint; the next start scans");
+            return Ok(false);
+        }
+        checkpoint::write(self, path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(true)
+    }
+
+    /// Refuses writes once the store is read-only.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        if self.read_only.load(Ordering::Acquire) {
+            Err(StoreError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes `region` out of service for good because a write the store relies on failed
+    /// there (zeroing a record that must not come back, or retiring the region): the region
+    /// is listed, durably, in the quarantine block, which recovery honours by never reading
+    /// it, so nothing in it can come back. Every index entry pointing into it is dropped
+    /// (those shards become misses; the fleet's erasure code covers them). If the list
+    /// cannot be written, or is full, the store turns read-only: it can no longer promise
+    /// that deleted shards stay deleted, so it stops accepting writes and deletes.
+    ///
+    /// The list is written with a blocking write on the calling runtime thread: this runs
+    /// only after a device error, rarely, and the lock serialises writers from all threads.
+    fn quarantine(&self, region: u32, reason: &str) -> Result<(), StoreError> {
+        let mut list = regions::lock(&self.quarantine);
+        if !list.contains(&region) {
+            if list.len() >= format::MAX_QUARANTINED {
+                self.go_read_only("the quarantine list is full");
+                return Err(StoreError::ReadOnly);
+            }
+            list.push(region);
+            if let Err(e) = self.device.write_quarantine(&list) {
+                list.pop();
+                tracing::error!(region, error = %e, "cannot record a quarantined region");
+                self.go_read_only("the quarantine block cannot be written");
+                return Err(StoreError::ReadOnly);
+            }
+        }
+        drop(list);
+        let first = self.regions.set_quarantined(region);
+        if first {
+            tracing::error!(region, reason, "region quarantined");
+        }
+        let meta = self.regions.get(region);
+        for hash in meta.keys() {
+            let mut map = self.index.lock(hash);
+            if let Some(entry) = map.get(&hash).copied()
+                && entry.location.region == region
+            {
+                map.remove(&hash);
+                drop(map);
+                self.sub_used(entry.disk_bytes());
+            }
+        }
+        Ok(())
+    }
+
+    fn go_read_only(&self, why: &str) {
+        if !self.read_only.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                why,
+                "the store is now read-only: writes and deletes get 503 until it is repaired"
+            );
+        }
     }
 
     fn add_used(&self, bytes: u64) {

@@ -48,6 +48,8 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
         }
         return Ok(RecoveryReport::default());
     }
+    // Quarantined regions are never read: what they hold must not come back.
+    let in_service = |region: u32| !store.regions.get(region).is_quarantined();
 
     let next_region = AtomicU32::new(0);
     let scanned = Mutex::new(Vec::with_capacity(region_count as usize));
@@ -59,6 +61,9 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
                     let region = next_region.fetch_add(1, Ordering::Relaxed);
                     if region >= region_count {
                         break;
+                    }
+                    if !in_service(region) {
+                        continue;
                     }
                     let result = scan_region(store, region, &mut buf).unwrap_or_else(|e| {
                         // An unreadable region holds nothing we can trust: it goes back to
@@ -99,13 +104,25 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
             }
         }
     }
+    // Older versions of a key stay on the device when the node died between writing a
+    // new version and zeroing the old one; they would come back after a later DELETE.
     for location in &losers {
-        invalidate_blocking(store, *location)?;
+        if let Err(e) = invalidate_blocking(store, *location) {
+            tracing::error!(region = location.region, error = %e, "cannot zero an old record at recovery");
+            // A region that cannot forget is quarantined, or the store goes read-only.
+            let _ = store.quarantine(location.region, "an old record could not be zeroed");
+        }
+    }
+    if !losers.is_empty() && store.durability != super::Durability::None {
+        store.device.file.sync_data()?;
     }
 
     let mut keys_by_region: Vec<Vec<u64>> = vec![Vec::new(); region_count as usize];
     let mut bytes_used = 0;
     for (hash, (_, entry)) in &winners {
+        if !in_service(entry.location.region) {
+            continue;
+        }
         keys_by_region[entry.location.region as usize].push(*hash);
         bytes_used += entry.disk_bytes();
         store.index.lock(*hash).insert(*hash, *entry);
@@ -119,22 +136,24 @@ pub(super) fn recover(store: &Store, threads: usize) -> Result<RecoveryReport, S
             Some(header) if header.state == RegionState::Live && !keys.is_empty() => {
                 let meta = store.regions.get(region.region);
                 meta.nonce.store(header.nonce, Ordering::Relaxed);
+                meta.open_seq.store(header.open_seq, Ordering::Relaxed);
                 meta.set_keys(keys);
                 sealed.push((header.open_seq, region.region));
             }
+            _ if !in_service(region.region) => {}
             _ => store.regions.push_free(region.region),
         }
     }
     sealed.sort_unstable();
     for (_, region) in sealed {
-        store.regions.seal(region);
+        store.regions.recovered_sealed(region);
     }
     store.seq.store(max_seq + 1, Ordering::Relaxed);
 
     Ok(RecoveryReport {
         shards: winners.len() as u64,
         checksum_failures,
-        duration: Default::default(),
+        ..Default::default()
     })
 }
 
@@ -199,6 +218,7 @@ fn scan_region(store: &Store, region: u32, buf: &mut AlignedBuf) -> std::io::Res
                             payload_len: record.payload_len,
                             key_len: record.key.len() as u8,
                             hits: 0,
+                            seq: record.seq,
                         },
                     });
                 }
