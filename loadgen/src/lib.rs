@@ -7,6 +7,7 @@
 pub mod chunks;
 pub mod experiment;
 pub mod faults;
+pub mod pace;
 pub mod plot;
 pub mod report;
 pub mod shards;

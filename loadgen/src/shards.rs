@@ -466,34 +466,18 @@ async fn collect(mut workers: tokio::task::JoinSet<Recorder>) -> Recorder {
     all
 }
 
-/// Requests queued at once in the open loop before the schedule itself waits. The
-/// latency of everything queued is still charged from its due time.
-const OPEN_LOOP_QUEUE: usize = 65_536;
-
 async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Recorder {
-    let (tx, rx) = async_channel(OPEN_LOOP_QUEUE);
-    let total = args.requests.unwrap_or(u64::MAX);
-    let duration = args.duration.0;
-    let limited_by_count = args.requests.is_some();
+    let (tx, rx) = async_channel(crate::pace::QUEUE);
+    let duration = (args.requests.is_none()).then_some(args.duration.0);
+    let mut dues = crate::pace::paced(rate, args.requests, duration);
     let mut rng = Rng::new(args.seed);
     let (keys, put_fraction) = (args.keys, args.put_fraction);
-    // The schedule runs on a thread of its own with the OS's high-resolution sleep: the
-    // runtime's timer wheel ticks in milliseconds, and its lateness would be charged to
-    // every request (latency counts from the due time).
-    let schedule = std::thread::spawn(move || {
-        let start = Instant::now();
-        let interval = Duration::from_secs_f64(1.0 / rate);
-        for i in 0..total {
-            let due = start + interval.mul_f64(i as f64);
-            if !limited_by_count && due >= start + duration {
-                break;
-            }
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
+    // Operations are drawn in due order, so a seed gives the same sequence at any speed.
+    let schedule = tokio::spawn(async move {
+        while let Some((_, due)) = dues.recv().await {
             if tx
-                .blocking_send((due, choose(&mut rng, keys, put_fraction)))
+                .send((due, choose(&mut rng, keys, put_fraction)))
+                .await
                 .is_err()
             {
                 break;
@@ -516,9 +500,9 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
         });
     }
     drop(rx);
-    let recorder = collect(workers).await;
     // The workers end when the schedule has ended and dropped its sender.
-    let _ = tokio::task::spawn_blocking(move || schedule.join()).await;
+    let recorder = collect(workers).await;
+    let _ = schedule.await;
     recorder
 }
 

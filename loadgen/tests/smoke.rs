@@ -275,6 +275,8 @@ fn experiments_write_their_tables_json_and_plots() {
         "20",
         "--reads",
         "100",
+        "--rate",
+        "1000",
     ]);
     let table = String::from_utf8(output.stdout).unwrap();
     assert_eq!(table, std::fs::read_to_string(out.join("tail.md")).unwrap());
@@ -311,8 +313,8 @@ fn experiments_write_their_tables_json_and_plots() {
         "20",
         "--phase",
         "500ms",
-        "--concurrency",
-        "2",
+        "--rate",
+        "200",
     ]);
     let failover = read_json(&out.join("failover.json"));
     let phases = failover["phases"].as_array().unwrap();

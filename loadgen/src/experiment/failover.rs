@@ -4,7 +4,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -13,7 +13,7 @@ use std::{
 use slapshot_client::{FleetClient, config::ReadMode, metrics::get};
 use slapshot_core::HumanDuration;
 
-use super::{Common, start_fleet};
+use super::{Common, open_loop, start_fleet};
 use crate::{
     chunks::error_kind,
     plot,
@@ -28,9 +28,10 @@ pub struct FailoverArgs {
     /// Distinct chunks (512 KiB each) to read.
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub chunks: usize,
-    /// Reads in flight.
-    #[arg(long, value_name = "C", default_value_t = 8)]
-    pub concurrency: usize,
+    /// Chunk reads started per second (open loop: the load stays the same while a node is
+    /// down).
+    #[arg(long, value_name = "R", default_value_t = 1000.0)]
+    pub rate: f64,
     /// How long each node stays down, and then up before the next one goes.
     #[arg(long, value_name = "DURATION", default_value = "3s")]
     pub phase: HumanDuration,
@@ -38,6 +39,9 @@ pub struct FailoverArgs {
     #[arg(long, value_name = "MODE", default_value = "all")]
     pub read_mode: String,
 }
+
+/// Chunks drawn for the reads, cycled through.
+const PICKS: usize = 1 << 16;
 
 /// Samples of the timeline, every `TICK`.
 const TICK: Duration = Duration::from_millis(250);
@@ -63,6 +67,10 @@ async fn experiment(
         "hedged" => ReadMode::Hedged,
         other => anyhow::bail!("--read-mode is all or hedged, not {other:?}"),
     };
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate.is_finite(),
+        "--rate must be a positive number of reads per second"
+    );
     let client = FleetClient::new(config)?;
     eprintln!(
         "writing {} chunks of 512 KiB to the origin and the fleet",
@@ -81,40 +89,61 @@ async fn experiment(
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(crate::report::Live::default());
 
-    // Readers: each records into the phase current when its read ends.
-    let mut readers = tokio::task::JoinSet::new();
-    for w in 0..args.concurrency {
-        let (client, names, phase, stop, live) = (
+    // The load: reads started at a fixed rate (open loop), each recorded into the phase
+    // current when it ends.
+    let recorders: Arc<Vec<Mutex<Recorder>>> = Arc::new(
+        phases
+            .iter()
+            .map(|_| Mutex::new(Recorder::default()))
+            .collect(),
+    );
+    let mut rng = Rng::new(args.common.seed);
+    let picks: Arc<Vec<usize>> = Arc::new(
+        (0..PICKS)
+            .map(|_| rng.below(names.len() as u64) as usize)
+            .collect(),
+    );
+    let load = {
+        let (client, names, phase, stop, live, recorders) = (
             client.clone(),
             names.clone(),
             phase.clone(),
             stop.clone(),
             live.clone(),
+            recorders.clone(),
         );
-        let count = phases.len();
-        let seed = args.common.seed.wrapping_add(w as u64 * 977);
-        readers.spawn(async move {
-            let mut rng = Rng::new(seed);
-            let mut recorders: Vec<Recorder> = (0..count).map(|_| Recorder::default()).collect();
-            while !stop.load(Ordering::Relaxed) {
-                let name = names[rng.below(names.len() as u64) as usize];
-                let started = Instant::now();
-                let result = client.get_chunk(&name).await;
-                let p = phase.load(Ordering::Relaxed).min(count - 1);
-                match result {
-                    Ok(bytes) => {
-                        recorders[p].success(started.elapsed(), bytes.len() as u64);
-                        live.count(true, bytes.len() as u64);
-                    }
-                    Err(e) => {
-                        recorders[p].error(started.elapsed(), error_kind(&e));
-                        live.count(false, 0);
+        let rate = args.rate;
+        tokio::spawn(async move {
+            open_loop(None, rate, Some(&stop), |i| {
+                let (client, names, phase, live, recorders, picks) = (
+                    client.clone(),
+                    names.clone(),
+                    phase.clone(),
+                    live.clone(),
+                    recorders.clone(),
+                    picks.clone(),
+                );
+                async move {
+                    let name = names[picks[i % PICKS]];
+                    let started = Instant::now();
+                    let result = client.get_chunk(&name).await;
+                    let p = phase.load(Ordering::Relaxed).min(recorders.len() - 1);
+                    let mut recorder = recorders[p].lock().unwrap_or_else(|e| e.into_inner());
+                    match result {
+                        Ok(bytes) => {
+                            recorder.success(started.elapsed(), bytes.len() as u64);
+                            live.count(true, bytes.len() as u64);
+                        }
+                        Err(e) => {
+                            recorder.error(started.elapsed(), error_kind(&e));
+                            live.count(false, 0);
+                        }
                     }
                 }
-            }
-            recorders
-        });
-    }
+            })
+            .await
+        })
+    };
 
     // The timeline: reads, errors and origin fetches per tick.
     let metrics = client.metrics().clone();
@@ -170,12 +199,11 @@ async fn experiment(
         origin_per_phase[phase.load(Ordering::Relaxed)] += origin - last_origin;
     }
     stop.store(true, Ordering::Relaxed);
-    let mut per_phase: Vec<Recorder> = (0..phases.len()).map(|_| Recorder::default()).collect();
-    while let Some(done) = readers.join_next().await {
-        for (all, one) in per_phase.iter_mut().zip(done?) {
-            all.merge(&one);
-        }
-    }
+    let late = load.await?;
+    let per_phase: Vec<Recorder> = recorders
+        .iter()
+        .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner())))
+        .collect();
     let points = sampler.await?;
 
     // The report.
@@ -214,7 +242,11 @@ async fn experiment(
             "max_us": r.max_us,
         }));
     }
-    let _ = writeln!(table, "\n{total_errors} errors in all (goal: none)");
+    let _ = writeln!(
+        table,
+        "\n{total_errors} errors in all (goal: none); {} reads a second offered, {late} started over 1 ms late",
+        args.rate
+    );
     crate::print_stdout(&table)?;
     std::fs::write(args.common.out.join("failover.md"), &table)?;
     let hit_rate: Vec<(f64, f64)> = points
@@ -252,7 +284,9 @@ async fn experiment(
     }
     let json = serde_json::json!({
         "phases": json_phases,
-        "errors": total_errors,
+                "errors": total_errors,
+        "rate": args.rate,
+        "late_starts": late,
         "marks": marks,
         "timeline": points.iter().map(|(t, reads, errors, origin)| serde_json::json!({
             "seconds": t, "reads": reads, "errors": errors, "origin_fetches": origin

@@ -121,3 +121,45 @@ pub fn cell(v: Option<u64>) -> String {
 pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
+
+/// Reads in flight at most, in an open-loop run.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Runs `read(i)` for reads started at `rate` per second (open loop), `reads` of them or
+/// until `stop` is set, at most `MAX_IN_FLIGHT` at once. The load does not depend on how
+/// fast reads finish, so a slow or dead node does not lighten the load on the others, as
+/// it would in a closed loop. Returns how many reads started more than 1 ms after they
+/// were due (every slot was taken).
+pub async fn open_loop<F, Fut>(
+    reads: Option<usize>,
+    rate: f64,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+    read: F,
+) -> u64
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut dues = crate::pace::paced(rate, reads.map(|n| n as u64), None);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut late = 0;
+    while let Some((i, due)) = dues.recv().await {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            break;
+        }
+        let permit = permits.clone().acquire_owned().await.expect("never closed");
+        if due.elapsed() > std::time::Duration::from_millis(1) {
+            late += 1;
+        }
+        let read = read(i as usize);
+        tasks.spawn(async move {
+            read.await;
+            drop(permit);
+        });
+        // Reap finished reads as we go: the set stays as small as the reads in flight.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    late
+}

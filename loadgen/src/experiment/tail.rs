@@ -33,7 +33,7 @@ use http_body_util::{BodyExt, Full};
 use slapshot_client::FleetClient;
 use slapshot_core::{ChunkName, HumanDuration, Placement};
 
-use super::{Common, Quantiles, cell, histogram, start_fleet};
+use super::{Common, Quantiles, cell, histogram, open_loop, start_fleet};
 use crate::{
     faults::{self, Faults},
     plot::{self, Series},
@@ -50,9 +50,10 @@ pub struct TailArgs {
     /// Sampled reads per scenario and scheme pass.
     #[arg(long, value_name = "N", default_value_t = 3000)]
     pub reads: usize,
-    /// Reads in flight.
-    #[arg(long, value_name = "C", default_value_t = 4)]
-    pub concurrency: usize,
+    /// Reads started per second in each pass (open loop: the load stays the same whatever
+    /// a fault does to latency).
+    #[arg(long, value_name = "R", default_value_t = 500.0)]
+    pub rate: f64,
     /// The slow node's faults: share of its requests delayed, and by how much.
     #[arg(long, value_name = "F", default_value_t = 0.1)]
     pub slow_fraction: f64,
@@ -83,9 +84,20 @@ struct Outcome {
     hedges: u64,
     /// Hedged reads whose parity shard was asked because a data shard failed.
     fallbacks: u64,
+    /// Reads that started more than 1 ms late (all slots in flight taken).
+    late: u64,
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.rate > 0.0 && args.rate.is_finite(),
+        "--rate must be a positive number of reads per second"
+    );
+    anyhow::ensure!(
+        args.reads > 0 && args.chunks > 0,
+        "--reads and --chunks must be at least 1"
+    );
+
     std::fs::create_dir_all(&args.common.out)?;
     let work = tempfile::Builder::new()
         .prefix("slapshot-tail-")
@@ -121,6 +133,14 @@ async fn experiment(
         put_whole(addrs[placement.rank(name, 1)[0]], name, Bytes::from(bytes)).await?;
     }
     let names = Arc::new(names);
+    // A pass that is not recorded: connections opened, buffers and caches of both sides
+    // warm, so that the first scenario does not pay for what the others reuse.
+    eprintln!("warming up");
+    let warm_up = TailArgs {
+        reads: args.reads.min(500),
+        ..args.clone()
+    };
+    scenario_run(&warm_up, &client, &placement, &addrs, &names, None).await?;
 
     let mut results: BTreeMap<&str, Outcome> = BTreeMap::new();
     let mut trigger = None;
@@ -197,6 +217,40 @@ async fn get(sender: &mut Option<Sender>, target: &Target, key: &str, timeout: D
 /// When a shard GET answered, or when it failed.
 type Answer = Result<Duration, Duration>;
 
+/// Idle keep-alive connections to each node, shared by the reads of a pass.
+struct Pool {
+    targets: Vec<Target>,
+    idle: Vec<Mutex<Vec<Sender>>>,
+    timeout: Duration,
+}
+
+impl Pool {
+    fn new(addrs: &[SocketAddr], timeout: Duration) -> Self {
+        Self {
+            targets: addrs.iter().copied().map(Target::of).collect(),
+            idle: addrs.iter().map(|_| Mutex::new(Vec::new())).collect(),
+            timeout,
+        }
+    }
+
+    /// One GET on an idle connection to `node` (or a new one); the connection goes back
+    /// to the pool if the exchange completed.
+    async fn get(&self, node: usize, key: &str) -> Answer {
+        let mut sender = self.idle[node]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let answer = get(&mut sender, &self.targets[node], key, self.timeout).await;
+        if let Some(sender) = sender {
+            self.idle[node]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(sender);
+        }
+        answer
+    }
+}
+
 async fn scenario_run(
     args: &TailArgs,
     client: &FleetClient,
@@ -205,69 +259,81 @@ async fn scenario_run(
     names: &Arc<Vec<ChunkName>>,
     trigger: Option<u64>,
 ) -> anyhow::Result<Outcome> {
-    // Pass 1: all five shards per read.
+    let ranks: Arc<Vec<Vec<usize>>> =
+        Arc::new(names.iter().map(|n| placement.rank(n, 5)).collect());
+    let mut rng = Rng::new(args.common.seed);
+    let picks: Arc<Vec<usize>> = Arc::new(
+        (0..args.reads)
+            .map(|_| rng.below(names.len() as u64) as usize)
+            .collect(),
+    );
+
+    // Pass 1: all five shards of a chunk asked at once, each answer's time recorded.
+    let pool = Arc::new(Pool::new(addrs, args.shard_timeout.0));
     let samples: Arc<Mutex<Vec<[Answer; 5]>>> = Arc::new(Mutex::new(Vec::new()));
-    let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
-    let per_worker = args.reads.div_ceil(args.concurrency);
-    let timeout = args.shard_timeout.0;
-    let mut workers = tokio::task::JoinSet::new();
-    for w in 0..args.concurrency {
-        let (names, samples, whole) = (names.clone(), samples.clone(), whole.clone());
-        let targets: Vec<Target> = addrs.iter().copied().map(Target::of).collect();
-        let ranks: Vec<Vec<usize>> = names.iter().map(|n| placement.rank(n, 5)).collect();
-        let seed = args.common.seed.wrapping_add(w as u64 * 31);
-        workers.spawn(async move {
-            let mut rng = Rng::new(seed);
-            let mut senders: Vec<Option<Sender>> = (0..targets.len()).map(|_| None).collect();
-            for _ in 0..per_worker {
-                let j = rng.below(names.len() as u64) as usize;
-                let key = names[j].to_hex();
-                // Every shard GET on its own connection, all at once.
-                let mut taken: Vec<(usize, Option<Sender>)> =
-                    ranks[j].iter().map(|&n| (n, senders[n].take())).collect();
-                let gets = taken.iter_mut().map(|(n, sender)| {
-                    let target = &targets[*n];
-                    let key = &key;
-                    async move { get(sender, target, key, timeout).await }
-                });
-                let latencies = futures::future::join_all(gets).await;
-                for (n, sender) in taken {
-                    senders[n] = sender;
-                }
-                let sample: [Answer; 5] = std::array::from_fn(|r| latencies[r]);
-                samples
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(sample);
-            }
-            // Pass 2: whole copies, one node per read.
-            for _ in 0..per_worker {
-                let j = rng.below(names.len() as u64) as usize;
-                let owner = ranks[j][0];
-                let key = format!("{}-whole", names[j].to_hex());
-                let latency = get(&mut senders[owner], &targets[owner], &key, timeout).await;
-                whole
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(latency);
-            }
-        });
-    }
-    while let Some(done) = workers.join_next().await {
-        done?;
-    }
-    // Pass 3: the thin client itself.
-    let live = Arc::new(crate::report::Live::default());
-    let client_reads = crate::chunks::read_chunks(
-        client,
-        names.clone(),
-        args.concurrency,
-        Instant::now() + Duration::from_secs(300),
-        Some(args.reads as u64),
-        args.common.seed,
-        live,
-    )
+    let mut late = open_loop(Some(args.reads), args.rate, None, |i| {
+        let (pool, names, ranks, picks, samples) = (
+            pool.clone(),
+            names.clone(),
+            ranks.clone(),
+            picks.clone(),
+            samples.clone(),
+        );
+        async move {
+            let j = picks[i];
+            let key = names[j].to_hex();
+            let gets = ranks[j].iter().map(|&n| pool.get(n, &key));
+            let answers = futures::future::join_all(gets).await;
+            let sample: [Answer; 5] = std::array::from_fn(|r| answers[r]);
+            samples
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(sample);
+        }
+    })
     .await;
+
+    // Pass 2: whole copies, each from the chunk's first node.
+    let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
+    late += open_loop(Some(args.reads), args.rate, None, |i| {
+        let (pool, names, ranks, picks, whole) = (
+            pool.clone(),
+            names.clone(),
+            ranks.clone(),
+            picks.clone(),
+            whole.clone(),
+        );
+        async move {
+            let j = picks[i];
+            let answer = pool
+                .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()))
+                .await;
+            whole.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
+        }
+    })
+    .await;
+
+    // Pass 3: the thin client itself.
+    let client_reads = Arc::new(Mutex::new(crate::report::Recorder::default()));
+    late += open_loop(Some(args.reads), args.rate, None, |i| {
+        let (client, names, picks, recorder) = (
+            client.clone(),
+            names.clone(),
+            picks.clone(),
+            client_reads.clone(),
+        );
+        async move {
+            let started = Instant::now();
+            let result = client.get_chunk(&names[picks[i]]).await;
+            let mut recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                Ok(bytes) => recorder.success(started.elapsed(), bytes.len() as u64),
+                Err(e) => recorder.error(started.elapsed(), crate::chunks::error_kind(&e)),
+            }
+        }
+    })
+    .await;
+    let client_reads = std::mem::take(&mut *client_reads.lock().unwrap_or_else(|p| p.into_inner()));
 
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut hits: Vec<Histogram<u64>> = (0..SCHEMES.len()).map(|_| histogram()).collect();
@@ -319,6 +385,7 @@ async fn scenario_run(
         fourth_p95_us,
         hedges,
         fallbacks,
+        late,
     })
 }
 
@@ -402,6 +469,7 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
         }
         per_scheme.insert("hedges_sent".into(), outcome.hedges.into());
         per_scheme.insert("hedge_fallbacks".into(), outcome.fallbacks.into());
+        per_scheme.insert("late_starts".into(), outcome.late.into());
         per_scheme.insert("hedge_trigger_us".into(), outcome.fourth_p95_us.into());
         json.insert(
             (*scenario).to_owned(),

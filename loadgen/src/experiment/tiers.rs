@@ -55,13 +55,13 @@ pub struct TiersArgs {
     #[arg(long, value_name = "S", default_value_t = 1.1)]
     pub zipf: f64,
     /// Share of an image's files a start reads.
-    #[arg(long, value_name = "F", default_value_t = 0.1)]
+    #[arg(long, value_name = "F", default_value_t = 0.25)]
     pub start_fraction: f64,
     /// Each worker's memory tier.
-    #[arg(long, value_name = "BYTES", default_value = "16MiB")]
+    #[arg(long, value_name = "BYTES", default_value = "8MiB")]
     pub worker_memory: ByteSize,
     /// Each worker's disk tier.
-    #[arg(long, value_name = "BYTES", default_value = "48MiB")]
+    #[arg(long, value_name = "BYTES", default_value = "32MiB")]
     pub worker_disk: ByteSize,
 }
 

@@ -1,0 +1,65 @@
+//! Open-loop pacing: due times at a fixed rate, produced on a thread of its own.
+//!
+//! The schedule sleeps with the OS's high-resolution timer, not the runtime's timer wheel,
+//! which ticks in milliseconds: its lateness would be charged to every request measured
+//! from its due time, or would bunch arrivals that should be evenly spaced.
+
+use std::time::{Duration, Instant};
+
+/// Due times queued before the schedule itself waits for the consumer. Latency measured
+/// from the due time still counts everything queued.
+pub const QUEUE: usize = 65_536;
+
+/// Due times `1 / rate` apart from now: `count` of them, or as many as fall within
+/// `duration`, whichever ends first. The schedule stops early when the receiver is dropped.
+pub fn paced(
+    rate: f64,
+    count: Option<u64>,
+    duration: Option<Duration>,
+) -> tokio::sync::mpsc::Receiver<(u64, Instant)> {
+    assert!(rate > 0.0 && rate.is_finite(), "a positive rate");
+    let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        for i in 0..count.unwrap_or(u64::MAX) {
+            let due = start + interval.mul_f64(i as f64);
+            if duration.is_some_and(|d| due >= start + d) {
+                break;
+            }
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if tx.blocking_send((i, due)).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn due_times_are_evenly_spaced_and_bounded() {
+        let mut rx = paced(1000.0, Some(50), None);
+        let mut dues = Vec::new();
+        while let Some((i, due)) = rx.recv().await {
+            assert_eq!(i, dues.len() as u64);
+            dues.push(due);
+        }
+        assert_eq!(dues.len(), 50);
+        for pair in dues.windows(2) {
+            assert_eq!(pair[1] - pair[0], Duration::from_millis(1));
+        }
+        let mut rx = paced(1000.0, None, Some(Duration::from_millis(20)));
+        let mut n = 0;
+        while rx.recv().await.is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 20);
+    }
+}
