@@ -13,6 +13,9 @@
 # Needs nginx and wrk (Debian: apt-get install nginx-light wrk). Not part of the test suite.
 # Usage: benches/server-vs-nginx.sh [SECONDS per run, default 15] [ROUNDS, default 3]
 # Extra slapshot-server flags can be passed in NODE_FLAGS, e.g. NODE_FLAGS="--pin-threads off".
+# DRIVER=loadgen drives the same runs with slapshot-loadgen (closed loop, the same 32
+# connections) instead of wrk; with RATE=R as well, an open loop at R requests a second,
+# which compares latency at one fixed load rather than at each server's saturation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-15}
@@ -22,11 +25,12 @@ shard_size=131072
 threads=2
 connections=32
 
+driver=${DRIVER:-wrk}
 command -v nginx >/dev/null && command -v wrk >/dev/null || {
     echo "needs nginx and wrk: apt-get install nginx-light wrk" >&2
     exit 1
 }
-cargo build --release --locked -p slapshot-server >&2
+cargo build --release --locked -p slapshot-server -p slapshot-loadgen >&2
 work=$(mktemp -d)
 # nginx workers run as nobody and must be able to read the files.
 chmod 755 "$work"
@@ -40,8 +44,10 @@ trap cleanup EXIT
 
 # The same bytes for both servers.
 mkdir -p "$work/www/v1/shards"
+# Keys as slapshot-loadgen names them: lg-00000000, lg-00000001, ...
+key() { printf 'lg-%08d' "$1"; }
 for i in $(seq 0 $((shards - 1))); do
-    head -c $shard_size /dev/urandom >"$work/www/v1/shards/shard-$i"
+    head -c $shard_size /dev/urandom >"$work/www/v1/shards/$(key "$i")"
 done
 
 cat >"$work/nginx.conf" <<NGINX
@@ -66,7 +72,7 @@ NGINX
 cat >"$work/random.lua" <<LUA
 math.randomseed(os.time())
 request = function()
-    return wrk.format("GET", "/v1/shards/shard-" .. math.random(0, $((shards - 1))))
+    return wrk.format("GET", string.format("/v1/shards/lg-%08d", math.random(0, $((shards - 1)))))
 end
 done = function(summary, latency, requests)
     io.write(string.format("RESULT %d %d %d %d %d %d\n", summary.requests, summary.bytes,
@@ -76,6 +82,7 @@ LUA
 
 # run NAME URL: warm up for 3 s, then measure; prints one row.
 run() {
+    if [ "$driver" = loadgen ]; then run_loadgen "$@"; return; fi
     local name=$1 url=$2
     wrk -t$threads -c$connections -d3s -s "$work/random.lua" "$url" >/dev/null
     local line
@@ -86,6 +93,26 @@ run() {
         printf "%-26s %9.0f req/s %6.2f GB/s   p50 %7.3f ms   p99 %7.3f ms   non-2xx %d\n", n, r / s, b / s / 1e9, p50 / 1000, p99 / 1000, bad
         printf "%s|%f|%f\n", n, r / s, p99 / 1000 >> "'"$work/results"'"
     }'
+}
+
+# run_loadgen NAME URL: the same with slapshot-loadgen's JSON report.
+run_loadgen() {
+    local name=$1 url=$2 mode=(--connections "$connections")
+    [ -n "${RATE:-}" ] && mode+=(--rate "$RATE")
+    ./target/release/slapshot-loadgen shards --target "$url" --keys $shards --size $shard_size \
+        "${mode[@]}" --duration 3s --json >/dev/null
+    ./target/release/slapshot-loadgen shards --target "$url" --keys $shards --size $shard_size \
+        "${mode[@]}" --duration "${duration}s" --json >"$work/report.json"
+    python3 - "$name" "$work/report.json" "$work/results" <<'PY'
+import json, sys
+name, report, results = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
+rps, gbps = report["requests_per_second"], report["bytes_per_second"] / 1e9
+p50, p99, p999 = (report[k] / 1000 for k in ("p50_us", "p99_us", "p999_us"))
+print(f"{name:<26} {rps:9.0f} req/s {gbps:6.2f} GB/s   p50 {p50:7.3f} ms   p99 {p99:7.3f} ms   "
+      f"p99.9 {p999:7.3f} ms   errors {report['errors']}")
+with open(results, "a") as f:
+    f.write(f"{name}|{rps}|{p99}\n")
+PY
 }
 
 nginx -c "$work/nginx.conf" -g 'daemon off;' &
@@ -102,8 +129,8 @@ start_node() {
     local addr
     addr=$(cat "$work/$name.addr")
     for i in $(seq 0 $((shards - 1))); do
-        echo "url = \"http://$addr/v1/shards/shard-$i\""
-        echo "upload-file = \"$work/www/v1/shards/shard-$i\""
+        echo "url = \"http://$addr/v1/shards/$(key "$i")\""
+        echo "upload-file = \"$work/www/v1/shards/$(key "$i")\""
     done >"$work/$name.curl"
     curl -sS --fail --no-progress-meter --parallel --parallel-max 16 -K "$work/$name.curl" -o /dev/null
 }
@@ -116,7 +143,11 @@ flash_addr=$(cat "$work/flash.addr")
 sleep 1
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"
-echo "load: wrk -t$threads -c$connections -d${duration}s, $shards random keys of $shard_size bytes, $rounds rounds"
+if [ "$driver" = loadgen ]; then
+    echo "load: slapshot-loadgen shards --connections $connections ${RATE:+--rate $RATE }--duration ${duration}s, $shards random keys of $shard_size bytes, $rounds rounds"
+else
+    echo "load: wrk -t$threads -c$connections -d${duration}s, $shards random keys of $shard_size bytes, $rounds rounds"
+fi
 for _ in $(seq "$rounds"); do
     run "nginx (sendfile)" "http://127.0.0.1:18080"
     run "slapshot-server (memory)" "http://$memory_addr"
