@@ -59,9 +59,12 @@ pub async fn set(addr: SocketAddr, faults: &Faults) -> anyhow::Result<()> {
     let response = sender.send_request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
+    if status == http::StatusCode::NOT_FOUND {
+        bail!("{addr} has no /admin/faults: start it with --fault-injection");
+    }
     if !status.is_success() {
         bail!(
-            "{addr} refused the faults ({status}): {} (is it started with --fault-injection?)",
+            "{addr} refused the faults ({status}): {}",
             String::from_utf8_lossy(&body).trim()
         );
     }

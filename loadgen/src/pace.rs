@@ -10,20 +10,39 @@ use std::time::{Duration, Instant};
 /// from the due time still counts everything queued.
 pub const QUEUE: usize = 65_536;
 
+/// Rates the schedule keeps: one request in 1,000 s to 100 million a second.
+pub const RATES: std::ops::RangeInclusive<f64> = 1e-3..=1e8;
+
+/// A clear error for a rate outside `RATES` (NaN included).
+pub fn check_rate(rate: f64, flag: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        RATES.contains(&rate),
+        "{flag} must be between {} and {} per second, not {rate}",
+        RATES.start(),
+        RATES.end()
+    );
+    Ok(())
+}
+
 /// Due times `1 / rate` apart from now: `count` of them, or as many as fall within
 /// `duration`, whichever ends first. The schedule stops early when the receiver is dropped.
+/// Panics on a rate outside `RATES` (callers check with `check_rate`).
 pub fn paced(
     rate: f64,
     count: Option<u64>,
     duration: Option<Duration>,
 ) -> tokio::sync::mpsc::Receiver<(u64, Instant)> {
-    assert!(rate > 0.0 && rate.is_finite(), "a positive rate");
+    assert!(RATES.contains(&rate), "a rate within {RATES:?}");
     let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
     std::thread::spawn(move || {
+        // The default timer slack (50 us) would make every sleep that much late, and the
+        // lateness would be charged to the request.
+        let _ = nix::sys::prctl::set_timerslack(1);
         let start = Instant::now();
-        let interval = Duration::from_secs_f64(1.0 / rate);
         for i in 0..count.unwrap_or(u64::MAX) {
-            let due = start + interval.mul_f64(i as f64);
+            // From i / rate, not i times a rounded interval: the error does not accumulate,
+            // and a huge rate cannot round the interval to zero and never reach the end.
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
             if duration.is_some_and(|d| due >= start + d) {
                 break;
             }

@@ -47,7 +47,11 @@ fn font_available() -> bool {
 /// One line of a plot.
 pub struct Series<'a> {
     pub name: String,
+    /// Latencies of the reads that succeeded.
     pub latency: &'a Histogram<u64>,
+    /// Reads that failed: the curve levels off at the share that succeeded, as the
+    /// table's quantiles read "miss" beyond it.
+    pub misses: u64,
 }
 
 /// Writes `stem.svg` and `stem.png`; returns the files written (none without a font).
@@ -73,9 +77,10 @@ pub fn cdf(stem: &Path, title: &str, series: &[Series<'_>]) -> anyhow::Result<Ve
     Ok(written)
 }
 
-/// Points of a CDF: (latency in ms, fraction of requests at or below it).
-fn points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
-    let total = h.len() as f64;
+/// Points of a CDF: (latency in ms, fraction of all reads, misses included, that
+/// succeeded at or below it).
+fn points(h: &Histogram<u64>, misses: u64) -> Vec<(f64, f64)> {
+    let total = (h.len() + misses) as f64;
     if total == 0.0 {
         return Vec::new();
     }
@@ -100,7 +105,7 @@ where
     DB::ErrorType: 'static,
 {
     area.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let all: Vec<Vec<(f64, f64)>> = series.iter().map(|s| points(s.latency)).collect();
+    let all: Vec<Vec<(f64, f64)>> = series.iter().map(|s| points(s.latency, s.misses)).collect();
     let max_ms = all
         .iter()
         .flat_map(|p| p.iter().map(|(x, _)| *x))

@@ -134,6 +134,16 @@ pub async fn connect(target: &Target, http2: bool) -> anyhow::Result<Sender> {
 }
 
 impl Sender {
+    /// Waits until the connection can take a request; false if the server has closed it
+    /// (an idle timeout, a keep-alive limit such as nginx's `keepalive_requests`): then a
+    /// new connection is due, and no request has failed.
+    pub async fn usable(&mut self) -> bool {
+        match self {
+            Sender::Http1(s) => s.ready().await.is_ok(),
+            Sender::Http2(s) => s.ready().await.is_ok(),
+        }
+    }
+
     pub async fn send(
         &mut self,
         request: Request<Full<Bytes>>,
@@ -229,6 +239,11 @@ impl Shared {
         recorder: &mut Recorder,
     ) {
         let outcome = tokio::time::timeout(self.timeout, async {
+            if let Some(open) = sender.as_mut()
+                && !open.usable().await
+            {
+                *sender = None;
+            }
             if sender.is_none() {
                 *sender = Some(
                     connect(target, self.http2)
@@ -313,16 +328,24 @@ pub async fn run(args: ShardsArgs) -> anyhow::Result<Report> {
     if args.connections == 0 || args.keys == 0 {
         bail!("--connections and --keys must be at least 1");
     }
-    if let Some(rate) = args.rate
-        && !(rate > 0.0 && rate.is_finite())
-    {
-        bail!("--rate must be a positive number of requests per second");
+    if let Some(rate) = args.rate {
+        crate::pace::check_rate(rate, "--rate")?;
+    }
+    if args.timeout.0.is_zero() || args.duration.0.is_zero() || args.requests == Some(0) {
+        bail!("--timeout, --duration and --requests must be more than zero");
     }
     let targets = args
         .targets
         .iter()
         .map(|t| parse_target(t))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.connections < targets.len() {
+        bail!(
+            "--connections {} would leave some of the {} targets without load: give at least one per target",
+            args.connections,
+            targets.len()
+        );
+    }
     let body = Bytes::from(crate::random_bytes(args.seed, args.size.0 as usize));
     let token = match &args.token_file {
         Some(path) => Some(
@@ -359,8 +382,11 @@ pub async fn run(args: ShardsArgs) -> anyhow::Result<Report> {
         Some(rate) => open_loop(&shared, &args, rate).await,
     };
     let elapsed = started.elapsed();
-    Ok(Report::new(&recorder, elapsed)
-        .with("connections", args.connections)
+    let mut report = Report::new(&recorder, elapsed).with("connections", args.connections);
+    if let Some(rate) = args.rate {
+        report = report.with("offered_rate", rate);
+    }
+    Ok(report
         .with(
             "mode",
             if args.rate.is_some() {
@@ -467,31 +493,31 @@ async fn collect(mut workers: tokio::task::JoinSet<Recorder>) -> Recorder {
 }
 
 async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Recorder {
-    let (tx, rx) = async_channel(crate::pace::QUEUE);
     let duration = (args.requests.is_none()).then_some(args.duration.0);
-    let mut dues = crate::pace::paced(rate, args.requests, duration);
-    let mut rng = Rng::new(args.seed);
-    let (keys, put_fraction) = (args.keys, args.put_fraction);
-    // Operations are drawn in due order, so a seed gives the same sequence at any speed.
-    let schedule = tokio::spawn(async move {
-        while let Some((_, due)) = dues.recv().await {
-            if tx
-                .send((due, choose(&mut rng, keys, put_fraction)))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let schedule_length = duration
+        .unwrap_or_else(|| Duration::from_secs_f64(args.requests.unwrap_or(0) as f64 / rate));
+    let dues = SharedReceiver(Arc::new(tokio::sync::Mutex::new(crate::pace::paced(
+        rate,
+        args.requests,
+        duration,
+    ))));
+    // The run ends one timeout after the schedule: requests due and still unsent then (the
+    // target is too slow for the rate) are counted as errors from their due time, rather
+    // than sent long after the run was meant to end.
+    let deadline = tokio::time::Instant::now() + schedule_length + args.timeout.0;
     let mut workers = tokio::task::JoinSet::new();
     for c in 0..args.connections {
-        let (shared, rx) = (shared.clone(), rx.clone());
+        let (shared, dues) = (shared.clone(), dues.clone());
+        let (keys, put_fraction, seed) = (args.keys, args.put_fraction, args.seed);
         workers.spawn(async move {
             let target = shared.targets[c % shared.targets.len()].clone();
             let mut sender = None;
             let mut recorder = Recorder::default();
-            while let Some((due, op)) = rx.recv().await {
+            while let Ok(Some((i, due))) = tokio::time::timeout_at(deadline, dues.recv()).await {
+                // Each request's operation comes from its index, so a seed gives the same
+                // sequence whichever connection sends it.
+                let mut rng = Rng::new(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let op = choose(&mut rng, keys, put_fraction);
                 shared
                     .issue(&mut sender, &target, op, due, &mut recorder)
                     .await;
@@ -499,19 +525,11 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
             recorder
         });
     }
-    drop(rx);
-    // The workers end when the schedule has ended and dropped its sender.
-    let recorder = collect(workers).await;
-    let _ = schedule.await;
+    let mut recorder = collect(workers).await;
+    while let Some((_, due)) = dues.recv().await {
+        recorder.error(due.elapsed(), "not sent");
+    }
     recorder
-}
-
-/// A bounded multi-consumer queue: a tokio mpsc receiver shared behind a mutex.
-fn async_channel<T: Send + 'static>(
-    bound: usize,
-) -> (tokio::sync::mpsc::Sender<T>, SharedReceiver<T>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(bound);
-    (tx, SharedReceiver(Arc::new(tokio::sync::Mutex::new(rx))))
 }
 
 struct SharedReceiver<T>(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<T>>>);
@@ -607,11 +625,26 @@ mod tests {
             .filter(|(us, _)| *us >= 250_000)
             .map(|(_, n)| n)
             .sum::<u64>();
+        // 100 a second for one second: the run is paced, not sent all at once.
         assert!(
-            slow >= 20,
-            "only {slow} requests were charged with the stall"
+            report.seconds >= 0.95 && report.seconds < 3.0,
+            "{}",
+            report.seconds
+        );
+        assert!(
+            (20..=60).contains(&slow),
+            "{slow} requests were charged with the stall (about 50 were due during it)"
         );
         assert!(report.max_us >= 490_000);
+        // Once the backlog has drained, requests are fast again: at least the last third
+        // (due from 660 ms on) took under 100 ms.
+        let fast = report
+            .histogram_us
+            .iter()
+            .filter(|(us, _)| *us < 100_000)
+            .map(|(_, n)| n)
+            .sum::<u64>();
+        assert!(fast >= 33, "only {fast} fast requests");
 
         let addr = stalling_server(Duration::from_millis(500)).await;
         let mut closed = args(addr);

@@ -9,12 +9,31 @@ use std::{
 
 use serde_json::Value;
 
+/// Runs slapshot-loadgen to the end, or fails the test after two minutes (a run that
+/// overran its bounds would otherwise hang the suite).
 fn loadgen(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_slapshot-loadgen"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slapshot-loadgen"))
         .args(args)
         .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            // SIGTERM first: an experiment then stops its fleet and removes its files.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            std::thread::sleep(Duration::from_secs(5));
+            let _ = child.kill();
+            panic!("slapshot-loadgen {args:?} ran for more than 2 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
     assert!(
         output.status.success(),
         "slapshot-loadgen {args:?} failed:\n{}",
@@ -60,7 +79,6 @@ fn check_report(report: &Value) {
         quantiles.windows(2).all(|w| w[0] <= w[1]),
         "percentiles out of order: {quantiles:?}"
     );
-    assert!(quantiles[0] > 0, "a request cannot take 0 us: {report}");
     for key in ["seconds", "requests_per_second"] {
         assert!(report[key].as_f64().unwrap() > 0.0, "{key} in {report}");
     }
@@ -291,6 +309,11 @@ fn experiments_write_their_tables_json_and_plots() {
         ] {
             let q = &tail[scenario][scheme];
             check_quantiles(q);
+            assert_eq!(
+                u(q, "reads"),
+                100,
+                "every scheme counts each read once: {q}"
+            );
             assert!(table.contains(&format!("| {scenario} | {scheme} |")));
         }
         check_plot(&out, &format!("tail-{scenario}"));
@@ -298,46 +321,59 @@ fn experiments_write_their_tables_json_and_plots() {
         assert_eq!(u(&tail[scenario]["4-of-5 late binding"], "misses"), 0);
         assert_eq!(u(&tail[scenario]["4-of-5 (thin client)"], "misses"), 0);
     }
+    // The slow node shows: 10% of its answers take 10-50 ms, and 4-of-4 waits for it in
+    // about 80 of 100 reads, so its p99 is a delayed one (a no-op injector fails this).
+    let slow_p99 = tail["b-one-slow-node"]["4-of-4 (no redundancy)"]["p99_us"].as_u64();
+    assert!(slow_p99.is_some_and(|p99| p99 >= 10_000), "{slow_p99:?}");
     // With one node of five dead, 4-of-4 cannot read the chunks with a shard there.
     assert!(u(&tail["c-one-dead-node"]["4-of-4 (no redundancy)"], "misses") > 0);
 
-    let out = dir.path().join("failover");
-    loadgen(&[
-        "experiment",
-        "failover",
-        "--out",
-        out.to_str().unwrap(),
-        "--server-bin",
-        server,
-        "--chunks",
-        "20",
-        "--phase",
-        "500ms",
-        "--rate",
-        "200",
-    ]);
-    let failover = read_json(&out.join("failover.json"));
-    let phases = failover["phases"].as_array().unwrap();
-    // A baseline, then each of the five nodes down and back.
-    assert_eq!(phases.len(), 11, "{failover}");
-    let mut errors = 0;
-    for phase in phases {
+    for fault in ["kill", "stop"] {
+        let out = dir.path().join(format!("failover-{fault}"));
+        loadgen(&[
+            "experiment",
+            "failover",
+            "--out",
+            out.to_str().unwrap(),
+            "--server-bin",
+            server,
+            "--chunks",
+            "20",
+            "--phase",
+            "500ms",
+            "--rate",
+            "200",
+            "--fault",
+            fault,
+        ]);
+        let failover = read_json(&out.join("failover.json"));
+        let phases = failover["phases"].as_array().unwrap();
+        // A baseline, then each of the five nodes down and back.
+        assert_eq!(phases.len(), 11, "{failover}");
+        let mut errors = 0;
+        for phase in phases {
+            assert_eq!(
+                u(phase, "requests"),
+                u(phase, "successes") + u(phase, "errors"),
+                "{phase}"
+            );
+            errors += u(phase, "errors");
+            let rate = phase["hit_rate"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&rate), "{phase}");
+        }
+        assert_eq!(errors, u(&failover, "errors"));
         assert_eq!(
-            u(phase, "requests"),
-            u(phase, "successes") + u(phase, "errors"),
-            "{phase}"
+            errors, 0,
+            "no read fails while one node is down: {failover}"
         );
-        errors += u(phase, "errors");
-        let rate = phase["hit_rate"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&rate), "{phase}");
+        check_plot(&out, "failover-hit-rate");
+        check_plot(&out, "failover-reads");
+        assert_eq!(
+            failover["marks"].as_array().unwrap().len(),
+            10,
+            "{failover}"
+        );
     }
-    assert_eq!(errors, u(&failover, "errors"));
-    assert_eq!(
-        errors, 0,
-        "no read fails while one node is down: {failover}"
-    );
-    check_plot(&out, "failover-hit-rate");
-    check_plot(&out, "failover-reads");
 
     let out = dir.path().join("tiers");
     loadgen(&[

@@ -72,6 +72,11 @@ pub fn run(config: ServerConfig) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     tracing::info!(%addr, threads = cores.len(), pinned = pin, direct_io = node.store.direct_io(), "serving on http://{addr}");
+    if node.faults.is_some() {
+        tracing::warn!(
+            "fault injection is on: /admin/faults can delay, fail and stall shard requests"
+        );
+    }
 
     let drain_grace = config.drain_grace;
     thread::Builder::new()

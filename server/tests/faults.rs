@@ -124,3 +124,42 @@ fn with_a_token_changing_faults_needs_it() {
     assert_eq!(set.status, 200, "{}", set.text());
     assert!(client.get("/admin/faults").text().contains("error-rate=1"));
 }
+
+#[test]
+fn a_lifted_stall_releases_the_requests_it_held_and_faults_come_after_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let (_node_dir, node) = node(&["--fault-injection", "--token-file", token.to_str().unwrap()]);
+    let auth = [("authorization", "Bearer s3cret")];
+    let mut admin = node.client();
+    assert_eq!(
+        admin.request("PUT", "/v1/shards/k", &auth, b"value").status,
+        201
+    );
+    let set = admin.request("PUT", "/admin/faults", &auth, b"stall=true\n");
+    assert_eq!(set.status, 200);
+    // A write without the token is refused at once, stall or not.
+    assert_eq!(node.client().put("/v1/shards/k", b"other").status, 401);
+
+    let addr = node.addr;
+    let stalled = std::thread::spawn(move || {
+        let started = Instant::now();
+        let status = slapshot_testkit::Client::connect(addr)
+            .get("/v1/shards/k")
+            .status;
+        (status, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!stalled.is_finished(), "a stalled GET was answered");
+    assert_eq!(
+        admin.request("DELETE", "/admin/faults", &auth, b"").status,
+        200
+    );
+    let (status, waited) = stalled.join().unwrap();
+    assert_eq!(
+        status, 200,
+        "the held GET is served once the stall is lifted"
+    );
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+}

@@ -104,14 +104,22 @@ impl RunningNode {
             .kill_on_drop(true);
         // kill_on_drop covers a fleet dropped in an orderly way; a `fleet up` or an
         // experiment that is itself killed (-9, or a fatal signal) must not leave its nodes
-        // running either: the kernel kills them when the thread that started them exits
-        // (the runtime's threads live as long as the process).
-        // SAFETY: between fork and exec, the closure only calls prctl(2), which is
-        // async-signal-safe, and allocates nothing.
+        // running either: the kernel kills them when the thread that started them exits.
+        // That is a thread, not the process: a LocalFleet must start and restart nodes from
+        // a thread that lives as long as the fleet (the main thread or a runtime worker, as
+        // every caller does; never a spawn_blocking thread, which exits when idle).
+        let parent = std::process::id();
+        // SAFETY: between fork and exec, the closure only calls prctl(2) and getppid(2),
+        // which are async-signal-safe, and allocates nothing.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
+                    .map_err(std::io::Error::from)?;
+                // The parent may have died before prctl: then nothing will signal us.
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    return Err(std::io::Error::other("the fleet's process has exited"));
+                }
+                Ok(())
             });
         }
         command
@@ -356,7 +364,10 @@ async fn wait_for_stop(nodes: &mut [RunningNode]) -> String {
 async fn stop_nodes(nodes: &mut [RunningNode]) {
     for node in nodes.iter() {
         if let Some(pid) = node.child.id() {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            let pid = Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+            // A paused node (SIGSTOP) acts on SIGTERM only once continued.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
         }
     }
     let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use slapshot_client::{FleetClient, config::ReadMode, metrics::get};
+use slapshot_client::{ChunkSource, FleetClient, config::ReadMode, metrics::get};
 use slapshot_core::HumanDuration;
 
 use super::{Common, open_loop, start_fleet};
@@ -35,6 +35,10 @@ pub struct FailoverArgs {
     /// How long each node stays down, and then up before the next one goes.
     #[arg(long, value_name = "DURATION", default_value = "3s")]
     pub phase: HumanDuration,
+    /// What happens to each node in turn: kill (-9, then a restart on the same store) or
+    /// stop (SIGSTOP, a black hole whose connections hang, then SIGCONT).
+    #[arg(long, value_name = "FAULT", default_value = "kill", value_parser = ["kill", "stop"])]
+    pub fault: String,
     /// The client's read mode: all (late binding) or hedged.
     #[arg(long, value_name = "MODE", default_value = "all")]
     pub read_mode: String,
@@ -67,10 +71,8 @@ async fn experiment(
         "hedged" => ReadMode::Hedged,
         other => anyhow::bail!("--read-mode is all or hedged, not {other:?}"),
     };
-    anyhow::ensure!(
-        args.rate > 0.0 && args.rate.is_finite(),
-        "--rate must be a positive number of reads per second"
-    );
+    crate::pace::check_rate(args.rate, "--rate")?;
+    anyhow::ensure!(args.chunks > 0, "--chunks must be at least 1");
     let client = FleetClient::new(config)?;
     eprintln!(
         "writing {} chunks of 512 KiB to the origin and the fleet",
@@ -80,10 +82,16 @@ async fn experiment(
         crate::chunks::write_chunks(&client, args.chunks, 512 << 10, args.common.seed).await?,
     );
 
+    let stop_fault = args.fault == "stop";
+    let (down, back) = if stop_fault {
+        ("stopped", "continued")
+    } else {
+        ("down", "back")
+    };
     let mut phases: Vec<String> = vec!["baseline".into()];
     for i in 0..fleet.config.nodes.len() {
-        phases.push(format!("node-{i} down"));
-        phases.push(format!("node-{i} back"));
+        phases.push(format!("node-{i} {down}"));
+        phases.push(format!("node-{i} {back}"));
     }
     let phase = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -91,10 +99,11 @@ async fn experiment(
 
     // The load: reads started at a fixed rate (open loop), each recorded into the phase
     // current when it ends.
-    let recorders: Arc<Vec<Mutex<Recorder>>> = Arc::new(
+    // Per phase: the reads, and how many of them the origin served.
+    let recorders: Arc<Vec<Mutex<(Recorder, u64)>>> = Arc::new(
         phases
             .iter()
-            .map(|_| Mutex::new(Recorder::default()))
+            .map(|_| Mutex::new((Recorder::default(), 0)))
             .collect(),
     );
     let mut rng = Rng::new(args.common.seed);
@@ -114,28 +123,32 @@ async fn experiment(
         );
         let rate = args.rate;
         tokio::spawn(async move {
-            open_loop(None, rate, Some(&stop), |i| {
-                let (client, names, phase, live, recorders, picks) = (
+            open_loop(None, rate, Some(&stop), |i, due| {
+                let (client, names, live, recorders, picks) = (
                     client.clone(),
                     names.clone(),
-                    phase.clone(),
                     live.clone(),
                     recorders.clone(),
                     picks.clone(),
                 );
+                // A read belongs to the phase it was due in (a kill's slow reads are
+                // charged to the kill, not to the restart after it).
+                let p = phase.load(Ordering::Relaxed).min(recorders.len() - 1);
                 async move {
                     let name = names[picks[i % PICKS]];
-                    let started = Instant::now();
-                    let result = client.get_chunk(&name).await;
-                    let p = phase.load(Ordering::Relaxed).min(recorders.len() - 1);
-                    let mut recorder = recorders[p].lock().unwrap_or_else(|e| e.into_inner());
+                    let result = client.get_chunk_with_source(&name).await;
+                    let (recorder, from_origin) =
+                        &mut *recorders[p].lock().unwrap_or_else(|e| e.into_inner());
                     match result {
-                        Ok(bytes) => {
-                            recorder.success(started.elapsed(), bytes.len() as u64);
+                        Ok((bytes, source)) => {
+                            recorder.success(due.elapsed(), bytes.len() as u64);
                             live.count(true, bytes.len() as u64);
+                            if source == ChunkSource::Origin {
+                                *from_origin += 1;
+                            }
                         }
                         Err(e) => {
-                            recorder.error(started.elapsed(), error_kind(&e));
+                            recorder.error(due.elapsed(), error_kind(&e));
                             live.count(false, 0);
                         }
                     }
@@ -185,12 +198,22 @@ async fn experiment(
     };
     tokio::time::sleep(args.phase.0).await;
     for i in 0..fleet.config.nodes.len() {
-        eprintln!("killing node-{i}");
-        fleet.kill_node(i).await;
+        if stop_fault {
+            eprintln!("stopping node-{i} (SIGSTOP)");
+            fleet.pause_node(i);
+        } else {
+            eprintln!("killing node-{i}");
+            fleet.kill_node(i).await;
+        }
         next_phase(1 + 2 * i, &phase, &mut marks);
         tokio::time::sleep(args.phase.0).await;
-        eprintln!("restarting node-{i}");
-        fleet.restart_node(i).await?;
+        if stop_fault {
+            eprintln!("continuing node-{i} (SIGCONT)");
+            fleet.resume_node(i);
+        } else {
+            eprintln!("restarting node-{i}");
+            fleet.restart_node(i).await?;
+        }
         next_phase(2 + 2 * i, &phase, &mut marks);
         tokio::time::sleep(args.phase.0).await;
     }
@@ -200,30 +223,36 @@ async fn experiment(
     }
     stop.store(true, Ordering::Relaxed);
     let late = load.await?;
-    let per_phase: Vec<Recorder> = recorders
+    let (per_phase, origin_reads): (Vec<Recorder>, Vec<u64>) = recorders
         .iter()
         .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner())))
-        .collect();
+        .unzip();
     let points = sampler.await?;
 
     // The report.
     use std::fmt::Write;
     let mut table = String::from(
-        "| phase | reads | errors | origin fetches | hit rate | p50 | p99 | p99.9 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| phase | reads | errors | read from the origin | fleet hit rate | origin fetches | p50 | p99 | p99.9 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut json_phases = Vec::new();
     let mut total_errors = 0;
     for (i, name) in phases.iter().enumerate() {
         let r = Report::new(&per_phase[i], args.phase.0);
         total_errors += r.errors;
-        let hit_rate = 1.0 - origin_per_phase[i] as f64 / r.requests.max(1) as f64;
+        // The share of the phase's reads the fleet served (by each read's own source).
+        let hit_rate = if r.requests == 0 {
+            1.0
+        } else {
+            (r.successes - origin_reads[i]) as f64 / r.requests as f64
+        };
         let _ = writeln!(
             table,
-            "| {name} | {} | {} | {} | {:.2}% | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {:.2}% | {} | {} | {} | {} |",
             r.requests,
             r.errors,
-            origin_per_phase[i],
+            origin_reads[i],
             100.0 * hit_rate,
+            origin_per_phase[i],
             us(r.p50_us),
             us(r.p99_us),
             us(r.p999_us)
@@ -234,6 +263,7 @@ async fn experiment(
             "successes": r.successes,
             "errors": r.errors,
             "errors_by_kind": r.errors_by_kind,
+            "origin_reads": origin_reads[i],
             "origin_fetches": origin_per_phase[i],
             "hit_rate": hit_rate,
             "p50_us": r.p50_us,

@@ -40,10 +40,20 @@ pub struct Common {
 }
 
 pub async fn run(command: ExperimentCommand) -> anyhow::Result<()> {
-    match command {
-        ExperimentCommand::Tail(args) => tail::run(args).await,
-        ExperimentCommand::Failover(args) => failover::run(args).await,
-        ExperimentCommand::Tiers(args) => tiers::run(args).await,
+    let experiment = async {
+        match command {
+            ExperimentCommand::Tail(args) => tail::run(args).await,
+            ExperimentCommand::Failover(args) => failover::run(args).await,
+            ExperimentCommand::Tiers(args) => tiers::run(args).await,
+        }
+    };
+    // Ctrl-C or SIGTERM drops the experiment: its fleet's nodes are killed (kill_on_drop)
+    // and its temporary directory, with their stores, is removed.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = experiment => result,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the experiment's fleet is stopped and its files removed"),
+        _ = terminate.recv() => anyhow::bail!("terminated; the experiment's fleet is stopped and its files removed"),
     }
 }
 
@@ -125,11 +135,12 @@ pub fn histogram() -> Histogram<u64> {
 /// Reads in flight at most, in an open-loop run.
 pub const MAX_IN_FLIGHT: usize = 256;
 
-/// Runs `read(i)` for reads started at `rate` per second (open loop), `reads` of them or
+/// Runs `read(i, due)` for reads due at `rate` per second (open loop), `reads` of them or
 /// until `stop` is set, at most `MAX_IN_FLIGHT` at once. The load does not depend on how
 /// fast reads finish, so a slow or dead node does not lighten the load on the others, as
-/// it would in a closed loop. Returns how many reads started more than 1 ms after they
-/// were due (every slot was taken).
+/// it would in a closed loop. Reads time themselves from `due`, so a read that waited for
+/// a slot is charged with the wait (no coordinated omission). Returns how many reads
+/// started more than 1 ms after they were due. A read that panics fails the run.
 pub async fn open_loop<F, Fut>(
     reads: Option<usize>,
     rate: f64,
@@ -137,13 +148,20 @@ pub async fn open_loop<F, Fut>(
     read: F,
 ) -> u64
 where
-    F: Fn(usize) -> Fut,
+    F: Fn(usize, std::time::Instant) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let mut dues = crate::pace::paced(rate, reads.map(|n| n as u64), None);
     let mut tasks = tokio::task::JoinSet::new();
     let mut late = 0;
+    let reap = |done: Result<(), tokio::task::JoinError>| {
+        if let Err(e) = done
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    };
     while let Some((i, due)) = dues.recv().await {
         if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
             break;
@@ -152,14 +170,48 @@ where
         if due.elapsed() > std::time::Duration::from_millis(1) {
             late += 1;
         }
-        let read = read(i as usize);
+        let read = read(i as usize, due);
         tasks.spawn(async move {
             read.await;
             drop(permit);
         });
         // Reap finished reads as we go: the set stays as small as the reads in flight.
-        while tasks.try_join_next().is_some() {}
+        while let Some(done) = tasks.try_join_next() {
+            reap(done);
+        }
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(done) = tasks.join_next().await {
+        reap(done);
+    }
     late
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+
+    /// Reads that wait for a slot are counted late and timed from their due time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_that_wait_for_a_slot_are_charged_from_their_due_time() {
+        let reads = MAX_IN_FLIGHT + 44;
+        let took: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let late = open_loop(Some(reads), 2000.0, None, |_, due: Instant| {
+            let took = took.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                took.lock().unwrap().push(due.elapsed());
+            }
+        })
+        .await;
+        let took = took.lock().unwrap();
+        assert_eq!(took.len(), reads);
+        // All slots are taken for 400 ms from about 128 ms on: the last 44 reads waited.
+        assert!((40..=60).contains(&late), "{late} late starts");
+        let slowest = took.iter().max().unwrap();
+        assert!(*slowest >= Duration::from_millis(650), "{slowest:?}");
+    }
 }

@@ -91,9 +91,10 @@ struct Outcome {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    crate::pace::check_rate(args.rate, "--rate")?;
     anyhow::ensure!(
-        args.rate > 0.0 && args.rate.is_finite(),
-        "--rate must be a positive number of reads per second"
+        (0.0..=1.0).contains(&args.slow_fraction),
+        "--slow-fraction is a share of requests, between 0 and 1"
     );
     anyhow::ensure!(
         args.reads > 0 && args.chunks > 0,
@@ -142,7 +143,9 @@ async fn experiment(
         reads: args.reads.min(500),
         ..args.clone()
     };
-    scenario_run(&warm_up, &client, &placement, &addrs, &names, None).await?;
+    // One pool of keep-alive connections for every pass, the warm-up's included.
+    let pool = Arc::new(Pool::new(&addrs, args.shard_timeout.0));
+    scenario_run(&warm_up, &client, &placement, &pool, &names, None).await?;
 
     let mut results: BTreeMap<&str, Outcome> = BTreeMap::new();
     let mut trigger = None;
@@ -166,11 +169,11 @@ async fn experiment(
             _ => {}
         }
         eprintln!("scenario {scenario}: {} reads per pass", args.reads);
-        let outcome = scenario_run(args, &client, &placement, &addrs, &names, trigger).await?;
+        let outcome = scenario_run(args, &client, &placement, &pool, &names, trigger).await?;
         trigger.get_or_insert(outcome.fourth_p95_us);
         results.insert(scenario, outcome);
     }
-    fleet.restart_node(VICTIM).await?;
+    // The fleet is stopped next, dead node and all.
     report(args, &results)
 }
 
@@ -190,10 +193,22 @@ async fn put_whole(addr: SocketAddr, name: &ChunkName, bytes: Bytes) -> anyhow::
     Ok(())
 }
 
-/// One GET: `Ok(latency)`, or `Err(time until it failed)` (refused, timed out, not 200).
-async fn get(sender: &mut Option<Sender>, target: &Target, key: &str, timeout: Duration) -> Answer {
-    let started = Instant::now();
+/// One GET: `Ok(latency)`, or `Err(time until it failed)` (refused, timed out, not 200),
+/// both counted from `due`, the read's intended start (a connect is part of it).
+async fn get(
+    sender: &mut Option<Sender>,
+    target: &Target,
+    key: &str,
+    timeout: Duration,
+    due: Instant,
+) -> Answer {
     let result = tokio::time::timeout(timeout, async {
+        // A connection the node closed while idle is replaced, not counted as a failure.
+        if let Some(open) = sender.as_mut()
+            && !open.usable().await
+        {
+            *sender = None;
+        }
         if sender.is_none() {
             *sender = Some(connect(target, false).await.ok()?);
         }
@@ -208,10 +223,10 @@ async fn get(sender: &mut Option<Sender>, target: &Target, key: &str, timeout: D
     })
     .await;
     match result {
-        Ok(Some(())) => Ok(started.elapsed()),
+        Ok(Some(())) => Ok(due.elapsed()),
         _ => {
             *sender = None;
-            Err(started.elapsed())
+            Err(due.elapsed())
         }
     }
 }
@@ -237,12 +252,12 @@ impl Pool {
 
     /// One GET on an idle connection to `node` (or a new one); the connection goes back
     /// to the pool if the exchange completed.
-    async fn get(&self, node: usize, key: &str) -> Answer {
+    async fn get(&self, node: usize, key: &str, due: Instant) -> Answer {
         let mut sender = self.idle[node]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .pop();
-        let answer = get(&mut sender, &self.targets[node], key, self.timeout).await;
+        let answer = get(&mut sender, &self.targets[node], key, self.timeout, due).await;
         if let Some(sender) = sender {
             self.idle[node]
                 .lock()
@@ -257,7 +272,7 @@ async fn scenario_run(
     args: &TailArgs,
     client: &FleetClient,
     placement: &Placement,
-    addrs: &[SocketAddr],
+    pool: &Arc<Pool>,
     names: &Arc<Vec<ChunkName>>,
     trigger: Option<u64>,
 ) -> anyhow::Result<Outcome> {
@@ -271,9 +286,8 @@ async fn scenario_run(
     );
 
     // Pass 1: all five shards of a chunk asked at once, each answer's time recorded.
-    let pool = Arc::new(Pool::new(addrs, args.shard_timeout.0));
     let samples: Arc<Mutex<Vec<[Answer; 5]>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut late = open_loop(Some(args.reads), args.rate, None, |i| {
+    let mut late = open_loop(Some(args.reads), args.rate, None, |i, due| {
         let (pool, names, ranks, picks, samples) = (
             pool.clone(),
             names.clone(),
@@ -284,7 +298,7 @@ async fn scenario_run(
         async move {
             let j = picks[i];
             let key = names[j].to_hex();
-            let gets = ranks[j].iter().map(|&n| pool.get(n, &key));
+            let gets = ranks[j].iter().map(|&n| pool.get(n, &key, due));
             let answers = futures::future::join_all(gets).await;
             let sample: [Answer; 5] = std::array::from_fn(|r| answers[r]);
             samples
@@ -297,7 +311,7 @@ async fn scenario_run(
 
     // Pass 2: whole copies, each from the chunk's first node.
     let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
-    late += open_loop(Some(args.reads), args.rate, None, |i| {
+    late += open_loop(Some(args.reads), args.rate, None, |i, due| {
         let (pool, names, ranks, picks, whole) = (
             pool.clone(),
             names.clone(),
@@ -308,16 +322,16 @@ async fn scenario_run(
         async move {
             let j = picks[i];
             let answer = pool
-                .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()))
+                .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()), due)
                 .await;
             whole.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
         }
     })
     .await;
 
-    // Pass 3: the thin client itself.
-    let client_reads = Arc::new(Mutex::new(crate::report::Recorder::default()));
-    late += open_loop(Some(args.reads), args.rate, None, |i| {
+    // Pass 3: the thin client itself: successes timed, failures counted (as misses).
+    let client_reads = Arc::new(Mutex::new((histogram(), 0u64)));
+    late += open_loop(Some(args.reads), args.rate, None, |i, due| {
         let (client, names, picks, recorder) = (
             client.clone(),
             names.clone(),
@@ -325,17 +339,19 @@ async fn scenario_run(
             client_reads.clone(),
         );
         async move {
-            let started = Instant::now();
             let result = client.get_chunk(&names[picks[i]]).await;
-            let mut recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
+            let (hits, misses) = &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
             match result {
-                Ok(bytes) => recorder.success(started.elapsed(), bytes.len() as u64),
-                Err(e) => recorder.error(started.elapsed(), crate::chunks::error_kind(&e)),
+                Ok(_) => hits.saturating_record(us(due.elapsed())),
+                Err(_) => *misses += 1,
             }
         }
     })
     .await;
-    let client_reads = std::mem::take(&mut *client_reads.lock().unwrap_or_else(|p| p.into_inner()));
+    let client_reads = std::mem::replace(
+        &mut *client_reads.lock().unwrap_or_else(|p| p.into_inner()),
+        (histogram(), 0),
+    );
 
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut hits: Vec<Histogram<u64>> = (0..SCHEMES.len()).map(|_| histogram()).collect();
@@ -377,10 +393,9 @@ async fn scenario_run(
     for w in whole.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         record(&mut hits[2], &mut misses[2], w.ok());
     }
-    hits[4].add(&client_reads.latency).expect("same bounds");
-    // Errors were recorded with their latency too; count them as misses instead.
-    let client_errors: u64 = client_reads.errors.values().sum();
-    misses[4] = client_errors;
+    let (client_hits, client_misses) = client_reads;
+    hits[4] = client_hits;
+    misses[4] = client_misses;
     Ok(Outcome {
         hits,
         misses,
@@ -406,13 +421,20 @@ enum Parity {
 fn hedged(s: &[Answer; 5], trigger: Duration, tokens: &mut f64) -> (Option<Duration>, Parity) {
     *tokens = (*tokens + 0.05).min(10.0);
     let first_failure = s[..4].iter().filter_map(|a| a.err()).min();
-    let (asked_at, why) = match (first_failure, last_of(&s[..4])) {
-        (Some(failed), _) => (failed, Parity::AfterFailure),
-        (None, Some(done)) if done > trigger && *tokens >= 1.0 => {
-            *tokens -= 1.0;
-            (trigger, Parity::Hedged)
-        }
-        (None, done) => return (done, Parity::NotAsked),
+    // At the trigger, the client hedges if a data shard is still outstanding (slow, or
+    // about to fail) and the budget allows; a failure before that asks the parity at once.
+    let outstanding_at_trigger = match first_failure {
+        Some(failed) => failed > trigger,
+        None => last_of(&s[..4]).is_some_and(|done| done > trigger),
+    };
+    let hedge = outstanding_at_trigger && *tokens >= 1.0;
+    if hedge {
+        *tokens -= 1.0;
+    }
+    let (asked_at, why) = match (hedge, first_failure) {
+        (true, _) => (trigger, Parity::Hedged),
+        (false, Some(failed)) => (failed, Parity::AfterFailure),
+        (false, None) => return (last_of(&s[..4]), Parity::NotAsked),
     };
     let parity = s[4].map(|l| l + asked_at).map_err(|l| l + asked_at);
     (kth(&[s[0], s[1], s[2], s[3], parity], 4), why)
@@ -488,6 +510,7 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
             .map(|(i, s)| Series {
                 name: (*s).to_owned(),
                 latency: &outcome.hits[i],
+                misses: outcome.misses[i],
             })
             .collect();
         let stem = args.common.out.join(format!("tail-{scenario}"));
@@ -568,6 +591,12 @@ mod tests {
         assert_eq!(
             hedged(&refused, ms(3), &mut tokens),
             (Some(Duration::from_micros(2000)), Parity::AfterFailure)
+        );
+        // A shard still out at the trigger that fails later: the hedge went at the trigger.
+        let slow_then_failed = [Ok(ms(1)), Err(ms(40)), Ok(ms(1)), Ok(ms(2)), Ok(ms(1))];
+        assert_eq!(
+            hedged(&slow_then_failed, ms(3), &mut tokens),
+            (Some(ms(4)), Parity::Hedged)
         );
         // The budget runs out: slow reads wait for their slow shard.
         let mut empty = 0.0;

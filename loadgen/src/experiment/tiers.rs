@@ -146,6 +146,18 @@ impl Zipf {
 }
 
 pub async fn run(args: TiersArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.images > 0 && args.workers > 0 && args.starts > 0,
+        "--images, --workers and --starts must be at least 1"
+    );
+    anyhow::ensure!(
+        args.zipf.is_finite() && args.zipf >= 0.0,
+        "--zipf must be a number at least 0 (0: every image as popular)"
+    );
+    anyhow::ensure!(
+        args.start_fraction > 0.0 && args.start_fraction <= 1.0,
+        "--start-fraction is a share of an image's files: more than 0, at most 1"
+    );
     std::fs::create_dir_all(&args.common.out)?;
     let work = tempfile::Builder::new()
         .prefix("slapshot-tiers-")

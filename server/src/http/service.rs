@@ -211,29 +211,15 @@ async fn route<B: RequestBody>(
     body: &mut B,
 ) -> Reply {
     if let Some(key) = path.strip_prefix(SHARD_PREFIX) {
-        if let Some(faults) = &ctx.node.faults {
-            match faults.draw() {
-                Fault::None => {}
-                Fault::Delay(delay) => monoio::time::sleep(delay).await,
-                Fault::Error => {
-                    return reject_body(
-                        text(StatusCode::SERVICE_UNAVAILABLE, "injected fault\n"),
-                        body,
-                    )
-                    .await;
-                }
-                // A black hole: no answer until the connection goes (the watchdog's
-                // timeouts end it, as they would a stuck request).
-                Fault::Stall => std::future::pending::<()>().await,
-            }
-        }
         return shard(ctx, method, key, headers, body).await;
     }
     if path == "/admin/faults"
         && let Some(faults) = &ctx.node.faults
     {
-        // Changing faults is a write: it needs the token whenever writes do.
-        if *method != Method::GET && !authorized(ctx, headers) {
+        // Changing faults is a write: it needs the token whenever writes do, and reading
+        // them whenever reads do.
+        let needs_token = *method != Method::GET || ctx.node.http.auth_reads;
+        if needs_token && !authorized(ctx, headers) {
             return reject_body(unauthorized(), body).await;
         }
         return admin_faults(faults, method, body).await;
@@ -270,6 +256,9 @@ async fn route<B: RequestBody>(
         ),
     }
 }
+
+/// How often a stalled request looks whether the stall was lifted.
+const STALL_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 fn unauthorized() -> Reply {
     let mut reply = text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
@@ -323,6 +312,29 @@ async fn shard<B: RequestBody>(
     };
     if needs_token && !authorized(ctx, headers) {
         return reject_body(unauthorized(), body).await;
+    }
+    // Injected faults meet requests the node would serve (after the method and token
+    // checks), as a slow or failing node's would.
+    if let Some(faults) = &ctx.node.faults {
+        match faults.draw() {
+            Fault::None => {}
+            Fault::Delay(delay) => monoio::time::sleep(delay).await,
+            Fault::Error => {
+                return reject_body(
+                    text(StatusCode::SERVICE_UNAVAILABLE, "injected fault\n"),
+                    body,
+                )
+                .await;
+            }
+            // A black hole: no answer while the stall lasts. A request stalled when it is
+            // lifted carries on; one that outlasts the watchdog's timeouts loses its
+            // connection, as a stuck request would.
+            Fault::Stall => {
+                while faults.settings().stall {
+                    monoio::time::sleep(STALL_POLL).await;
+                }
+            }
+        }
     }
     let key = match ShardKey::parse(key) {
         Ok(key) => key,
