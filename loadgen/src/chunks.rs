@@ -38,9 +38,13 @@ pub struct ChunksArgs {
     /// Bytes per chunk written.
     #[arg(long, value_name = "BYTES", default_value = "512KiB")]
     pub size: ByteSize,
-    /// Reads in flight.
+    /// Reads in flight (closed loop).
     #[arg(long, value_name = "C", default_value_t = 16)]
     pub concurrency: usize,
+    /// Open loop: reads started per second, each timed from when it was due (at most
+    /// 256 in flight; a read that waits for a slot is charged with the wait).
+    #[arg(long, value_name = "R", conflicts_with = "concurrency")]
+    pub rate: Option<f64>,
     /// How long to read.
     #[arg(
         long,
@@ -134,6 +138,54 @@ pub async fn read_chunks(
     all
 }
 
+/// Reads at `rate` a second (open loop) until `deadline` or `budget` reads, each timed
+/// from its due time.
+async fn read_chunks_paced(
+    client: &FleetClient,
+    names: Arc<Vec<ChunkName>>,
+    rate: f64,
+    deadline: Instant,
+    budget: Option<u64>,
+    seed: u64,
+    live: Arc<Live>,
+) -> Recorder {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline.into()).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let recorder = Arc::new(std::sync::Mutex::new(Recorder::default()));
+    crate::experiment::open_loop(budget.map(|n| n as usize), rate, Some(&stop), |i, due| {
+        let (client, names, live, recorder) = (
+            client.clone(),
+            names.clone(),
+            live.clone(),
+            recorder.clone(),
+        );
+        let name = names[Rng::new(seed ^ i as u64).below(names.len() as u64) as usize];
+        async move {
+            let result = client.get_chunk(&name).await;
+            let mut recorder = recorder.lock().unwrap_or_else(|e| e.into_inner());
+            match result {
+                Ok(bytes) => {
+                    recorder.success(due.elapsed(), bytes.len() as u64);
+                    live.count(true, bytes.len() as u64);
+                }
+                Err(e) => {
+                    recorder.error(due.elapsed(), error_kind(&e));
+                    live.count(false, 0);
+                }
+            }
+        }
+    })
+    .await;
+    timer.abort();
+    std::mem::take(&mut *recorder.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 pub fn error_kind(e: &ChunkError) -> &'static str {
     match e {
         ChunkError::FleetMiss { .. } => "fleet miss",
@@ -146,6 +198,12 @@ pub fn error_kind(e: &ChunkError) -> &'static str {
 }
 
 pub async fn run(args: ChunksArgs) -> anyhow::Result<Report> {
+    if let Some(rate) = args.rate {
+        crate::pace::check_rate(rate, "--rate")?;
+    }
+    if args.duration.0.is_zero() || args.requests == Some(0) {
+        bail!("--duration and --requests must be more than zero");
+    }
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
@@ -181,20 +239,44 @@ pub async fn run(args: ChunksArgs) -> anyhow::Result<Report> {
         } else {
             args.duration.0
         };
-    let recorder = read_chunks(
-        &client,
-        Arc::new(names),
-        args.concurrency,
-        deadline,
-        args.requests,
-        args.seed,
-        live,
-    )
-    .await;
+    let names = Arc::new(names);
+    let recorder = match args.rate {
+        None => {
+            read_chunks(
+                &client,
+                names,
+                args.concurrency,
+                deadline,
+                args.requests,
+                args.seed,
+                live,
+            )
+            .await
+        }
+        Some(rate) => {
+            read_chunks_paced(
+                &client,
+                names,
+                rate,
+                deadline,
+                args.requests,
+                args.seed,
+                live,
+            )
+            .await
+        }
+    };
     let elapsed = started.elapsed();
-    Ok(Report::new(&recorder, elapsed)
+    let report = match args.rate {
+        Some(rate) => Report::new(&recorder, elapsed)
+            .with("mode", "open")
+            .with("offered_rate", rate),
+        None => Report::new(&recorder, elapsed)
+            .with("mode", "closed")
+            .with("concurrency", args.concurrency),
+    };
+    Ok(report
         .with("rebuilt_from_parity", get(&m.degraded_rebuilds) - degraded)
         .with("origin_fetches", get(&m.origin_fetches) - origin)
-        .with("hedges_sent", get(&m.hedges_sent) - hedges)
-        .with("concurrency", args.concurrency))
+        .with("hedges_sent", get(&m.hedges_sent) - hedges))
 }

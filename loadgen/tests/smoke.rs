@@ -244,6 +244,29 @@ fn shards_and_chunks_report_complete_consistent_json() {
     assert_eq!(u(&report, "bytes"), 200 * 512 * 1024);
     let rebuilt = u(&report, "rebuilt_from_parity");
     assert!(rebuilt <= 200, "{report}");
+
+    // The same, open loop: 200 reads due at 400 a second.
+    let report = json(&loadgen(&[
+        "chunks",
+        "--fleet",
+        fleet_file,
+        "--chunks",
+        "20",
+        "--requests",
+        "200",
+        "--rate",
+        "400",
+        "--json",
+    ]));
+    check_report(&report);
+    assert_eq!(report["mode"], "open");
+    assert_eq!(u(&report, "requests"), 200);
+    assert_eq!(u(&report, "errors"), 0, "{report}");
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!(
+        seconds >= 0.49,
+        "200 reads at 400/s take half a second: {seconds}"
+    );
 }
 
 fn read_json(path: &Path) -> Value {
