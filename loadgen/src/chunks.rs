@@ -148,7 +148,7 @@ async fn read_chunks_paced(
     budget: Option<u64>,
     seed: u64,
     live: Arc<Live>,
-) -> Recorder {
+) -> (Recorder, crate::experiment::Paced) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timer = {
         let stop = stop.clone();
@@ -158,32 +158,34 @@ async fn read_chunks_paced(
         })
     };
     let recorder = Arc::new(std::sync::Mutex::new(Recorder::default()));
-    crate::experiment::open_loop(budget.map(|n| n as usize), rate, Some(&stop), |i, due| {
-        let (client, names, live, recorder) = (
-            client.clone(),
-            names.clone(),
-            live.clone(),
-            recorder.clone(),
-        );
-        let name = names[Rng::new(seed ^ i as u64).below(names.len() as u64) as usize];
-        async move {
-            let result = client.get_chunk(&name).await;
-            let mut recorder = recorder.lock().unwrap_or_else(|e| e.into_inner());
-            match result {
-                Ok(bytes) => {
-                    recorder.success(due.elapsed(), bytes.len() as u64);
-                    live.count(true, bytes.len() as u64);
-                }
-                Err(e) => {
-                    recorder.error(due.elapsed(), error_kind(&e));
-                    live.count(false, 0);
+    let paced =
+        crate::experiment::open_loop(budget.map(|n| n as usize), rate, Some(&stop), |i, due| {
+            let (client, names, live, recorder) = (
+                client.clone(),
+                names.clone(),
+                live.clone(),
+                recorder.clone(),
+            );
+            let name = names[Rng::new(seed ^ i as u64).below(names.len() as u64) as usize];
+            async move {
+                let result = client.get_chunk(&name).await;
+                let mut recorder = recorder.lock().unwrap_or_else(|e| e.into_inner());
+                match result {
+                    Ok(bytes) => {
+                        recorder.success(due.elapsed(), bytes.len() as u64);
+                        live.count(true, bytes.len() as u64);
+                    }
+                    Err(e) => {
+                        recorder.error(due.elapsed(), error_kind(&e));
+                        live.count(false, 0);
+                    }
                 }
             }
-        }
-    })
-    .await;
+        })
+        .await;
     timer.abort();
-    std::mem::take(&mut *recorder.lock().unwrap_or_else(|e| e.into_inner()))
+    let recorder = std::mem::take(&mut *recorder.lock().unwrap_or_else(|e| e.into_inner()));
+    (recorder, paced)
 }
 
 pub fn error_kind(e: &ChunkError) -> &'static str {
@@ -240,9 +242,9 @@ pub async fn run(args: ChunksArgs) -> anyhow::Result<Report> {
             args.duration.0
         };
     let names = Arc::new(names);
-    let recorder = match args.rate {
+    let (recorder, paced) = match args.rate {
         None => {
-            read_chunks(
+            let recorder = read_chunks(
                 &client,
                 names,
                 args.concurrency,
@@ -251,10 +253,11 @@ pub async fn run(args: ChunksArgs) -> anyhow::Result<Report> {
                 args.seed,
                 live,
             )
-            .await
+            .await;
+            (recorder, None)
         }
         Some(rate) => {
-            read_chunks_paced(
+            let (recorder, paced) = read_chunks_paced(
                 &client,
                 names,
                 rate,
@@ -263,15 +266,18 @@ pub async fn run(args: ChunksArgs) -> anyhow::Result<Report> {
                 args.seed,
                 live,
             )
-            .await
+            .await;
+            (recorder, Some(paced))
         }
     };
     let elapsed = started.elapsed();
-    let report = match args.rate {
-        Some(rate) => Report::new(&recorder, elapsed)
+    let report = match (args.rate, paced) {
+        (Some(rate), Some(paced)) => Report::new(&recorder, elapsed)
             .with("mode", "open")
-            .with("offered_rate", rate),
-        None => Report::new(&recorder, elapsed)
+            .with("offered_rate", rate)
+            .with("late_starts", paced.late)
+            .with("generator_lag_p99_us", paced.lag.value_at_quantile(0.99)),
+        _ => Report::new(&recorder, elapsed)
             .with("mode", "closed")
             .with("concurrency", args.concurrency),
     };

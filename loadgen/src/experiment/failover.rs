@@ -222,7 +222,9 @@ async fn experiment(
         origin_per_phase[phase.load(Ordering::Relaxed)] += origin - last_origin;
     }
     stop.store(true, Ordering::Relaxed);
-    let late = load.await?;
+    let paced = load.await?;
+    let late = paced.late;
+    let lag_p99 = paced.lag.value_at_quantile(0.99);
     let (per_phase, origin_reads): (Vec<Recorder>, Vec<u64>) = recorders
         .iter()
         .map(|r| std::mem::take(&mut *r.lock().unwrap_or_else(|e| e.into_inner())))
@@ -274,8 +276,9 @@ async fn experiment(
     }
     let _ = writeln!(
         table,
-        "\n{total_errors} errors in all (goal: none); {} reads a second offered, {late} started over 1 ms late",
-        args.rate
+        "\n{total_errors} errors in all (goal: none); {} reads a second offered, {late} started over 1 ms late; the generator's own lag (due to start) p99 {}",
+        args.rate,
+        us(lag_p99)
     );
     crate::print_stdout(&table)?;
     std::fs::write(args.common.out.join("failover.md"), &table)?;
@@ -317,6 +320,7 @@ async fn experiment(
                 "errors": total_errors,
         "rate": args.rate,
         "late_starts": late,
+        "generator_lag_p99_us": lag_p99,
         "marks": marks,
         "timeline": points.iter().map(|(t, reads, errors, origin)| serde_json::json!({
             "seconds": t, "reads": reads, "errors": errors, "origin_fetches": origin

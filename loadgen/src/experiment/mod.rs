@@ -140,13 +140,16 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// fast reads finish, so a slow or dead node does not lighten the load on the others, as
 /// it would in a closed loop. Reads time themselves from `due`, so a read that waited for
 /// a slot is charged with the wait (no coordinated omission). Returns how many reads
-/// started more than 1 ms after they were due. A read that panics fails the run.
+/// started more than 1 ms after they were due, and the generator's own lag: from each
+/// read's due time to when its task first ran (part of every latency measured from the
+/// due time, reported so that it can be told apart from the fleet's). A read that panics
+/// fails the run.
 pub async fn open_loop<F, Fut>(
     reads: Option<usize>,
     rate: f64,
     stop: Option<&std::sync::atomic::AtomicBool>,
     read: F,
-) -> u64
+) -> Paced
 where
     F: Fn(usize, std::time::Instant) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -155,6 +158,7 @@ where
     let mut dues = crate::pace::paced(rate, reads.map(|n| n as u64), None);
     let mut tasks = tokio::task::JoinSet::new();
     let mut late = 0;
+    let lag = std::sync::Arc::new(std::sync::Mutex::new(histogram()));
     let reap = |done: Result<(), tokio::task::JoinError>| {
         if let Err(e) = done
             && e.is_panic()
@@ -171,7 +175,12 @@ where
             late += 1;
         }
         let read = read(i as usize, due);
+        let lag = lag.clone();
         tasks.spawn(async move {
+            let waited = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+            lag.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .saturating_record(waited.max(1));
             read.await;
             drop(permit);
         });
@@ -183,7 +192,26 @@ where
     while let Some(done) = tasks.join_next().await {
         reap(done);
     }
-    late
+    let lag = std::mem::replace(
+        &mut *lag.lock().unwrap_or_else(|e| e.into_inner()),
+        histogram(),
+    );
+    Paced { late, lag }
+}
+
+/// What an open-loop run says of itself.
+pub struct Paced {
+    /// Reads that started more than 1 ms after they were due.
+    pub late: u64,
+    /// Microseconds from each read's due time to its task's first run.
+    pub lag: Histogram<u64>,
+}
+
+impl Paced {
+    pub fn merge(&mut self, other: Paced) {
+        self.late += other.late;
+        self.lag.add(&other.lag).expect("same bounds");
+    }
 }
 
 #[cfg(test)]
@@ -199,7 +227,7 @@ mod tests {
     async fn reads_that_wait_for_a_slot_are_charged_from_their_due_time() {
         let reads = MAX_IN_FLIGHT + 44;
         let took: Arc<Mutex<Vec<Duration>>> = Arc::default();
-        let late = open_loop(Some(reads), 2000.0, None, |_, due: Instant| {
+        let paced = open_loop(Some(reads), 2000.0, None, |_, due: Instant| {
             let took = took.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(400)).await;
@@ -210,7 +238,13 @@ mod tests {
         let took = took.lock().unwrap();
         assert_eq!(took.len(), reads);
         // All slots are taken for 400 ms from about 128 ms on: the last 44 reads waited.
+        let late = paced.late;
         assert!((40..=60).contains(&late), "{late} late starts");
+        assert_eq!(paced.lag.len(), reads as u64);
+        assert!(
+            paced.lag.max() >= 250_000,
+            "the waiting reads' lag is counted"
+        );
         let slowest = took.iter().max().unwrap();
         assert!(*slowest >= Duration::from_millis(650), "{slowest:?}");
     }

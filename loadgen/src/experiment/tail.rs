@@ -48,7 +48,7 @@ pub struct TailArgs {
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub chunks: usize,
     /// Sampled reads per scenario and scheme pass.
-    #[arg(long, value_name = "N", default_value_t = 3000)]
+    #[arg(long, value_name = "N", default_value_t = 9000)]
     pub reads: usize,
     /// Reads started per second in each pass (open loop: the load stays the same whatever
     /// a fault does to latency).
@@ -84,8 +84,8 @@ struct Outcome {
     hedges: u64,
     /// Hedged reads whose parity shard was asked because a data shard failed.
     fallbacks: u64,
-    /// Reads that started more than 1 ms late (all slots in flight taken).
-    late: u64,
+    /// The generator's pacing: late starts and its own lag.
+    paced: super::Paced,
     /// The hedge trigger this scenario used (run (a)'s p95 of 4th arrivals).
     trigger_us: u64,
 }
@@ -287,7 +287,7 @@ async fn scenario_run(
 
     // Pass 1: all five shards of a chunk asked at once, each answer's time recorded.
     let samples: Arc<Mutex<Vec<[Answer; 5]>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut late = open_loop(Some(args.reads), args.rate, None, |i, due| {
+    let mut paced = open_loop(Some(args.reads), args.rate, None, |i, due| {
         let (pool, names, ranks, picks, samples) = (
             pool.clone(),
             names.clone(),
@@ -311,43 +311,47 @@ async fn scenario_run(
 
     // Pass 2: whole copies, each from the chunk's first node.
     let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
-    late += open_loop(Some(args.reads), args.rate, None, |i, due| {
-        let (pool, names, ranks, picks, whole) = (
-            pool.clone(),
-            names.clone(),
-            ranks.clone(),
-            picks.clone(),
-            whole.clone(),
-        );
-        async move {
-            let j = picks[i];
-            let answer = pool
-                .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()), due)
-                .await;
-            whole.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
-        }
-    })
-    .await;
+    paced.merge(
+        open_loop(Some(args.reads), args.rate, None, |i, due| {
+            let (pool, names, ranks, picks, whole) = (
+                pool.clone(),
+                names.clone(),
+                ranks.clone(),
+                picks.clone(),
+                whole.clone(),
+            );
+            async move {
+                let j = picks[i];
+                let answer = pool
+                    .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()), due)
+                    .await;
+                whole.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
+            }
+        })
+        .await,
+    );
 
     // Pass 3: the thin client itself: successes timed, failures counted (as misses).
     let client_reads = Arc::new(Mutex::new((histogram(), 0u64)));
-    late += open_loop(Some(args.reads), args.rate, None, |i, due| {
-        let (client, names, picks, recorder) = (
-            client.clone(),
-            names.clone(),
-            picks.clone(),
-            client_reads.clone(),
-        );
-        async move {
-            let result = client.get_chunk(&names[picks[i]]).await;
-            let (hits, misses) = &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
-            match result {
-                Ok(_) => hits.saturating_record(us(due.elapsed())),
-                Err(_) => *misses += 1,
+    paced.merge(
+        open_loop(Some(args.reads), args.rate, None, |i, due| {
+            let (client, names, picks, recorder) = (
+                client.clone(),
+                names.clone(),
+                picks.clone(),
+                client_reads.clone(),
+            );
+            async move {
+                let result = client.get_chunk(&names[picks[i]]).await;
+                let (hits, misses) = &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(_) => hits.saturating_record(us(due.elapsed())),
+                    Err(_) => *misses += 1,
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await,
+    );
     let client_reads = std::mem::replace(
         &mut *client_reads.lock().unwrap_or_else(|p| p.into_inner()),
         (histogram(), 0),
@@ -402,7 +406,7 @@ async fn scenario_run(
         fourth_p95_us,
         hedges,
         fallbacks,
-        late,
+        paced,
         trigger_us: us(trigger),
     })
 }
@@ -494,7 +498,17 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
         }
         per_scheme.insert("hedges_sent".into(), outcome.hedges.into());
         per_scheme.insert("hedge_fallbacks".into(), outcome.fallbacks.into());
-        per_scheme.insert("late_starts".into(), outcome.late.into());
+        per_scheme.insert("late_starts".into(), outcome.paced.late.into());
+        let lag = &outcome.paced.lag;
+        per_scheme.insert(
+            "generator_lag_us".into(),
+            serde_json::json!({
+                "p50": lag.value_at_quantile(0.5),
+                "p99": lag.value_at_quantile(0.99),
+                "p999": lag.value_at_quantile(0.999),
+                "max": lag.max(),
+            }),
+        );
         per_scheme.insert("hedge_trigger_us".into(), outcome.trigger_us.into());
         per_scheme.insert(
             "fourth_data_shard_p95_us".into(),
