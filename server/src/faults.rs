@@ -8,8 +8,16 @@
 //!   `stall=true` (shard requests get no answer at all, as from a black-holed node);
 //! - `DELETE /admin/faults`: no faults.
 //!
-//! Faults apply to shard requests only: /health, /metrics and the admin endpoint answer as
-//! usual, so that an experiment can still see and steer a "slow" node.
+//! Faults apply to shard requests only (after their method and token checks): /health,
+//! /metrics and the admin endpoint answer as usual, so that an experiment can still see and
+//! steer a "slow" node. A stalled request carries on once the stall is lifted (it looks every
+//! 10 ms); one that outlasts the node's I/O timeout loses its connection, and stalled
+//! connections count toward `--max-connections` like any other.
+//!
+//! Limits, for experiment design: delays are slept on the runtime's timer, which has
+//! millisecond resolution, so delays under a few milliseconds are not drawn faithfully; and
+//! every shard request reads the settings under one mutex, which costs nothing measurable at
+//! one thread per node (the experiments' fleets) and was not tuned for more.
 
 use std::{str::FromStr, sync::Mutex, time::Duration};
 
