@@ -227,7 +227,12 @@ pub fn progress(live: Arc<Live>) -> Option<ProgressLine> {
     }
     let task = tokio::spawn(async move {
         let started = Instant::now();
-        let mut last = (0u64, 0u64);
+        // Counts from before the line started (a preload) are not this run's.
+        let errors_before = live.errors.load(Ordering::Relaxed);
+        let mut last = (
+            live.requests.load(Ordering::Relaxed),
+            live.bytes.load(Ordering::Relaxed),
+        );
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         loop {
@@ -239,7 +244,7 @@ pub fn progress(live: Arc<Live>) -> Option<ProgressLine> {
                 started.elapsed().as_secs_f64(),
                 requests - last.0,
                 human((bytes - last.1) as f64),
-                live.errors.load(Ordering::Relaxed)
+                live.errors.load(Ordering::Relaxed) - errors_before
             );
             last = (requests, bytes);
         }
