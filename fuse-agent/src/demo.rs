@@ -81,19 +81,7 @@ async fn image_demo(dir: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let up = UpArgs {
-        nodes: 5,
-        dir: dir.join("fleet"),
-        base_port: None,
-        capacity: ByteSize(512 << 20),
-        memory: None,
-        threads: 1,
-        data_shards: 4,
-        total_shards: 5,
-        origin: None,
-        server_bin: None,
-        server_args: Vec::new(),
-    };
+    let up = UpArgs::local(dir.join("fleet"));
     println!(
         "starting a fleet of 5 slapshot-server nodes (4-of-5) under {}",
         up.dir.display()

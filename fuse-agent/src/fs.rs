@@ -130,6 +130,26 @@ impl ImageFs {
         }
     }
 
+    /// A directory's entries in offset order: ".", "..", then its children (entry i has
+    /// offset i + 1, the offset a reader resumes after it).
+    fn dir_entries(
+        &self,
+        ino: INodeNo,
+    ) -> Result<impl Iterator<Item = (u32, &[u8])> + '_, FsError> {
+        let (index, inode) = self.inode(ino)?;
+        let InodeKind::Dir(children) = &inode.kind else {
+            return Err(FsError::NotDir);
+        };
+        let parent = self.parents[index as usize];
+        Ok([(index, b".".as_slice()), (parent, b"..".as_slice())]
+            .into_iter()
+            .chain(
+                children
+                    .iter()
+                    .map(|(name, child)| (*child, name.as_slice())),
+            ))
+    }
+
     fn inode(&self, ino: INodeNo) -> Result<(u32, &Inode), FsError> {
         let index = u64::from(ino).checked_sub(1).ok_or(FsError::NoEntry)?;
         let index = u32::try_from(index).map_err(|_| FsError::NoEntry)?;
@@ -465,22 +485,10 @@ impl Filesystem for ImageFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let (index, inode) = match self.inode(ino) {
-            Ok(found) => found,
+        let entries = match self.dir_entries(ino) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(errno_of(&e)),
         };
-        let InodeKind::Dir(children) = &inode.kind else {
-            return reply.error(errno_of(&FsError::NotDir));
-        };
-        // Offsets: 1 after ".", 2 after "..", 2 + i + 1 after child i.
-        let parent = self.parents[index as usize];
-        let entries = [(index, b".".as_slice()), (parent, b"..".as_slice())]
-            .into_iter()
-            .chain(
-                children
-                    .iter()
-                    .map(|(name, child)| (*child, name.as_slice())),
-            );
         for (i, (child, name)) in entries.enumerate().skip(offset as usize) {
             let kind = self.attr(child).kind;
             if reply.add(
@@ -503,21 +511,10 @@ impl Filesystem for ImageFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (index, inode) = match self.inode(ino) {
-            Ok(found) => found,
+        let entries = match self.dir_entries(ino) {
+            Ok(entries) => entries,
             Err(e) => return reply.error(errno_of(&e)),
         };
-        let InodeKind::Dir(children) = &inode.kind else {
-            return reply.error(errno_of(&FsError::NotDir));
-        };
-        let parent = self.parents[index as usize];
-        let entries = [(index, b".".as_slice()), (parent, b"..".as_slice())]
-            .into_iter()
-            .chain(
-                children
-                    .iter()
-                    .map(|(name, child)| (*child, name.as_slice())),
-            );
         for (i, (child, name)) in entries.enumerate().skip(offset as usize) {
             let attr = self.attr(child);
             if reply.add(

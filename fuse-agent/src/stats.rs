@@ -349,18 +349,7 @@ impl Summary {
     }
 }
 
-pub fn human(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} KB", b / 1e3)
-    } else {
-        format!("{bytes} B")
-    }
-}
+pub use slapshot_client::cli::image::human;
 
 #[cfg(test)]
 mod tests {

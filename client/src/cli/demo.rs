@@ -32,19 +32,7 @@ pub struct DemoArgs {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tmp = tempfile_dir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.clone());
-    let up = UpArgs {
-        nodes: 5,
-        dir: dir.clone(),
-        base_port: None,
-        capacity: slapshot_core::ByteSize(512 << 20),
-        memory: None,
-        threads: 1,
-        data_shards: 4,
-        total_shards: 5,
-        origin: None,
-        server_bin: None,
-        server_args: Vec::new(),
-    };
+    let up = UpArgs::local(dir.clone());
     println!(
         "starting a fleet of 5 slapshot-server nodes (4-of-5) under {}",
         dir.display()

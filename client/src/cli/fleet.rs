@@ -51,6 +51,26 @@ pub struct UpArgs {
     pub server_args: Vec<String>,
 }
 
+impl UpArgs {
+    /// The small local fleet the demos and experiments start: 5 one-thread nodes of
+    /// 512 MiB under `dir`, 4-of-5, free ports, the server found as usual.
+    pub fn local(dir: PathBuf) -> Self {
+        Self {
+            nodes: 5,
+            dir,
+            base_port: None,
+            capacity: ByteSize(512 << 20),
+            memory: None,
+            threads: 1,
+            data_shards: 4,
+            total_shards: 5,
+            origin: None,
+            server_bin: None,
+            server_args: Vec::new(),
+        }
+    }
+}
+
 /// Writes DIR/slapshot.toml for a local fleet: its nodes, the origin (DIR/origin unless
 /// another was given), a tenant key file and a cache directory beside them, so that image
 /// commands run with `--config DIR/slapshot.toml` (or from DIR) need no other flag.

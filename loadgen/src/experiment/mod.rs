@@ -11,7 +11,6 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use slapshot_client::cli::fleet::{LocalFleet, UpArgs};
-use slapshot_core::ByteSize;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ExperimentCommand {
@@ -67,16 +66,11 @@ pub async fn start_fleet(
 ) -> anyhow::Result<LocalFleet> {
     let up = UpArgs {
         nodes,
-        dir: dir.to_owned(),
-        base_port: None,
-        capacity: ByteSize(512 << 20),
-        memory: None,
-        threads: 1,
         data_shards: data,
         total_shards: total,
-        origin: None,
         server_bin: common.server_bin.clone(),
         server_args: vec!["--fault-injection".into()],
+        ..UpArgs::local(dir.to_owned())
     };
     LocalFleet::start(&up)
         .await
