@@ -281,11 +281,26 @@ const KEPT_CAPABILITIES: [i32; 14] = [
     31, // SETFCAP
 ];
 
+/// Under the image's root: parts of /proc made read-only, and files masked.
+const PROC_READ_ONLY: [&str; 4] = ["proc/sys", "proc/irq", "proc/bus", "proc/fs"];
+const PROC_MASKED: [&str; 4] = [
+    "proc/sysrq-trigger",
+    "proc/kcore",
+    "proc/keys",
+    "proc/timer_list",
+];
+
 /// Everything the child needs after the fork, built before it (the child must not
 /// allocate).
 struct ChildSetup {
     root: CString,
     proc: CString,
+    /// Parts of /proc made read-only (/proc/sys holds core_pattern, which would run a
+    /// program of the image's choosing as the host's root).
+    proc_read_only: Vec<CString>,
+    /// Files of /proc hidden under /dev/null (sysrq-trigger reboots the host; for uid 0
+    /// only the file mode is checked, so dropped capabilities do not stop a write).
+    proc_masked: Vec<CString>,
     /// The working directory and its parents, shortest first, to create if missing.
     workdirs: Vec<CString>,
 }
@@ -311,6 +326,14 @@ impl ChildSetup {
         Ok(Self {
             root: c(root.as_os_str().as_encoded_bytes(), "the root")?,
             proc: c(root.join("proc").as_os_str().as_encoded_bytes(), "/proc")?,
+            proc_read_only: PROC_READ_ONLY
+                .iter()
+                .map(|p| c(root.join(p).as_os_str().as_encoded_bytes(), p))
+                .collect::<Result<_, _>>()?,
+            proc_masked: PROC_MASKED
+                .iter()
+                .map(|p| c(root.join(p).as_os_str().as_encoded_bytes(), p))
+                .collect::<Result<_, _>>()?,
             workdirs,
         })
     }
@@ -330,6 +353,40 @@ impl ChildSetup {
             nosuid,
             None::<&std::ffi::CStr>,
         )?;
+        // As runc does: the kernel's knobs under /proc read-only, its triggers masked. A
+        // path this kernel lacks is skipped.
+        let none = None::<&std::ffi::CStr>;
+        for path in &self.proc_read_only {
+            match mount(
+                Some(path.as_c_str()),
+                path.as_c_str(),
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                none,
+            ) {
+                Err(nix::errno::Errno::ENOENT) => continue,
+                other => other?,
+            }
+            mount(
+                none,
+                path.as_c_str(),
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid,
+                none,
+            )?;
+        }
+        for path in &self.proc_masked {
+            match mount(
+                Some(c"/dev/null"),
+                path.as_c_str(),
+                none,
+                MsFlags::MS_BIND,
+                none,
+            ) {
+                Err(nix::errno::Errno::ENOENT) => {}
+                other => other?,
+            }
+        }
         nix::unistd::chdir(self.root.as_c_str())?;
         nix::unistd::pivot_root(c".", c".")?;
         umount2(c".", MntFlags::MNT_DETACH)?;
@@ -439,12 +496,14 @@ fn mount_container(
         Some(&format!("mode=1777,{size}")),
     )?;
     let dev = root.join("dev");
+    // nodev: a node made here (CAP_MKNOD is kept, as Docker keeps it) opens nothing; the
+    // devices below are bind mounts of the host's, with their own mount's flags.
     mount_at(
         mounted,
         "tmpfs",
         &dev,
         "tmpfs",
-        MsFlags::MS_NOSUID,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some("mode=0755,size=64k"),
     )?;
     for node in ["null", "zero", "full", "random", "urandom", "tty"] {

@@ -504,6 +504,25 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The host cannot be reached through /proc or /dev: the kernel's knobs are read-only
+    // (writing core_pattern back unchanged is harmless if they were not), sysrq-trigger
+    // and the other trigger files this kernel has are masked by /dev/null, and /dev allows
+    // no device node of the program's making.
+    let out = run(
+        "(cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern) 2>/dev/null \
+         && echo sys-writable || echo sys-read-only; \
+         for f in sysrq-trigger timer_list kcore keys; do [ -e /proc/$f ] && \
+         ! [ -c /proc/$f ] && echo $f-open; done; \
+         while read id parent dev root point options rest; do [ \"$point\" = /dev ] && \
+         case \"$options\" in *nodev*) echo dev-nodev;; *) echo dev-allows-nodes;; esac; \
+         done < /proc/self/mountinfo",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "sys-read-only\ndev-nodev\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A program that is not there is a clear error.
     let mut command = world.slapshot();
     command.args(["run", &source]);
