@@ -248,32 +248,48 @@ impl Tiers {
         if let Some(load) = inflight.get(&key) {
             return load.clone();
         }
-        let this = self.clone();
         let chunk = chunk.clone();
         let name = chunk.name;
-        let task = self.runtime.spawn(async move {
-            // Removes the entry however the task ends, a panic included.
-            let _entry = InflightEntry {
-                tiers: this.clone(),
-                key,
-            };
-            let result = this.load_remote(&chunk).await;
-            if result.is_err() {
-                inc(&this.stats.fetch_failures);
-            }
-            result
-        });
+        let (answer, answered) = tokio::sync::oneshot::channel();
         let load: Load = async move {
-            task.await.unwrap_or_else(|e| {
+            // A task dropped before it sent (a panic, a runtime shutting down) is a failed
+            // load, not a hang.
+            answered.await.unwrap_or_else(|_| {
                 Err(LoadError::Unavailable {
                     name,
-                    message: format!("the load task failed: {e}"),
+                    message: "the load task ended without an answer".into(),
                 })
             })
         }
         .boxed()
         .shared();
         inflight.insert(key, load.clone());
+        drop(inflight);
+        // The guard exists before the task does and moves into it: it removes the entry
+        // however the task ends, a panic included, and also if the task is dropped before
+        // it first runs.
+        let entry = InflightEntry {
+            tiers: self.clone(),
+            key,
+        };
+        let this = self.clone();
+        let timeout = self.load_timeout;
+        self.runtime.spawn(async move {
+            let _entry = entry;
+            // Bounded here too, not only by the readers' patience: a fetch that never ends
+            // would otherwise pin the entry (and a prefetch permit) for good.
+            let result = match tokio::time::timeout(timeout, this.load_remote(&chunk)).await {
+                Ok(result) => result,
+                Err(_) => Err(LoadError::Unavailable {
+                    name,
+                    message: format!("no tier answered within {timeout:?}"),
+                }),
+            };
+            if result.is_err() {
+                inc(&this.stats.fetch_failures);
+            }
+            let _ = answer.send(result);
+        });
         load
     }
 

@@ -799,15 +799,21 @@ fn an_interrupted_read_is_clean_and_still_fills_the_tiers() {
 }
 
 /// A remote tier that serves other bytes under every name.
-struct LyingOrigin;
+/// An origin that serves each chunk with one byte flipped: the right length, the wrong
+/// bytes, so only the agent's check of the name can tell.
+struct LyingOrigin {
+    inner: OriginFetcher,
+}
 
 impl Fetcher for LyingOrigin {
-    fn fetch(&self, _name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
-        Box::pin(async {
-            Ok((
-                Bytes::from_static(b"not the chunk you asked for"),
-                Tier::Origin,
-            ))
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+        let fetch = self.inner.fetch(name);
+        Box::pin(async move {
+            let (bytes, tier) = fetch.await?;
+            let mut lie = bytes.to_vec();
+            let middle = lie.len() / 2;
+            lie[middle] ^= 1;
+            Ok((Bytes::from(lie), tier))
         })
     }
 }
@@ -822,7 +828,13 @@ fn a_chunk_no_tier_can_produce_is_eio_never_other_bytes() {
     data_image(&layout, 1 << 20);
     let manifest = world.flatten(&layout, "data");
     let rt = runtime();
-    let tiers = tiers_with(Arc::new(LyingOrigin), None, &rt);
+    let lying = LyingOrigin {
+        inner: OriginFetcher {
+            origin: open_origin(world.path("origin").to_str().unwrap()).unwrap(),
+            permits: Arc::new(tokio::sync::Semaphore::new(16)),
+        },
+    };
+    let tiers = tiers_with(Arc::new(lying), None, &rt);
     let mountpoint = world.path("mnt");
     let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
     let err = std::fs::read(mountpoint.join("data/big")).unwrap_err();
