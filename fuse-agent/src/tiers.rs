@@ -275,7 +275,8 @@ impl Tiers {
         let this = self.clone();
         let timeout = self.load_timeout;
         self.runtime.spawn(async move {
-            let _entry = entry;
+                        let entry = entry;
+
             // Bounded here too, not only by the readers' patience: a fetch that never ends
             // would otherwise pin the entry (and a prefetch permit) for good.
             let result = match tokio::time::timeout(timeout, this.load_remote(&chunk)).await {
@@ -285,9 +286,13 @@ impl Tiers {
                     message: format!("no tier answered within {timeout:?}"),
                 }),
             };
-            if result.is_err() {
+                        if result.is_err() {
                 inc(&this.stats.fetch_failures);
             }
+            // The entry leaves the map before the answer goes out: a reader woken by the
+            // answer finds no finished load in the map (a success is in memory by now), and
+            // one that arrives in between starts a fresh load rather than joining this one.
+            drop(entry);
             let _ = answer.send(result);
         });
         load
