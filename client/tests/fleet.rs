@@ -709,6 +709,92 @@ async fn a_foreign_valid_frame_is_detected_counted_and_repaired() {
     assert_eq!(origin.gets(), 0);
 }
 
+/// A node holds a shard whose frame is valid and names the right chunk and index, but
+/// whose payload is other bytes (a flipped bit that a buggy node re-checksummed, or a
+/// hostile node). When it is among the first k shards, the chunk still comes from the
+/// fleet: the read asks for more shards and rebuilds from a combination without the liar,
+/// and the repair rewrites only the liars. Hedged readers with hedging out of the way ask
+/// exactly the first k ranks, so the liars are always among the first answers. Covered:
+/// the XOR code (4-of-5) and the GF(2^8) code (4-of-6) with one liar and with two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_shard_that_comes_first_never_costs_the_correct_ones() {
+    let fleet = TestFleet::start(6);
+    let reader = |data: usize, total: usize| {
+        let mut config = fleet.config();
+        config.data_shards = data;
+        config.total_shards = total;
+        config.read.mode = slapshot_client::config::ReadMode::Hedged;
+        config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_secs(10)));
+        fleet.client_with(config)
+    };
+    // (code, ranks of the liars)
+    let cases: [((usize, usize), &[usize]); 3] =
+        [((4, 5), &[0]), ((4, 6), &[0]), ((4, 6), &[1, 2])];
+    for (seed, &((data, total), liars)) in cases.iter().enumerate() {
+        let (client, origin) = reader(data, total);
+        let chunks = random_chunks(40 + seed as u64, 1);
+        put_in_origin(&client, &chunks).await;
+        let (name, bytes) = &chunks[0];
+        let report = client
+            .put_chunk(&SealedChunk::assume_sealed(bytes.clone()))
+            .await
+            .unwrap();
+        assert_eq!(report.written, total);
+        let ranked: Vec<usize> = client
+            .placement(name)
+            .into_iter()
+            .map(TestFleet::index)
+            .collect();
+        let path = format!("/v1/shards/{name}");
+        let mut truth = Vec::new();
+        for &rank in liars {
+            let body = fleet.nodes[ranked[rank]].client().get(&path).body;
+            let (header, payload) = shard_frame::parse(&body).unwrap();
+            let mut lie = payload.to_vec();
+            lie[payload.len() / 2] ^= 0x40;
+            let framed = shard_frame::frame(&header, &lie);
+            assert!(
+                shard_frame::parse(&framed).is_ok(),
+                "the lie is well framed"
+            );
+            let mut raw = fleet.nodes[ranked[rank]].client();
+            assert_eq!(raw.put(&path, &framed).status, 204);
+            truth.push((rank, body));
+        }
+        let puts_before = support::shard_puts(&fleet);
+
+        let got = client.get_chunk(name).await.unwrap();
+        assert_eq!(&got, bytes);
+        let m = client.metrics();
+        let case = format!("{data}-of-{total}, liars at ranks {liars:?}");
+        assert_eq!(origin.gets(), 0, "{case}: the origin was asked");
+        assert_eq!(get(&m.fleet_hits), 1, "{case}");
+        assert_eq!(get(&m.corrupt_shards), liars.len() as u64, "{case}");
+        eventually("the repair", || {
+            get(&m.fill_shards_written) == liars.len() as u64
+        })
+        .await;
+        // Only the liars were rewritten, each with the shard its index should hold.
+        assert_eq!(
+            support::shard_puts(&fleet) - puts_before,
+            liars.len() as f64,
+            "{case}: correct shards were rewritten"
+        );
+        for (rank, body) in truth {
+            let now = fleet.nodes[ranked[rank]].client().get(&path).body;
+            assert_eq!(now, body, "{case}: rank {rank} was not repaired");
+        }
+        // A reader in the default mode reads the repaired chunk without a rebuild.
+        let mut config = fleet.config();
+        config.data_shards = data;
+        config.total_shards = total;
+        let (plain, plain_origin) = fleet.client_with(config);
+        assert_eq!(&plain.get_chunk(name).await.unwrap(), bytes);
+        assert_eq!(get(&plain.metrics().corrupt_shards), 0, "{case}");
+        assert_eq!(plain_origin.gets(), 0);
+    }
+}
+
 /// With two or more parity shards a repair must pick the index no node holds, which the
 /// read alone does not know: a hedged read hears from k + 1 nodes of 6. Shards here are
 /// laid out in reverse (rank i holds index 5 - i, as a placement change can leave them),

@@ -275,7 +275,7 @@ impl Tiers {
         let this = self.clone();
         let timeout = self.load_timeout;
         self.runtime.spawn(async move {
-                        let entry = entry;
+            let entry = entry;
 
             // Bounded here too, not only by the readers' patience: a fetch that never ends
             // would otherwise pin the entry (and a prefetch permit) for good.
@@ -286,7 +286,7 @@ impl Tiers {
                     message: format!("no tier answered within {timeout:?}"),
                 }),
             };
-                        if result.is_err() {
+            if result.is_err() {
                 inc(&this.stats.fetch_failures);
             }
             // The entry leaves the map before the answer goes out: a reader woken by the
