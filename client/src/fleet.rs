@@ -266,13 +266,6 @@ impl FleetClient {
             // The largest frame of any code: a whole chunk in one shard (k = 1).
             max_shard_len: FRAME_HEADER_LEN + CHUNK_SIZE,
         };
-        // Shard GETs in flight (each in a task of its own), at most. A request holds its
-        // slot while it waits for a connection and while its response drains, so the
-        // bound is well above the connections (four per connection), and at least 1024:
-        // about 200 concurrent reads of five shards. Past it, reads wait for a slot.
-        let detached = Arc::new(Semaphore::new(
-            (4 * config.connections.max_per_node * config.nodes.len()).max(1024),
-        ));
         let nodes = config
             .nodes
             .iter()
@@ -282,7 +275,6 @@ impl FleetClient {
                     n.addr.clone(),
                     settings.clone(),
                     metrics.clone(),
-                    detached.clone(),
                 )
             })
             .collect();

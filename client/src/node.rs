@@ -58,6 +58,10 @@ const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// The key probes ask for. Chunk names are 64 hexadecimal digits, so no shard is ever
 /// stored under it and a working node answers 404 from its shard path.
 pub const PROBE_KEY: &str = "slapshot-probe";
+/// Shard GETs a node may have in flight in their own tasks, per connection to it, and at
+/// least.
+const DETACHED_PER_CONNECTION: usize = 4;
+const MIN_DETACHED: usize = 16;
 /// Responses to `get_text` (health, metrics) are cut at this size.
 const TEXT_LIMIT: usize = 16 << 20;
 
@@ -105,18 +109,17 @@ pub struct Node {
     health: Mutex<Health>,
     stats: Arc<NodeStats>,
     metrics: Arc<ClientMetrics>,
-    /// Shard GETs in flight in their own tasks, across the client's nodes.
+    /// Shard GETs to this node in flight in their own tasks. Per node, so that a node
+    /// that answers slowly holds only its own slots: reads keep binding to the others.
     detached: Arc<Semaphore>,
 }
 
 impl Node {
-    /// A node; `detached` bounds the requests the client runs in tasks of their own.
     pub fn new(
         id: String,
         addr: String,
         settings: NodeSettings,
         metrics: Arc<ClientMetrics>,
-        detached: Arc<Semaphore>,
     ) -> Arc<Self> {
         let stats = metrics.node(&id);
         let mut tcp = HttpConnector::new();
@@ -148,11 +151,16 @@ impl Node {
             id,
             addr,
             http: builder.build(connector),
-            settings,
+
             health: Mutex::new(Health::default()),
             stats,
             metrics,
-            detached,
+            // A request holds its slot while it waits for a connection and while its
+            // response drains, so the bound is well above the connections.
+            detached: Arc::new(Semaphore::new(
+                (DETACHED_PER_CONNECTION * settings.max_connections).max(MIN_DETACHED),
+            )),
+            settings,
         })
     }
 
@@ -229,9 +237,10 @@ impl Node {
     /// GET a shard: `Ok(None)` if the node does not have it. The request runs in a task of
     /// its own, so dropping the returned future does not cut it short: its response is
     /// read to the end, the connection stays open, and the outcome counts toward the
-    /// node's health and latency. Such tasks are bounded in number (`detached`, shared by
-    /// the client's nodes): when all slots are taken the reader waits for one before its
-    /// request is sent, and a reader that gives up while waiting has sent nothing.
+    /// node's health and latency. Such tasks are bounded in number per node (`detached`):
+    /// when all of a node's slots are taken the reader waits for one before its request
+    /// is sent, and a reader that gives up while waiting (late binding, once k other
+    /// shards are in) has sent nothing. A slow node thus slows only its own requests.
     ///
     /// The request is sent at once (not when the returned future is first polled), so a
     /// read that pushes a hedge and finishes before polling it has still sent it.
@@ -587,7 +596,6 @@ mod tests {
             "127.0.0.1:9".into(),
             settings,
             Arc::new(ClientMetrics::default()),
-            Arc::new(Semaphore::new(8)),
         )
     }
 

@@ -795,6 +795,48 @@ async fn a_lying_shard_that_comes_first_never_costs_the_correct_ones() {
     }
 }
 
+/// A node that takes its time to answer (here: never, within the test) holds only its own
+/// request slots. Every read in the default mode asks all five nodes and finishes with the
+/// other four, leaving its request to the slow node behind; with one bound shared by all
+/// nodes, the slow node's leftovers filled it after about a thousand reads and every later
+/// read waited for a slot that never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_node_holds_only_its_own_request_slots() {
+    use futures::StreamExt;
+    const READS: usize = 1500;
+    let fleet = TestFleet::start(5);
+    let mut config = fleet.config();
+    config.connections.max_per_node = 2;
+    // Slow, not failing: no timeout marks it down while the test runs.
+    config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_secs(120));
+    config.nodes[4].addr = support::slow_proxy(fleet.nodes[4].addr, Duration::from_secs(120))
+        .await
+        .to_string();
+    let (client, origin) = fleet.client_with(config);
+    let chunks = random_chunks(41, 10);
+    let (writer, _) = fleet.client();
+    put_everywhere(&writer, &chunks).await;
+    let reads = futures::stream::iter(0..READS)
+        .map(|i| {
+            let client = client.clone();
+            let (name, bytes) = chunks[i % chunks.len()].clone();
+            async move {
+                let got = client.get_chunk(&name).await.unwrap();
+                assert_eq!(got, bytes);
+            }
+        })
+        .buffer_unordered(64)
+        .count();
+    let done = tokio::time::timeout(Duration::from_secs(60), reads).await;
+    assert_eq!(
+        done.ok(),
+        Some(READS),
+        "reads waited behind the slow node's requests"
+    );
+    assert_eq!(get(&client.metrics().fleet_hits), READS as u64);
+    assert_eq!(origin.gets(), 0);
+}
+
 /// With two or more parity shards a repair must pick the index no node holds, which the
 /// read alone does not know: a hedged read hears from k + 1 nodes of 6. Shards here are
 /// laid out in reverse (rank i holds index 5 - i, as a placement change can leave them),
