@@ -550,6 +550,11 @@ impl Inner {
             {
                 pending.push(self.fetch(rank, ranked[rank], &key));
             }
+            // A miss is known as soon as the answers still to come cannot make up k: the
+            // origin need not wait for the slowest node's 404 (or its timeout).
+            if done.is_none() && !self.may_complete(&groups, pending.len() + reserve.len()) {
+                break;
+            }
         }
 
         let mut read = FleetRead {
@@ -588,6 +593,21 @@ impl Inner {
             }
         }
         read
+    }
+
+    /// Whether `outstanding` more shards could still complete a decode: of our own code
+    /// (from none, or from what it has), or of a code already met in this read.
+    fn may_complete(&self, groups: &[Group], outstanding: usize) -> bool {
+        let own = groups
+            .iter()
+            .filter(|g| g.code.params == self.code)
+            .map(|g| g.shards.len())
+            .max()
+            .unwrap_or(0);
+        own + outstanding >= self.code.data()
+            || groups
+                .iter()
+                .any(|g| g.shards.len() + outstanding >= g.code.params.data())
     }
 
     /// Tries to rebuild the chunk from `group`, whose newest shard just arrived: every

@@ -837,6 +837,40 @@ async fn a_slow_node_holds_only_its_own_request_slots() {
     assert_eq!(origin.gets(), 0);
 }
 
+/// A cold miss goes to the origin as soon as the answers still to come cannot make up k
+/// shards: four 404s out of five leave at most one, so the slowest node's answer (here
+/// one that never comes within the test) is not waited for. Before, a cold read waited
+/// for every node it asked, and a slow node made every miss as slow as itself. The fill
+/// writes to the four nodes that answered and leaves the silent one alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_miss_does_not_wait_for_the_slowest_node() {
+    let fleet = TestFleet::start(5);
+    let mut config = fleet.config();
+    config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_secs(120));
+    config.nodes[2].addr = support::slow_proxy(fleet.nodes[2].addr, Duration::from_secs(120))
+        .await
+        .to_string();
+    for mode in [
+        slapshot_client::config::ReadMode::All,
+        slapshot_client::config::ReadMode::Hedged,
+    ] {
+        config.read.mode = mode;
+        let (client, origin) = fleet.client_with(config.clone());
+        let chunks = random_chunks(42 + mode as u64, 4);
+        put_in_origin(&client, &chunks).await;
+        let reads = async {
+            for (name, bytes) in &chunks {
+                assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), reads)
+            .await
+            .unwrap_or_else(|_| panic!("{mode:?}: a cold read waited for the slow node"));
+        assert_eq!(origin.gets(), chunks.len(), "{mode:?}");
+        assert_eq!(get(&client.metrics().origin_fills), chunks.len() as u64);
+    }
+}
+
 /// With two or more parity shards a repair must pick the index no node holds, which the
 /// read alone does not know: a hedged read hears from k + 1 nodes of 6. Shards here are
 /// laid out in reverse (rank i holds index 5 - i, as a placement change can leave them),
