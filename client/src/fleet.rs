@@ -397,7 +397,10 @@ impl FleetClient {
                 need: inner.code.data(),
             });
         }
-        match inner.fetch_from_origin(name, ranked, read.answers).await {
+        match inner
+            .fetch_from_origin(name, ranked, read.answers, read.rest)
+            .await
+        {
             Ok(chunk) => {
                 inc(&inner.metrics.origin_fills);
                 Ok((chunk, ChunkSource::Origin))
@@ -790,6 +793,7 @@ impl Inner {
         name: &ChunkName,
         ranked: Vec<usize>,
         answers: Vec<Answer>,
+        rest: FuturesUnordered<RankedFetch>,
     ) -> Result<Bytes, ChunkError> {
         let mut result = {
             let mut flights = lock(&self.flights);
@@ -805,7 +809,7 @@ impl Inner {
                             result: rx.clone(),
                         },
                     );
-                    tokio::spawn(self.clone().fly(*name, id, tx, ranked, answers));
+                    tokio::spawn(self.clone().fly(*name, id, tx, ranked, answers, rest));
                     rx
                 }
             }
@@ -821,7 +825,9 @@ impl Inner {
 
     /// A flight: the origin fetch, its answer to the readers, then the fill. Its entry in
     /// `flights` goes when it ends (on an error, before the readers hear of it, so that no
-    /// later reader inherits it).
+    /// later reader inherits it). `rest` are the read's requests still in flight (the miss
+    /// was known before the slowest nodes answered): the fill hears them out rather than
+    /// ask those nodes again.
     async fn fly(
         self: Arc<Self>,
         name: ChunkName,
@@ -829,6 +835,7 @@ impl Inner {
         tx: watch::Sender<FlightResult>,
         ranked: Vec<usize>,
         answers: Vec<Answer>,
+        rest: FuturesUnordered<RankedFetch>,
     ) {
         let entry = FlightEntry {
             inner: self.clone(),
@@ -853,7 +860,7 @@ impl Inner {
             return;
         };
         if let Some(permit) = self.background.admit(name, write_bytes(code)) {
-            self.write_back(name, chunk, code, ranked, answers, FuturesUnordered::new())
+            self.write_back(name, chunk, code, ranked, answers, rest)
                 .await;
             drop(permit);
         }

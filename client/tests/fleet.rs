@@ -1069,9 +1069,17 @@ async fn background_work_beyond_its_bounds_is_dropped_and_counted() {
     .await;
     eventually("one fill", || get(&m.background_tasks) == 0).await;
     assert_eq!(get(&m.fill_shards_written), 5);
-    // Read one at a time, the three others fill.
-    read_all(&client, &small).await;
-    eventually("three more fills", || get(&m.fill_shards_written) == 20).await;
+    // Read one at a time, each after the last one's fill has ended: the three others
+    // fill.
+    for chunk in &small {
+        let (gets, written) = (origin.gets(), get(&m.fill_shards_written));
+        read_all(&client, std::slice::from_ref(chunk)).await;
+        if origin.gets() > gets {
+            eventually("the fill", || get(&m.fill_shards_written) == written + 5).await;
+        }
+    }
+    assert_eq!(get(&m.fill_shards_written), 20);
+    assert_eq!(get(&m.background_dropped_full), 3);
     assert_eq!(origin.gets(), 4 + 3);
 
     // A whole chunk's fill holds the chunk and five 128 KiB shards: more than 1 MiB.
