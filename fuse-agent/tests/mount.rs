@@ -707,17 +707,28 @@ fn unmounting_during_reads_is_clean() {
     data_image(&layout, 4 << 20);
     let manifest = world.flatten(&layout, "data");
     let rt = runtime();
-    let (fetcher, _) = slow_origin(&world, Duration::from_secs(2));
+    let (fetcher, fetches) = slow_origin(&world, Duration::from_secs(2));
     let tiers = tiers_with(fetcher, None, &rt);
     let mountpoint = world.path("mnt");
     let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let path = mountpoint.join("data/big");
-            std::thread::spawn(move || std::fs::read(path).map(|b| b.len()))
+    // Opened before the unmount starts: a reader that came after it would find no file.
+    let files: Vec<std::fs::File> = (0..4)
+        .map(|_| std::fs::File::open(mountpoint.join("data/big")).unwrap())
+        .collect();
+    let readers: Vec<_> = files
+        .into_iter()
+        .map(|mut file| {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes).map(|_| bytes.len())
+            })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // The reads have reached the filesystem and wait for the slow origin.
+    wait_for("the reads", Duration::from_secs(10), || {
+        fetches.load(Ordering::SeqCst) >= 1
+    });
     let started = Instant::now();
     let outcome = mount.unmount(Duration::from_millis(500)).unwrap();
     // The readers hold the mount busy for 2 s, longer than the 500 ms grace: detached,
@@ -750,7 +761,7 @@ fn an_interrupted_read_is_clean_and_still_fills_the_tiers() {
     let content = data_image(&layout, 600 << 10);
     let manifest = world.flatten(&layout, "data");
     let rt = runtime();
-    let (fetcher, fetches) = slow_origin(&world, Duration::from_millis(1500));
+    let (fetcher, fetches) = slow_origin(&world, Duration::from_millis(3000));
     let tiers = tiers_with(fetcher, None, &rt);
     let mountpoint = world.path("mnt");
     let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
@@ -760,7 +771,10 @@ fn an_interrupted_read_is_clean_and_still_fills_the_tiers() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Its read has reached the filesystem and waits for the slow origin.
+    wait_for("the read", Duration::from_secs(10), || {
+        fetches.load(Ordering::SeqCst) >= 1
+    });
     let interrupted = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(cat.id() as i32),
@@ -770,14 +784,15 @@ fn an_interrupted_read_is_clean_and_still_fills_the_tiers() {
     let status = cat.wait().unwrap();
     assert!(!status.success());
     assert!(
-        interrupted.elapsed() < Duration::from_millis(1000),
+        interrupted.elapsed() < Duration::from_millis(2000),
         "the reader waited for the fetch"
     );
     // The fetches it started still complete and fill memory: the next reader gets the
     // bytes without fetching again.
-    std::thread::sleep(Duration::from_millis(2000));
+    wait_for("the fetches to end", Duration::from_secs(20), || {
+        get(&tiers.stats().tier(Tier::Origin).loads) as usize == fetches.load(Ordering::SeqCst)
+    });
     let before = fetches.load(Ordering::SeqCst);
-    assert!(before >= 1);
     {
         // The first 100 KB: what the interrupted read was waiting for.
         use std::io::Read;
