@@ -105,7 +105,8 @@ async fn a_stopped_node_is_read_around_within_the_timeouts() {
             let started = Instant::now();
             assert_eq!(&reader.get_chunk(name).await.unwrap(), bytes);
             let took = started.elapsed();
-            assert!(took < Duration::from_millis(500), "a read took {took:?}");
+            // Well under the 3 s shard timeout: read around, not waited out.
+            assert!(took < Duration::from_secs(2), "a read took {took:?}");
         }
     }
     fleet.nodes[1].resume();
@@ -136,11 +137,21 @@ async fn a_stopped_node_is_marked_down_in_both_read_modes() {
         })
         .await;
         assert_eq!(get(&reader.metrics().nodes_down), 1);
-        // Down: reads no longer ask it (once the requests sent before have timed out).
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        let timed_out = get(&reader.metrics().shards_timed_out);
+        // Down: reads no longer ask it, once the requests sent before have timed out
+        // (the count stops moving for more than twice the shard timeout).
+        let mut timed_out = get(&reader.metrics().shards_timed_out);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let now = get(&reader.metrics().shards_timed_out);
+            if now == timed_out {
+                break;
+            }
+            assert!(Instant::now() < deadline, "requests kept timing out");
+            timed_out = now;
+        }
         read_all(reader, &chunks).await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(get(&reader.metrics().shards_timed_out), timed_out);
     }
     fleet.nodes[3].resume();

@@ -160,7 +160,7 @@ fn graceful_shutdown_finishes_a_request_in_flight() {
             "--region-size",
             "8MiB",
             "--drain-grace",
-            "1s",
+            "3s",
         ],
     );
     let data = Rng::new(9).bytes(200_000);
@@ -174,13 +174,27 @@ fn graceful_shutdown_finishes_a_request_in_flight() {
     .unwrap();
     stream.write_all(&data[..100_000]).unwrap();
     stream.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The node is receiving the body (its budget is taken): the request is in flight.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.metric("slapshot_http_body_memory_bytes") == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 
     node.signal("TERM");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // While draining, the node still serves but reports itself unhealthy.
-    let health = node.client().get("/health");
-    assert_eq!(health.status, 503);
+    // While draining (the grace lasts 3 s), the node still serves but reports itself
+    // unhealthy once it has seen the signal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while node.client().get("/health").status != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a draining node still says it is healthy"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     uploader.stream().write_all(&data[100_000..]).unwrap();
     let response = uploader

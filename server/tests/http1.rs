@@ -282,12 +282,16 @@ fn spliced_bytes_in_flight_survive_their_buffer_being_freed_and_reused() {
     let spliced = reply_bodies(&node, "splice");
     slow.write_all(b"GET /v1/shards/in-flight HTTP/1.1\r\nhost: t\r\n\r\n")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        reply_bodies(&node, "splice"),
-        spliced + 1.0,
-        "the reply was spliced from the memory tier's buffer"
-    );
+    // Counted when the node starts the reply.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while reply_bodies(&node, "splice") < spliced + 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reply was not spliced from the memory tier's buffer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(reply_bodies(&node, "splice"), spliced + 1.0);
     let maps = node.metric("slapshot_buffer_maps_total");
     for i in 0..60 {
         let other = rng.bytes(160 * 1024);

@@ -225,7 +225,8 @@ fn two_puts_of_one_key_agree_before_and_after_kill_9() {
     let a = Rng::new(5).bytes(64 * 1024);
     let b = Rng::new(6).bytes(64 * 1024);
     let first = start_put(&node, "race", &a);
-    thread::sleep(Duration::from_millis(200));
+    // The first PUT has its sequence number and stalls: the second comes after it.
+    wait_for_hook(&node, "put.after_write");
     assert_eq!(put(&mut node.client(), "race", &b), 201);
     assert_eq!(status_of(first), Some(204), "the first PUT is answered too");
     wait_for_hook(&node, "invalidate");

@@ -146,7 +146,19 @@ fn no_checkpoint_when_shutdown_leaves_work_unfinished() {
         b"PUT /v1/shards/slow HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello",
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The PUT is inside the node (its write done, stalled by the hook) before the signal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !node
+        .log()
+        .lines()
+        .any(|l| l.contains("test hook fired") && l.contains("put.after_write"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the PUT never arrived"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     node.terminate();
     assert!(!dir.path().join("data/index.ckpt").exists());
     node.set_env(&[]);

@@ -231,9 +231,10 @@ mod tests {
         .await;
         let took = took.lock().unwrap();
         assert_eq!(took.len(), reads);
-        // All slots are taken for 400 ms from about 128 ms on: the last 44 reads waited.
+        // All slots are taken for 400 ms from about 128 ms on: the last 44 reads waited
+        // (others may have started late too on a busy machine, each by its own lag).
         let late = paced.late;
-        assert!((40..=60).contains(&late), "{late} late starts");
+        assert!(late >= 44, "{late} late starts");
         assert_eq!(paced.lag.len(), reads as u64);
         assert!(
             paced.lag.max() >= 250_000,
