@@ -135,7 +135,8 @@ enum Answer {
     Failed,
 }
 
-/// Shards of one code collected during a read.
+/// Shards of one code collected during a read. Two nodes may hold the same index (one
+/// of them lying, perhaps), so shards are kept per node, not per index.
 struct Group {
     code: Code,
     shards: Vec<GroupShard>,
@@ -144,9 +145,19 @@ struct Group {
     suspect: bool,
 }
 
-/// A valid-looking shard, and the rank of the node that sent it.
+impl Group {
+    /// How many distinct indices the group holds (indices are below 64).
+    fn distinct(&self) -> usize {
+        let mut seen = 0u64;
+        for shard in &self.shards {
+            seen |= 1 << shard.index;
+        }
+        seen.count_ones() as usize
+    }
+}
+
+/// A valid-looking shard: its index and payload.
 struct GroupShard {
-    rank: usize,
     index: usize,
     payload: Bytes,
 }
@@ -161,8 +172,12 @@ struct Decoded {
 
 /// Decodes one read may try when some k shards rebuild into bytes that are not the chunk
 /// (a node holds a well-framed shard of other content). Each try costs a decode and a
-/// hash, about 0.1 ms for a 512 KiB chunk; one bad shard among k + 1 needs at most k + 1.
+/// hash, about 0.1 ms for a 512 KiB chunk. Subsets of the latest shards are tried first,
+/// so liars that answer fast (the usual case: a lie costs no disk read) are left out
+/// early: two of them among the first k cost k + 2 tries.
 const MAX_DECODE_ATTEMPTS: usize = 32;
+/// How long a fill or repair waits for the answers the read did not wait for.
+const REST_WAIT: Duration = Duration::from_secs(2);
 
 /// A codec for frames of another code or kind than ours.
 type OtherCodec = ((CodeParams, CodecKind), Arc<dyn ErasureCodec>);
@@ -175,12 +190,24 @@ struct FleetRead {
     /// The chunk and the code it was decoded from.
     chunk: Option<(Bytes, Code)>,
     degraded: bool,
-    /// The most shards one code had: how close a miss came.
+    /// Some k shards of one code rebuilt into other bytes: a node lies, and a repair is
+    /// due even if every node answered with a shard.
+    lied: bool,
+    /// The most distinct shards one code had: how close a miss came.
     best: usize,
+    heard: Heard,
+}
+
+/// What a read learnt of the nodes, handed on to the fill or repair after it.
+struct Heard {
     /// Per rank in the placement.
     answers: Vec<Answer>,
-    /// Requests still in flight when the read had its k shards. A repair waits for them to
-    /// learn what those nodes hold; otherwise they are dropped and end on their own.
+    /// The payload of each `Shard` answer, per rank: the fill compares it with what the
+    /// index should hold, so that lying shards are rewritten and correct ones are not.
+    payloads: Vec<Option<Bytes>>,
+    /// Requests still in flight when the read ended. A fill or repair hears them out
+    /// (for a while) to learn what those nodes hold; otherwise they are dropped and end
+    /// on their own.
     rest: FuturesUnordered<RankedFetch>,
 }
 
@@ -384,8 +411,8 @@ impl FleetClient {
             }
             // Read repair: nodes that answered without a valid shard (or with a second
             // copy of an index) get theirs back, in the code the chunk was read in.
-            if wants_repair(code, &read.answers) {
-                inner.spawn_repair(*name, chunk.clone(), code, ranked, read.answers, read.rest);
+            if read.lied || wants_repair(code, &read.heard.answers) {
+                inner.spawn_repair(*name, chunk.clone(), code, ranked, read.heard);
             }
             return Ok((chunk, ChunkSource::Fleet));
         }
@@ -397,10 +424,7 @@ impl FleetClient {
                 need: inner.code.data(),
             });
         }
-        match inner
-            .fetch_from_origin(name, ranked, read.answers, read.rest)
-            .await
-        {
+        match inner.fetch_from_origin(name, ranked, read.heard).await {
             Ok(chunk) => {
                 inc(&inner.metrics.origin_fills);
                 Ok((chunk, ChunkSource::Origin))
@@ -457,6 +481,7 @@ impl Inner {
         let k = self.code.data();
         let key: Arc<str> = name.to_hex().into();
         let mut answers = vec![Answer::NotAsked; ranked.len()];
+        let mut payloads: Vec<Option<Bytes>> = vec![None; ranked.len()];
         let up: Vec<usize> = (0..ranked.len())
             .filter(|&rank| self.nodes[ranked[rank]].is_up())
             .collect();
@@ -499,7 +524,12 @@ impl Inner {
                         // The k-th shard is later than it is in 95% of reads: ask for the
                         // missing ones elsewhere, one token per request.
                         hedge_at = None;
-                        let have = groups.iter().map(|g| g.shards.len()).max().unwrap_or(0);
+                        let have = groups
+                            .iter()
+                            .filter(|g| g.code.params == self.code && !g.suspect)
+                            .map(Group::distinct)
+                            .max()
+                            .unwrap_or(0);
                         self.hedge(k.saturating_sub(have), &mut reserve, &mut pending, ranked, &key);
                         continue;
                     }
@@ -522,27 +552,25 @@ impl Inner {
                         groups.len() - 1
                     }
                 };
+                payloads[rank] = Some(payload.clone());
                 let group = &mut groups[at];
                 let index = usize::from(index);
-                if !group.shards.iter().any(|s| s.index == index) {
-                    group.shards.push(GroupShard {
-                        rank,
-                        index,
-                        payload,
-                    });
-                    if group.shards.len() >= code.params.data() {
-                        done =
-                            self.decode_group(name, group, &mut attempts)
-                                .map(|(chunk, used)| Decoded {
-                                    group: at,
-                                    chunk,
-                                    used,
-                                });
-                    }
-                    // A shard that completes no decode of a suspect group is no progress
-                    // towards the read either: more shards are needed.
-                    progressed = done.is_some() || !group.suspect;
+                let new_index = !group.shards.iter().any(|s| s.index == index);
+                group.shards.push(GroupShard { index, payload });
+                // A second copy of an index matters once the group is suspect: it may be
+                // the true one.
+                if group.distinct() >= code.params.data() && (new_index || group.suspect) {
+                    done = self
+                        .decode_group(name, group, &mut attempts)
+                        .map(|(chunk, used)| Decoded {
+                            group: at,
+                            chunk,
+                            used,
+                        });
                 }
+                // A shard that completes no decode of a suspect group is no progress
+                // towards the read either: more shards are needed.
+                progressed = done.is_some() || (new_index && !group.suspect);
             }
             // In hedged mode an answer that brought no new shard is replaced at once by
             // the next node in rank order.
@@ -555,7 +583,10 @@ impl Inner {
             }
             // A miss is known as soon as the answers still to come cannot make up k: the
             // origin need not wait for the slowest node's 404 (or its timeout).
-            if done.is_none() && !self.may_complete(&groups, pending.len() + reserve.len()) {
+            if done.is_none()
+                && (attempts >= MAX_DECODE_ATTEMPTS
+                    || !self.may_complete(&groups, pending.len() + reserve.len()))
+            {
                 break;
             }
         }
@@ -563,37 +594,28 @@ impl Inner {
         let mut read = FleetRead {
             chunk: None,
             degraded: false,
+            lied: groups.iter().any(|g| g.suspect),
             best: groups
                 .iter()
                 .filter(|g| !g.suspect)
-                .map(|g| g.shards.len())
+                .map(Group::distinct)
                 .max()
                 .unwrap_or(0),
-            answers,
-            rest: pending,
+            heard: Heard {
+                answers,
+                payloads,
+                rest: pending,
+            },
         };
-        match done {
-            Some(decoded) => {
+        if let Some(decoded) = done {
+            let code = groups[decoded.group].code;
+            // A read that had to find its way around a liar says nothing of how long k
+            // shards take to come.
+            if !groups[decoded.group].suspect {
                 lock(&self.kth_arrivals).record(started.elapsed());
-                let group = &groups[decoded.group];
-                let code = group.code;
-                read.degraded = decoded.used.iter().any(|&i| i >= code.params.data());
-                if group.suspect {
-                    self.mark_bad_shards(name, ranked, group, &decoded.chunk, &mut read.answers);
-                }
-                read.chunk = Some((Bytes::from(decoded.chunk), code));
             }
-            None => {
-                // Shards that passed their own checks yet rebuild into other bytes in
-                // every combination tried: which of them lie is unknown, so the whole
-                // group's places are to be rewritten.
-                for group in groups.iter().filter(|g| g.suspect) {
-                    inc(&self.metrics.corrupt_shards);
-                    for shard in &group.shards {
-                        read.answers[shard.rank] = Answer::Missing;
-                    }
-                }
-            }
+            read.degraded = decoded.used.iter().any(|&i| i >= code.params.data());
+            read.chunk = Some((Bytes::from(decoded.chunk), code));
         }
         read
     }
@@ -603,19 +625,25 @@ impl Inner {
     fn may_complete(&self, groups: &[Group], outstanding: usize) -> bool {
         let own = groups
             .iter()
-            .filter(|g| g.code.params == self.code)
-            .map(|g| g.shards.len())
+            .filter(|g| g.code.params == self.code && !g.suspect)
+            .map(Group::distinct)
             .max()
             .unwrap_or(0);
+        // A suspect group has its k indices: any further shard opens new subsets.
         own + outstanding >= self.code.data()
-            || groups
-                .iter()
-                .any(|g| g.shards.len() + outstanding >= g.code.params.data())
+            || groups.iter().any(|g| {
+                if g.suspect {
+                    outstanding > 0
+                } else {
+                    g.distinct() + outstanding >= g.code.params.data()
+                }
+            })
     }
 
     /// Tries to rebuild the chunk from `group`, whose newest shard just arrived: every
-    /// k-subset that holds the newest shard (the others were tried before), within the
-    /// read's budget of attempts. Returns the chunk and the indices it came from.
+    /// k-subset of distinct indices that holds the newest shard (the others were tried
+    /// before), the latest shards first, within the read's budget of attempts. Returns the
+    /// chunk and the indices it came from.
     fn decode_group(
         &self,
         name: &ChunkName,
@@ -626,57 +654,43 @@ impl Inner {
         let k = code.params.data();
         let codec = self.codec(code.params, code.kind)?;
         let (newest, older) = group.shards.split_last()?;
+        let latest_first: Vec<&GroupShard> = older.iter().rev().collect();
         let mut found = None;
-        for chosen in Combinations::new(older.len(), k - 1) {
+        let mut failed = false;
+        for chosen in Combinations::new(latest_first.len(), k - 1) {
             if *attempts >= MAX_DECODE_ATTEMPTS {
                 break;
             }
-            *attempts += 1;
             let parts: Vec<(usize, &[u8])> = chosen
                 .iter()
-                .map(|&i| &older[i])
+                .map(|&i| latest_first[i])
                 .chain(std::iter::once(newest))
                 .map(|s| (s.index, s.payload.as_ref()))
                 .collect();
-            if let Ok(chunk) = codec.decode(code.chunk_len as usize, &parts)
-                && name.matches(&chunk)
-            {
-                found = Some((chunk, parts.iter().map(|(i, _)| *i).collect()));
-                break;
+            let mut indices = 0u64;
+            let repeated = parts.iter().any(|&(i, _)| {
+                let seen = indices & (1 << i) != 0;
+                indices |= 1 << i;
+                seen
+            });
+            if repeated {
+                continue;
+            }
+            *attempts += 1;
+            match codec.decode(code.chunk_len as usize, &parts) {
+                Ok(chunk) if name.matches(&chunk) => {
+                    found = Some((chunk, parts.iter().map(|(i, _)| *i).collect()));
+                    break;
+                }
+                _ => failed = true,
             }
         }
-        if found.is_none() && !group.suspect {
+        if failed && !group.suspect {
             group.suspect = true;
+            inc(&self.metrics.lying_reads);
             tracing::warn!(chunk = %name, "shards rebuilt into bytes that do not match the name; reading more");
         }
         found
-    }
-
-    /// After a suspect group did rebuild the chunk: re-encodes it and marks every shard
-    /// whose bytes differ from what its index should hold as a place to rewrite, so that
-    /// the repair replaces exactly the lying shards and leaves the correct ones alone.
-    fn mark_bad_shards(
-        &self,
-        name: &ChunkName,
-        ranked: &[usize],
-        group: &Group,
-        chunk: &[u8],
-        answers: &mut [Answer],
-    ) {
-        let Some(expected) = self
-            .codec(group.code.params, group.code.kind)
-            .and_then(|codec| codec.encode(chunk).ok())
-        else {
-            return;
-        };
-        for shard in &group.shards {
-            if expected.get(shard.index).map(Vec::as_slice) != Some(shard.payload.as_ref()) {
-                inc(&self.metrics.corrupt_shards);
-                let node = &self.nodes[ranked[shard.rank]].id;
-                tracing::warn!(chunk = %name, node = %node, index = shard.index, "a shard with a valid frame holds other bytes");
-                answers[shard.rank] = Answer::Missing;
-            }
-        }
     }
 
     /// Sends up to `wanted` hedge requests to the reserve nodes, each paid with a token.
@@ -792,8 +806,7 @@ impl Inner {
         self: &Arc<Self>,
         name: &ChunkName,
         ranked: Vec<usize>,
-        answers: Vec<Answer>,
-        rest: FuturesUnordered<RankedFetch>,
+        heard: Heard,
     ) -> Result<Bytes, ChunkError> {
         let mut result = {
             let mut flights = lock(&self.flights);
@@ -809,7 +822,7 @@ impl Inner {
                             result: rx.clone(),
                         },
                     );
-                    tokio::spawn(self.clone().fly(*name, id, tx, ranked, answers, rest));
+                    tokio::spawn(self.clone().fly(*name, id, tx, ranked, heard));
                     rx
                 }
             }
@@ -825,17 +838,16 @@ impl Inner {
 
     /// A flight: the origin fetch, its answer to the readers, then the fill. Its entry in
     /// `flights` goes when it ends (on an error, before the readers hear of it, so that no
-    /// later reader inherits it). `rest` are the read's requests still in flight (the miss
-    /// was known before the slowest nodes answered): the fill hears them out rather than
-    /// ask those nodes again.
+    /// later reader inherits it). `heard.rest` are the read's requests still in flight
+    /// (the miss was known before the slowest nodes answered): the fill hears them out
+    /// rather than ask those nodes again.
     async fn fly(
         self: Arc<Self>,
         name: ChunkName,
         id: u64,
         tx: watch::Sender<FlightResult>,
         ranked: Vec<usize>,
-        answers: Vec<Answer>,
-        rest: FuturesUnordered<RankedFetch>,
+        heard: Heard,
     ) {
         let entry = FlightEntry {
             inner: self.clone(),
@@ -860,8 +872,7 @@ impl Inner {
             return;
         };
         if let Some(permit) = self.background.admit(name, write_bytes(code)) {
-            self.write_back(name, chunk, code, ranked, answers, rest)
-                .await;
+            self.write_back(name, chunk, code, ranked, heard).await;
             drop(permit);
         }
         drop(entry);
@@ -876,11 +887,16 @@ impl Inner {
         readers: &watch::Sender<FlightResult>,
     ) -> Option<Result<Bytes, ChunkError>> {
         let origin = self.origin.as_ref().expect("only called with an origin");
-        let _permit = self
-            .origin_permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        let timeout = self.config.timeouts.origin.0;
+        // The wait for a permit is bounded too: when every permit is held by fetches from
+        // an origin that hangs, readers hear so within the origin timeout.
+        let Ok(permit) = tokio::time::timeout(timeout, self.origin_permits.acquire()).await else {
+            return Some(Err(ChunkError::OriginTimeout {
+                name: *name,
+                timeout,
+            }));
+        };
+        let _permit = permit.expect("the semaphore is never closed");
         {
             // Under the lock, so that no reader joins between the count and the removal.
             // The entry holds one receiver itself.
@@ -894,7 +910,6 @@ impl Inner {
             }
         }
         inc(&self.metrics.origin_fetches);
-        let timeout = self.config.timeouts.origin.0;
         let Ok(fetched) = tokio::time::timeout(timeout, origin.get(name)).await else {
             return Some(Err(ChunkError::OriginTimeout {
                 name: *name,
@@ -925,51 +940,66 @@ impl Inner {
         chunk: Bytes,
         code: Code,
         ranked: Vec<usize>,
-        answers: Vec<Answer>,
-        rest: FuturesUnordered<RankedFetch>,
+        heard: Heard,
     ) {
         let Some(permit) = self.background.admit(name, write_bytes(code)) else {
             return;
         };
         let inner = self.clone();
         tokio::spawn(async move {
-            inner
-                .write_back(name, chunk, code, ranked, answers, rest)
-                .await;
+            inner.write_back(name, chunk, code, ranked, heard).await;
             drop(permit);
         });
     }
 
     /// Writes `code`'s shards of a chunk to the nodes that lack one. First it completes
-    /// the picture: the answers of requests still in flight, and the shards of up nodes
-    /// the read did not ask, so that no index is given to a node while another holds it.
+    /// the picture, for at most `REST_WAIT`: the answers of requests still in flight, and
+    /// the shards of up nodes the read did not ask, so that no index is given to a node
+    /// while another holds it. Every shard of `code` heard is compared with what its index
+    /// holds: a node that lies is rewritten, and only such nodes.
     async fn write_back(
         &self,
         name: ChunkName,
         chunk: Bytes,
         code: Code,
         ranked: Vec<usize>,
-        mut answers: Vec<Answer>,
-        mut rest: FuturesUnordered<RankedFetch>,
+        heard: Heard,
     ) {
+        let Heard {
+            mut answers,
+            mut payloads,
+            mut rest,
+        } = heard;
+        let Ok(frames) = self.frames(&name, &chunk, code) else {
+            return;
+        };
         let key: Arc<str> = name.to_hex().into();
-        while let Some((rank, result)) = rest.next().await {
-            answers[rank] = self.examine(&name, rank, &ranked, result).0;
+        let deadline = tokio::time::Instant::now() + self.config.timeouts.shard.0.min(REST_WAIT);
+        while let Ok(Some((rank, result))) = tokio::time::timeout_at(deadline, rest.next()).await {
+            (answers[rank], payloads[rank]) = self.examine(&name, rank, &ranked, result);
         }
         let mut asks: FuturesUnordered<RankedFetch> = (0..answers.len())
             .filter(|&rank| answers[rank] == Answer::NotAsked && self.nodes[ranked[rank]].is_up())
             .map(|rank| self.fetch(rank, ranked[rank], &key))
             .collect();
-        while let Some((rank, result)) = asks.next().await {
-            answers[rank] = self.examine(&name, rank, &ranked, result).0;
+        while let Ok(Some((rank, result))) = tokio::time::timeout_at(deadline, asks.next()).await {
+            (answers[rank], payloads[rank]) = self.examine(&name, rank, &ranked, result);
+        }
+        for rank in 0..answers.len() {
+            if let (Answer::Shard(c, index), Some(payload)) = (answers[rank], &payloads[rank])
+                && c == code
+                && frames[usize::from(index)][FRAME_HEADER_LEN..] != payload[..]
+            {
+                inc(&self.metrics.corrupt_shards);
+                let node = &self.nodes[ranked[rank]].id;
+                tracing::warn!(chunk = %name, node = %node, index, "a shard with a valid frame holds other bytes");
+                answers[rank] = Answer::Missing;
+            }
         }
         let plan = plan_writes(code, &answers);
         if plan.is_empty() {
             return;
         }
-        let Ok(frames) = self.frames(&name, &chunk, code) else {
-            return;
-        };
         let targets: Vec<(usize, u8)> = plan
             .iter()
             .map(|&(rank, index)| (ranked[rank], index))
@@ -1050,9 +1080,10 @@ impl Drop for FlightEntry {
     }
 }
 
-/// Bytes a fill or repair of `code` holds: the chunk and its framed shards.
+/// Bytes a fill or repair of `code` holds: the chunk, its framed shards, and the shards
+/// heard from the nodes (kept to be checked against the framed ones).
 fn write_bytes(code: Code) -> usize {
-    code.chunk_len as usize + code.params.total() * (FRAME_HEADER_LEN + code.shard_len())
+    code.chunk_len as usize + code.params.total() * (FRAME_HEADER_LEN + 2 * code.shard_len())
 }
 
 /// Whether a read's answers call for a repair in `code`: a node lacks a shard, or two

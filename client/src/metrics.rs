@@ -16,6 +16,7 @@ pub mod names {
     pub const HEDGES_REFUSED: &str = "slapshot_client_hedges_refused_total";
     pub const DEGRADED: &str = "slapshot_client_degraded_rebuilds_total";
     pub const CORRUPT_SHARDS: &str = "slapshot_client_corrupt_shards_total";
+    pub const LYING_READS: &str = "slapshot_client_lying_reads_total";
     pub const FOREIGN_SHARDS: &str = "slapshot_client_foreign_shards_total";
     pub const OTHER_CODE_SHARDS: &str = "slapshot_client_other_code_shards_total";
     pub const ORIGIN_FETCHES: &str = "slapshot_client_origin_fetches_total";
@@ -53,9 +54,12 @@ pub struct ClientMetrics {
     pub hedges_refused: AtomicU64,
     /// Chunks rebuilt with at least one parity shard.
     pub degraded_rebuilds: AtomicU64,
-    /// Shards that failed their frame checks or belong to another chunk, or rebuilt
-    /// chunks that failed their name.
+    /// Shards that failed their frame checks, belong to another chunk, or (found when
+    /// the chunk is written back) hold other bytes than their index should.
     pub corrupt_shards: AtomicU64,
+    /// Reads in which k shards of one code, each valid on its own, rebuilt into bytes that
+    /// are not the chunk: a node lies. The read went on with more shards.
+    pub lying_reads: AtomicU64,
     /// Shards with a valid frame whose name tag is another chunk's (also in
     /// `corrupt_shards`).
     pub foreign_shards: AtomicU64,
@@ -209,8 +213,14 @@ impl ClientMetrics {
         counter(
             w,
             names::CORRUPT_SHARDS,
-            "Shards (or rebuilt chunks) that failed verification.",
+            "Shards that failed verification or hold other bytes than their index should.",
             get(&self.corrupt_shards),
+        );
+        counter(
+            w,
+            names::LYING_READS,
+            "Reads in which k valid-looking shards rebuilt into other bytes than the chunk.",
+            get(&self.lying_reads),
         );
         counter(
             w,

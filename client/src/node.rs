@@ -58,10 +58,10 @@ const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// The key probes ask for. Chunk names are 64 hexadecimal digits, so no shard is ever
 /// stored under it and a working node answers 404 from its shard path.
 pub const PROBE_KEY: &str = "slapshot-probe";
-/// Shard GETs a node may have in flight in their own tasks, per connection to it, and at
-/// least.
+/// Shard GETs a node may have in flight in their own tasks: four per connection to it,
+/// and 64 at least (over HTTP/2 one connection carries many requests at once).
 const DETACHED_PER_CONNECTION: usize = 4;
-const MIN_DETACHED: usize = 16;
+const MIN_DETACHED: usize = 64;
 /// Responses to `get_text` (health, metrics) are cut at this size.
 const TEXT_LIMIT: usize = 16 << 20;
 

@@ -15,7 +15,7 @@ use object_store::{
     local::LocalFileSystem,
     path::Path as ObjectPath,
 };
-use slapshot_core::{ChunkName, SealedChunk};
+use slapshot_core::{CHUNK_SIZE, ChunkName, SealedChunk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
@@ -27,6 +27,16 @@ pub enum OriginError {
     },
     #[error("cannot use {url:?} as an origin: {reason}")]
     Url { url: String, reason: String },
+    /// Larger than any chunk: refused before a byte of it is read.
+    #[error(
+        "origin {origin}: chunk {name} is an object of {size} bytes, more than the {limit} a chunk can have"
+    )]
+    TooLarge {
+        origin: String,
+        name: ChunkName,
+        size: u64,
+        limit: usize,
+    },
 }
 
 /// Where chunks come from when the fleet does not have them.
@@ -98,6 +108,14 @@ impl Origin for ObjectStoreOrigin {
     fn get<'a>(&'a self, name: &'a ChunkName) -> BoxFuture<'a, Result<Option<Bytes>, OriginError>> {
         Box::pin(async move {
             match self.store.get(&self.path(name)).await {
+                // The size is known from the metadata (S3's Content-Length): a damaged or
+                // hostile origin cannot make the client buffer more than a chunk.
+                Ok(result) if result.meta.size > CHUNK_SIZE as u64 => Err(OriginError::TooLarge {
+                    origin: self.location.clone(),
+                    name: *name,
+                    size: result.meta.size,
+                    limit: CHUNK_SIZE,
+                }),
                 Ok(result) => result.bytes().await.map(Some).map_err(|e| self.error(e)),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(self.error(e)),
@@ -257,6 +275,36 @@ mod tests {
                 .join(&hex[..2])
                 .join(&hex)
                 .exists()
+        );
+    }
+
+    /// An object under a chunk's name that is larger than any chunk (damage, or a hostile
+    /// store) is refused from its metadata, before it is read into memory.
+    #[tokio::test]
+    async fn an_object_larger_than_a_chunk_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = open_origin(dir.path().to_str().unwrap()).unwrap();
+        let name = ChunkName([5; 32]);
+        let hex = name.to_hex();
+        let file = dir.path().join("chunks").join(&hex[..2]).join(&hex);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(CHUNK_SIZE as u64 + 1)
+            .unwrap();
+        assert!(matches!(
+            origin.get(&name).await,
+            Err(OriginError::TooLarge { size, .. }) if size == CHUNK_SIZE as u64 + 1
+        ));
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(CHUNK_SIZE as u64)
+            .unwrap();
+        assert_eq!(
+            origin.get(&name).await.unwrap().map(|b| b.len()),
+            Some(CHUNK_SIZE)
         );
     }
 
