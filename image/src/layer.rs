@@ -26,20 +26,34 @@ use crate::{
 /// Limits against tar bombs, shared by all the layers of one image.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Uncompressed file bytes and entry metadata across all layers.
+    /// Uncompressed file bytes across all layers.
     pub max_bytes: u64,
     /// Entries across all layers.
     pub max_entries: u64,
+    /// Memory the entries' metadata takes until the layers are applied (paths, links,
+    /// xattrs, and the bookkeeping of every path component): a layer of empty files with
+    /// deep paths costs memory, not disk, so it has its own budget.
+    pub max_metadata: u64,
 }
+
+/// What one entry's metadata is charged beside its path, link and xattrs: the entry and
+/// its header as held in memory, and its place in the layer's tables.
+const ENTRY_COST: u64 = 256;
+/// What each path component is charged: it is held as a slice (16 bytes) in the layer's
+/// duplicate check and again in the list of entries to apply, and becomes a map key.
+const COMPONENT_COST: u64 = 64;
 
 impl Default for Limits {
     fn default() -> Self {
         // The paper's largest images are 10 GiB; 64 GiB leaves room while stopping a
         // decompression bomb long before it fills a disk. Ten million entries is ten times
         // a very large distribution image.
+        // Four GiB of metadata is about six million entries of typical paths (60 bytes in
+        // six components).
         Self {
             max_bytes: 64 << 30,
             max_entries: 10_000_000,
+            max_metadata: 4 << 30,
         }
     }
 }
@@ -49,6 +63,7 @@ impl Default for Limits {
 pub struct Usage {
     pub bytes: AtomicU64,
     pub entries: AtomicU64,
+    pub metadata: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,30 +228,19 @@ pub fn read_layer(
                 limits.max_entries
             )));
         }
-        // Every entry costs its data and its metadata (a header block, its path, link and
-        // xattrs): metadata is held in memory until the layers are applied, so a layer of
-        // empty files with long names counts against the same budget as file contents.
-        let metadata = (crate::tar::BLOCK
-            + header.path.len()
-            + header.link.len()
-            + header
-                .xattrs
-                .iter()
-                .map(|(n, v)| n.len() + v.len())
-                .sum::<usize>()) as u64;
-        let cost = header.size.saturating_add(metadata);
-        let before = usage
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-                Some(b.saturating_add(cost))
-            })
-            .expect("the update always succeeds");
-        if before.saturating_add(cost) > limits.max_bytes {
-            return Err(limit(format!(
-                "more than {} bytes of files and metadata in the image (raise --max-bytes if this is real)",
+        let metadata = metadata_cost(&header);
+        charge(&usage.metadata, metadata, limits.max_metadata).map_err(|()| {
+            limit(format!(
+                "more than {} bytes of entry metadata (paths, links, xattrs) in the image (raise --max-metadata if this is real)",
+                limits.max_metadata
+            ))
+        })?;
+        charge(&usage.bytes, header.size, limits.max_bytes).map_err(|()| {
+            limit(format!(
+                "more than {} bytes of files in the image (raise --max-bytes if this is real)",
                 limits.max_bytes
-            )));
-        }
+            ))
+        })?;
         let content = if header.kind == EntryKind::Regular {
             let offset = spool_len;
             let mut hasher = blake3::Hasher::new();
@@ -291,4 +295,26 @@ pub fn read_layer(
 /// A path for messages.
 pub fn lossy(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
+}
+
+/// The memory an entry's metadata takes until its layer is applied.
+fn metadata_cost(header: &EntryHeader) -> u64 {
+    let components = |path: &[u8]| path.split(|&b| b == b'/').count() as u64;
+    let xattrs: usize = header.xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+    ENTRY_COST
+        + (header.path.len() + header.link.len() + xattrs) as u64
+        + COMPONENT_COST * (components(&header.path) + components(&header.link))
+}
+
+/// Adds `cost` to a counter shared by the layers; `Err` once the total passes `limit`.
+fn charge(counter: &AtomicU64, cost: u64, limit: u64) -> Result<(), ()> {
+    let before = counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+            Some(b.saturating_add(cost))
+        })
+        .expect("the update always succeeds");
+    if before.saturating_add(cost) > limit {
+        return Err(());
+    }
+    Ok(())
 }

@@ -54,6 +54,10 @@ pub enum ManifestError {
     Authentication,
     #[error("malformed manifest: {0}")]
     Malformed(String),
+    #[error(
+        "the manifest's file tree and chunk table take {bytes} bytes, more than the {limit} a manifest may have"
+    )]
+    TooLarge { bytes: u64, limit: u64 },
 }
 
 /// A manifest's id: BLAKE3 of its bytes.
@@ -190,9 +194,21 @@ impl Manifest {
             .sum()
     }
 
-    /// Encodes and seals the manifest under `key`.
-    pub fn encode(&self, key: &TenantKey) -> Vec<u8> {
+    /// Encodes and seals the manifest under `key`: CPU-heavy for a large image (zstd at
+    /// level 19), so not on an async runtime's thread. A manifest whose body is larger than
+    /// any reader accepts (1 GiB) is refused here, not written and found unreadable later.
+    pub fn encode(&self, key: &TenantKey) -> Result<Vec<u8>, ManifestError> {
+        self.encode_within(key, MAX_BODY)
+    }
+
+    fn encode_within(&self, key: &TenantKey, limit: u64) -> Result<Vec<u8>, ManifestError> {
         let body = self.encode_body();
+        if body.len() as u64 > limit {
+            return Err(ManifestError::TooLarge {
+                bytes: body.len() as u64,
+                limit,
+            });
+        }
         let compressed = zstd::bulk::compress(&body, ZSTD_LEVEL).expect("zstd compresses memory");
         let mut out = Vec::with_capacity(HEADER_LEN + compressed.len() + 64 * self.keys.len());
         out.extend_from_slice(&MAGIC);
@@ -202,7 +218,7 @@ impl Manifest {
         out.extend_from_slice(&(body.len() as u64).to_le_bytes());
         out.extend_from_slice(
             &u32::try_from(compressed.len())
-                .expect("a body under 4 GiB")
+                .expect("a body of at most 1 GiB compresses to under 4 GiB")
                 .to_le_bytes(),
         );
         out.extend_from_slice(&compressed);
@@ -222,7 +238,7 @@ impl Manifest {
             .expect("AES-GCM encrypts any message under 64 GiB");
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Ok(out)
     }
 
     /// Checks and decodes a manifest sealed under `key`.
@@ -889,8 +905,8 @@ mod tests {
     fn round_trip_and_determinism() {
         let key = TenantKey([1; 32]);
         let m = sample();
-        let bytes = m.encode(&key);
-        assert_eq!(bytes, m.encode(&key), "byte-identical");
+        let bytes = m.encode(&key).unwrap();
+        assert_eq!(bytes, m.encode(&key).unwrap(), "byte-identical");
         assert_eq!(Manifest::decode(&bytes, &key).unwrap(), m);
         assert_eq!(m.lookup("/a"), Some(1));
         assert_eq!(m.lookup("hard"), Some(1));
@@ -900,9 +916,21 @@ mod tests {
     }
 
     #[test]
+    fn a_body_larger_than_readers_accept_is_refused_at_encoding() {
+        let key = TenantKey([1; 32]);
+        let m = sample();
+        let body = m.encode_body().len() as u64;
+        assert!(m.encode_within(&key, body).is_ok());
+        assert!(matches!(
+            m.encode_within(&key, body - 1),
+            Err(ManifestError::TooLarge { bytes, limit }) if bytes == body && limit == body - 1
+        ));
+    }
+
+    #[test]
     fn tampering_and_wrong_keys_are_refused() {
         let key = TenantKey([1; 32]);
-        let bytes = sample().encode(&key);
+        let bytes = sample().encode(&key).unwrap();
         assert!(matches!(
             Manifest::decode(&bytes, &TenantKey([2; 32])),
             Err(ManifestError::WrongKey { .. })
@@ -925,7 +953,7 @@ mod tests {
             extents[0].chunk = 5;
         }
         assert!(matches!(
-            Manifest::decode(&m.encode(&key), &key),
+            Manifest::decode(&m.encode(&key).unwrap(), &key),
             Err(ManifestError::Malformed(_))
         ));
     }

@@ -55,7 +55,7 @@ fn flatten_ref(reference: &str, opts: &FlattenOptions) -> Result<Flat, String> {
     let flattened = slapshot_image::flatten(&source, opts, Mode::Seal(&sink), &NoProgress)
         .map_err(|e: FlattenError| e.to_string())?;
     let key = TenantKey([7; 32]);
-    let encoded = flattened.manifest.encode(&key);
+    let encoded = flattened.manifest.encode(&key).unwrap();
     let manifest = Manifest::decode(&encoded, &key).unwrap();
     assert_eq!(manifest, flattened.manifest);
     Ok(Flat {
@@ -610,6 +610,7 @@ fn tar_bombs_hit_the_limits() {
     opts.limits = Limits {
         max_bytes: 100_000,
         max_entries: 1_000,
+        ..Limits::default()
     };
     let err = flatten_ref(&oci(dir.path(), "bomb"), &opts).err().unwrap();
     assert!(
@@ -619,11 +620,46 @@ fn tar_bombs_hit_the_limits() {
     opts.limits = Limits {
         max_bytes: 1 << 30,
         max_entries: 20,
+        ..Limits::default()
     };
     let err = flatten_ref(&oci(dir.path(), "bomb"), &opts).err().unwrap();
     assert!(err.contains("more than 20 entries"), "{err}");
     opts.limits = Limits::default();
     assert!(flatten_ref(&oci(dir.path(), "bomb"), &opts).is_ok());
+
+    // Empty files under deep paths: no file bytes, but each entry's 300 path components
+    // take memory until the layer is applied (about 20 KiB each here). They count against
+    // the metadata budget, not the file bytes'.
+    let mut deep = LayerBuilder::new();
+    let prefix = "d/".repeat(300);
+    for i in 0..100 {
+        deep.file(&format!("{prefix}f{i}"), 0o644, Vec::new());
+    }
+    write_oci(
+        dir.path(),
+        "deep",
+        &RuntimeConfig::default(),
+        &[(deep, LayerCompression::Gzip)],
+    )
+    .unwrap();
+    opts.limits = Limits {
+        max_metadata: 1 << 20,
+        ..Limits::default()
+    };
+    let err = flatten_ref(&oci(dir.path(), "deep"), &opts).err().unwrap();
+    assert!(
+        err.contains("bytes of entry metadata") && err.contains("max-metadata"),
+        "{err}"
+    );
+    opts.limits = Limits {
+        max_bytes: 0,
+        max_metadata: 4 << 20,
+        ..Limits::default()
+    };
+    assert!(
+        flatten_ref(&oci(dir.path(), "deep"), &opts).is_ok(),
+        "metadata was charged to the file bytes"
+    );
 }
 
 #[test]

@@ -50,6 +50,10 @@ pub struct LayoutArgs {
     /// Refuse images with more entries than this (a tar-bomb limit).
     #[arg(long, value_name = "N", default_value_t = 10_000_000)]
     pub max_entries: u64,
+    /// Refuse images whose entries' metadata (paths, links, xattrs, counted as the memory
+    /// they take while the layers are applied) is larger than this (a tar-bomb limit).
+    #[arg(long, value_name = "BYTES", default_value = "4GiB")]
+    pub max_metadata: ByteSize,
     /// Where layer contents wait between reading and sealing (unlinked files; up to the
     /// image's size) [default: $TMPDIR, else /tmp: choose a disk if that is a small tmpfs].
     #[arg(long, value_name = "DIR")]
@@ -88,6 +92,7 @@ impl LayoutArgs {
             limits: Limits {
                 max_bytes: self.max_bytes.0,
                 max_entries: self.max_entries,
+                max_metadata: self.max_metadata.0,
             },
             threads: self
                 .threads
@@ -178,19 +183,24 @@ pub async fn flatten_image(
     ));
     let progress = Bar::new(show_progress && std::io::stderr().is_terminal());
     let task_sink = sink.clone();
-    let (flattened, sink_report) = tokio::task::spawn_blocking(move || {
+    let (flattened, manifest, sink_report) = tokio::task::spawn_blocking(move || {
         let source = open_source(&source_ref)?;
         let result =
             slapshot_image::flatten(&source, &options, Mode::Seal(task_sink.as_ref()), &progress);
         // Wait for every upload whatever happened, so that none outlives the command.
         let report = task_sink.finish();
         progress.finish();
-        anyhow::Ok((result?, report))
+        let flattened = result?;
+        // zstd at level 19 over the whole tree: on this thread, not the runtime's.
+        let manifest = flattened
+            .manifest
+            .encode(&key)
+            .context("encoding the manifest")?;
+        anyhow::Ok((flattened, manifest, report))
     })
     .await
     .context("the flattening thread failed")??;
     let sink_report = sink_report.map_err(|e| anyhow::anyhow!("uploading chunks: {e}"))?;
-    let manifest = flattened.manifest.encode(&key);
     let manifest_bytes = manifest.len() as u64;
     // Published last: a failed run leaves no manifest and no name behind.
     let store = ImageStore::new(origin);
