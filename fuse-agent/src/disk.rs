@@ -7,6 +7,13 @@
 //! and renamed, so a crash never leaves a partial chunk under a real name. Eviction is
 //! least-recently-used by file mtime, which a hit refreshes, so the order survives a
 //! restart.
+//!
+//! The budget is the directory's, not one agent's: agents that share the directory (one
+//! per mount) each index what they see, and each rescans the whole directory after it has
+//! written a sixteenth of the budget, evicting the least recently used files of all
+//! agents down to the budget. Scans take an exclusive lock on `DIR/.lock`, so two agents
+//! never evict the same files at once. The directory may overshoot by what the other
+//! agents wrote since their last scans: at most a sixteenth of the budget each.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -23,6 +30,10 @@ use crate::stats::{Stats, inc};
 
 /// Temporary files older than this are leftovers of a crash, not writes in progress.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+/// An agent rescans the directory after writing this fraction of the budget.
+const RESCAN_FRACTION: u64 = 16;
+/// The lock file agents take while they scan and evict.
+const LOCK_FILE: &str = ".lock";
 
 struct Entry {
     len: u64,
@@ -36,6 +47,8 @@ struct Index {
     /// (last use, name): the eviction order.
     order: BTreeSet<(u128, ChunkName)>,
     bytes: u64,
+    /// Bytes this agent wrote since its last scan of the directory.
+    written_since_scan: u64,
 }
 
 impl Index {
@@ -80,55 +93,31 @@ impl DiskCache {
     /// `budget` bytes.
     pub fn open(dir: &Path, budget: u64, stats: std::sync::Arc<Stats>) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut index = Index::default();
-        for shard in std::fs::read_dir(dir)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
-                continue;
-            }
-            for file in std::fs::read_dir(shard.path())? {
-                let file = file?;
-                let file_name = file.file_name();
-                let name = file_name.to_string_lossy();
-                match name.parse::<ChunkName>() {
-                    Ok(chunk) => {
-                        // Another agent sharing the directory may evict while we scan.
-                        let Ok(meta) = file.metadata() else {
-                            continue;
-                        };
-                        let used = meta
-                            .modified()
-                            .ok()
-                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_nanos());
-                        index.insert(chunk, meta.len(), used);
-                    }
-                    // Leftovers of a write that crashed before its rename. Recent ones may be
-                    // another agent's writes in progress: left alone.
-                    Err(_) if name.starts_with(".tmp") => {
-                        let stale = file
-                            .metadata()
-                            .ok()
-                            .and_then(|m| m.modified().ok())
-                            .and_then(|t| t.elapsed().ok())
-                            .is_some_and(|age| age > STALE_TEMP);
-                        if stale {
-                            let _ = std::fs::remove_file(file.path());
-                        }
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
         let cache = Self {
             dir: dir.to_owned(),
             budget,
-            index: Mutex::new(index),
+            index: Mutex::new(Index::default()),
             stats,
         };
-        cache.evict_to_budget();
-        cache.publish_size();
+        cache.rescan()?;
         Ok(cache)
+    }
+
+    /// Indexes the whole directory afresh (every agent's files) and evicts the least
+    /// recently used down to the budget, holding the directory's lock.
+    fn rescan(&self) -> io::Result<()> {
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(LOCK_FILE))?;
+        lock.lock()?;
+        let scanned = scan(&self.dir)?;
+        *self.lock() = scanned;
+        self.evict_to_budget();
+        drop(lock);
+        self.publish_size();
+        Ok(())
     }
 
     fn path(&self, name: &ChunkName) -> PathBuf {
@@ -209,9 +198,19 @@ impl DiskCache {
         let mut temp = tempfile::Builder::new().prefix(".tmp").tempfile_in(dir)?;
         temp.write_all(bytes)?;
         temp.persist(&path).map_err(|e| e.error)?;
-        self.lock().insert(*name, bytes.len() as u64, now_nanos());
-        self.evict_to_budget();
-        self.publish_size();
+        let rescan = {
+            let mut index = self.lock();
+            index.insert(*name, bytes.len() as u64, now_nanos());
+            index.written_since_scan += bytes.len() as u64;
+            index.written_since_scan >= self.budget / RESCAN_FRACTION
+        };
+        if rescan {
+            // Other agents' files count against the same budget.
+            self.rescan()?;
+        } else {
+            self.evict_to_budget();
+            self.publish_size();
+        }
         Ok(())
     }
 
@@ -245,6 +244,52 @@ impl DiskCache {
     pub fn file_of(&self, name: &ChunkName) -> PathBuf {
         self.path(name)
     }
+}
+
+/// What the directory holds: every chunk file with its length and last use. Removes the
+/// temporary files of writes that crashed long ago.
+fn scan(dir: &Path) -> io::Result<Index> {
+    let mut index = Index::default();
+    for shard in std::fs::read_dir(dir)? {
+        let shard = shard?;
+        if !shard.file_type()?.is_dir() {
+            continue;
+        }
+        for file in std::fs::read_dir(shard.path())? {
+            let file = file?;
+            let file_name = file.file_name();
+            let name = file_name.to_string_lossy();
+            match name.parse::<ChunkName>() {
+                Ok(chunk) => {
+                    // Another agent sharing the directory may evict while we scan.
+                    let Ok(meta) = file.metadata() else {
+                        continue;
+                    };
+                    let used = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_nanos());
+                    index.insert(chunk, meta.len(), used);
+                }
+                // Leftovers of a write that crashed before its rename. Recent ones may be
+                // another agent's writes in progress: left alone.
+                Err(_) if name.starts_with(".tmp") => {
+                    let stale = file
+                        .metadata()
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > STALE_TEMP);
+                    if stale {
+                        let _ = std::fs::remove_file(file.path());
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(index)
 }
 
 #[cfg(test)]
@@ -282,6 +327,41 @@ mod tests {
             .unwrap();
         DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
         assert!(!old.exists() && fresh.exists());
+    }
+
+    /// Two agents with the same budget on one directory: the directory stays within
+    /// that budget (give or take a sixteenth per agent), not twice it, and each agent
+    /// still serves what is there.
+    #[test]
+    fn agents_sharing_a_directory_share_its_budget() {
+        const BUDGET: u64 = 64_000;
+        let dir = tempfile::tempdir().unwrap();
+        let a = DiskCache::open(dir.path(), BUDGET, Arc::new(Stats::default())).unwrap();
+        let b = DiskCache::open(dir.path(), BUDGET, Arc::new(Stats::default())).unwrap();
+        let mut rng = slapshot_testkit::Rng::new(3);
+        let mut last = Vec::new();
+        for i in 0..300 {
+            let bytes = rng.bytes(1000);
+            let name = ChunkName::of(&bytes);
+            let agent = if i % 2 == 0 { &a } else { &b };
+            agent.put(&name, &bytes).unwrap();
+            last.push((name, bytes));
+        }
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|d| d.ok())
+            .filter(|d| d.file_type().unwrap().is_dir())
+            .flat_map(|d| std::fs::read_dir(d.path()).unwrap())
+            .map(|f| f.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            on_disk <= BUDGET + 2 * (BUDGET / RESCAN_FRACTION + 1000),
+            "{on_disk} bytes on disk for a budget of {BUDGET}"
+        );
+        // The most recent chunks are there, for either agent.
+        let (name, bytes) = last.last().unwrap();
+        assert_eq!(&a.get(name).unwrap(), bytes);
+        assert_eq!(&b.get(name).unwrap(), bytes);
     }
 
     fn chunk(i: u8, len: usize) -> (ChunkName, Vec<u8>) {

@@ -216,6 +216,10 @@ struct Entry {
     gid: u32,
     size: Option<u64>,
     nlink: u64,
+    /// Modification time, seconds and nanoseconds.
+    mtime: (i64, i64),
+    /// Device number of device nodes.
+    rdev: u64,
     target: Option<PathBuf>,
     /// Other paths of the same inode (hard links), as relative paths.
     same_inode_as: Option<String>,
@@ -250,6 +254,8 @@ fn walk(root: &Path) -> BTreeMap<String, Entry> {
                     gid: meta.gid(),
                     size: meta.is_file().then_some(meta.len()),
                     nlink: if meta.is_dir() { 0 } else { meta.nlink() },
+                    mtime: (meta.mtime(), meta.mtime_nsec()),
+                    rdev: meta.rdev(),
                     target: meta
                         .file_type()
                         .is_symlink()
@@ -325,6 +331,23 @@ fn the_mounted_tree_equals_umoci_unpack() {
     std::os::unix::fs::symlink("usr/bin", rootfs.join("bin")).unwrap();
     std::os::unix::fs::symlink("/etc/passwd", rootfs.join("etc/passwd-link")).unwrap();
     std::fs::hard_link(rootfs.join("usr/bin/cat"), rootfs.join("usr/bin/cat2")).unwrap();
+    // A directory listed in many readdir calls, and a file of more extents than the
+    // agent walks (it looks them up in a table).
+    let many = rootfs.join("usr/share/many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..2000 {
+        std::fs::write(many.join(format!("entry-{i:05}")), format!("{i}\n")).unwrap();
+    }
+    std::fs::write(rootfs.join("usr/big.bin"), Rng::new(6).bytes(12 << 20)).unwrap();
+    // A device node, with its numbers.
+    assert!(
+        Command::new("mknod")
+            .arg(rootfs.join("var/run/null"))
+            .args(["c", "1", "3"])
+            .status()
+            .unwrap()
+            .success()
+    );
     assert!(
         Command::new("mkfifo")
             .arg(rootfs.join("var/run/fifo"))
