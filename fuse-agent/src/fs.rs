@@ -270,6 +270,47 @@ fn makedev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
 }
 
+/// How long a read waits for its chunks before it starts watching its caller for
+/// signals, and how often it looks then. Most reads end long before.
+const SIGNAL_WATCH_AFTER: Duration = Duration::from_millis(50);
+const SIGNAL_WATCH_EVERY: Duration = Duration::from_millis(20);
+
+/// Ends when the thread `tid` has a signal to handle. The kernel aborts a FUSE request
+/// itself on a fatal signal; on a handled one it sends FUSE_INTERRUPT, which fuser 0.18
+/// answers ENOSYS without telling the filesystem, and the caller would wait for the
+/// whole fetch before its handler ran. So the read watches the caller's pending signals
+/// in /proc and answers EINTR, as an interrupt handler would (the kernel restarts the
+/// call if the handler asked for SA_RESTART).
+async fn signal_for(tid: u32) {
+    tokio::time::sleep(SIGNAL_WATCH_AFTER).await;
+    loop {
+        if tid != 0 && signal_pending(tid) {
+            return;
+        }
+        tokio::time::sleep(SIGNAL_WATCH_EVERY).await;
+    }
+}
+
+/// Whether `tid` has a pending signal (its own or its process's) that it does not block
+/// and has a handler for. False if the thread is gone (the kernel ends its request).
+fn signal_pending(tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .is_ok_and(|status| handled_signal_pending(&status))
+}
+
+/// From a /proc status: a pending signal that is neither blocked nor left to its default.
+fn handled_signal_pending(status: &str) -> bool {
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    pending & !mask("SigBlk:") & mask("SigCgt:") != 0
+}
+
 /// One piece of a read: `len` bytes from `start` within extent `index`.
 struct Piece {
     index: usize,
@@ -411,7 +452,7 @@ impl Filesystem for ImageFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -473,6 +514,7 @@ impl Filesystem for ImageFs {
             .collect();
         let tiers = self.tiers.clone();
         let stats = self.stats.clone();
+        let caller = req.pid();
         self.runtime.spawn(async move {
             let loads = refs.iter().map(|r| {
                 let tiers = tiers.clone();
@@ -483,7 +525,15 @@ impl Filesystem for ImageFs {
                     }
                 }
             });
-            let results = futures::future::join_all(loads).await;
+            // The loads run in tasks of the tiers: giving up on them here (a signal) leaves
+            // the fetches to finish and fill the tiers for the next reader.
+            let results = tokio::select! {
+                results = futures::future::join_all(loads) => results,
+                () = signal_for(caller) => {
+                    inc(&stats.reads_interrupted);
+                    return reply.error(Errno::EINTR);
+                }
+            };
             let mut chunks = Vec::with_capacity(results.len());
             for result in results {
                 match result {
@@ -689,6 +739,32 @@ mod tests {
                 "offset {offset} len {len}"
             );
         }
+    }
+
+    #[test]
+    fn only_pending_signals_with_handlers_that_are_not_blocked_interrupt() {
+        let status = |pnd: &str, shd: &str, blk: &str, cgt: &str| {
+            format!(
+                "Name:\tcat\nSigQ:\t0/1000\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t0000000000000000\nSigCgt:\t{cgt}\n"
+            )
+        };
+        let none = "0000000000000000";
+        let usr1 = "0000000000000200";
+        assert!(!handled_signal_pending(&status(none, none, none, usr1)));
+        assert!(handled_signal_pending(&status(usr1, none, none, usr1)));
+        assert!(
+            handled_signal_pending(&status(none, usr1, none, usr1)),
+            "process-wide"
+        );
+        assert!(
+            !handled_signal_pending(&status(usr1, none, usr1, usr1)),
+            "blocked"
+        );
+        assert!(
+            !handled_signal_pending(&status(usr1, none, none, none)),
+            "no handler"
+        );
+        assert!(!handled_signal_pending(""));
     }
 
     #[test]

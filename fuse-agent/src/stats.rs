@@ -48,6 +48,7 @@ pub mod names {
     pub const READ_BYTES: &str = "slapshot_agent_read_bytes_total";
     pub const READ_LATENCY: &str = "slapshot_agent_read_seconds";
     pub const READ_ERRORS: &str = "slapshot_agent_read_errors_total";
+    pub const READS_INTERRUPTED: &str = "slapshot_agent_reads_interrupted_total";
     pub const DISK_CORRUPT: &str = "slapshot_agent_disk_cache_corrupt_total";
     pub const DISK_BYTES: &str = "slapshot_agent_disk_cache_bytes";
     pub const DISK_EVICTIONS: &str = "slapshot_agent_disk_cache_evictions_total";
@@ -74,6 +75,8 @@ pub struct Stats {
     pub read_bytes: AtomicU64,
     pub read_latency: Histogram,
     pub read_errors: AtomicU64,
+    /// Reads answered EINTR because their caller had a signal to handle.
+    pub reads_interrupted: AtomicU64,
     pub disk_corrupt: AtomicU64,
     pub disk_evictions: AtomicU64,
     pub disk_bytes: AtomicU64,
@@ -184,6 +187,12 @@ impl Stats {
             names::READ_ERRORS,
             "read() calls failed with EIO.",
             get(&self.read_errors),
+        );
+        prometheus::counter(
+            &mut out,
+            names::READS_INTERRUPTED,
+            "read() calls answered EINTR because the caller had a signal to handle.",
+            get(&self.reads_interrupted),
         );
         prometheus::counter(
             &mut out,

@@ -856,6 +856,88 @@ impl Fetcher for LyingOrigin {
     }
 }
 
+/// A reader with a handler for a signal (not killed by it) gets its read back as soon as
+/// the signal comes, not when the fetch ends, and the fetch still fills the tiers. Python
+/// stands in for such a program: its handler raises, which ends the read on EINTR.
+#[test]
+fn a_read_interrupted_by_a_handled_signal_returns_at_once() {
+    if !can_mount("a_read_interrupted_by_a_handled_signal_returns_at_once") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    let content = data_image(&layout, 600 << 10);
+    let manifest = world.flatten(&layout, "data");
+    let rt = runtime();
+    let (fetcher, fetches) = slow_origin(&world, Duration::from_millis(3000));
+    let tiers = tiers_with(fetcher, None, &rt);
+    let mountpoint = world.path("mnt");
+    let mount = mount_at(&manifest, &tiers, &mountpoint, &rt);
+    let script = r#"
+import signal, sys, time
+class Interrupted(Exception):
+    pass
+def handler(signum, frame):
+    raise Interrupted()
+signal.signal(signal.SIGUSR1, handler)
+started = time.monotonic()
+try:
+    with open(sys.argv[1], "rb") as f:
+        f.read()
+    print("completed", time.monotonic() - started)
+except Interrupted:
+    print("interrupted", time.monotonic() - started)
+"#;
+    let reader = Command::new("python3")
+        .args(["-c", script])
+        .arg(mountpoint.join("data/big"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the read", Duration::from_secs(10), || {
+        fetches.load(Ordering::SeqCst) >= 1
+    });
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(reader.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    let out = reader.wait_with_output().unwrap();
+    let waited = signalled.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("interrupted"), "{said}");
+    // The fetch takes 3 s; the handler ran long before it ended.
+    assert!(
+        waited < Duration::from_millis(2000),
+        "the read waited {waited:?} for the fetch"
+    );
+    assert!(get(&tiers.stats().reads_interrupted) >= 1);
+    // The fetches it started still fill the tiers: read again without fetching.
+    wait_for("the fetches to end", Duration::from_secs(20), || {
+        get(&tiers.stats().tier(Tier::Origin).loads) as usize == fetches.load(Ordering::SeqCst)
+    });
+    let before = fetches.load(Ordering::SeqCst);
+    {
+        // The first 100 KB: what the interrupted read was waiting for.
+        use std::io::Read;
+        let mut head = vec![0u8; 100_000];
+        std::fs::File::open(mountpoint.join("data/big"))
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        assert!(head[..] == content[..100_000]);
+    }
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        before,
+        "the interrupted read's fetch was wasted"
+    );
+    assert!(std::fs::read(mountpoint.join("data/big")).unwrap() == content);
+    assert_eq!(get(&tiers.stats().read_errors), 0);
+    mount.unmount(Duration::from_secs(5)).unwrap();
+}
+
 #[test]
 fn a_chunk_no_tier_can_produce_is_eio_never_other_bytes() {
     if !can_mount("a_chunk_no_tier_can_produce_is_eio_never_other_bytes") {
