@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// What the program may write: its writable layer and /tmp are memory, each this size.
     #[arg(long, value_name = "BYTES", default_value = "1GiB")]
     pub writable_size: ByteSize,
+    /// The network the program sees: the host's (without raw sockets), or none but its
+    /// own loopback.
+    #[arg(long, value_enum, default_value_t = crate::run::Network::Host)]
+    pub network: crate::run::Network,
 }
 
 /// Runs a program inside an image; returns its exit code.
@@ -160,6 +164,7 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     let stats = tiers.stats().clone();
     let mut spec = RunSpec::from_image(&manifest, &args.command, &args.image)?;
     spec.writable_bytes = args.writable_size.0;
+    spec.network = args.network;
     let child = spec.child_pid.clone();
     let fs = ImageFs::new(manifest.clone(), tiers, runtime);
     use tokio::signal::unix::{SignalKind, signal};

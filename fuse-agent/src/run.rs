@@ -66,6 +66,18 @@ pub struct RunSpec {
     pub writable_bytes: u64,
     /// The program's PID while it runs (0 before and after), for forwarding signals.
     pub child_pid: Arc<std::sync::atomic::AtomicI32>,
+    pub network: Network,
+}
+
+/// The network the program sees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Network {
+    /// The host's interfaces (a package manager can download); raw sockets are not
+    /// allowed, so the program can neither sniff nor forge the host's traffic.
+    #[default]
+    Host,
+    /// A network namespace of its own with only the loopback interface, up.
+    None,
 }
 
 impl RunSpec {
@@ -115,6 +127,7 @@ impl RunSpec {
             discard_stdout: false,
             writable_bytes: 1 << 30,
             child_pid: Arc::new(std::sync::atomic::AtomicI32::new(0)),
+            network: Network::Host,
         })
     }
 }
@@ -224,7 +237,7 @@ fn run_here(
             .args(&spec.command[1..])
             .env_clear()
             .envs(spec.env.iter().filter_map(|e| e.split_once('=')));
-        let child_setup = ChildSetup::new(&root, &spec.working_dir)?;
+        let child_setup = ChildSetup::new(&root, &spec.working_dir, spec.network)?;
         // A PID namespace for the child: the program is PID 1 of its own namespace, so that
         // its /proc shows only its processes, and everything it starts dies with it. Only
         // now: a thread whose children go to another PID namespace can start no threads,
@@ -264,7 +277,11 @@ fn run_here(
 /// Capabilities the program keeps: Docker's default set. Everything else (CAP_SYS_ADMIN,
 /// CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_BOOT, ...) leaves the bounding
 /// set before exec, so not even a root program in the image can get it back.
-const KEPT_CAPABILITIES: [i32; 14] = [
+///
+/// NET_RAW, which Docker keeps, is dropped: the program shares the host's network unless
+/// `--network none`, and raw sockets there would let it forge and read the host's packets
+/// (ping works without it, through ICMP datagram sockets).
+const KEPT_CAPABILITIES: [i32; 13] = [
     0,  // CHOWN
     1,  // DAC_OVERRIDE
     3,  // FOWNER
@@ -274,7 +291,6 @@ const KEPT_CAPABILITIES: [i32; 14] = [
     7,  // SETUID
     8,  // SETPCAP
     10, // NET_BIND_SERVICE
-    13, // NET_RAW
     18, // SYS_CHROOT
     27, // MKNOD
     29, // AUDIT_WRITE
@@ -303,10 +319,11 @@ struct ChildSetup {
     proc_masked: Vec<CString>,
     /// The working directory and its parents, shortest first, to create if missing.
     workdirs: Vec<CString>,
+    network: Network,
 }
 
 impl ChildSetup {
-    fn new(root: &Path, working_dir: &str) -> Result<Self, RunError> {
+    fn new(root: &Path, working_dir: &str, network: Network) -> Result<Self, RunError> {
         let c = |bytes: &[u8], what: &str| {
             CString::new(bytes).map_err(|e| RunError::Setup {
                 what: what.to_owned(),
@@ -335,6 +352,7 @@ impl ChildSetup {
                 .map(|p| c(root.join(p).as_os_str().as_encoded_bytes(), p))
                 .collect::<Result<_, _>>()?,
             workdirs,
+            network,
         })
     }
 
@@ -344,7 +362,18 @@ impl ChildSetup {
     /// directory as Docker does, drops capabilities, and takes its user.
     fn enter(&self, gid: Option<u32>, uid: Option<u32>) -> std::io::Result<()> {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+        // Its own mounts, System V IPC and POSIX queues, and host name; and with
+        // `--network none`, its own network.
+        let mut namespaces = nix::sched::CloneFlags::CLONE_NEWNS
+            | nix::sched::CloneFlags::CLONE_NEWIPC
+            | nix::sched::CloneFlags::CLONE_NEWUTS;
+        if self.network == Network::None {
+            namespaces |= nix::sched::CloneFlags::CLONE_NEWNET;
+        }
+        nix::sched::unshare(namespaces)?;
+        if self.network == Network::None {
+            loopback_up()?;
+        }
         let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
         mount(
             Some(c"proc"),
@@ -411,6 +440,7 @@ impl ChildSetup {
                     unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
             }
         }
+        clear_inherited_capabilities()?;
         if let Some(gid) = gid {
             nix::unistd::setgroups(&[])?;
             nix::unistd::setgid(nix::unistd::Gid::from_raw(gid))?;
@@ -420,6 +450,88 @@ impl ChildSetup {
         }
         Ok(())
     }
+}
+
+/// Empties the inheritable and ambient capability sets. For a root program, exec grants
+/// the inheritable set whatever the bounding set says, so a capability the agent's own
+/// launcher left inheritable (CAP_SYS_ADMIN, say) would survive the drop above.
+fn clear_inherited_capabilities() -> std::io::Result<()> {
+    // SAFETY: prctl(PR_CAP_AMBIENT) takes integer arguments only.
+    let cleared = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if cleared != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two `Data` (the version 3 layout) into `data`, which has room
+    // for them, and reads `header`; both live on this stack for the call.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    for d in &mut data {
+        d.inheritable = 0;
+    }
+    // SAFETY: as above; capset only reads `header` and `data`.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Brings the loopback interface of a new network namespace up, as `ip link set lo up`
+/// does.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: socket() takes integers and returns a descriptor we own (closed below).
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq passed by pointer,
+    // which lives on this stack; the flags field is the union member these requests use.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) != 0 {
+            -1
+        } else {
+            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &request)
+        }
+    };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: fd is ours and not used again.
+    unsafe { libc::close(fd) };
+    if result != 0 {
+        return Err(error);
+    }
+    Ok(())
 }
 
 fn mount_at(

@@ -475,15 +475,17 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
     );
     slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices)).unwrap();
     let source = format!("oci:{}:host", layout.display());
-    let run = |script: &str| {
+    let run_with = |flags: &[&str], script: &str| {
         let mut command = world.slapshot();
         command
             .args(["run", &source, "--cache-dir"])
-            .arg(world.path("cache"));
+            .arg(world.path("cache"))
+            .args(flags);
         world.with_origin(&mut command);
         command.args(["--", "/bin/sh", "-c", script]);
         command.output().unwrap()
     };
+    let run = |script: &str| run_with(&[], script);
     // Flattened on first use, then output and exit code pass through.
     let out = run("cat /etc/motd; echo to-stderr >&2; exit 7");
     assert_eq!(
@@ -515,17 +517,59 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
     let out = run("test -e /work/out && echo leaked || echo clean");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "clean\n");
     // Isolation: the program is PID 1 of its own namespace (its /proc shows it, not the
-    // host's init), a device node shipped in the image opens nothing, and the capability
-    // bounding set is Docker's default.
+    // host's init), a device node shipped in the image opens nothing, the capability
+    // bounding set is Docker's default less NET_RAW, nothing is inheritable or ambient,
+    // and IPC and the host name are its own.
     let out = run(
         "head -c 7 /proc/1/cmdline; echo; (head -c 1 /x-null >/dev/null 2>&1 && echo opened) || echo refused; \
-         while read key value; do [ \"$key\" = CapBnd: ] && echo $value; done < /proc/self/status",
+         while read key value; do case $key in CapBnd:|CapInh:|CapAmb:) echo $key $value;; esac; done < /proc/self/status; \
+         for ns in ipc uts net; do echo $ns $(stat -L -c %i /proc/self/ns/$ns); done",
     );
+    let ns = |kind: &str| {
+        let inode = std::fs::metadata(format!("/proc/self/ns/{kind}")).unwrap().ino();
+        format!("{kind} {inode}")
+    };
+    let said = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "/bin/sh\nrefused\n00000000a80425fb\n",
+        lines[..5],
+        [
+            "/bin/sh",
+            "refused",
+            "CapInh: 0000000000000000",
+            "CapBnd: 00000000a80405fb",
+            "CapAmb: 0000000000000000",
+        ],
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(lines[5], ns("ipc"), "the host's IPC namespace");
+    assert_ne!(lines[6], ns("uts"), "the host's UTS namespace");
+    assert_eq!(lines[7], ns("net"), "the host's network by default");
+    // --network none: a network of its own, with only the loopback interface, up (a
+    // down interface has no IPv6 address).
+    let out = run_with(
+        &["--network", "none"],
+        "echo net $(stat -L -c %i /proc/self/ns/net); \
+         while read iface rest; do case $iface in *:) echo $iface;; esac; done < /proc/net/dev; \
+         while read addr index len scope flags name; do echo $name $addr; done < /proc/net/if_inet6",
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert!(
+        out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        lines[0],
+        ns("net"),
+        "--network none shares the host's network"
+    );
+    assert_eq!(
+        lines[1..],
+        ["lo:", "lo 00000000000000000000000000000001"],
+        "{said}"
     );
     // The host cannot be reached through /proc or /dev: the kernel's knobs are read-only
     // (writing core_pattern back unchanged is harmless if they were not), sysrq-trigger
