@@ -170,12 +170,18 @@ struct Decoded {
     used: Vec<usize>,
 }
 
-/// Decodes one read may try when some k shards rebuild into bytes that are not the chunk
-/// (a node holds a well-framed shard of other content). Each try costs a decode and a
-/// hash, about 0.1 ms for a 512 KiB chunk. Subsets of the latest shards are tried first,
-/// so liars that answer fast (the usual case: a lie costs no disk read) are left out
-/// early: two of them among the first k cost k + 2 tries.
-const MAX_DECODE_ATTEMPTS: usize = 32;
+/// Decodes one read may try when some k shards of a code with k data shards rebuild into
+/// bytes that are not the chunk (a node holds a well-framed shard of other content). Each
+/// try costs a decode and a hash, about 0.15 ms for a 512 KiB chunk. The budget finds the
+/// chunk around two liars in any order of arrival: 1 try for the first k shards, k + 1
+/// more once a shard is added (every k-subset of k + 1 holds a liar), and the (k + 1)k/2
+/// subsets that leave out two of them once another comes. Subsets of the latest shards
+/// are tried first, so liars that answer fast (a lie costs no disk read) are usually left
+/// out at once. Capped for wide codes.
+fn decode_budget(k: usize) -> usize {
+    (2 + k + (k + 1) * k / 2).min(MAX_DECODE_ATTEMPTS)
+}
+const MAX_DECODE_ATTEMPTS: usize = 128;
 /// How long a fill or repair waits for the answers the read did not wait for.
 const REST_WAIT: Duration = Duration::from_secs(2);
 
@@ -584,7 +590,7 @@ impl Inner {
             // A miss is known as soon as the answers still to come cannot make up k: the
             // origin need not wait for the slowest node's 404 (or its timeout).
             if done.is_none()
-                && (attempts >= MAX_DECODE_ATTEMPTS
+                && (attempts >= decode_budget(k)
                     || !self.may_complete(&groups, pending.len() + reserve.len()))
             {
                 break;
@@ -651,40 +657,25 @@ impl Inner {
         attempts: &mut usize,
     ) -> Option<(Vec<u8>, Vec<usize>)> {
         let code = group.code;
-        let k = code.params.data();
         let codec = self.codec(code.params, code.kind)?;
-        let (newest, older) = group.shards.split_last()?;
-        let latest_first: Vec<&GroupShard> = older.iter().rev().collect();
-        let mut found = None;
+        let indices: Vec<usize> = group.shards.iter().map(|s| s.index).collect();
         let mut failed = false;
-        for chosen in Combinations::new(latest_first.len(), k - 1) {
-            if *attempts >= MAX_DECODE_ATTEMPTS {
-                break;
-            }
+        let found = search_subsets(&indices, code.params.data(), attempts, |chosen| {
             let parts: Vec<(usize, &[u8])> = chosen
                 .iter()
-                .map(|&i| latest_first[i])
-                .chain(std::iter::once(newest))
+                .map(|&at| &group.shards[at])
                 .map(|s| (s.index, s.payload.as_ref()))
                 .collect();
-            let mut indices = 0u64;
-            let repeated = parts.iter().any(|&(i, _)| {
-                let seen = indices & (1 << i) != 0;
-                indices |= 1 << i;
-                seen
-            });
-            if repeated {
-                continue;
-            }
-            *attempts += 1;
             match codec.decode(code.chunk_len as usize, &parts) {
                 Ok(chunk) if name.matches(&chunk) => {
-                    found = Some((chunk, parts.iter().map(|(i, _)| *i).collect()));
-                    break;
+                    Some((chunk, parts.iter().map(|(i, _)| *i).collect()))
                 }
-                _ => failed = true,
+                _ => {
+                    failed = true;
+                    None
+                }
             }
-        }
+        });
         if failed && !group.suspect {
             group.suspect = true;
             inc(&self.metrics.lying_reads);
@@ -1265,6 +1256,44 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The subset search of a read, apart from decoding: shards are given by index in order
+/// of arrival, the last one just arrived. Tries (with `try_subset`, on positions in
+/// `indices`) every k-subset of distinct indices that holds the newest shard (the others
+/// were tried before), the latest shards first, while `attempts` is within the budget.
+fn search_subsets<T>(
+    indices: &[usize],
+    k: usize,
+    attempts: &mut usize,
+    mut try_subset: impl FnMut(&[usize]) -> Option<T>,
+) -> Option<T> {
+    let newest = indices.len().checked_sub(1)?;
+    let latest_first: Vec<usize> = (0..newest).rev().collect();
+    let mut chosen = Vec::with_capacity(k);
+    for subset in Combinations::new(latest_first.len(), k.checked_sub(1)?) {
+        if *attempts >= decode_budget(k) {
+            return None;
+        }
+        chosen.clear();
+        chosen.extend(subset.iter().map(|&i| latest_first[i]));
+        chosen.push(newest);
+        let mut seen = 0u64;
+        let repeated = chosen.iter().any(|&at| {
+            let bit = 1 << indices[at];
+            let again = seen & bit != 0;
+            seen |= bit;
+            again
+        });
+        if repeated {
+            continue;
+        }
+        *attempts += 1;
+        if let Some(found) = try_subset(&chosen) {
+            return Some(found);
+        }
+    }
+    None
+}
+
 /// The r-element subsets of 0..n, as sorted index lists in lexicographic order.
 struct Combinations {
     n: usize,
@@ -1315,6 +1344,42 @@ mod tests {
 
     fn shard(code: Code, index: u8) -> Answer {
         Answer::Shard(code, index)
+    }
+
+    /// Two liars among the k + 2 shards of a code, in every order of arrival: the read
+    /// finds an honest k-subset within its budget (k = 4 and 8, the widths the fleet
+    /// tests run), and each subset is tried once.
+    #[test]
+    fn two_liars_are_left_out_within_the_budget_whatever_the_order() {
+        for k in [4, 8] {
+            let n = k + 2;
+            for first in 0..n {
+                for second in first + 1..n {
+                    // Arrival position p holds index p; liars at `first` and `second`.
+                    let mut attempts = 0;
+                    let mut tried = HashSet::new();
+                    let mut found = None;
+                    for arrived in k..=n {
+                        let indices: Vec<usize> = (0..arrived).collect();
+                        found = search_subsets(&indices, k, &mut attempts, |chosen| {
+                            let mut sorted = chosen.to_vec();
+                            sorted.sort_unstable();
+                            assert!(tried.insert(sorted), "a subset tried twice");
+                            (!chosen.contains(&first) && !chosen.contains(&second))
+                                .then(|| chosen.to_vec())
+                        });
+                        if found.is_some() {
+                            break;
+                        }
+                    }
+                    assert!(
+                        found.is_some(),
+                        "k = {k}, liars arriving {first} and {second}: {attempts} tries"
+                    );
+                    assert!(attempts <= decode_budget(k));
+                }
+            }
+        }
     }
 
     #[test]

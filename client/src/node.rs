@@ -83,6 +83,10 @@ pub enum NodeError {
     Unreachable,
     #[error("timed out")]
     Timeout,
+    /// The request waited for one of the client's own connections to the node and was
+    /// never sent: the client is saturated, which says nothing of the node.
+    #[error("no connection to the node came free in time")]
+    NoConnection,
     #[error("answered {0}")]
     Status(u16),
     #[error("answered with more than the {limit} bytes a shard can have")]
@@ -204,34 +208,24 @@ impl Node {
         timeout: Duration,
         limit: usize,
     ) -> Result<(StatusCode, Bytes), NodeError> {
-        let exchange = async {
+        let mut request = request;
+        let mut sent = hyper_util::client::legacy::connect::capture_connection(&mut request);
+        let exchange = async move {
             let response = self.http.request(request).await.map_err(request_error)?;
-            let status = response.status();
-            // A body announced as larger than any shard is refused before it is read.
-            let announced = response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if announced.is_some_and(|len| len > limit as u64) {
-                return Err(NodeError::TooLarge { limit });
-            }
-            let body = Limited::new(response.into_body(), limit)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        NodeError::TooLarge { limit }
-                    } else {
-                        NodeError::Transport(e.to_string())
-                    }
-                })?
-                .to_bytes();
-            Ok((status, body))
+            read_response(response, limit).await
         };
+        let mut exchange = std::pin::pin!(exchange);
+        // Two clocks: the wait for one of the client's connections (the client's queue),
+        // and from the moment hyper hands the request its connection and sends it (the
+        // node's time). Only the second is the node's to answer for.
+        tokio::select! {
+            result = &mut exchange => return result,
+            _ = sent.wait_for_connection_metadata() => {}
+            () = tokio::time::sleep(timeout) => return Err(NodeError::NoConnection),
+        }
         tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| NodeError::Timeout)?
+            .unwrap_or(Err(NodeError::Timeout))
     }
 
     /// GET a shard: `Ok(None)` if the node does not have it. The request runs in a task of
@@ -319,7 +313,7 @@ impl Node {
                 inc(&m.shards_ok);
             }
             Ok(None) => inc(&m.shards_absent),
-            Err(NodeError::Timeout) => inc(&m.shards_timed_out),
+            Err(NodeError::Timeout | NodeError::NoConnection) => inc(&m.shards_timed_out),
             Err(_) => inc(&m.shards_failed),
         }
         match &result {
@@ -368,6 +362,10 @@ impl Node {
 
     /// Notes a failed request: no writes for a while; for reads, toward being marked down.
     fn failed(self: &Arc<Self>, error: &NodeError, read: bool) {
+        if *error == NodeError::NoConnection {
+            // Never sent: the client's own queue, not the node, was slow.
+            return;
+        }
         inc(&self.stats.failures);
         let went_down = {
             let mut health = self.health();
@@ -459,13 +457,42 @@ fn jitter(base: Duration) -> Duration {
     base.mul_f64(0.5 + (random >> 11) as f64 / (1u64 << 53) as f64)
 }
 
+/// Reads a response's whole body, at most `limit` bytes.
+async fn read_response(
+    response: http::Response<hyper::body::Incoming>,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), NodeError> {
+    let status = response.status();
+    // A body announced as larger than any shard is refused before it is read.
+    let announced = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit as u64) {
+        return Err(NodeError::TooLarge { limit });
+    }
+    let body = Limited::new(response.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                NodeError::TooLarge { limit }
+            } else {
+                NodeError::Transport(e.to_string())
+            }
+        })?
+        .to_bytes();
+    Ok((status, body))
+}
+
 /// The node's side of a hyper error.
 fn request_error(e: hyper_util::client::legacy::Error) -> NodeError {
-    // Waiting for a free connection is not a refusal: the request's timeout speaks for it.
+    // Waiting for a free connection is neither a refusal nor the node's fault.
     let mut cause: Option<&(dyn StdError + 'static)> = e.source();
     while let Some(inner) = cause {
         if inner.is::<PoolWait>() {
-            return NodeError::Timeout;
+            return NodeError::NoConnection;
         }
         cause = inner.source();
     }
