@@ -9,7 +9,7 @@ use slapshot_core::ByteSize;
 use crate::{
     agent::{build_tiers, resolve_image},
     control::{StatsSocket, read_stats, serve_metrics},
-    fs::ImageFs,
+    fs::{ImageFs, ReadInterrupts},
     mount::{DEFAULT_THREADS, Mount, Unmounted, check_can_mount},
     run::{RunSpec, run},
     stats::{Summary, human},
@@ -44,6 +44,25 @@ impl CacheArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ReadArgs {
+    /// A read that waits for its chunks returns EINTR as soon as its caller has a signal
+    /// it handles (as libfuse's -o intr). Off by default: the kernel never restarts such
+    /// a read and few programs expect EINTR from a file; fatal signals always end reads.
+    #[arg(long)]
+    pub interruptible_reads: bool,
+}
+
+impl ReadArgs {
+    fn interrupts(&self) -> ReadInterrupts {
+        if self.interruptible_reads {
+            ReadInterrupts::Handled
+        } else {
+            ReadInterrupts::Fatal
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
 pub struct MountArgs {
     /// The image: a name or id in the origin, or oci:PATH[:TAG] / docker-archive:PATH
     /// (flattened first if it has not been).
@@ -54,6 +73,8 @@ pub struct MountArgs {
     pub settings: SettingsArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub reads: ReadArgs,
     /// FUSE event-loop threads.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_THREADS)]
     pub threads: usize,
@@ -71,7 +92,8 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Handle::current();
     let tiers = build_tiers(&settings, runtime.clone())?;
     let stats = tiers.stats().clone();
-    let fs = ImageFs::new(manifest.clone(), tiers, runtime);
+    let fs = ImageFs::new(manifest.clone(), tiers, runtime)
+        .with_read_interrupts(args.reads.interrupts());
     let label = args.image.clone();
     let mountpoint = args.mountpoint.clone();
     let threads = args.threads;
@@ -141,6 +163,8 @@ pub struct RunArgs {
     pub settings: SettingsArgs,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub reads: ReadArgs,
     /// Do not print the summary after the program exits.
     #[arg(long, short)]
     pub quiet: bool,
@@ -166,7 +190,8 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     spec.writable_bytes = args.writable_size.0;
     spec.network = args.network;
     let child = spec.child_pid.clone();
-    let fs = ImageFs::new(manifest.clone(), tiers, runtime);
+    let fs = ImageFs::new(manifest.clone(), tiers, runtime)
+        .with_read_interrupts(args.reads.interrupts());
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;

@@ -55,6 +55,7 @@ pub struct ImageFs {
     tiers: Arc<Tiers>,
     runtime: tokio::runtime::Handle,
     stats: Arc<Stats>,
+    interrupts: ReadInterrupts,
     /// Per open file: where its last read ended, to tell sequential readers (whose next
     /// chunks are fetched ahead) from random ones (whose are not). An entry lives from
     /// open to release.
@@ -124,12 +125,19 @@ impl ImageFs {
             manifest,
             parents,
             extent_starts,
+            interrupts: ReadInterrupts::default(),
             tiers,
             runtime,
             stats,
             handles: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_handle: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// Which signals end a read that waits (fatal ones only, by default).
+    pub fn with_read_interrupts(mut self, interrupts: ReadInterrupts) -> Self {
+        self.interrupts = interrupts;
+        self
     }
 
     /// Records a read on a handle; true if it continues the handle's previous read.
@@ -275,39 +283,70 @@ fn makedev(major: u32, minor: u32) -> u32 {
 const SIGNAL_WATCH_AFTER: Duration = Duration::from_millis(50);
 const SIGNAL_WATCH_EVERY: Duration = Duration::from_millis(20);
 
-/// Ends when the thread `tid` has a signal to handle. The kernel aborts a FUSE request
-/// itself on a fatal signal; on a handled one it sends FUSE_INTERRUPT, which fuser 0.18
-/// answers ENOSYS without telling the filesystem, and the caller would wait for the
-/// whole fetch before its handler ran. So the read watches the caller's pending signals
-/// in /proc and answers EINTR, as an interrupt handler would (the kernel restarts the
-/// call if the handler asked for SA_RESTART).
-async fn signal_for(tid: u32) {
+/// Which signals end a read that waits for its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadInterrupts {
+    /// Only a fatal one. The kernel gives up on a request it has not yet handed over;
+    /// one the agent holds (a synchronous read) it waits out, uninterruptibly, so a
+    /// killed program would hang until the fetch ended. The read ends with EINTR then
+    /// (nobody sees it: the program is dying).
+    #[default]
+    Fatal,
+    /// Also any signal the caller has a handler for, as libfuse's `-o intr`: the read
+    /// returns EINTR at once and the handler runs. The kernel never restarts such a read,
+    /// SA_RESTART or not, and few programs expect EINTR from a regular file, so this is
+    /// for programs that do (an interactive tool waiting on a slow fleet).
+    Handled,
+}
+
+/// Ends when the thread `tid` has a signal that ends its read. fuser 0.18 answers the
+/// kernel's FUSE_INTERRUPT with ENOSYS and never tells the filesystem, so the read
+/// watches the caller's pending signals in /proc instead.
+async fn signal_for(tid: u32, interrupts: ReadInterrupts) {
     tokio::time::sleep(SIGNAL_WATCH_AFTER).await;
     loop {
-        if tid != 0 && signal_pending(tid) {
+        if tid != 0 && signal_pending(tid, interrupts) {
             return;
         }
         tokio::time::sleep(SIGNAL_WATCH_EVERY).await;
     }
 }
 
-/// Whether `tid` has a pending signal (its own or its process's) that it does not block
-/// and has a handler for. False if the thread is gone (the kernel ends its request).
-fn signal_pending(tid: u32) -> bool {
+/// Whether `tid` has a signal pending that ends its read. False if the thread is gone
+/// (the kernel ends its request).
+fn signal_pending(tid: u32, interrupts: ReadInterrupts) -> bool {
     std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .is_ok_and(|status| handled_signal_pending(&status))
+        .is_ok_and(|status| ends_read(&status, tid, interrupts))
 }
 
-/// From a /proc status: a pending signal that is neither blocked nor left to its default.
-fn handled_signal_pending(status: &str) -> bool {
-    let mask = |field: &str| {
+/// SIGKILL's bit in /proc's signal masks: the kernel marks every thread of a process
+/// with it when a fatal signal (SIGKILL, or SIGINT without a handler, ...) arrives.
+const SIGKILL_BIT: u64 = 1 << 8;
+
+/// From a /proc status of thread `tid`: a pending fatal signal, or (if asked for) one that
+/// is neither blocked nor left to its default. A signal sent to the process is counted
+/// for its main thread only, which is where the kernel delivers it when it can.
+fn ends_read(status: &str, tid: u32, interrupts: ReadInterrupts) -> bool {
+    let field = |name: &str| {
         status
             .lines()
-            .find_map(|line| line.strip_prefix(field))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    let mask = |name: &str| {
+        field(name)
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
             .unwrap_or(0)
     };
-    let pending = mask("SigPnd:") | mask("ShdPnd:");
+    let own = mask("SigPnd:");
+    if own & SIGKILL_BIT != 0 {
+        return true;
+    }
+    if interrupts == ReadInterrupts::Fatal {
+        return false;
+    }
+    let main_thread = field("Tgid:").and_then(|t| t.parse::<u32>().ok()) == Some(tid);
+    let pending = own | if main_thread { mask("ShdPnd:") } else { 0 };
     pending & !mask("SigBlk:") & mask("SigCgt:") != 0
 }
 
@@ -515,6 +554,7 @@ impl Filesystem for ImageFs {
         let tiers = self.tiers.clone();
         let stats = self.stats.clone();
         let caller = req.pid();
+        let interrupts = self.interrupts;
         self.runtime.spawn(async move {
             let loads = refs.iter().map(|r| {
                 let tiers = tiers.clone();
@@ -529,7 +569,7 @@ impl Filesystem for ImageFs {
             // the fetches to finish and fill the tiers for the next reader.
             let results = tokio::select! {
                 results = futures::future::join_all(loads) => results,
-                () = signal_for(caller) => {
+                () = signal_for(caller, interrupts) => {
                     inc(&stats.reads_interrupted);
                     return reply.error(Errno::EINTR);
                 }
@@ -742,29 +782,40 @@ mod tests {
     }
 
     #[test]
-    fn only_pending_signals_with_handlers_that_are_not_blocked_interrupt() {
-        let status = |pnd: &str, shd: &str, blk: &str, cgt: &str| {
+    fn reads_end_on_fatal_signals_and_if_asked_on_handled_ones() {
+        let status = |tgid: u32, pnd: &str, shd: &str, blk: &str, cgt: &str| {
             format!(
-                "Name:\tcat\nSigQ:\t0/1000\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t0000000000000000\nSigCgt:\t{cgt}\n"
+                "Name:\tcat\nTgid:\t{tgid}\nSigQ:\t0/1000\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t0000000000000000\nSigCgt:\t{cgt}\n"
             )
         };
         let none = "0000000000000000";
         let usr1 = "0000000000000200";
-        assert!(!handled_signal_pending(&status(none, none, none, usr1)));
-        assert!(handled_signal_pending(&status(usr1, none, none, usr1)));
+        let kill = "0000000000000100";
+        let (fatal, handled) = (ReadInterrupts::Fatal, ReadInterrupts::Handled);
+        // A fatal signal ends the read in both modes, even where blocked or uncaught.
+        assert!(ends_read(&status(7, kill, none, none, none), 7, fatal));
+        assert!(ends_read(&status(7, kill, none, kill, none), 8, handled));
+        // A handled one only when asked for.
+        assert!(!ends_read(&status(7, usr1, none, none, usr1), 7, fatal));
+        assert!(ends_read(&status(7, usr1, none, none, usr1), 7, handled));
         assert!(
-            handled_signal_pending(&status(none, usr1, none, usr1)),
+            ends_read(&status(7, none, usr1, none, usr1), 7, handled),
             "process-wide"
         );
         assert!(
-            !handled_signal_pending(&status(usr1, none, usr1, usr1)),
+            !ends_read(&status(7, none, usr1, none, usr1), 8, handled),
+            "process-wide goes to the main thread"
+        );
+        assert!(
+            !ends_read(&status(7, usr1, none, usr1, usr1), 7, handled),
             "blocked"
         );
         assert!(
-            !handled_signal_pending(&status(usr1, none, none, none)),
+            !ends_read(&status(7, usr1, none, none, none), 7, handled),
             "no handler"
         );
-        assert!(!handled_signal_pending(""));
+        assert!(!ends_read(&status(7, none, none, none, usr1), 7, handled));
+        assert!(!ends_read("", 7, handled));
     }
 
     #[test]

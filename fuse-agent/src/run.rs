@@ -72,8 +72,8 @@ pub struct RunSpec {
 /// The network the program sees.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Network {
-    /// The host's interfaces (a package manager can download); raw sockets are not
-    /// allowed, so the program can neither sniff nor forge the host's traffic.
+    /// The host's interfaces (a package manager can download), as `docker run
+    /// --network host`: the program keeps Docker's capabilities, NET_RAW among them.
     #[default]
     Host,
     /// A network namespace of its own with only the loopback interface, up.
@@ -278,10 +278,10 @@ fn run_here(
 /// CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_BOOT, ...) leaves the bounding
 /// set before exec, so not even a root program in the image can get it back.
 ///
-/// NET_RAW, which Docker keeps, is dropped: the program shares the host's network unless
-/// `--network none`, and raw sockets there would let it forge and read the host's packets
-/// (ping works without it, through ICMP datagram sockets).
-const KEPT_CAPABILITIES: [i32; 13] = [
+/// NET_RAW is kept, as Docker keeps it even with the host's network: image binaries with
+/// file capabilities (Debian's ping is cap_net_raw+ep) fail to exec with EPERM when the
+/// bounding set lacks one. `--network none` keeps the program off the host's network.
+const KEPT_CAPABILITIES: [i32; 14] = [
     0,  // CHOWN
     1,  // DAC_OVERRIDE
     3,  // FOWNER
@@ -291,6 +291,7 @@ const KEPT_CAPABILITIES: [i32; 13] = [
     7,  // SETUID
     8,  // SETPCAP
     10, // NET_BIND_SERVICE
+    13, // NET_RAW
     18, // SYS_CHROOT
     27, // MKNOD
     29, // AUDIT_WRITE
@@ -311,6 +312,7 @@ const PROC_MASKED: [&str; 4] = [
 struct ChildSetup {
     root: CString,
     proc: CString,
+    sys: CString,
     /// Parts of /proc made read-only (/proc/sys holds core_pattern, which would run a
     /// program of the image's choosing as the host's root).
     proc_read_only: Vec<CString>,
@@ -343,6 +345,7 @@ impl ChildSetup {
         Ok(Self {
             root: c(root.as_os_str().as_encoded_bytes(), "the root")?,
             proc: c(root.join("proc").as_os_str().as_encoded_bytes(), "/proc")?,
+            sys: c(root.join("sys").as_os_str().as_encoded_bytes(), "/sys")?,
             proc_read_only: PROC_READ_ONLY
                 .iter()
                 .map(|p| c(root.join(p).as_os_str().as_encoded_bytes(), p))
@@ -357,7 +360,7 @@ impl ChildSetup {
     }
 
     /// In the child (PID 1 of its namespace): dies with its parent, gets a mount namespace
-    /// of its own, mounts its /proc, makes the image its root with pivot_root (the host's
+    /// of its own, mounts its /proc and /sys, makes the image its root with pivot_root (the host's
     /// root is detached, so there is nothing to climb back to), creates the working
     /// directory as Docker does, drops capabilities, and takes its user.
     fn enter(&self, gid: Option<u32>, uid: Option<u32>) -> std::io::Result<()> {
@@ -416,6 +419,13 @@ impl ChildSetup {
                 other => other?,
             }
         }
+        mount(
+            Some(c"sysfs"),
+            self.sys.as_c_str(),
+            Some(c"sysfs"),
+            nosuid | MsFlags::MS_RDONLY,
+            None::<&std::ffi::CStr>,
+        )?;
         nix::unistd::chdir(self.root.as_c_str())?;
         nix::unistd::pivot_root(c".", c".")?;
         umount2(c".", MntFlags::MNT_DETACH)?;
@@ -466,7 +476,8 @@ fn clear_inherited_capabilities() -> std::io::Result<()> {
             0,
         )
     };
-    if cleared != 0 {
+    // Kernels before 4.3 have no ambient set (EINVAL): nothing to clear.
+    if cleared != 0 && nix::errno::Errno::last() != nix::errno::Errno::EINVAL {
         return Err(std::io::Error::last_os_error());
     }
     #[repr(C)]
@@ -588,17 +599,12 @@ fn mount_container(
         MsFlags::MS_NODEV,
         Some(&options),
     )?;
-    // /proc is mounted by the program itself, as PID 1 of its namespace (ChildSetup).
-    std::fs::create_dir_all(root.join("proc")).map_err(io_setup_err("mkdir /proc"))?;
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_at(
-        mounted,
-        "sysfs",
-        &root.join("sys"),
-        "sysfs",
-        nosuid | MsFlags::MS_RDONLY,
-        None,
-    )?;
+    // /proc and /sys are mounted by the program itself (ChildSetup), as PID 1 of its
+    // namespace and in its network namespace (sysfs shows the interfaces of the network
+    // namespace it is mounted in).
+    for dir in ["proc", "sys"] {
+        std::fs::create_dir_all(root.join(dir)).map_err(io_setup_err(format!("mkdir /{dir}")))?;
+    }
     mount_at(
         mounted,
         "tmpfs",
@@ -646,7 +652,7 @@ fn mount_container(
         "tmpfs",
         &dev.join("shm"),
         "tmpfs",
-        nosuid,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         Some("mode=1777,size=64m"),
     )?;
     for (link, target) in [
