@@ -11,9 +11,11 @@
 //! The budget is the directory's, not one agent's: agents that share the directory (one
 //! per mount) each index what they see, and each rescans the whole directory after it has
 //! written a sixteenth of the budget, evicting the least recently used files of all
-//! agents down to the budget. Scans take an exclusive lock on `DIR/.lock`, so two agents
-//! never evict the same files at once. The directory may overshoot by what the other
-//! agents wrote since their last scans: at most a sixteenth of the budget each.
+//! agents down to the budget. That eviction happens under an exclusive lock on
+//! `DIR/.lock`, taken without waiting: if another agent holds it, that agent is trimming
+//! the directory already, and this one leaves it be. Between scans each agent evicts from
+//! what it has indexed. The directory may overshoot by what the other agents wrote since
+//! their last scans: about a sixteenth of the budget each.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -106,16 +108,39 @@ impl DiskCache {
     /// Indexes the whole directory afresh (every agent's files) and evicts the least
     /// recently used down to the budget, holding the directory's lock.
     fn rescan(&self) -> io::Result<()> {
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(LOCK_FILE))?;
-        lock.lock()?;
-        let scanned = scan(&self.dir)?;
-        *self.lock() = scanned;
-        self.evict_to_budget();
-        drop(lock);
+        let started = now_nanos();
+        let mut scanned = scan(&self.dir)?;
+        {
+            let mut index = self.lock();
+            // Files this agent indexed while the scan ran may have been renamed into place
+            // after the scan passed their directory: keep them.
+            for (name, entry) in &index.entries {
+                if entry.used >= started && !scanned.entries.contains_key(name) {
+                    scanned.insert(*name, entry.len, entry.used);
+                }
+            }
+            *index = scanned;
+        }
+        // The lock only needs reading (an agent of another user can take it too); it is
+        // created once by whoever comes first.
+        let path = self.dir.join(LOCK_FILE);
+        let lock = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let _ = File::options().create(true).append(true).open(&path);
+                File::open(&path)?
+            }
+            Err(e) => return Err(e),
+        };
+        match lock.try_lock() {
+            Ok(()) => {
+                self.evict_to_budget();
+                drop(lock);
+            }
+            // Another agent is trimming the directory; its eviction counts for ours.
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
         self.publish_size();
         Ok(())
     }
@@ -362,6 +387,35 @@ mod tests {
         let (name, bytes) = last.last().unwrap();
         assert_eq!(&a.get(name).unwrap(), bytes);
         assert_eq!(&b.get(name).unwrap(), bytes);
+    }
+
+    /// An agent that finds another trimming the directory (holding its lock, even one that
+    /// hangs) does not wait for it: it opens, and leaves the trimming to the holder. The
+    /// lock file needs only reading.
+    #[test]
+    fn a_held_lock_blocks_no_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
+        for i in 0..4 {
+            let (name, bytes) = chunk(i, 1000);
+            first.put(&name, &bytes).unwrap();
+        }
+        let lock_path = dir.path().join(LOCK_FILE);
+        let held = File::open(&lock_path).unwrap();
+        held.lock().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_owned();
+        std::thread::spawn(move || {
+            let second = DiskCache::open(&path, 2000, Arc::new(Stats::default())).unwrap();
+            done_tx.send(second.bytes()).unwrap();
+        });
+        let bytes = done_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the agent waited for the lock");
+        assert_eq!(bytes, 4000, "it evicted while another agent held the lock");
+        drop(held);
+        let second = DiskCache::open(dir.path(), 2000, Arc::new(Stats::default())).unwrap();
+        assert_eq!(second.bytes(), 2000, "with the lock free, it trims");
     }
 
     fn chunk(i: u8, len: usize) -> (ChunkName, Vec<u8>) {
