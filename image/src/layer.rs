@@ -40,15 +40,18 @@ pub struct Limits {
 /// its header as held in memory, and its place in the layer's tables.
 const ENTRY_COST: u64 = 256;
 /// What each path component is charged: it is held as a slice (16 bytes) in the layer's
-/// duplicate check and again in the list of entries to apply, and becomes a map key.
-const COMPONENT_COST: u64 = 64;
+/// duplicate check and again in the list of entries to apply, and may become a directory
+/// of its own in the tree (a node, a one-entry map and its key: about 500 bytes). Charged
+/// for every entry, though most share their directories: a bound, not a measure. A very
+/// large image (a million entries of six components) is charged about 3 GiB.
+const COMPONENT_COST: u64 = 512;
 
 impl Default for Limits {
     fn default() -> Self {
         // The paper's largest images are 10 GiB; 64 GiB leaves room while stopping a
         // decompression bomb long before it fills a disk. Ten million entries is ten times
         // a very large distribution image.
-        // Four GiB of metadata is about six million entries of typical paths (60 bytes in
+        // Four GiB of metadata is about 1.3 million entries of typical paths (60 bytes in
         // six components).
         Self {
             max_bytes: 64 << 30,
