@@ -953,7 +953,7 @@ impl Inner {
         name: ChunkName,
         chunk: Bytes,
         code: Code,
-        ranked: Vec<usize>,
+        mut ranked: Vec<usize>,
         heard: Heard,
     ) {
         let Heard {
@@ -964,6 +964,14 @@ impl Inner {
         let Ok(frames) = self.frames(&name, &chunk, code) else {
             return;
         };
+        // A chunk of a wider code than ours (a rollout) has shards on nodes beyond our M:
+        // they are asked too, or an index one of them holds could be given again. The
+        // placement's ranking extends ours, so ranks keep their meaning.
+        if code.params.total() > ranked.len() {
+            ranked = self.placement.rank(&name, code.params.total());
+            answers.resize(ranked.len(), Answer::NotAsked);
+            payloads.resize(ranked.len(), None);
+        }
         let key: Arc<str> = name.to_hex().into();
         let deadline = tokio::time::Instant::now() + self.config.timeouts.shard.0.min(REST_WAIT);
         while let Ok(Some((rank, result))) = tokio::time::timeout_at(deadline, rest.next()).await {

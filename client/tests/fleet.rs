@@ -1178,6 +1178,97 @@ async fn two_codes_side_by_side() {
         assert!(get(&m.other_code_shards) > 0);
         assert_eq!(get(&m.fleet_hits), 32);
     }
+
+    // A shard of each code is lost, on the first node of both placements, and the client
+    // of the other code reads the chunk: it repairs the loss in the chunk's own code, and
+    // overwrites no valid shard of either code. The 4-of-5 reader does not ask the sixth
+    // node of a 4-of-6 chunk, so it must not give away the index that node holds.
+    let frames = |name: &ChunkName| -> Vec<Option<(u8, u8, u8)>> {
+        fleet
+            .nodes
+            .iter()
+            .map(|node| {
+                let got = node.client().get(&format!("/v1/shards/{name}"));
+                (got.status == 200).then(|| {
+                    let (header, _) = shard_frame::parse(&got.body).unwrap();
+                    (header.params.data, header.params.total, header.index)
+                })
+            })
+            .collect()
+    };
+    for (reader, (name, bytes)) in [(&new, &mine[0]), (&old, &theirs[0])] {
+        let before = frames(name);
+        let node = TestFleet::index(old.placement(name)[0]);
+        let mut raw = fleet.nodes[node].client();
+        assert_eq!(
+            raw.request("DELETE", &format!("/v1/shards/{name}"), &[], &[])
+                .status,
+            204
+        );
+        read_until_repaired(reader, name, bytes, 1).await;
+        let after = frames(name);
+        assert_eq!(
+            after, before,
+            "{name}: the repair did not restore what was lost"
+        );
+    }
+    // The same, with the 4-of-6 chunk's first and sixth shards swapped (as a placement
+    // change leaves them): the lost index is 5, and index 0 is on the node the 4-of-5
+    // reader never asks when it reads. Giving the lost node index 0, its rank's, would
+    // make two copies of index 0 and leave index 5 nowhere.
+    let (name, bytes) = &theirs[1];
+    let ranked: Vec<usize> = new
+        .placement(name)
+        .into_iter()
+        .map(TestFleet::index)
+        .collect();
+    let code = CodeParams::new(4, 6).unwrap();
+    let shards = slapshot_core::codec_for(code).encode(bytes).unwrap();
+    for (node, index) in [(ranked[0], 5u8), (ranked[5], 0u8)] {
+        let header = ShardHeader::new(name, code, index, bytes.len() as u32);
+        let frame = shard_frame::frame(&header, &shards[usize::from(index)]);
+        let mut raw = fleet.nodes[node].client();
+        assert_eq!(raw.put(&format!("/v1/shards/{name}"), &frame).status, 204);
+    }
+    let mut raw = fleet.nodes[ranked[0]].client();
+    assert_eq!(
+        raw.request("DELETE", &format!("/v1/shards/{name}"), &[], &[])
+            .status,
+        204
+    );
+    read_until_repaired(&old, name, bytes, 1).await;
+    let mut indices: Vec<u8> = frames(name)
+        .into_iter()
+        .map(|f| f.expect("every node holds a shard").2)
+        .collect();
+    indices.sort_unstable();
+    assert_eq!(indices, [0, 1, 2, 3, 4, 5], "two nodes hold the same index");
+    assert_eq!(origin.gets(), 0);
+}
+
+/// Reads a chunk until a read's repair has written `shards` shards. A read decides on a
+/// repair from the answers it has when it ends, so a 404 that comes after the k-th shard
+/// is acted on by a later read.
+async fn read_until_repaired(
+    client: &slapshot_client::FleetClient,
+    name: &ChunkName,
+    bytes: &Bytes,
+    shards: u64,
+) {
+    let m = client.metrics();
+    let written = get(&m.fill_shards_written);
+    for _ in 0..20 {
+        assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while get(&m.fill_shards_written) < written + shards && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if get(&m.fill_shards_written) >= written + shards {
+            assert_eq!(get(&m.fill_shards_written), written + shards);
+            return;
+        }
+    }
+    panic!("{name}: twenty reads and no repair");
 }
 
 /// Fills and repairs are bounded in number and in bytes; what does not fit is dropped and
