@@ -9,9 +9,11 @@
 //!
 //! Health: a node that refuses or breaks connections is down at once; one whose reads fail
 //! twice in a row (timeouts, error statuses, oversized answers) is down too. Reads skip down
-//! nodes while a background task probes the shard path (a GET of a key no chunk has,
-//! which has to be answered 404 by the same code that serves shards) with jittered
-//! exponential backoff, and marks the node up again when it answers. Writes count against
+//! nodes while a background task probes the data path (a GET of the shard whose read
+//! failed last, answered with the shard or 404 through the node's index and device) with
+//! jittered exponential backoff, and marks the node up again when it answers: on trial,
+//! until a shard is read from it, so that one failed read sends it back down and its
+//! probes go on from where their backoff was. Writes count against
 //! a node's writes only: a PUT may wait seconds for the node to evict, and that says
 //! nothing about its reads. Nothing is written to a node for a second after it failed.
 
@@ -102,6 +104,14 @@ struct Health {
     probing: bool,
     /// Writes skip the node until then.
     no_writes_until: Option<Instant>,
+    /// The key of the last shard read that failed: probes ask for it, so that a node whose
+    /// index answers but whose device does not stays down.
+    probe_key: Option<Arc<str>>,
+    /// Back up after a probe, but no shard read has succeeded since: one failed read sends
+    /// it down again, and its probes go on from the backoff they had reached.
+    trial: bool,
+    /// The wait before the next probe (doubling while probes fail, kept through a trial).
+    backoff: Option<Duration>,
 }
 
 pub struct Node {
@@ -267,7 +277,7 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         let node = self.clone();
         tokio::spawn(async move {
-            let result = node.get_shard_here(&key).await;
+            let result = node.get_shard_here(key).await;
             if tx.send(result).is_err() {
                 inc(&node.metrics.drained_responses);
             }
@@ -283,7 +293,7 @@ impl Node {
     }
 
     /// A shard GET in the caller's task, with its effects on metrics and health.
-    async fn get_shard_here(self: &Arc<Self>, key: &str) -> Result<Option<Bytes>, NodeError> {
+    async fn get_shard_here(self: &Arc<Self>, key: Arc<str>) -> Result<Option<Bytes>, NodeError> {
         let started = Instant::now();
         let request = self.request(
             Method::GET,
@@ -317,8 +327,21 @@ impl Node {
             Err(_) => inc(&m.shards_failed),
         }
         match &result {
-            Ok(_) => self.health().consecutive_failures = 0,
-            Err(e) => self.failed(e, true),
+            Ok(found) => {
+                let mut health = self.health();
+                health.consecutive_failures = 0;
+                // Bytes read back: the data path works, the trial is over.
+                if found.is_some() && health.trial {
+                    health.trial = false;
+                    health.backoff = None;
+                }
+            }
+            Err(e) => {
+                if *e != NodeError::NoConnection {
+                    self.health().probe_key = Some(key);
+                }
+                self.failed(e, true);
+            }
         }
         result
     }
@@ -376,7 +399,8 @@ impl Node {
                 NodeError::Unreachable | NodeError::Transport(_) => !health.down,
                 _ if read => {
                     health.consecutive_failures += 1;
-                    !health.down && health.consecutive_failures >= FAILURES_BEFORE_DOWN
+                    !health.down
+                        && (health.trial || health.consecutive_failures >= FAILURES_BEFORE_DOWN)
                 }
                 _ => false,
             }
@@ -404,11 +428,18 @@ impl Node {
         tokio::spawn(probe_until_up(Arc::downgrade(self)));
     }
 
-    /// One probe: the shard path answers (404 for the probe key) in time.
+    /// One probe: the shard path answers in time, for the key whose read failed last (a
+    /// shard, or a 404, read through the node's index and device), or for a key no chunk
+    /// has.
     async fn probe(&self) -> bool {
+        let key = self
+            .health()
+            .probe_key
+            .clone()
+            .unwrap_or_else(|| PROBE_KEY.into());
         let request = self.request(
             Method::GET,
-            &format!("/v1/shards/{PROBE_KEY}"),
+            &format!("/v1/shards/{key}"),
             true,
             Bytes::new(),
         );
@@ -425,7 +456,12 @@ impl Node {
 }
 
 async fn probe_until_up(node: Weak<Node>) {
-    let mut backoff = PROBE_BACKOFF_MIN;
+    let Some(mut backoff) = node
+        .upgrade()
+        .map(|n| n.health().backoff.unwrap_or(PROBE_BACKOFF_MIN))
+    else {
+        return;
+    };
     loop {
         tokio::time::sleep(jitter(backoff)).await;
         let Some(node) = node.upgrade() else { return };
@@ -436,6 +472,9 @@ async fn probe_until_up(node: Weak<Node>) {
                 health.probing = false;
                 health.consecutive_failures = 0;
                 health.no_writes_until = None;
+                health.trial = true;
+                // Should the trial fail, probing goes on from here, not from the start.
+                health.backoff = Some((backoff * 2).min(PROBE_BACKOFF_MAX));
             }
             node.metrics
                 .nodes_down
@@ -645,6 +684,28 @@ mod tests {
         assert!(node.is_up(), "one failure is not enough");
         node.failed(&NodeError::Status(503), true);
         assert!(!node.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_node_on_trial_goes_down_at_its_first_failed_read_and_waits_on() {
+        let node = node();
+        {
+            let mut health = node.health();
+            health.trial = true;
+            health.backoff = Some(Duration::from_millis(800));
+        }
+        node.failed(&NodeError::Status(500), true);
+        assert!(!node.is_up(), "one failure on trial is enough");
+        assert_eq!(
+            node.health().backoff,
+            Some(Duration::from_millis(800)),
+            "the probes go on from where they were"
+        );
+        // A request never sent says nothing: it neither counts nor ends a trial.
+        let other = super::tests::node();
+        other.health().trial = true;
+        other.failed(&NodeError::NoConnection, true);
+        assert!(other.is_up());
     }
 
     #[tokio::test]

@@ -181,6 +181,35 @@ async fn a_node_answering_500_to_everything_is_marked_down() {
     assert_eq!(origin.gets(), 0);
 }
 
+/// A node whose index answers (404 for a key no chunk has) but whose reads of real
+/// shards fail is probed where it failed: it stays down, instead of coming back for two
+/// failed reads after every probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_ask_for_what_failed_and_a_node_that_fails_it_stays_down() {
+    let fleet = TestFleet::start(5);
+    let chunks = random_chunks(45, 12);
+    let (direct, origin) = fleet.client();
+    put_everywhere(&direct, &chunks).await;
+    let mut config = fleet.config();
+    config.nodes[2].addr = support::broken_node_with_probe(500, None, Some(404))
+        .await
+        .to_string();
+    let (client, _) = fleet.client_with(config);
+    read_all(&client, &chunks).await;
+    eventually("the broken node marked down", || !client.node_health()[2].1).await;
+    // Probes every 50-100 ms at first: a shallow probe would have taken it back by now.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        read_all(&client, &chunks).await;
+    }
+    assert_eq!(
+        get(&client.metrics().node_recoveries),
+        0,
+        "a probe took it back"
+    );
+    assert_eq!(origin.gets(), 0);
+}
+
 /// The budget counts hedge requests, not reads that hedge: with a 4-of-6 code a read that
 /// hedges both spare nodes spends two tokens. A slow node (every request held 30 ms by a
 /// proxy) and a 2 ms hedge delay make most reads want a hedge; the bucket (one token to

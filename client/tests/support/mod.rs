@@ -221,6 +221,17 @@ pub fn shard_puts(fleet: &TestFleet) -> f64 {
 /// (none are sent). The connection stays open (request bodies are read and discarded).
 /// Returns its address; it runs until the runtime ends.
 pub async fn broken_node(status: u16, announced: Option<u64>) -> std::net::SocketAddr {
+    broken_node_with_probe(status, announced, None).await
+}
+
+/// Like `broken_node`, and if `probe` is given, a GET of the key no chunk has (what a
+/// shallow probe asks) is answered with that status: a node whose index answers while
+/// its device fails.
+pub async fn broken_node_with_probe(
+    status: u16,
+    announced: Option<u64>,
+    probe: Option<u16>,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -234,6 +245,7 @@ pub async fn broken_node(status: u16, announced: Option<u64>) -> std::net::Socke
                 loop {
                     let mut length = 0usize;
                     let mut health = false;
+                    let mut probed = false;
                     loop {
                         let mut line = String::new();
                         match stream.read_line(&mut line).await {
@@ -245,6 +257,10 @@ pub async fn broken_node(status: u16, announced: Option<u64>) -> std::net::Socke
                             break;
                         }
                         health |= line.starts_with("get /health ");
+                        probed |= line.starts_with(&format!(
+                            "get /v1/shards/{} ",
+                            slapshot_client::node::PROBE_KEY
+                        ));
                         if let Some(value) = line.strip_prefix("content-length:") {
                             length = value.trim().parse().unwrap_or(0);
                         }
@@ -255,6 +271,10 @@ pub async fn broken_node(status: u16, announced: Option<u64>) -> std::net::Socke
                     }
                     let reply = match (health, announced) {
                         (true, _) => "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n".to_owned(),
+                        (false, _) if probed && probe.is_some() => format!(
+                            "HTTP/1.1 {} Probe\r\ncontent-length: 0\r\n\r\n",
+                            probe.unwrap()
+                        ),
                         (false, Some(len)) => {
                             format!("HTTP/1.1 {status} Big\r\ncontent-length: {len}\r\n\r\n")
                         }
