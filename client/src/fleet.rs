@@ -361,6 +361,12 @@ impl FleetClient {
     }
 
     /// Node ids and whether the client currently considers each up.
+    /// How long a hedged read waits for its k-th shard before it hedges: the configured
+    /// delay, or the p95 of recent k-th arrivals.
+    pub fn hedge_delay(&self) -> Duration {
+        self.inner.hedge_delay()
+    }
+
     pub fn node_health(&self) -> Vec<(String, bool)> {
         self.inner
             .nodes
@@ -507,7 +513,11 @@ impl Inner {
         for rank in first {
             pending.push(self.fetch(rank, ranked[rank], &key));
         }
-        let mut hedge_at = (!reserve.is_empty()).then(|| started + self.hedge_delay());
+        let delay = self.hedge_delay();
+        let mut hedge_at = (!reserve.is_empty()).then(|| started + delay);
+        // Set once a hedge request went out: the read's k-th arrival is then the hedge's,
+        // not what the first k nodes would have taken.
+        let mut hedged = false;
         let mut groups: Vec<Group> = Vec::new();
         let mut done: Option<Decoded> = None;
         let mut attempts = 0;
@@ -536,7 +546,7 @@ impl Inner {
                             .map(Group::distinct)
                             .max()
                             .unwrap_or(0);
-                        self.hedge(k.saturating_sub(have), &mut reserve, &mut pending, ranked, &key);
+                        hedged = self.hedge(k.saturating_sub(have), &mut reserve, &mut pending, ranked, &key) > 0;
                         continue;
                     }
                 },
@@ -617,8 +627,13 @@ impl Inner {
             let code = groups[decoded.group].code;
             // A read that had to find its way around a liar says nothing of how long k
             // shards take to come.
+            // A hedged read's first k nodes would have taken at least the delay, which is
+            // what it records: its own time (the delay and a hedge's round trip) would
+            // push the p95 up by a round trip every few dozen reads while a node is slow,
+            // until hedges came too late to help.
             if !groups[decoded.group].suspect {
-                lock(&self.kth_arrivals).record(started.elapsed());
+                let waited = if hedged { delay } else { started.elapsed() };
+                lock(&self.kth_arrivals).record(waited);
             }
             read.degraded = decoded.used.iter().any(|&i| i >= code.params.data());
             read.chunk = Some((Bytes::from(decoded.chunk), code));
@@ -684,7 +699,8 @@ impl Inner {
         found
     }
 
-    /// Sends up to `wanted` hedge requests to the reserve nodes, each paid with a token.
+    /// Sends up to `wanted` hedge requests to the reserve nodes, each paid with a token;
+    /// returns how many went out.
     fn hedge(
         &self,
         wanted: usize,
@@ -692,19 +708,20 @@ impl Inner {
         pending: &mut FuturesUnordered<RankedFetch>,
         ranked: &[usize],
         key: &Arc<str>,
-    ) {
+    ) -> usize {
         let wanted = wanted.min(reserve.len());
         for sent in 0..wanted {
             if !lock(&self.hedge_bucket).try_take() {
                 self.metrics
                     .hedges_refused
                     .fetch_add((wanted - sent) as u64, Ordering::Relaxed);
-                return;
+                return sent;
             }
             let rank = reserve.pop_front().expect("wanted <= reserve.len()");
             inc(&self.metrics.hedges_sent);
             pending.push(self.fetch(rank, ranked[rank], key));
         }
+        wanted
     }
 
     /// Judges one node's answer: a valid shard of this chunk (its code, index and

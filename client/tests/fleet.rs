@@ -210,10 +210,69 @@ async fn probes_ask_for_what_failed_and_a_node_that_fails_it_stays_down() {
     assert_eq!(origin.gets(), 0);
 }
 
+/// With no hedge delay configured, the trigger is learnt: the p95 of recent k-th
+/// arrivals. After a warm-up on a quick fleet, one node turns slow (200 ms per request):
+/// reads that ask it among their first k hedge after about the learnt p95 and rebuild
+/// from parity, rather than wait for it; and the trigger stays near what it learnt
+/// instead of climbing with every hedged read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hedge_trigger_is_learnt_and_does_not_drift() {
+    use std::sync::atomic::AtomicU64;
+    let fleet = TestFleet::start(5);
+    let chunks = random_chunks(46, 60);
+    let (writer, origin) = fleet.client();
+    put_everywhere(&writer, &chunks).await;
+    let delay = Arc::new(AtomicU64::new(0));
+    let mut config = fleet.config();
+    config.nodes[0].addr = support::slow_proxy_with(fleet.nodes[0].addr, delay.clone())
+        .await
+        .to_string();
+    config.read.mode = slapshot_client::config::ReadMode::Hedged;
+    config.read.hedge_delay = None;
+    config.read.hedge_budget = 1.0;
+    let (client, _) = fleet.client_with(config);
+    for _ in 0..4 {
+        read_all(&client, &chunks).await;
+    }
+    let learnt = client.hedge_delay();
+    assert!(
+        learnt < Duration::from_millis(50),
+        "learnt {learnt:?} on a quick fleet"
+    );
+    let m = client.metrics();
+    let degraded = get(&m.degraded_rebuilds);
+    delay.store(200_000, Ordering::Relaxed);
+    let slow_first: Vec<_> = chunks
+        .iter()
+        .filter(|(name, _)| client.placement(name)[..4].contains(&"node-0"))
+        .cloned()
+        .collect();
+    assert!(slow_first.len() >= 20, "{} chunks", slow_first.len());
+    for _ in 0..5 {
+        read_all(&client, &slow_first).await;
+    }
+    let reads = 5 * slow_first.len() as u64;
+    // Each read that did not wait for the slow node rebuilt from the parity shard of the
+    // fifth node. A few may have waited (a hiccup longer than the trigger elsewhere).
+    let rebuilt = get(&m.degraded_rebuilds) - degraded;
+    assert!(
+        rebuilt * 10 >= reads * 9,
+        "{rebuilt} of {reads} reads hedged around the slow node"
+    );
+    let now = client.hedge_delay();
+    assert!(
+        now <= learnt * 2 + Duration::from_millis(2),
+        "the trigger drifted from {learnt:?} to {now:?}"
+    );
+    delay.store(0, Ordering::Relaxed);
+    assert_eq!(origin.gets(), 0);
+}
+
 /// The budget counts hedge requests, not reads that hedge: with a 4-of-6 code a read that
-/// hedges both spare nodes spends two tokens. A slow node (every request held 30 ms by a
-/// proxy) and a 2 ms hedge delay make most reads want a hedge; the bucket (one token to
-/// start, 5% of a token per read) lets through at most 1 + 0.05 x 240 = 13 requests.
+/// hedges both spare nodes spends two tokens. Two slow nodes (every request held 30 ms by
+/// a proxy) and a 2 ms hedge delay make most reads want a hedge, and the reads that ask
+/// both slow nodes first want two; the bucket (one token to start, 5% of a token per
+/// read) lets through at most 1 + 0.05 x 240 = 13 requests (counting reads, twice that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hedges_are_sent_and_stay_within_their_budget() {
     let fleet = TestFleet::start(6);
@@ -227,9 +286,12 @@ async fn hedges_are_sent_and_stay_within_their_budget() {
         direct.origin().unwrap().put(&sealed).await.unwrap();
         assert_eq!(direct.put_chunk(&sealed).await.unwrap().written, 6);
     }
-    config.nodes[0].addr = support::slow_proxy(fleet.nodes[0].addr, Duration::from_millis(30))
-        .await
-        .to_string();
+    for slow in [0, 1] {
+        config.nodes[slow].addr =
+            support::slow_proxy(fleet.nodes[slow].addr, Duration::from_millis(30))
+                .await
+                .to_string();
+    }
     config.read.mode = slapshot_client::config::ReadMode::Hedged;
     config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_millis(2)));
     let (hedged, origin) = fleet.client_with(config);
@@ -240,6 +302,17 @@ async fn hedges_are_sent_and_stay_within_their_budget() {
     assert!(
         slow_first >= 20,
         "{slow_first} of 60 chunks ask the slow node first"
+    );
+    let both_first = chunks
+        .iter()
+        .filter(|(name, _)| {
+            let first = &hedged.placement(name)[..4];
+            first.contains(&"node-0") && first.contains(&"node-1")
+        })
+        .count();
+    assert!(
+        both_first >= 10,
+        "{both_first} of 60 chunks ask both slow nodes first"
     );
     for _ in 0..4 {
         read_all(&hedged, &chunks).await;

@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -296,6 +296,15 @@ pub async fn broken_node_with_probe(
 /// passing it on: a node that answers, slowly. Returns its address; it runs until the
 /// runtime ends.
 pub async fn slow_proxy(target: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    let micros = Arc::new(AtomicU64::new(delay.as_micros() as u64));
+    slow_proxy_with(target, micros).await
+}
+
+/// Like `slow_proxy`, with a delay (in microseconds) the test can change while it runs.
+pub async fn slow_proxy_with(
+    target: std::net::SocketAddr,
+    delay_micros: Arc<AtomicU64>,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -304,6 +313,7 @@ pub async fn slow_proxy(target: std::net::SocketAddr, delay: Duration) -> std::n
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
+            let delay_micros = delay_micros.clone();
             tokio::spawn(async move {
                 let Ok(node) = tokio::net::TcpStream::connect(target).await else {
                     return;
@@ -319,7 +329,10 @@ pub async fn slow_proxy(target: std::net::SocketAddr, delay: Duration) -> std::n
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        tokio::time::sleep(delay).await;
+                        let delay = delay_micros.load(Ordering::Relaxed);
+                        if delay > 0 {
+                            tokio::time::sleep(Duration::from_micros(delay)).await;
+                        }
                         if node_tx.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
