@@ -526,16 +526,14 @@ fn loopback_up() -> std::io::Result<()> {
     for (to, from) in request.ifr_name.iter_mut().zip(b"lo\0") {
         *to = *from as libc::c_char;
     }
-    // SAFETY: SIOCGIFFLAGS and SIOCSIFFLAGS read and write the ifreq passed by pointer,
-    // which lives on this stack; the flags field is the union member these requests use.
-    let result = unsafe {
-        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) != 0 {
-            -1
-        } else {
-            request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &request)
-        }
-    };
+    // SAFETY: SIOCGIFFLAGS writes the ifreq passed by pointer, which lives on this stack.
+    let mut result = unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut request) };
+    if result == 0 {
+        // SAFETY: after SIOCGIFFLAGS the flags are the union member that holds a value.
+        unsafe { request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        // SAFETY: SIOCSIFFLAGS reads the ifreq passed by pointer, which lives on this stack.
+        result = unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &request) };
+    }
     let error = std::io::Error::last_os_error();
     // SAFETY: fd is ours and not used again.
     unsafe { libc::close(fd) };
