@@ -162,51 +162,34 @@ async fn a_stopped_node_is_marked_down_in_both_read_modes() {
 }
 
 /// A node that answers every shard request with 500 is of no use: down, and kept down by
-/// probes of the shard path, though its /health says 200.
+/// probes of the shard path, though its /health says 200. The same for a node whose index
+/// answers (404 for a key no chunk has) while its reads of real shards fail: probes ask
+/// for the shard that failed, so it stays down instead of coming back for two failed
+/// reads after every probe (probes come every 50-100 ms at first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_answering_500_to_everything_is_marked_down() {
+async fn a_node_whose_reads_fail_is_marked_down_and_kept_down_by_probes() {
     let fleet = TestFleet::start(5);
     let chunks = random_chunks(14, 12);
     let (direct, origin) = fleet.client();
     put_everywhere(&direct, &chunks).await;
-    let mut config = fleet.config();
-    config.nodes[2].addr = support::broken_node(500, None).await.to_string();
-    let (client, _) = fleet.client_with(config);
-    read_all(&client, &chunks).await;
-    eventually("the broken node marked down", || !client.node_health()[2].1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!client.node_health()[2].1, "a probe took it back");
-    assert_eq!(get(&client.metrics().node_recoveries), 0);
-    read_all(&client, &chunks).await;
-    assert_eq!(origin.gets(), 0);
-}
-
-/// A node whose index answers (404 for a key no chunk has) but whose reads of real
-/// shards fail is probed where it failed: it stays down, instead of coming back for two
-/// failed reads after every probe.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probes_ask_for_what_failed_and_a_node_that_fails_it_stays_down() {
-    let fleet = TestFleet::start(5);
-    let chunks = random_chunks(45, 12);
-    let (direct, origin) = fleet.client();
-    put_everywhere(&direct, &chunks).await;
-    let mut config = fleet.config();
-    config.nodes[2].addr = support::broken_node_with_probe(500, None, Some(404))
-        .await
-        .to_string();
-    let (client, _) = fleet.client_with(config);
-    read_all(&client, &chunks).await;
-    eventually("the broken node marked down", || !client.node_health()[2].1).await;
-    // Probes every 50-100 ms at first: a shallow probe would have taken it back by now.
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    for probe in [None, Some(404)] {
+        let mut config = fleet.config();
+        config.nodes[2].addr = support::broken_node_with_probe(500, None, probe)
+            .await
+            .to_string();
+        let (client, _) = fleet.client_with(config);
         read_all(&client, &chunks).await;
+        eventually("the broken node marked down", || !client.node_health()[2].1).await;
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            read_all(&client, &chunks).await;
+        }
+        assert!(
+            !client.node_health()[2].1,
+            "{probe:?}: a probe took it back"
+        );
+        assert_eq!(get(&client.metrics().node_recoveries), 0, "{probe:?}");
     }
-    assert_eq!(
-        get(&client.metrics().node_recoveries),
-        0,
-        "a probe took it back"
-    );
     assert_eq!(origin.gets(), 0);
 }
 
