@@ -3,7 +3,8 @@
 //! Who owns what. A read (`get_chunk`) is a future its caller may drop at any await: a
 //! timeout, a FUSE interrupt. So nothing that must finish runs inside it:
 //! - each shard GET runs in a task of its own (`Node::get_shard`); dropping the read drops
-//!   only the receiving ends, and the requests end on their own, within the shard timeout;
+//!   only the receiving ends, and the requests end on their own: within the wait for a
+//!   connection (the shard timeout and a connect's) and the shard timeout after it;
 //! - an origin fetch and the fill after it run in a task the client spawns (a "flight"),
 //!   found by later readers of the chunk through `flights` and removed from it by the
 //!   task itself when it ends, whatever the outcome; readers only watch its result, and
@@ -215,6 +216,9 @@ struct Heard {
     /// (for a while) to learn what those nodes hold; otherwise they are dropped and end
     /// on their own.
     rest: FuturesUnordered<RankedFetch>,
+    /// Per rank: whether the read sent it a request (answered or not). A fill asks only
+    /// the others: a node whose answer is late already has one request to answer.
+    asked: Vec<bool>,
 }
 
 type FlightResult = Option<Result<Bytes, ChunkError>>;
@@ -258,6 +262,9 @@ struct Inner {
 
 /// Hedge delay before any k-th arrival has been observed.
 const DEFAULT_HEDGE_DELAY: Duration = Duration::from_millis(5);
+/// How much later than twice its delay a hedged read may end and still count as made
+/// quick by its hedge (a hedge's round trip on a busy client).
+const HEDGE_SLACK: Duration = Duration::from_millis(5);
 /// Hedge requests that may be banked during a quiet spell.
 const HEDGE_BURST: f64 = 10.0;
 /// Codecs of foreign codes kept at once.
@@ -498,6 +505,10 @@ impl Inner {
             .filter(|&rank| self.nodes[ranked[rank]].is_up())
             .collect();
         let hedged_mode = self.config.read.mode == ReadMode::Hedged;
+        let mut asked = vec![false; ranked.len()];
+        for &rank in &up {
+            asked[rank] = true;
+        }
         let (first, mut reserve): (Vec<usize>, VecDeque<usize>) = if hedged_mode {
             let split = k.min(up.len());
             (up[..split].to_vec(), up[split..].iter().copied().collect())
@@ -607,6 +618,9 @@ impl Inner {
             }
         }
 
+        for &rank in &reserve {
+            asked[rank] = false;
+        }
         let mut read = FleetRead {
             chunk: None,
             degraded: false,
@@ -621,18 +635,26 @@ impl Inner {
                 answers,
                 payloads,
                 rest: pending,
+                asked,
             },
         };
         if let Some(decoded) = done {
             let code = groups[decoded.group].code;
             // A read that had to find its way around a liar says nothing of how long k
             // shards take to come.
-            // A hedged read's first k nodes would have taken at least the delay, which is
-            // what it records: its own time (the delay and a hedge's round trip) would
-            // push the p95 up by a round trip every few dozen reads while a node is slow,
-            // until hedges came too late to help.
+            // A hedged read that the hedge made quick records the delay: its first k nodes
+            // would have taken at least that, and its own time (the delay and a hedge's
+            // round trip) would push the p95 up by a round trip every few dozen reads
+            // while a node is slow, until hedges came too late to help. One the hedge did
+            // not make quick (the whole fleet is slow) records its time, so that the
+            // trigger rises with the fleet.
             if !groups[decoded.group].suspect {
-                let waited = if hedged { delay } else { started.elapsed() };
+                let elapsed = started.elapsed();
+                let waited = if hedged && elapsed <= 2 * delay + HEDGE_SLACK {
+                    delay
+                } else {
+                    elapsed
+                };
                 lock(&self.kth_arrivals).record(waited);
             }
             read.degraded = decoded.used.iter().any(|&i| i >= code.params.data());
@@ -977,6 +999,7 @@ impl Inner {
             mut answers,
             mut payloads,
             mut rest,
+            mut asked,
         } = heard;
         let Ok(frames) = self.frames(&name, &chunk, code) else {
             return;
@@ -988,14 +1011,17 @@ impl Inner {
             ranked = self.placement.rank(&name, code.params.total());
             answers.resize(ranked.len(), Answer::NotAsked);
             payloads.resize(ranked.len(), None);
+            asked.resize(ranked.len(), false);
         }
         let key: Arc<str> = name.to_hex().into();
         let deadline = tokio::time::Instant::now() + self.config.timeouts.shard.0.min(REST_WAIT);
         while let Ok(Some((rank, result))) = tokio::time::timeout_at(deadline, rest.next()).await {
             (answers[rank], payloads[rank]) = self.examine(&name, rank, &ranked, result);
         }
+        // Past the deadline nobody would hear the answers: no requests are sent.
         let mut asks: FuturesUnordered<RankedFetch> = (0..answers.len())
-            .filter(|&rank| answers[rank] == Answer::NotAsked && self.nodes[ranked[rank]].is_up())
+            .filter(|_| tokio::time::Instant::now() < deadline)
+            .filter(|&rank| !asked[rank] && self.nodes[ranked[rank]].is_up())
             .map(|rank| self.fetch(rank, ranked[rank], &key))
             .collect();
         while let Ok(Some((rank, result))) = tokio::time::timeout_at(deadline, asks.next()).await {
@@ -1202,7 +1228,9 @@ fn plan_writes(code: Code, answers: &[Answer]) -> Vec<(usize, u8)> {
         }
     }
     let mut spare = (0..total).filter(|&i| free[i]);
-    for rank in later {
+    // Ranks beyond the code's M are outside the chunk's placement (a wider reader): its
+    // readers never ask them.
+    for rank in later.into_iter().filter(|&rank| rank < total) {
         let Some(index) = spare.next() else { break };
         plan.push((rank, index as u8));
     }

@@ -12,10 +12,17 @@
 //! nodes while a background task probes the data path (a GET of the shard whose read
 //! failed last, answered with the shard or 404 through the node's index and device) with
 //! jittered exponential backoff, and marks the node up again when it answers: on trial,
-//! until a shard is read from it, so that one failed read sends it back down and its
-//! probes go on from where their backoff was. Writes count against
-//! a node's writes only: a PUT may wait seconds for the node to evict, and that says
-//! nothing about its reads. Nothing is written to a node for a second after it failed.
+//! until a read sent since is answered, so that one failed read sends it back down and
+//! its probes go on from where their backoff was. After three failed probes of that key,
+//! every other probe asks for a key no chunk has, so one key the node cannot serve does
+//! not keep it down. Writes count against a node's writes only: a PUT may wait seconds
+//! for the node to evict, and that says nothing about its reads. Nothing is written to a
+//! node for a second after it failed.
+//!
+//! A request has two clocks: the wait for one of the client's connections (over HTTP/2,
+//! one of the node's streams), which is the client's queue and ends as `NoConnection`,
+//! leaving the node's health alone; and the shard timeout from the moment hyper hands
+//! the request its connection.
 
 use std::{
     error::Error as StdError,
@@ -57,6 +64,11 @@ const WRITE_PAUSE: Duration = Duration::from_secs(1);
 /// First and longest wait between probes of a down node (before jitter).
 const PROBE_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Probes of a failed key before probes alternate with the key no chunk has.
+const DEEP_PROBES: u32 = 3;
+/// Requests in flight to one node over HTTP/2: the node's stream limit (its
+/// `max_concurrent_streams`). More would queue inside hyper, on the node's clock.
+const H2_STREAMS: usize = 64;
 /// The key probes ask for. Chunk names are 64 hexadecimal digits, so no shard is ever
 /// stored under it and a working node answers 404 from its shard path.
 pub const PROBE_KEY: &str = "slapshot-probe";
@@ -107,9 +119,14 @@ struct Health {
     /// The key of the last shard read that failed: probes ask for it, so that a node whose
     /// index answers but whose device does not stays down.
     probe_key: Option<Arc<str>>,
-    /// Back up after a probe, but no shard read has succeeded since: one failed read sends
-    /// it down again, and its probes go on from the backoff they had reached.
-    trial: bool,
+    /// Back up after a probe, since then, and no read sent since has been answered: one
+    /// failed read sent since sends it down again, and its probes go on from the backoff
+    /// they had reached. Reads sent before it went down do not count for or against it.
+    trial_since: Option<Instant>,
+    /// Probes of the failed key that failed in a row: past `DEEP_PROBES`, every other probe
+    /// asks for the key no chunk has, so that one key the node cannot serve (a bad
+    /// extent) does not keep it down; the trial then judges it by the next read.
+    probes_failed: u32,
     /// The wait before the next probe (doubling while probes fail, kept through a trial).
     backoff: Option<Duration>,
 }
@@ -126,6 +143,8 @@ pub struct Node {
     /// Shard GETs to this node in flight in their own tasks. Per node, so that a node
     /// that answers slowly holds only its own slots: reads keep binding to the others.
     detached: Arc<Semaphore>,
+    /// With HTTP/2, the node's streams: a request waits for one on the client's clock.
+    streams: Option<Semaphore>,
 }
 
 impl Node {
@@ -174,6 +193,9 @@ impl Node {
             detached: Arc::new(Semaphore::new(
                 (DETACHED_PER_CONNECTION * settings.max_connections).max(MIN_DETACHED),
             )),
+            streams: settings
+                .http2
+                .then(|| Semaphore::new(H2_STREAMS * settings.max_connections)),
             settings,
         })
     }
@@ -218,6 +240,20 @@ impl Node {
         timeout: Duration,
         limit: usize,
     ) -> Result<(StatusCode, Bytes), NodeError> {
+        // Two clocks: the wait for one of the client's connections (or, over HTTP/2, one
+        // of the node's streams), which is the client's queue; and from the moment hyper
+        // hands the request its connection and sends it, which is the node's time. Only
+        // the second is the node's to answer for. The first allows a connect begun at its
+        // end to finish (or fail, which is the node's).
+        let queue = tokio::time::sleep(timeout + self.settings.connect_timeout);
+        let mut queue = std::pin::pin!(queue);
+        let _stream = match &self.streams {
+            Some(streams) => tokio::select! {
+                stream = streams.acquire() => Some(stream.expect("never closed")),
+                () = &mut queue => return Err(NodeError::NoConnection),
+            },
+            None => None,
+        };
         let mut request = request;
         let mut sent = hyper_util::client::legacy::connect::capture_connection(&mut request);
         let exchange = async move {
@@ -225,13 +261,11 @@ impl Node {
             read_response(response, limit).await
         };
         let mut exchange = std::pin::pin!(exchange);
-        // Two clocks: the wait for one of the client's connections (the client's queue),
-        // and from the moment hyper hands the request its connection and sends it (the
-        // node's time). Only the second is the node's to answer for.
         tokio::select! {
+            biased;
             result = &mut exchange => return result,
             _ = sent.wait_for_connection_metadata() => {}
-            () = tokio::time::sleep(timeout) => return Err(NodeError::NoConnection),
+            () = &mut queue => return Err(NodeError::NoConnection),
         }
         tokio::time::timeout(timeout, exchange)
             .await
@@ -327,20 +361,21 @@ impl Node {
             Err(_) => inc(&m.shards_failed),
         }
         match &result {
-            Ok(found) => {
+            Ok(_) => {
                 let mut health = self.health();
                 health.consecutive_failures = 0;
-                // Bytes read back: the data path works, the trial is over.
-                if found.is_some() && health.trial {
-                    health.trial = false;
+                // A read sent since it came back was answered: the trial is over.
+                if health.trial_since.is_some_and(|since| started >= since) {
+                    health.trial_since = None;
                     health.backoff = None;
+                    health.probes_failed = 0;
                 }
             }
             Err(e) => {
                 if *e != NodeError::NoConnection {
                     self.health().probe_key = Some(key);
                 }
-                self.failed(e, true);
+                self.failed(e, Some(started));
             }
         }
         result
@@ -367,7 +402,7 @@ impl Node {
         };
         self.stats.latency.observe(started.elapsed());
         if let Err(e) = &result {
-            self.failed(e, false);
+            self.failed(e, None);
         }
         result
     }
@@ -383,8 +418,9 @@ impl Node {
         Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
     }
 
-    /// Notes a failed request: no writes for a while; for reads, toward being marked down.
-    fn failed(self: &Arc<Self>, error: &NodeError, read: bool) {
+    /// Notes a failed request: no writes for a while; for reads (`read_started` is when the
+    /// read was sent), toward being marked down.
+    fn failed(self: &Arc<Self>, error: &NodeError, read_started: Option<Instant>) {
         if *error == NodeError::NoConnection {
             // Never sent: the client's own queue, not the node, was slow.
             return;
@@ -397,10 +433,13 @@ impl Node {
                 // A refused or broken connection is unambiguous, whatever the request: the
                 // node is gone (or restarting), and the prober sees when it is back.
                 NodeError::Unreachable | NodeError::Transport(_) => !health.down,
-                _ if read => {
+                _ if read_started.is_some() => {
                     health.consecutive_failures += 1;
+                    let on_trial = health
+                        .trial_since
+                        .is_some_and(|since| read_started.is_some_and(|sent| sent >= since));
                     !health.down
-                        && (health.trial || health.consecutive_failures >= FAILURES_BEFORE_DOWN)
+                        && (on_trial || health.consecutive_failures >= FAILURES_BEFORE_DOWN)
                 }
                 _ => false,
             }
@@ -428,30 +467,36 @@ impl Node {
         tokio::spawn(probe_until_up(Arc::downgrade(self)));
     }
 
-    /// One probe: the shard path answers in time, for the key whose read failed last (a
-    /// shard, or a 404, read through the node's index and device), or for a key no chunk
-    /// has.
-    async fn probe(&self) -> bool {
-        let key = self
-            .health()
-            .probe_key
-            .clone()
-            .unwrap_or_else(|| PROBE_KEY.into());
+    /// One probe: whether the shard path answers in time, for the key whose read failed
+    /// last (a shard, or a 404, read through the node's index and device), or for a key no
+    /// chunk has; `None` if the client had no connection to send it on.
+    async fn probe(&self) -> Option<bool> {
+        let key = {
+            let health = self.health();
+            let deep = health.probes_failed < DEEP_PROBES || health.probes_failed % 2 == 0;
+            match &health.probe_key {
+                Some(key) if deep => key.clone(),
+                _ => PROBE_KEY.into(),
+            }
+        };
         let request = self.request(
             Method::GET,
             &format!("/v1/shards/{key}"),
             true,
             Bytes::new(),
         );
-        matches!(
-            self.exchange(
+        match self
+            .exchange(
                 request,
                 self.settings.shard_timeout,
-                self.settings.max_shard_len
+                self.settings.max_shard_len,
             )
-            .await,
-            Ok((StatusCode::NOT_FOUND | StatusCode::OK, _))
-        )
+            .await
+        {
+            Ok((StatusCode::NOT_FOUND | StatusCode::OK, _)) => Some(true),
+            Err(NodeError::NoConnection) => None,
+            _ => Some(false),
+        }
     }
 }
 
@@ -465,14 +510,15 @@ async fn probe_until_up(node: Weak<Node>) {
     loop {
         tokio::time::sleep(jitter(backoff)).await;
         let Some(node) = node.upgrade() else { return };
-        if node.probe().await {
+        let answered = node.probe().await;
+        if answered == Some(true) {
             {
                 let mut health = node.health();
                 health.down = false;
                 health.probing = false;
                 health.consecutive_failures = 0;
                 health.no_writes_until = None;
-                health.trial = true;
+                health.trial_since = Some(Instant::now());
                 // Should the trial fail, probing goes on from here, not from the start.
                 health.backoff = Some((backoff * 2).min(PROBE_BACKOFF_MAX));
             }
@@ -483,7 +529,12 @@ async fn probe_until_up(node: Weak<Node>) {
             tracing::info!(node = %node.id, addr = %node.addr, "node is back up");
             return;
         }
-        backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+        // A probe that found no connection (the client's own requests hold them all) says
+        // nothing of the node: the same wait again.
+        if answered == Some(false) {
+            node.health().probes_failed += 1;
+            backoff = (backoff * 2).min(PROBE_BACKOFF_MAX);
+        }
     }
 }
 
@@ -675,26 +726,30 @@ mod tests {
             NodeError::Status(507),
             NodeError::Timeout,
         ] {
-            node.failed(&error, false);
+            node.failed(&error, None);
         }
         assert!(node.is_up());
         assert!(!node.is_writable(), "writes pause after a failed write");
         // The same failures on reads do mark it down.
-        node.failed(&NodeError::Status(503), true);
+        node.failed(&NodeError::Status(503), Some(Instant::now()));
         assert!(node.is_up(), "one failure is not enough");
-        node.failed(&NodeError::Status(503), true);
+        node.failed(&NodeError::Status(503), Some(Instant::now()));
         assert!(!node.is_up());
     }
 
     #[tokio::test]
     async fn a_node_on_trial_goes_down_at_its_first_failed_read_and_waits_on() {
         let node = node();
+        let before = Instant::now();
         {
             let mut health = node.health();
-            health.trial = true;
+            health.trial_since = Some(Instant::now());
             health.backoff = Some(Duration::from_millis(800));
         }
-        node.failed(&NodeError::Status(500), true);
+        // A read sent before the node came back does not judge it.
+        node.failed(&NodeError::Timeout, Some(before));
+        assert!(node.is_up(), "an old read ended the trial");
+        node.failed(&NodeError::Status(500), Some(Instant::now()));
         assert!(!node.is_up(), "one failure on trial is enough");
         assert_eq!(
             node.health().backoff,
@@ -703,19 +758,19 @@ mod tests {
         );
         // A request never sent says nothing: it neither counts nor ends a trial.
         let other = super::tests::node();
-        other.health().trial = true;
-        other.failed(&NodeError::NoConnection, true);
+        other.health().trial_since = Some(Instant::now());
+        other.failed(&NodeError::NoConnection, Some(Instant::now()));
         assert!(other.is_up());
     }
 
     #[tokio::test]
     async fn a_success_between_failures_keeps_a_node_up() {
         let node = node();
-        node.failed(&NodeError::Timeout, true);
+        node.failed(&NodeError::Timeout, Some(Instant::now()));
         node.health().consecutive_failures = 0;
-        node.failed(&NodeError::Timeout, true);
+        node.failed(&NodeError::Timeout, Some(Instant::now()));
         assert!(node.is_up());
-        node.failed(&NodeError::Unreachable, false);
+        node.failed(&NodeError::Unreachable, None);
         assert!(!node.is_up(), "a refused connection marks down at once");
     }
 

@@ -188,7 +188,11 @@ async fn a_node_whose_reads_fail_is_marked_down_and_kept_down_by_probes() {
             !client.node_health()[2].1,
             "{probe:?}: a probe took it back"
         );
-        assert_eq!(get(&client.metrics().node_recoveries), 0, "{probe:?}");
+        // After three failed probes of the failed key, every other probe asks for one no
+        // chunk has, so that one bad key cannot keep a node down: the trial that follows
+        // sends it back down at its first read. Shallow probes alone took it back four
+        // times here.
+        assert!(get(&client.metrics().node_recoveries) <= 1, "{probe:?}");
     }
     assert_eq!(origin.gets(), 0);
 }
@@ -197,7 +201,9 @@ async fn a_node_whose_reads_fail_is_marked_down_and_kept_down_by_probes() {
 /// arrivals. After a warm-up on a quick fleet, one node turns slow (200 ms per request):
 /// reads that ask it among their first k hedge after about the learnt p95 and rebuild
 /// from parity, rather than wait for it; and the trigger stays near what it learnt
-/// instead of climbing with every hedged read.
+/// instead of climbing with every hedged read. Then the whole fleet turns slow (20 ms per
+/// request): hedges no longer make reads quick, and the trigger rises with the fleet
+/// instead of hedging every read at the old p95.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hedge_trigger_is_learnt_and_does_not_drift() {
     use std::sync::atomic::AtomicU64;
@@ -205,11 +211,14 @@ async fn the_hedge_trigger_is_learnt_and_does_not_drift() {
     let chunks = random_chunks(46, 60);
     let (writer, origin) = fleet.client();
     put_everywhere(&writer, &chunks).await;
-    let delay = Arc::new(AtomicU64::new(0));
+    let delays: Vec<Arc<AtomicU64>> = (0..5).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let delay = delays[0].clone();
     let mut config = fleet.config();
-    config.nodes[0].addr = support::slow_proxy_with(fleet.nodes[0].addr, delay.clone())
-        .await
-        .to_string();
+    for (node, delay) in delays.iter().enumerate() {
+        config.nodes[node].addr = support::slow_proxy_with(fleet.nodes[node].addr, delay.clone())
+            .await
+            .to_string();
+    }
     config.read.mode = slapshot_client::config::ReadMode::Hedged;
     config.read.hedge_delay = None;
     config.read.hedge_budget = 1.0;
@@ -231,10 +240,10 @@ async fn the_hedge_trigger_is_learnt_and_does_not_drift() {
         .cloned()
         .collect();
     assert!(slow_first.len() >= 20, "{} chunks", slow_first.len());
-    for _ in 0..5 {
+    for _ in 0..10 {
         read_all(&client, &slow_first).await;
     }
-    let reads = 5 * slow_first.len() as u64;
+    let reads = 10 * slow_first.len() as u64;
     // Each read that did not wait for the slow node rebuilt from the parity shard of the
     // fifth node. A few may have waited (a hiccup longer than the trigger elsewhere).
     let rebuilt = get(&m.degraded_rebuilds) - degraded;
@@ -244,10 +253,24 @@ async fn the_hedge_trigger_is_learnt_and_does_not_drift() {
     );
     let now = client.hedge_delay();
     assert!(
-        now <= learnt * 2 + Duration::from_millis(2),
+        now <= learnt * 2 + Duration::from_millis(5),
         "the trigger drifted from {learnt:?} to {now:?}"
     );
-    delay.store(0, Ordering::Relaxed);
+    // The whole fleet slow: the trigger follows it up.
+    for delay in &delays {
+        delay.store(20_000, Ordering::Relaxed);
+    }
+    for _ in 0..3 {
+        read_all(&client, &chunks).await;
+    }
+    let risen = client.hedge_delay();
+    assert!(
+        risen >= Duration::from_millis(15),
+        "the trigger stayed at {risen:?} on a fleet where every request takes 20 ms"
+    );
+    for delay in &delays {
+        delay.store(0, Ordering::Relaxed);
+    }
     assert_eq!(origin.gets(), 0);
 }
 
@@ -1331,7 +1354,7 @@ async fn two_codes_side_by_side() {
     assert_eq!(origin.gets(), 0);
 }
 
-/// Reads a chunk until a read's repair has written `shards` shards. A read decides on a
+/// Reads a chunk until reads' repairs have written `shards` shards. A read decides on a
 /// repair from the answers it has when it ends, so a 404 that comes after the k-th shard
 /// is acted on by a later read.
 async fn read_until_repaired(
@@ -1349,7 +1372,6 @@ async fn read_until_repaired(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if get(&m.fill_shards_written) >= written + shards {
-            assert_eq!(get(&m.fill_shards_written), written + shards);
             return;
         }
     }
