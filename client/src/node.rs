@@ -473,7 +473,7 @@ impl Node {
     async fn probe(&self) -> Option<bool> {
         let key = {
             let health = self.health();
-            let deep = health.probes_failed < DEEP_PROBES || health.probes_failed % 2 == 0;
+            let deep = health.probes_failed < DEEP_PROBES || health.probes_failed.is_multiple_of(2);
             match &health.probe_key {
                 Some(key) if deep => key.clone(),
                 _ => PROBE_KEY.into(),
