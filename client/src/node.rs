@@ -245,6 +245,7 @@ impl Node {
         // hands the request its connection and sends it, which is the node's time. Only
         // the second is the node's to answer for. The first allows a connect begun at its
         // end to finish (or fail, which is the node's).
+        // One timer for both clocks: reset when the request is sent.
         let queue = tokio::time::sleep(timeout + self.settings.connect_timeout);
         let mut queue = std::pin::pin!(queue);
         let _stream = match &self.streams {
@@ -267,9 +268,12 @@ impl Node {
             _ = sent.wait_for_connection_metadata() => {}
             () = &mut queue => return Err(NodeError::NoConnection),
         }
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or(Err(NodeError::Timeout))
+        queue.as_mut().reset(tokio::time::Instant::now() + timeout);
+        tokio::select! {
+            biased;
+            result = &mut exchange => result,
+            () = &mut queue => Err(NodeError::Timeout),
+        }
     }
 
     /// GET a shard: `Ok(None)` if the node does not have it. The request runs in a task of
