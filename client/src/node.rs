@@ -193,9 +193,8 @@ impl Node {
             detached: Arc::new(Semaphore::new(
                 (DETACHED_PER_CONNECTION * settings.max_connections).max(MIN_DETACHED),
             )),
-            streams: settings
-                .http2
-                .then(|| Semaphore::new(H2_STREAMS * settings.max_connections)),
+            // hyper carries every HTTP/2 request to a node on one connection.
+            streams: settings.http2.then(|| Semaphore::new(H2_STREAMS)),
             settings,
         })
     }

@@ -1132,6 +1132,50 @@ async fn requests_that_never_got_a_connection_do_not_mark_a_node_down() {
     assert_eq!(origin.gets(), 0);
 }
 
+/// Over HTTP/2 one connection carries every request to a node, which serves 64 streams at
+/// once. Here a node answers every shard request 600 ms late and a hundred reads ask it at
+/// once: the 36 beyond its streams wait for one on the client's clock, then have a full
+/// shard timeout (1 s) of their own. Before, they queued inside hyper's connection on the
+/// node's clock, timed out at 1 s though the node would have answered at 1.2 s, and
+/// marked it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_requests_waiting_for_a_stream_do_not_mark_a_node_down() {
+    use futures::StreamExt;
+    const READS: usize = 100;
+    let fleet = TestFleet::start_with(5, &["--fault-injection"]);
+    let chunks = random_chunks(47, READS);
+    let (writer, origin) = fleet.client();
+    put_everywhere(&writer, &chunks).await;
+    let set = fleet.nodes[0].client().request(
+        "PUT",
+        "/admin/faults",
+        &[],
+        b"delay-fraction=1\ndelay=fixed:600ms\n",
+    );
+    assert_eq!(set.status, 200, "{}", set.text());
+    let mut config = fleet.config();
+    config.connections.http2 = true;
+    config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_secs(1));
+    let (client, _) = fleet.client_with(config);
+    let reads = futures::stream::iter(chunks.iter().cloned())
+        .map(|(name, bytes)| {
+            let client = client.clone();
+            async move { assert_eq!(client.get_chunk(&name).await.unwrap(), bytes) }
+        })
+        .buffer_unordered(READS)
+        .count();
+    assert_eq!(reads.await, READS);
+    let m = client.metrics();
+    eventually("the slow node's answers", || {
+        get(&m.shards_ok) + get(&m.shards_timed_out) + get(&m.shards_absent) + get(&m.shards_failed)
+            >= 5 * READS as u64
+    })
+    .await;
+    assert_eq!(get(&m.nodes_down), 0, "a node that answers was marked down");
+    assert_eq!(get(&m.shards_timed_out), 0);
+    assert_eq!(origin.gets(), 0);
+}
+
 /// With two or more parity shards a repair must pick the index no node holds, which the
 /// read alone does not know: a hedged read hears from k + 1 nodes of 6. Shards here are
 /// laid out in reverse (rank i holds index 5 - i, as a placement change can leave them),

@@ -30,6 +30,11 @@ pub struct TestFleet {
 impl TestFleet {
     /// `n` nodes of 128 MiB each, one runtime thread per node.
     pub fn start(n: usize) -> TestFleet {
+        Self::start_with(n, &[])
+    }
+
+    /// The same, with extra flags for every node.
+    pub fn start_with(n: usize, extra: &[&str]) -> TestFleet {
         let dir = tempfile::tempdir().unwrap();
         let nodes = (0..n)
             .map(|i| {
@@ -44,7 +49,10 @@ impl TestFleet {
                         "8MiB",
                         "--threads",
                         "1",
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(extra.iter().copied())
+                    .collect::<Vec<_>>(),
                 )
             })
             .collect();
