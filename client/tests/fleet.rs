@@ -32,6 +32,37 @@ async fn put_everywhere(client: &slapshot_client::FleetClient, chunks: &[(ChunkN
     }
 }
 
+/// Reads `reads` chunks (cycling through `chunks`), `concurrency` at a time, checking
+/// each; returns how many were read.
+async fn read_concurrently(
+    client: &slapshot_client::FleetClient,
+    chunks: &[(ChunkName, Bytes)],
+    reads: usize,
+    concurrency: usize,
+) -> usize {
+    use futures::StreamExt;
+    futures::stream::iter(0..reads)
+        .map(|i| {
+            let client = client.clone();
+            let (name, bytes) = chunks[i % chunks.len()].clone();
+            async move { assert_eq!(client.get_chunk(&name).await.unwrap(), bytes) }
+        })
+        .buffer_unordered(concurrency)
+        .count()
+        .await
+}
+
+/// Waits until `requests` shard requests have ended, whatever their outcome (those that
+/// reads left behind end in their own tasks).
+async fn every_request_ended(client: &slapshot_client::FleetClient, requests: u64) {
+    let m = client.metrics();
+    eventually("every request to end", || {
+        get(&m.shards_ok) + get(&m.shards_timed_out) + get(&m.shards_absent) + get(&m.shards_failed)
+            >= requests
+    })
+    .await;
+}
+
 async fn read_all(client: &slapshot_client::FleetClient, chunks: &[(ChunkName, Bytes)]) {
     for (name, bytes) in chunks {
         let got = client
@@ -980,7 +1011,6 @@ async fn a_lying_shard_that_comes_first_never_costs_the_correct_ones() {
 /// read waited for a slot that never came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_node_holds_only_its_own_request_slots() {
-    use futures::StreamExt;
     const READS: usize = 1500;
     let fleet = TestFleet::start(5);
     let mut config = fleet.config();
@@ -994,17 +1024,7 @@ async fn a_slow_node_holds_only_its_own_request_slots() {
     let chunks = random_chunks(41, 10);
     let (writer, _) = fleet.client();
     put_everywhere(&writer, &chunks).await;
-    let reads = futures::stream::iter(0..READS)
-        .map(|i| {
-            let client = client.clone();
-            let (name, bytes) = chunks[i % chunks.len()].clone();
-            async move {
-                let got = client.get_chunk(&name).await.unwrap();
-                assert_eq!(got, bytes);
-            }
-        })
-        .buffer_unordered(64)
-        .count();
+    let reads = read_concurrently(&client, &chunks, READS, 64);
     let done = tokio::time::timeout(Duration::from_secs(60), reads).await;
     assert_eq!(
         done.ok(),
@@ -1096,7 +1116,6 @@ async fn the_wait_for_an_origin_permit_is_bounded() {
 /// down; now they are counted but leave its health alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_that_never_got_a_connection_do_not_mark_a_node_down() {
-    use futures::StreamExt;
     let fleet = TestFleet::start(5);
     let mut config = fleet.config();
     config.connections.max_per_node = 1;
@@ -1108,21 +1127,11 @@ async fn requests_that_never_got_a_connection_do_not_mark_a_node_down() {
     let chunks = random_chunks(44, 40);
     let (writer, _) = fleet.client();
     put_everywhere(&writer, &chunks).await;
-    let reads = futures::stream::iter(chunks.iter().cloned())
-        .map(|(name, bytes)| {
-            let client = client.clone();
-            async move { assert_eq!(client.get_chunk(&name).await.unwrap(), bytes) }
-        })
-        .buffer_unordered(40)
-        .count();
-    assert_eq!(reads.await, chunks.len());
+    let reads = read_concurrently(&client, &chunks, chunks.len(), 40).await;
+    assert_eq!(reads, chunks.len());
+    // The requests queued for the slow node end too (each within its clocks).
+    every_request_ended(&client, 5 * chunks.len() as u64).await;
     let m = client.metrics();
-    // Wait for the queued requests to the slow node to end (each within the timeout).
-    eventually("the queued requests", || {
-        get(&m.shards_ok) + get(&m.shards_timed_out) + get(&m.shards_absent) + get(&m.shards_failed)
-            >= 5 * chunks.len() as u64
-    })
-    .await;
     assert!(
         get(&m.shards_timed_out) > 0,
         "no request waited past the timeout"
@@ -1140,7 +1149,6 @@ async fn requests_that_never_got_a_connection_do_not_mark_a_node_down() {
 /// marked it down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http2_requests_waiting_for_a_stream_do_not_mark_a_node_down() {
-    use futures::StreamExt;
     const READS: usize = 100;
     let fleet = TestFleet::start_with(5, &["--fault-injection"]);
     let chunks = random_chunks(47, READS);
@@ -1157,20 +1165,12 @@ async fn over_http2_requests_waiting_for_a_stream_do_not_mark_a_node_down() {
     config.connections.http2 = true;
     config.timeouts.shard = slapshot_core::HumanDuration(Duration::from_secs(1));
     let (client, _) = fleet.client_with(config);
-    let reads = futures::stream::iter(chunks.iter().cloned())
-        .map(|(name, bytes)| {
-            let client = client.clone();
-            async move { assert_eq!(client.get_chunk(&name).await.unwrap(), bytes) }
-        })
-        .buffer_unordered(READS)
-        .count();
-    assert_eq!(reads.await, READS);
+    assert_eq!(
+        read_concurrently(&client, &chunks, READS, READS).await,
+        READS
+    );
+    every_request_ended(&client, 5 * READS as u64).await;
     let m = client.metrics();
-    eventually("the slow node's answers", || {
-        get(&m.shards_ok) + get(&m.shards_timed_out) + get(&m.shards_absent) + get(&m.shards_failed)
-            >= 5 * READS as u64
-    })
-    .await;
     assert_eq!(get(&m.nodes_down), 0, "a node that answers was marked down");
     assert_eq!(get(&m.shards_timed_out), 0);
     assert_eq!(origin.gets(), 0);
