@@ -275,10 +275,28 @@ fn umoci(args: &[&str]) {
 #[derive(Debug, PartialEq, Eq)]
 struct Entry {
     mode: String,
+    /// Links to a file (0 for a directory, whose count depends on how it is built).
+    nlink: u64,
     uid: u32,
     gid: u32,
     size: Option<u64>,
+    /// Modification time, whole seconds since the epoch.
+    mtime: i64,
     target: Option<String>,
+}
+
+/// Seconds since the epoch of `ls`'s UTC "YYYY-MM-DD HH:MM:SS" (days from the civil date,
+/// the inverse of what `ls` prints).
+fn epoch_seconds(date: &str, time: &str) -> i64 {
+    let d: Vec<i64> = date.split('-').map(|p| p.parse().unwrap()).collect();
+    let t: Vec<i64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+    let (year, month, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
+    let era = year.div_euclid(400);
+    let yoe = year - era * 400;
+    let doy = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]
 }
 
 fn parse_ls(listing: &str) -> BTreeMap<String, Entry> {
@@ -289,11 +307,11 @@ fn parse_ls(listing: &str) -> BTreeMap<String, Entry> {
             // split on whitespace for the first seven and keep the rest whole.
             let mut parts = line.split_whitespace();
             let mode = parts.next().unwrap().to_owned();
-            let _nlink = parts.next();
+            let nlink: u64 = parts.next().unwrap().parse().unwrap();
             let uid = parts.next().unwrap().parse().unwrap();
             let gid = parts.next().unwrap().parse().unwrap();
             let size = parts.next().unwrap();
-            let _date = parts.next();
+            let date = parts.next().unwrap();
             let time = parts.next().unwrap();
             let rest = &line[line.find(time).unwrap() + time.len() + 1..];
             let (path, target) = match rest.split_once(" -> ") {
@@ -304,10 +322,12 @@ fn parse_ls(listing: &str) -> BTreeMap<String, Entry> {
             (
                 path,
                 Entry {
+                    nlink: if mode.starts_with('d') { 0 } else { nlink },
                     mode,
                     uid,
                     gid,
                     size,
+                    mtime: epoch_seconds(date, time),
                     target,
                 },
             )
@@ -328,6 +348,8 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) {
             rel,
             Entry {
                 mode: mode_string(meta.mode()),
+                nlink: if meta.is_dir() { 0 } else { meta.nlink() },
+                mtime: meta.mtime(),
                 uid: meta.uid(),
                 gid: meta.gid(),
                 size: meta.is_file().then_some(meta.len()),
@@ -411,6 +433,9 @@ fn a_real_image_matches_umoci_unpack_file_by_file() {
         "--name",
         "host",
     ]);
+    // The date parser itself, on dates either side of a leap day.
+    assert_eq!(epoch_seconds("2000-03-01", "12:34:56"), 951_914_096);
+    assert_eq!(epoch_seconds("2024-02-29", "23:59:59"), 1_709_251_199);
     let listed = parse_ls(&String::from_utf8(env.ok(&["ls", "host"])).unwrap());
     let mut unpacked = BTreeMap::new();
     let check_root = check.join("rootfs");
