@@ -62,7 +62,19 @@ impl World {
     }
 
     fn slapshot(&self) -> Command {
-        let mut command = Command::new(slapshot_testkit::slapshot_binary());
+        self.slapshot_under(&[])
+    }
+
+    /// The binary started by `launcher` (a program and its arguments) if one is given.
+    fn slapshot_under(&self, launcher: &[&str]) -> Command {
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(slapshot_testkit::slapshot_binary());
+                command
+            }
+            None => Command::new(slapshot_testkit::slapshot_binary()),
+        };
         command
             .env_remove("SLAPSHOT_CONFIG")
             .env("XDG_RUNTIME_DIR", self.path("run"))
@@ -486,8 +498,8 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
     );
     slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices)).unwrap();
     let source = format!("oci:{}:host", layout.display());
-    let run_with = |flags: &[&str], script: &str| {
-        let mut command = world.slapshot();
+    let run_under = |launcher: &[&str], flags: &[&str], script: &str| {
+        let mut command = world.slapshot_under(launcher);
         command
             .args(["run", &source, "--cache-dir"])
             .arg(world.path("cache"))
@@ -496,6 +508,7 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
         command.args(["--", "/bin/sh", "-c", script]);
         command.output().unwrap()
     };
+    let run_with = |flags: &[&str], script: &str| run_under(&[], flags, script);
     let run = |script: &str| run_with(&[], script);
     // Flattened on first use, then output and exit code pass through.
     let out = run("cat /etc/motd; echo to-stderr >&2; exit 7");
@@ -529,9 +542,12 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "clean\n");
     // Isolation: the program is PID 1 of its own namespace (its /proc shows it, not the
     // host's init), a device node shipped in the image opens nothing, the capability
-    // bounding set is Docker's default, nothing is inheritable or ambient, and IPC and the
-    // host name are its own.
-    let out = run(
+    // bounding set is Docker's default, nothing is inheritable or ambient (though the
+    // agent was started with CAP_SYS_ADMIN inheritable, which exec would otherwise grant
+    // the program), and IPC and the host name are its own.
+    let out = run_under(
+        &["setpriv", "--inh-caps", "+sys_admin"],
+        &[],
         "head -c 7 /proc/1/cmdline; echo; (head -c 1 /x-null >/dev/null 2>&1 && echo opened) || echo refused; \
          while read key value; do case $key in CapBnd:|CapInh:|CapAmb:) echo $key $value;; esac; done < /proc/self/status; \
          for ns in ipc uts net; do echo $ns $(stat -L -c %i /proc/self/ns/$ns); done",
