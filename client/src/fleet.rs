@@ -551,12 +551,7 @@ impl Inner {
                         // The k-th shard is later than it is in 95% of reads: ask for the
                         // missing ones elsewhere, one token per request.
                         hedge_at = None;
-                        let have = groups
-                            .iter()
-                            .filter(|g| g.code.params == self.code && !g.suspect)
-                            .map(Group::distinct)
-                            .max()
-                            .unwrap_or(0);
+                        let have = self.own_shards(&groups);
                         hedged = self.hedge(k.saturating_sub(have), &mut reserve, &mut pending, ranked, &key) > 0;
                         continue;
                     }
@@ -663,15 +658,21 @@ impl Inner {
         read
     }
 
-    /// Whether `outstanding` more shards could still complete a decode: of our own code
-    /// (from none, or from what it has), or of a code already met in this read.
-    fn may_complete(&self, groups: &[Group], outstanding: usize) -> bool {
-        let own = groups
+    /// The most distinct shards a group of our own code holds that is not suspect: how far
+    /// the read is from its k.
+    fn own_shards(&self, groups: &[Group]) -> usize {
+        groups
             .iter()
             .filter(|g| g.code.params == self.code && !g.suspect)
             .map(Group::distinct)
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+    }
+
+    /// Whether `outstanding` more shards could still complete a decode: of our own code
+    /// (from none, or from what it has), or of a code already met in this read.
+    fn may_complete(&self, groups: &[Group], outstanding: usize) -> bool {
+        let own = self.own_shards(groups);
         // A suspect group has its k indices: any further shard opens new subsets.
         own + outstanding >= self.code.data()
             || groups.iter().any(|g| {

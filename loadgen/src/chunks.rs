@@ -115,16 +115,8 @@ pub async fn read_chunks(
             {
                 let name = names[rng.below(names.len() as u64) as usize];
                 let started = Instant::now();
-                match client.get_chunk(&name).await {
-                    Ok(bytes) => {
-                        recorder.success(started.elapsed(), bytes.len() as u64);
-                        live.count(true, bytes.len() as u64);
-                    }
-                    Err(e) => {
-                        recorder.error(started.elapsed(), error_kind(&e));
-                        live.count(false, 0);
-                    }
-                }
+                let result = client.get_chunk(&name).await;
+                record(&mut recorder, &live, started.elapsed(), &result);
             }
             recorder
         });
@@ -170,22 +162,32 @@ async fn read_chunks_paced(
             async move {
                 let result = client.get_chunk(&name).await;
                 let mut recorder = recorder.lock().unwrap_or_else(|e| e.into_inner());
-                match result {
-                    Ok(bytes) => {
-                        recorder.success(due.elapsed(), bytes.len() as u64);
-                        live.count(true, bytes.len() as u64);
-                    }
-                    Err(e) => {
-                        recorder.error(due.elapsed(), error_kind(&e));
-                        live.count(false, 0);
-                    }
-                }
+                record(&mut recorder, &live, due.elapsed(), &result);
             }
         })
         .await;
     timer.abort();
     let recorder = std::mem::take(&mut *recorder.lock().unwrap_or_else(|e| e.into_inner()));
     (recorder, paced)
+}
+
+/// One read's outcome, in the run's recorder and on the live progress line.
+fn record(
+    recorder: &mut Recorder,
+    live: &Live,
+    elapsed: std::time::Duration,
+    result: &Result<bytes::Bytes, ChunkError>,
+) {
+    match result {
+        Ok(bytes) => {
+            recorder.success(elapsed, bytes.len() as u64);
+            live.count(true, bytes.len() as u64);
+        }
+        Err(e) => {
+            recorder.error(elapsed, error_kind(e));
+            live.count(false, 0);
+        }
+    }
 }
 
 pub fn error_kind(e: &ChunkError) -> &'static str {
