@@ -268,6 +268,38 @@ fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs at least 5 nodes"));
 }
 
+/// Nodes write out their whole capacity when they format; a fleet that cannot fit says so
+/// with the numbers before it starts any node, instead of nodes dying on a full disk (whose
+/// logs, on that same disk, may then stay empty).
+#[test]
+fn fleet_up_refuses_a_capacity_the_disk_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(slapshot_bin())
+        .args([
+            "fleet",
+            "up",
+            "--nodes",
+            "5",
+            "--capacity",
+            "4000TiB",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("5 nodes of 4000TiB need") && stderr.contains("free"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("node-0").exists(),
+        "a node was started: {stderr}"
+    );
+}
+
 #[test]
 fn the_demo_runs_clean() {
     let dir = tempfile::tempdir().unwrap();

@@ -81,7 +81,7 @@ async fn image_demo(dir: &Path) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let up = UpArgs::local(dir.join("fleet"));
+    let up = UpArgs::demo(dir.join("fleet"));
     println!(
         "starting a fleet of 5 slapshot-server nodes (4-of-5) under {}",
         up.dir.display()

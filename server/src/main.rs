@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,7 +9,7 @@ fn main() -> ExitCode {
     let config = match ServerConfig::resolve(Options::parse()) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("slapshot-server: {e:#}");
+            report(&e);
             return ExitCode::from(2);
         }
     };
@@ -24,10 +25,17 @@ fn main() -> ExitCode {
     match slapshot_server::node::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, each cause once (anyhow's `{:#}` walks the sources; the library's
-            // messages leave their causes to it).
-            eprintln!("slapshot-server: {e:#}");
+            report(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the error that stops the node: one line, each cause once (anyhow's `{:#}` walks
+/// the sources; the library's messages leave their causes to it).
+///
+/// Not `eprintln!`: when stderr is a log file on a full disk (the very error being reported,
+/// often) it panics, and the node would exit with a panic's status and no message at all.
+fn report(error: &anyhow::Error) {
+    let _ = writeln!(std::io::stderr(), "slapshot-server: {error:#}");
 }

@@ -35,6 +35,24 @@ fn refused(args: &[&str]) -> Output {
     output
 }
 
+/// A node whose stderr cannot be written (its log on a full disk) still exits with its
+/// own failure status, not a panic's 101 from the report of the error.
+#[test]
+fn a_failure_with_an_unwritable_stderr_is_still_a_failure_not_a_panic() {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let status = Command::new(server_binary())
+        .args(["--data-dir", "/proc/nope", "--capacity", "64MiB"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+}
+
 #[test]
 fn an_error_names_each_cause_once() {
     let output = refused(&["--data-dir", "/proc/nope"]);

@@ -32,7 +32,7 @@ pub struct DemoArgs {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tmp = tempfile_dir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.clone());
-    let up = UpArgs::local(dir.clone());
+    let up = UpArgs::demo(dir.clone());
     println!(
         "starting a fleet of 5 slapshot-server nodes (4-of-5) under {}",
         dir.display()

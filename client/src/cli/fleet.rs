@@ -52,8 +52,17 @@ pub struct UpArgs {
 }
 
 impl UpArgs {
-    /// The small local fleet the demos and experiments start: 5 one-thread nodes of
-    /// 512 MiB under `dir`, 4-of-5, free ports, the server found as usual.
+    /// The fleet a demo starts: `local`'s, with nodes of 256 MiB, several times what either
+    /// demo stores, so that a demo needs little disk (each node writes out its capacity).
+    pub fn demo(dir: PathBuf) -> Self {
+        Self {
+            capacity: ByteSize::mib(256),
+            ..Self::local(dir)
+        }
+    }
+
+    /// The small local fleet the experiments start: 5 one-thread nodes of 512 MiB under
+    /// `dir`, 4-of-5, free ports, the server found as usual.
     pub fn local(dir: PathBuf) -> Self {
         Self {
             nodes: 5,
@@ -203,6 +212,7 @@ impl LocalFleet {
         let server = find_server_binary(args.server_bin.as_deref())?;
         std::fs::create_dir_all(&args.dir)
             .with_context(|| format!("cannot create {}", args.dir.display()))?;
+        check_free_space(args)?;
 
         let mut nodes = Vec::with_capacity(args.nodes);
         let configs = match start_nodes(args, &server, &mut nodes).await {
@@ -351,8 +361,53 @@ async fn start_nodes(
 
 fn log_tail(dir: &Path) -> String {
     let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    if log.trim().is_empty() {
+        return "(empty: the node could not even report why; a full disk does that)".to_owned();
+    }
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Refuses to start nodes whose store files cannot fit on DIR's filesystem.
+///
+/// Each node reserves and writes out its whole capacity when it formats. On a disk without
+/// room that fails, and then the node's own log, on the same full disk, may stay empty: say
+/// it here, with the numbers, before starting anything. Space a node's existing store
+/// already holds counts as available to it.
+fn check_free_space(args: &UpArgs) -> anyhow::Result<()> {
+    let stat = nix::sys::statvfs::statvfs(&args.dir)
+        .with_context(|| format!("cannot read the free space of {}", args.dir.display()))?;
+    let available = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let needed: u64 = (0..args.nodes)
+        .map(|i| {
+            let held = allocated_bytes(&args.dir.join(format!("node-{i}")).join("data"));
+            args.capacity.bytes().saturating_sub(held)
+        })
+        .sum();
+    if needed > available {
+        bail!(
+            "{} nodes of {} need {} more on {}, which has {} free; pass a smaller --capacity or another --dir",
+            args.nodes,
+            args.capacity,
+            super::image::human(needed),
+            args.dir.display(),
+            super::image::human(available)
+        );
+    }
+    Ok(())
+}
+
+/// Bytes allocated to the files directly in `dir` (0 if it does not exist).
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .filter(|metadata| metadata.is_file())
+        .map(|metadata| metadata.blocks() * 512)
+        .sum()
 }
 
 /// Waits for Ctrl-C, SIGTERM, or a node exiting on its own.
