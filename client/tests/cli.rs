@@ -300,18 +300,22 @@ fn fleet_up_refuses_a_capacity_the_disk_cannot_hold() {
     );
 }
 
+/// The demo runs, and leaves nothing behind in the temporary directory: neither its own
+/// files nor those of an earlier demo that was killed. A directory of a live process stays.
 #[test]
 fn the_demo_runs_clean() {
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let killed_demo = tmp.path().join(format!("slapshot-demo-{}", gone.id()));
+    let live_demo = tmp.path().join(format!("slapshot-demo-{}", std::process::id()));
+    for dir in [&killed_demo, &live_demo] {
+        std::fs::create_dir_all(dir.join("node-0")).unwrap();
+        std::fs::write(dir.join("node-0/server.log"), "left behind").unwrap();
+    }
     let output = Command::new(slapshot_bin())
-        .args([
-            "demo",
-            "--chunks",
-            "--chunk-count",
-            "24",
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ])
+        .args(["demo", "--chunks", "--chunk-count", "24"])
+        .env("TMPDIR", tmp.path())
         .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
         .output()
         .unwrap();
@@ -325,6 +329,11 @@ fn the_demo_runs_clean() {
         stdout.contains("every chunk read matched its name"),
         "{stdout}"
     );
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![live_demo]);
 }
 
 /// Every cause of an error is printed once: an error that shows its cause in its message

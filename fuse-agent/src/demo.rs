@@ -19,7 +19,7 @@ use anyhow::Context;
 use clap::Parser;
 use slapshot_client::{
     cli::{
-        demo::tempfile_dir,
+        demo::DemoDir,
         fleet::{LocalFleet, UpArgs},
         image::{FlattenArgs, flatten_image},
     },
@@ -58,13 +58,8 @@ pub async fn demo(args: ImageDemoArgs) -> anyhow::Result<()> {
     if args.chunks {
         return slapshot_client::cli::demo::run(args.chunk_demo).await;
     }
-    let tmp = tempfile_dir()?;
-    let dir = args.chunk_demo.dir.clone().unwrap_or_else(|| tmp.clone());
-    let result = image_demo(&dir).await;
-    if args.chunk_demo.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    let dir = DemoDir::new(args.chunk_demo.dir.as_deref())?;
+    image_demo(dir.path()).await
 }
 
 async fn image_demo(dir: &Path) -> anyhow::Result<()> {

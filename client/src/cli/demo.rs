@@ -5,7 +5,10 @@
 //! chunk comes from the origin and is written back as shards), from the warm fleet, and
 //! with one node killed (-9), which must cost nothing: no origin fetch, no failed read.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, ensure};
 use slapshot_core::{CHUNK_SIZE, ChunkName, Salt, chunk::seal};
@@ -30,19 +33,15 @@ pub struct DemoArgs {
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let tmp = tempfile_dir()?;
-    let dir = args.dir.clone().unwrap_or_else(|| tmp.clone());
-    let up = UpArgs::demo(dir.clone());
+    let dir = DemoDir::new(args.dir.as_deref())?;
+    let up = UpArgs::demo(dir.path().to_owned());
     println!(
         "starting a fleet of 5 slapshot-server nodes (4-of-5) under {}",
-        dir.display()
+        dir.path().display()
     );
     let mut fleet = LocalFleet::start(&up).await?;
     let result = demo(&args, &mut fleet).await;
     fleet.stop().await;
-    if args.dir.is_none() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
     result
 }
 
@@ -167,9 +166,61 @@ impl Snapshot {
     }
 }
 
-/// A fresh directory under the system's temporary directory.
-pub fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("slapshot-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// Where a demo keeps its files: the `--dir` given, kept; or a fresh directory under the
+/// system's temporary directory, removed when the demo ends, whether it succeeded or not.
+pub struct DemoDir {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl DemoDir {
+    pub fn new(given: Option<&Path>) -> anyhow::Result<Self> {
+        let (path, temporary) = match given {
+            Some(dir) => (dir.to_owned(), false),
+            None => {
+                remove_leftovers();
+                let name = format!("{TEMP_PREFIX}{}", std::process::id());
+                (std::env::temp_dir().join(name), true)
+            }
+        };
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self { path, temporary })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+const TEMP_PREFIX: &str = "slapshot-demo-";
+
+/// Removes the temporary directories of demos whose process is gone (killed with -9, or
+/// the machine lost power): each holds a fleet's store files, a GiB or more.
+fn remove_leftovers() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(TEMP_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A live process with that id (even another program) keeps its directory.
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
