@@ -42,7 +42,7 @@ use crate::{
     config::{ConfigError, FleetConfig, ReadMode},
     hedge::{LatencyWindow, TokenBucket},
     metrics::{ClientMetrics, inc},
-    node::{Node, NodeError, NodeSettings},
+    node::{Node, NodeError, NodeSettings, PutDone, PutMode},
     origin::{Origin, open_origin_with},
 };
 
@@ -129,8 +129,11 @@ enum Answer {
     NotAsked,
     /// A valid shard of this chunk: its code and index.
     Shard(Code, u8),
-    /// 404, a shard that failed verification, or another chunk's shard: a place to write.
+    /// 404: the node holds nothing under the name, a place to write (if it still holds
+    /// nothing when the write arrives: another client may have written there meanwhile).
     Missing,
+    /// A shard that failed verification, or another chunk's: a place to write, over it.
+    Bad,
     /// An error or a timeout: the node may be fine, but we learnt nothing, and nothing is
     /// written to it.
     Failed,
@@ -463,10 +466,14 @@ impl FleetClient {
         let code = inner.own_code(chunk.len())?;
         let frames = inner.frames(name, chunk.bytes(), code)?;
         let ranked = inner.placement.rank(name, inner.code.total());
-        let targets: Vec<(usize, u8)> = ranked
+        let targets: Vec<Target> = ranked
             .iter()
             .enumerate()
-            .map(|(rank, &node)| (node, rank as u8))
+            .map(|(rank, &node)| Target {
+                node,
+                index: rank as u8,
+                mode: PutMode::Always,
+            })
             .collect();
         let report = inner.put_frames(name, &frames, &targets).await;
         let written = report.written;
@@ -485,12 +492,22 @@ impl FleetClient {
     }
 }
 
+/// One shard PUT of a batch: shard `index` to node `node`.
+struct Target {
+    node: usize,
+    index: u8,
+    mode: PutMode,
+}
+
 /// What a batch of PUTs did.
+#[derive(Default)]
 struct WriteReport {
     written: usize,
     failed: usize,
     /// Not tried: the node was down or had just failed.
     skipped: usize,
+    /// Create-only PUTs refused because the node had a shard under the name by then.
+    taken: usize,
 }
 
 impl Inner {
@@ -778,12 +795,12 @@ impl Inner {
                 inc(&self.metrics.corrupt_shards);
                 inc(&self.metrics.foreign_shards);
                 tracing::warn!(chunk = %name, node = %node, "a node holds another chunk's shard under this name");
-                (Answer::Missing, None)
+                (Answer::Bad, None)
             }
             Err(e) => {
                 inc(&self.metrics.corrupt_shards);
                 tracing::warn!(chunk = %name, node = %node, error = %e, "shard failed verification");
-                (Answer::Missing, None)
+                (Answer::Bad, None)
             }
         }
     }
@@ -1036,16 +1053,27 @@ impl Inner {
                 inc(&self.metrics.corrupt_shards);
                 let node = &self.nodes[ranked[rank]].id;
                 tracing::warn!(chunk = %name, node = %node, index, "a shard with a valid frame holds other bytes");
-                answers[rank] = Answer::Missing;
+                answers[rank] = Answer::Bad;
             }
         }
         let plan = plan_writes(code, &answers);
         if plan.is_empty() {
             return;
         }
-        let targets: Vec<(usize, u8)> = plan
+        // Where the node said 404, the write is create-only: what another client wrote
+        // there since (a shard of its code, in a rollout) stays. Everywhere else the plan
+        // means to replace what the node holds.
+        let targets: Vec<Target> = plan
             .iter()
-            .map(|&(rank, index)| (ranked[rank], index))
+            .map(|&(rank, index)| Target {
+                node: ranked[rank],
+                index,
+                mode: if answers[rank] == Answer::Missing {
+                    PutMode::IfAbsent
+                } else {
+                    PutMode::Always
+                },
+            })
             .collect();
         let report = self.put_frames(&name, &frames, &targets).await;
         let m = &self.metrics;
@@ -1055,7 +1083,9 @@ impl Inner {
             .fetch_add(report.failed as u64, Ordering::Relaxed);
         m.fill_shards_skipped
             .fetch_add(report.skipped as u64, Ordering::Relaxed);
-        tracing::debug!(chunk = %name, written = report.written, failed = report.failed, skipped = report.skipped, "shards written back");
+        m.fill_shards_taken
+            .fetch_add(report.taken as u64, Ordering::Relaxed);
+        tracing::debug!(chunk = %name, written = report.written, failed = report.failed, skipped = report.skipped, taken = report.taken, "shards written back");
     }
 
     /// The framed shards of a chunk in `code`.
@@ -1076,33 +1106,37 @@ impl Inner {
             .collect())
     }
 
-    /// PUTs shard `index` to node `node` for every target, concurrently. Nodes that are
-    /// down or have just failed are not tried.
+    /// PUTs each target's shard to its node, concurrently. Nodes that are down or have
+    /// just failed are not tried.
     async fn put_frames(
         &self,
         name: &ChunkName,
         frames: &[Bytes],
-        targets: &[(usize, u8)],
+        targets: &[Target],
     ) -> WriteReport {
         let key = name.to_hex();
         let timeout = self.config.timeouts.put.0;
-        let puts = targets.iter().map(|&(node, index)| {
+        let puts = targets.iter().map(|target| {
             let key = &key;
             async move {
-                let node = &self.nodes[node];
+                let node = &self.nodes[target.node];
                 if !node.is_writable() {
                     return None;
                 }
-                let frame = frames[usize::from(index)].clone();
-                Some(node.put_shard(key, frame, timeout).await.is_ok())
+                let frame = frames[usize::from(target.index)].clone();
+                Some(node.put_shard(key, frame, target.mode, timeout).await)
             }
         });
-        let results = futures::future::join_all(puts).await;
-        WriteReport {
-            written: results.iter().filter(|r| **r == Some(true)).count(),
-            failed: results.iter().filter(|r| **r == Some(false)).count(),
-            skipped: results.iter().filter(|r| r.is_none()).count(),
+        let mut report = WriteReport::default();
+        for result in futures::future::join_all(puts).await {
+            match result {
+                Some(Ok(PutDone::Written)) => report.written += 1,
+                Some(Ok(PutDone::Taken)) => report.taken += 1,
+                Some(Err(_)) => report.failed += 1,
+                None => report.skipped += 1,
+            }
         }
+        report
     }
 }
 
@@ -1138,7 +1172,7 @@ fn wants_repair(code: Code, answers: &[Answer]) -> bool {
     let mut wanted = false;
     for answer in answers {
         match *answer {
-            Answer::Missing => wanted = true,
+            Answer::Missing | Answer::Bad => wanted = true,
             Answer::Shard(c, index) if c == code => wanted |= !held.insert(index),
             _ => {}
         }
@@ -1177,7 +1211,7 @@ fn plan_writes(code: Code, answers: &[Answer]) -> Vec<(usize, u8)> {
                     held[index] = true;
                 }
             }
-            Answer::Missing => targets.push(rank),
+            Answer::Missing | Answer::Bad => targets.push(rank),
             _ => {}
         }
     }

@@ -73,6 +73,9 @@ pub struct ClientMetrics {
     pub fill_shards_failed: AtomicU64,
     /// Shards not written because their node was down or had just failed.
     pub fill_shards_skipped: AtomicU64,
+    /// Shards not written to a node that had answered 404 because it held one by the
+    /// time the write came (another client filled it, perhaps in another code).
+    pub fill_shards_taken: AtomicU64,
     /// Fills and repairs not started because one already runs for the chunk.
     pub background_dropped_busy: AtomicU64,
     /// Fills and repairs not started because the background bounds were full.
@@ -256,6 +259,7 @@ impl ClientMetrics {
             ("written", &self.fill_shards_written),
             ("failed", &self.fill_shards_failed),
             ("skipped", &self.fill_shards_skipped),
+            ("taken", &self.fill_shards_taken),
         ] {
             sample(
                 w,

@@ -79,6 +79,23 @@ const MIN_DETACHED: usize = 64;
 /// Responses to `get_text` (health, metrics) are cut at this size.
 const TEXT_LIMIT: usize = 16 << 20;
 
+/// Whether a shard PUT may replace what the node holds under the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    Always,
+    /// Create-only (`If-None-Match: *`): for a node that said it holds nothing, so that a
+    /// shard another client wrote there since is kept.
+    IfAbsent,
+}
+
+/// What a shard PUT that did not fail did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutDone {
+    Written,
+    /// Create-only, and the node holds a shard under the name (or is storing one).
+    Taken,
+}
+
 /// How to reach and judge nodes; the same for every node of a fleet.
 #[derive(Debug, Clone)]
 pub struct NodeSettings {
@@ -390,16 +407,22 @@ impl Node {
         self: &Arc<Self>,
         key: &str,
         body: Bytes,
+        mode: PutMode,
         timeout: Duration,
-    ) -> Result<(), NodeError> {
+    ) -> Result<PutDone, NodeError> {
         let started = Instant::now();
         let crc = crc32fast::hash(&body);
         let mut request = self.request(Method::PUT, &format!("/v1/shards/{key}"), true, body);
-        request
-            .headers_mut()
-            .insert(slapshot_core::CRC_HEADER, HeaderValue::from(crc));
+        let headers = request.headers_mut();
+        headers.insert(slapshot_core::CRC_HEADER, HeaderValue::from(crc));
+        if mode == PutMode::IfAbsent {
+            headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
+        }
         let result = match self.exchange(request, timeout, TEXT_LIMIT).await {
-            Ok((StatusCode::CREATED | StatusCode::NO_CONTENT, _)) => Ok(()),
+            Ok((StatusCode::CREATED | StatusCode::NO_CONTENT, _)) => Ok(PutDone::Written),
+            Ok((StatusCode::PRECONDITION_FAILED, _)) if mode == PutMode::IfAbsent => {
+                Ok(PutDone::Taken)
+            }
             Ok((status, _)) => Err(NodeError::Status(status.as_u16())),
             Err(e) => Err(e),
         };

@@ -308,7 +308,9 @@ fn the_demo_runs_clean() {
     let mut gone = Command::new("true").spawn().unwrap();
     gone.wait().unwrap();
     let killed_demo = tmp.path().join(format!("slapshot-demo-{}", gone.id()));
-    let live_demo = tmp.path().join(format!("slapshot-demo-{}", std::process::id()));
+    let live_demo = tmp
+        .path()
+        .join(format!("slapshot-demo-{}", std::process::id()));
     for dir in [&killed_demo, &live_demo] {
         std::fs::create_dir_all(dir.join("node-0")).unwrap();
         std::fs::write(dir.join("node-0/server.log"), "left behind").unwrap();

@@ -1398,6 +1398,53 @@ async fn two_codes_side_by_side() {
     assert_eq!(origin.gets(), 0);
 }
 
+/// A fill writes only where nodes said 404, and only if they still hold nothing when the
+/// write arrives: a shard another client of another code wrote there in between is kept.
+/// The node holds the fill's PUT (before its check) until the other client has written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_never_overwrites_a_shard_written_after_its_read() {
+    let mut fleet = TestFleet::start(6);
+    let (old, origin) = fleet.client(); // 4-of-5, XOR
+    let chunks = random_chunks(31, 1);
+    put_in_origin(&old, &chunks).await;
+    let (name, bytes) = &chunks[0];
+    let first = TestFleet::index(old.placement(name)[0]);
+    let node = &mut fleet.nodes[first];
+    node.terminate();
+    node.set_env(&[(
+        "SLAPSHOT_TEST_HOOKS",
+        &format!("put.before_check@{name}=delay:2000*1"),
+    )]);
+    node.restart();
+    let mut config = fleet.config();
+    config.total_shards = 6; // 4-of-6, GF(2^8)
+    let (new, _) = fleet.client_with(config);
+
+    assert_eq!(&old.get_chunk(name).await.unwrap(), bytes);
+    assert_eq!(origin.gets(), 1);
+    let held = &fleet.nodes[first];
+    eventually("the fill's PUT held by the node", || {
+        held.log().contains("test hook fired")
+    })
+    .await;
+    let sealed = SealedChunk::assume_sealed(bytes.clone());
+    assert_eq!(new.put_chunk(&sealed).await.unwrap().written, 6);
+    let m = old.metrics();
+    eventually("the fill's end", || {
+        get(&m.fill_shards_written) + get(&m.fill_shards_taken) == 5
+    })
+    .await;
+    assert_eq!(get(&m.fill_shards_taken), 1);
+    let got = held.client().get(&format!("/v1/shards/{name}"));
+    assert_eq!(got.status, 200);
+    let (header, _) = shard_frame::parse(&got.body).unwrap();
+    assert_eq!(
+        (header.params.data, header.params.total),
+        (4, 6),
+        "the fill overwrote the other code's shard"
+    );
+}
+
 /// Reads a chunk until reads' repairs have written `shards` shards. A read decides on a
 /// repair from the answers it has when it ends, so a 404 that comes after the k-th shard
 /// is acted on by a later read.

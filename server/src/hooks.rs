@@ -25,6 +25,9 @@ use std::{
 /// Where a hook can fire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    /// A PUT's body has arrived; its sequence number (and a create-only PUT's check) is
+    /// still to come.
+    PutBeforeCheck,
     /// A PUT's record is written, not yet durable or indexed.
     PutAfterWrite,
     /// A PUT is indexed and about to be acknowledged.
@@ -42,7 +45,8 @@ pub enum Hook {
 }
 
 impl Hook {
-    const ALL: [Hook; 7] = [
+    const ALL: [Hook; 8] = [
+        Hook::PutBeforeCheck,
         Hook::PutAfterWrite,
         Hook::PutAfterIndex,
         Hook::DeleteAfterUnindex,
@@ -54,6 +58,7 @@ impl Hook {
 
     pub fn name(self) -> &'static str {
         match self {
+            Hook::PutBeforeCheck => "put.before_check",
             Hook::PutAfterWrite => "put.after_write",
             Hook::PutAfterIndex => "put.after_index",
             Hook::DeleteAfterUnindex => "delete.after_unindex",

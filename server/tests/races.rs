@@ -108,9 +108,14 @@ fn start_put(node: &TestNode, key: &str, data: &[u8]) -> TcpStream {
     stream
 }
 
+/// The status of the answer on `stream`: its first line is enough (the connection stays
+/// open for more requests, so reading to its end would wait for the idle timeout).
 fn status_of(mut stream: TcpStream) -> Option<u16> {
     let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") && stream.read(&mut byte).ok()? == 1 {
+        reply.push(byte[0]);
+    }
     let reply = String::from_utf8_lossy(&reply);
     reply.split_whitespace().nth(1).and_then(|s| s.parse().ok())
 }
@@ -240,6 +245,68 @@ fn two_puts_of_one_key_agree_before_and_after_kill_9() {
     assert!(
         after == before,
         "the node served one version before the crash and another after"
+    );
+}
+
+fn put_if_absent(node: &TestNode, key: &str, data: &[u8]) -> u16 {
+    node.client()
+        .request(
+            "PUT",
+            &format!("/v1/shards/{key}"),
+            &[("if-none-match", "*")],
+            data,
+        )
+        .status
+}
+
+/// A create-only PUT (`If-None-Match: *`) never replaces a stored version, and is refused
+/// while another PUT of its key is in flight: that PUT took a lower sequence number, so
+/// had the create committed first, the live node would serve the other version (committed
+/// last) and recovery the create's (the higher number).
+#[test]
+fn a_create_only_put_never_replaces_a_stored_or_arriving_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start(dir.path(), &[], "put.after_write@inflight=delay:1500*1");
+    let a = Rng::new(7).bytes(64 * 1024);
+    let b = Rng::new(8).bytes(64 * 1024);
+
+    assert_eq!(put_if_absent(&node, "absent", &a), 201);
+    assert_eq!(put_if_absent(&node, "absent", &b), 412);
+    assert_eq!(
+        get(&node, "absent").1,
+        a,
+        "a create-only PUT replaced a shard"
+    );
+    let refused = node.client().request(
+        "PUT",
+        "/v1/shards/absent",
+        &[("if-none-match", "\"v1\"")],
+        &b,
+    );
+    assert_eq!(refused.status, 400, "{}", refused.text());
+
+    let first = start_put(&node, "inflight", &a);
+    wait_for_hook(&node, "put.after_write");
+    assert_eq!(
+        put_if_absent(&node, "inflight", &b),
+        412,
+        "a create-only PUT went ahead while another PUT of the key was being written"
+    );
+    assert_eq!(status_of(first), Some(201));
+    assert_eq!(get(&node, "inflight").1, a);
+
+    node.kill();
+    node.set_env(&[]);
+    node.restart();
+    assert_eq!(
+        get(&node, "absent").1,
+        a,
+        "recovery disagrees with the live node"
+    );
+    assert_eq!(
+        get(&node, "inflight").1,
+        a,
+        "recovery disagrees with the live node"
     );
 }
 

@@ -22,7 +22,7 @@ use super::{
 use crate::{
     faults::{Fault, FaultSettings, Faults},
     metrics::{self, add},
-    store::{PendingRecord, PutOutcome, RecordFull, StoreError, Tier},
+    store::{PendingRecord, PutMode, PutOutcome, RecordFull, StoreError, Tier},
 };
 
 /// Header telling which tier served a GET (memory or flash); for operators and tests.
@@ -483,6 +483,18 @@ async fn put<B: RequestBody>(
             }
         },
     };
+    let mode = match headers.get(header::IF_NONE_MATCH) {
+        None => PutMode::Always,
+        Some(value) if value.as_bytes().trim_ascii() == b"*" => PutMode::IfAbsent,
+        // Shards have no entity tags, so no other condition could be evaluated.
+        Some(_) => {
+            let reply = text(
+                StatusCode::BAD_REQUEST,
+                "If-None-Match on a shard PUT must be *\n",
+            );
+            return reject_body(reply, body).await;
+        }
+    };
     // An oversized body is drained (up to a bound) so that the 413 reaches the client.
     let drain_limit = max.saturating_mul(4).max(DISCARD_LIMIT);
     let (lower, exact) = body.size_hint();
@@ -525,9 +537,13 @@ async fn put<B: RequestBody>(
             );
         }
     }
-    match ctx.store.put(key, record).await {
+    match ctx.store.put(key, record, mode).await {
         Ok(PutOutcome::Created) => empty(StatusCode::CREATED),
         Ok(PutOutcome::Replaced) => empty(StatusCode::NO_CONTENT),
+        Ok(PutOutcome::Exists) => text(
+            StatusCode::PRECONDITION_FAILED,
+            "the shard exists or is being written\n",
+        ),
         Err(e) => store_unavailable(&e),
     }
 }

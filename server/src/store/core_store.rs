@@ -62,6 +62,17 @@ pub struct ShardInfo {
 pub enum PutOutcome {
     Created,
     Replaced,
+    /// A create-only PUT found its key stored, or being stored: nothing was changed.
+    Exists,
+}
+
+/// Whether a PUT may replace a stored version of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    Always,
+    /// Only if the key is neither stored nor being stored (HTTP `If-None-Match: *`): a
+    /// client filling a gap it saw must not overwrite what another wrote meanwhile.
+    IfAbsent,
 }
 
 /// A shard being received, laid out as the record that will be written: space for the
@@ -598,12 +609,13 @@ impl CoreStore {
         self: &Rc<Self>,
         key: ShardKey<'_>,
         record: PendingRecord,
+        mode: PutMode,
     ) -> Result<PutOutcome, StoreError> {
         self.store.check_writable()?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let key: Box<str> = key.as_str().into();
         let this = self.clone();
-        self.spawn_owned(async move { this.put_owned(&key, record, reply).await });
+        self.spawn_owned(async move { this.put_owned(&key, record, mode, reply).await });
         answer.await.unwrap_or(Err(StoreError::Stopped))
     }
 
@@ -611,6 +623,7 @@ impl CoreStore {
         self: &Rc<Self>,
         key: &str,
         record: PendingRecord,
+        mode: PutMode,
         reply: tokio::sync::oneshot::Sender<Result<PutOutcome, StoreError>>,
     ) {
         let store = &*self.store;
@@ -621,9 +634,24 @@ impl CoreStore {
         // The buffer stays paid for until its write completes; then it is either dropped or
         // held (and weighed) by the memory tier.
         let PendingRecord { buf, permit, .. } = record;
+        let _ = hooks::at(Hook::PutBeforeCheck, Some(key.as_bytes())).await;
         // Taken before the write: whichever of two PUTs of one key took the higher number
-        // is the one that stays, in the index now and at recovery after a crash.
-        let seq = store.next_seq();
+        // is the one that stays, in the index now and at recovery after a crash. Taken
+        // with the registration, and after a create-only PUT's check, in one step under
+        // the index lock (see `writing`).
+        let (seq, _writing) = {
+            let map = store.index.lock(hash);
+            if mode == PutMode::IfAbsent
+                && (map.contains_key(&hash)
+                    || store.writing.contains(hash)
+                    || store.memory.contains(key))
+            {
+                drop(map);
+                let _ = reply.send(Ok(PutOutcome::Exists));
+                return;
+            }
+            (store.next_seq(), store.writing.begin(hash))
+        };
         let appended = match self
             .append(
                 hash,

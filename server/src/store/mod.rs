@@ -22,6 +22,7 @@ pub mod memory;
 mod recovery;
 mod regions;
 mod settling;
+mod writing;
 
 use std::{
     path::PathBuf,
@@ -35,7 +36,9 @@ use std::{
 use slapshot_core::ByteSize;
 
 pub use self::{
-    core_store::{CoreStore, PendingRecord, PutOutcome, RecordFull, Shard, ShardInfo, Tier},
+    core_store::{
+        CoreStore, PendingRecord, PutMode, PutOutcome, RecordFull, Shard, ShardInfo, Tier,
+    },
     device::Durability,
     regions::RegionCounts,
 };
@@ -161,6 +164,8 @@ pub struct Store {
     evictions_running: std::sync::atomic::AtomicUsize,
     /// Records on the device that no index entry points at and that are not gone yet.
     settling: settling::Settling,
+    /// PUTs between taking their sequence number and committing (see `writing`).
+    writing: writing::Writing,
     /// The regions listed in the quarantine block; the lock also serialises its writes.
     quarantine: std::sync::Mutex<Vec<u32>>,
     /// Set when a failed write could not be made safe (see `quarantine`): writes and
@@ -228,6 +233,7 @@ impl Store {
             reinsert_credit: std::sync::atomic::AtomicI64::new(0),
             evictions_running: std::sync::atomic::AtomicUsize::new(0),
             settling: settling::Settling::default(),
+            writing: writing::Writing::default(),
             quarantine: std::sync::Mutex::new(device.quarantined.clone()),
             read_only: std::sync::atomic::AtomicBool::new(false),
             checkpoint: config.checkpoint.clone(),
