@@ -246,6 +246,25 @@ struct Entry {
     target: Option<PathBuf>,
     /// Other paths of the same inode (hard links), as relative paths.
     same_inode_as: Option<String>,
+    /// Extended attributes, by name (listxattr and getxattr, not following symlinks).
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut list = vec![0u8; 64 << 10];
+    let len = rustix::fs::llistxattr(path, &mut list[..])
+        .unwrap_or_else(|e| panic!("listxattr {}: {e}", path.display()));
+    let mut value = vec![0u8; 64 << 10];
+    list[..len]
+        .split(|&b| b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            let name = std::str::from_utf8(name).unwrap();
+            let len = rustix::fs::lgetxattr(path, name, &mut value[..])
+                .unwrap_or_else(|e| panic!("getxattr {name} of {}: {e}", path.display()));
+            (name.to_owned(), value[..len].to_vec())
+        })
+        .collect()
 }
 
 fn walk(root: &Path) -> BTreeMap<String, Entry> {
@@ -284,6 +303,7 @@ fn walk(root: &Path) -> BTreeMap<String, Entry> {
                         .is_symlink()
                         .then(|| std::fs::read_link(&path).unwrap()),
                     same_inode_as,
+                    xattrs: xattrs(&path),
                 },
             );
             if meta.is_dir() {
@@ -378,6 +398,22 @@ fn the_mounted_tree_equals_umoci_unpack() {
             .unwrap()
             .success()
     );
+    // Extended attributes, text and binary, on files (one of them hard-linked) and a
+    // directory. (umoci drops empty values, so there are none.)
+    for (path, name, value) in [
+        ("etc/private/secret", "user.origin", &b"umoci test"[..]),
+        ("etc/private/secret", "user.binary", &[0u8, 1, 2, 255][..]),
+        ("usr/bin/cat", "user.linked", &b"both names"[..]),
+        ("etc/private", "user.dir", &b"a directory's"[..]),
+    ] {
+        rustix::fs::setxattr(
+            rootfs.join(path),
+            name,
+            value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+    }
     umoci(&[
         "repack",
         "--image",
@@ -430,6 +466,17 @@ fn the_mounted_tree_equals_umoci_unpack() {
         mounted.values().any(|e| e.same_inode_as.is_some()),
         "the hard link is there"
     );
+    for path in [
+        "/etc/private/secret",
+        "/usr/bin/cat",
+        "/usr/bin/cat2",
+        "/etc/private",
+    ] {
+        assert!(
+            !unpacked[path].xattrs.is_empty(),
+            "umoci kept no xattr on {path}"
+        );
+    }
 
     // Writes are refused.
     let err = std::fs::write(mountpoint.join("etc/new"), b"x").unwrap_err();
