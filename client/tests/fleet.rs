@@ -1413,7 +1413,7 @@ async fn a_fill_never_overwrites_a_shard_written_after_its_read() {
     node.terminate();
     node.set_env(&[(
         "SLAPSHOT_TEST_HOOKS",
-        &format!("put.before_check@{name}=delay:2000*1"),
+        &format!("put.before_check@{name}=delay:5000*1"),
     )]);
     node.restart();
     let mut config = fleet.config();
@@ -1427,9 +1427,28 @@ async fn a_fill_never_overwrites_a_shard_written_after_its_read() {
         held.log().contains("test hook fired")
     })
     .await;
+    // The fill's other writes are in: only the held one is left to race.
+    let others: Vec<usize> = old.placement(name)[1..]
+        .iter()
+        .map(|id| TestFleet::index(id))
+        .collect();
+    eventually("the fill's other writes", || {
+        others.iter().all(|&i| {
+            fleet.nodes[i]
+                .client()
+                .get(&format!("/v1/shards/{name}"))
+                .status
+                == 200
+        })
+    })
+    .await;
+    let m = old.metrics();
     let sealed = SealedChunk::assume_sealed(bytes.clone());
     assert_eq!(new.put_chunk(&sealed).await.unwrap().written, 6);
-    let m = old.metrics();
+    assert!(
+        get(&m.fill_shards_written) + get(&m.fill_shards_taken) < 5,
+        "the held write ended before the other client wrote: the test proves nothing"
+    );
     eventually("the fill's end", || {
         get(&m.fill_shards_written) + get(&m.fill_shards_taken) == 5
     })

@@ -260,13 +260,12 @@ fn put_if_absent(node: &TestNode, key: &str, data: &[u8]) -> u16 {
 }
 
 /// A create-only PUT (`If-None-Match: *`) never replaces a stored version, and is refused
-/// while another PUT of its key is in flight: that PUT took a lower sequence number, so
-/// had the create committed first, the live node would serve the other version (committed
-/// last) and recovery the create's (the higher number).
+/// while another PUT of its key is being written: going ahead, it would replace that
+/// version (it takes a higher number) the moment the other commits.
 #[test]
 fn a_create_only_put_never_replaces_a_stored_or_arriving_version() {
     let dir = tempfile::tempdir().unwrap();
-    let mut node = start(dir.path(), &[], "put.after_write@inflight=delay:1500*1");
+    let mut node = start(dir.path(), &[], "put.after_write@inflight=delay:5000*1");
     let a = Rng::new(7).bytes(64 * 1024);
     let b = Rng::new(8).bytes(64 * 1024);
 
@@ -292,6 +291,15 @@ fn a_create_only_put_never_replaces_a_stored_or_arriving_version() {
         412,
         "a create-only PUT went ahead while another PUT of the key was being written"
     );
+    // The refusal came while the first PUT was held, not from its index entry.
+    first.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        first.peek(&mut byte).map_err(|e| e.kind()).unwrap_err(),
+        std::io::ErrorKind::WouldBlock,
+        "the first PUT was answered before the create: the test proves nothing"
+    );
+    first.set_nonblocking(false).unwrap();
     assert_eq!(status_of(first), Some(201));
     assert_eq!(get(&node, "inflight").1, a);
 

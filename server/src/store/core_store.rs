@@ -634,12 +634,16 @@ impl CoreStore {
         // The buffer stays paid for until its write completes; then it is either dropped or
         // held (and weighed) by the memory tier.
         let PendingRecord { buf, permit, .. } = record;
-        let _ = hooks::at(Hook::PutBeforeCheck, Some(key.as_bytes())).await;
+        if let Err(e) = hooks::at(Hook::PutBeforeCheck, Some(key.as_bytes())).await {
+            let _ = reply.send(Err(StoreError::Io(e)));
+            return;
+        }
         // Taken before the write: whichever of two PUTs of one key took the higher number
         // is the one that stays, in the index now and at recovery after a crash. Taken
         // with the registration, and after a create-only PUT's check, in one step under
-        // the index lock (see `writing`).
-        let (seq, _writing) = {
+        // the index lock (see `writing`): a create that goes ahead is then only ever
+        // followed by other versions of its key, never preceded.
+        let (seq, in_flight) = {
             let map = store.index.lock(hash);
             if mode == PutMode::IfAbsent
                 && (map.contains_key(&hash)
@@ -666,6 +670,7 @@ impl CoreStore {
         {
             Ok(appended) => appended,
             Err(e) => {
+                drop(in_flight);
                 let _ = reply.send(Err(e));
                 return;
             }
@@ -686,6 +691,7 @@ impl CoreStore {
                 ticket: store.settling.register(hash),
             };
             drop(appended.writing);
+            drop(in_flight);
             let _ = reply.send(Err(e));
             self.settle(leftover, Some(key.as_bytes())).await;
             return;
@@ -733,7 +739,12 @@ impl CoreStore {
                     pin: self.pin(location.region),
                     ticket: store.settling.register(hash),
                 };
-                (Ok(PutOutcome::Replaced), Some(leftover))
+                // A create was made, then replaced: to its client, it was created.
+                let outcome = match mode {
+                    PutMode::IfAbsent => PutOutcome::Created,
+                    PutMode::Always => PutOutcome::Replaced,
+                };
+                (Ok(outcome), Some(leftover))
             } else {
                 map.insert(hash, entry);
                 let was_in_memory = store.memory.contains(key);
@@ -763,6 +774,9 @@ impl CoreStore {
                 (Ok(outcome), leftover)
             }
         };
+        // Committed (or superseded): the key is indexed, which refuses creates from here on.
+        drop(in_flight);
+        // The region's writer count, not the registration.
         drop(writing);
         let _ = hooks::at(Hook::PutAfterIndex, Some(key.as_bytes())).await;
         // The new record already wins at recovery by its sequence number, so the PUT is

@@ -1,14 +1,14 @@
 //! PUTs in flight, per key: those that have taken their sequence number and are not
-//! indexed (or abandoned) yet.
+//! committed (or abandoned) yet.
 //!
-//! A create-only PUT (`If-None-Match: *`) must not commit over a version of its key that
-//! exists, nor over one that is being written: the other PUT may have taken a lower
-//! sequence number and commit later, and then the live index (which would keep the other
-//! version, committed first) and recovery (which keeps the highest number) would disagree
-//! on which version won. So every PUT takes its sequence number and registers here in one
-//! step under its key's index lock, and a create-only PUT is refused while its key is
-//! indexed or registered. Then any version it can meet at commit took a higher number:
-//! the live index and recovery agree that it comes after the create.
+//! A create-only PUT (`If-None-Match: *`) must not go ahead while another PUT of its key
+//! is being written. That PUT would commit before or after the create, by their numbers:
+//! before it, and the create would replace it; after it, and the create would have been
+//! answered as made when a version it never saw was already arriving. So every PUT takes
+//! its sequence number and registers here in one step under its key's index lock, and a
+//! create is refused while its key is indexed or registered. Any version a create that
+//! went ahead meets at commit took a higher number: it comes after the create, in the live
+//! index and at recovery alike.
 
 use std::{collections::HashMap, sync::Mutex};
 
