@@ -73,6 +73,9 @@ pub struct CacheSettings {
     pub memory: ByteSize,
     /// Sealed chunks kept on disk.
     pub disk: ByteSize,
+    /// Whole files kept decrypted on disk (beside the disk tier), which warm reads use
+    /// through FUSE passthrough at local-disk speed; 0 turns them off.
+    pub files: ByteSize,
 }
 
 impl Default for CacheSettings {
@@ -81,6 +84,7 @@ impl Default for CacheSettings {
             dir: None,
             memory: ByteSize(256 << 20),
             disk: ByteSize(4 << 30),
+            files: ByteSize(1 << 30),
         }
     }
 }

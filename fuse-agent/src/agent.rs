@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use crate::{
     disk::DiskCache,
+    plain::PlainFiles,
     stats::Stats,
     tiers::{Fetcher, FleetFetcher, OriginFetcher, TierOptions, Tiers},
 };
@@ -55,6 +56,21 @@ pub fn build_tiers(
         ..TierOptions::default()
     };
     Ok(Tiers::new(&options, disk, fetcher, stats, runtime))
+}
+
+/// The whole-file copies the settings ask for (in the cache directory's `files/`), or
+/// none when their budget is 0.
+pub fn build_plain_files(
+    settings: &Settings,
+    stats: &Arc<Stats>,
+) -> anyhow::Result<Option<Arc<PlainFiles>>> {
+    if settings.cache.files.0 == 0 {
+        return Ok(None);
+    }
+    let dir = settings.cache_dir().join("files");
+    let files = PlainFiles::open(&dir, settings.cache.files.0, stats.clone())
+        .with_context(|| format!("cannot open the whole-file copies in {}", dir.display()))?;
+    Ok(Some(Arc::new(files)))
 }
 
 #[derive(Parser)]

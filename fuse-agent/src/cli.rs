@@ -7,7 +7,7 @@ use slapshot_client::settings::{Settings, SettingsArgs};
 use slapshot_core::ByteSize;
 
 use crate::{
-    agent::{build_tiers, resolve_image},
+    agent::{build_plain_files, build_tiers, resolve_image},
     control::{StatsSocket, read_stats, serve_metrics},
     fs::{ImageFs, ReadInterrupts},
     mount::{DEFAULT_THREADS, Mount, Unmounted, check_can_mount},
@@ -24,6 +24,10 @@ pub struct CacheArgs {
     /// Disk tier: sealed chunks kept on disk, shared by all images [default: settings, 4GiB].
     #[arg(long, value_name = "BYTES")]
     pub disk: Option<ByteSize>,
+    /// Whole files kept decrypted on disk, which warm reads use through FUSE passthrough
+    /// at local-disk speed (Linux 6.9+); 0 turns them off [default: settings, 1GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub files: Option<ByteSize>,
     /// Directory of the disk tier [default: settings, ~/.cache/slapshot].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -36,6 +40,9 @@ impl CacheArgs {
         }
         if let Some(disk) = self.disk {
             settings.cache.disk = disk;
+        }
+        if let Some(files) = self.files {
+            settings.cache.files = files;
         }
         if let Some(dir) = &self.cache_dir {
             settings.cache.dir = Some(dir.clone());
@@ -92,8 +99,10 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Handle::current();
     let tiers = build_tiers(&settings, runtime.clone())?;
     let stats = tiers.stats().clone();
+    let plain = build_plain_files(&settings, &stats)?;
     let fs = ImageFs::new(manifest.clone(), tiers, runtime)
-        .with_read_interrupts(args.reads.interrupts());
+        .with_read_interrupts(args.reads.interrupts())
+        .with_plain_files(plain);
     let label = args.image.clone();
     let mountpoint = args.mountpoint.clone();
     let threads = args.threads;
@@ -190,8 +199,10 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     spec.writable_bytes = args.writable_size.0;
     spec.network = args.network;
     let child = spec.child_pid.clone();
+    let plain = build_plain_files(&settings, &stats)?;
     let fs = ImageFs::new(manifest.clone(), tiers, runtime)
-        .with_read_interrupts(args.reads.interrupts());
+        .with_read_interrupts(args.reads.interrupts())
+        .with_plain_files(plain);
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;

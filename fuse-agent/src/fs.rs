@@ -8,6 +8,12 @@
 //! (`max_background`) bounds how many wait at once.
 //!
 //! Errors map to errno values in one place, `errno_of`.
+//!
+//! With whole-file copies enabled (`plain`), a file read to its end from local chunks gets
+//! a local copy, and later opens hand the kernel that copy (FUSE passthrough): warm reads
+//! and mappings then run at the local filesystem's speed without reaching us. The kernel
+//! requires every open handle of an inode to be of one kind, passthrough with one backing
+//! file or cached, so the kind is decided per inode while any handle is open (`opens`).
 
 use std::{
     ffi::OsStr,
@@ -17,9 +23,9 @@ use std::{
 };
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use slapshot_image::{
     Manifest,
@@ -27,6 +33,7 @@ use slapshot_image::{
 };
 
 use crate::{
+    plain::{FileId, MIN_FILE, PlainFiles},
     stats::{Stats, Tier, add, inc},
     tiers::{ChunkRef, Tiers},
 };
@@ -56,11 +63,30 @@ pub struct ImageFs {
     runtime: tokio::runtime::Handle,
     stats: Arc<Stats>,
     interrupts: ReadInterrupts,
-    /// Per open file: where its last read ended, to tell sequential readers (whose next
-    /// chunks are fetched ahead) from random ones (whose are not). An entry lives from
-    /// open to release.
-    handles: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// Per open file: its inode, and where its last read ended, to tell sequential
+    /// readers (whose next chunks are fetched ahead) from random ones (whose are not). An
+    /// entry lives from open to release.
+    handles: std::sync::Mutex<std::collections::HashMap<u64, OpenHandle>>,
     next_handle: std::sync::atomic::AtomicU64,
+    /// Whole-file copies for passthrough; `None` when off or the kernel lacks it.
+    plain: Option<Arc<PlainFiles>>,
+    /// Per inode (manifest index) with open handles: how the kernel reads it.
+    opens: std::sync::Mutex<std::collections::HashMap<u32, InodeOpens>>,
+}
+
+struct OpenHandle {
+    inode: u32,
+    read_end: u64,
+}
+
+/// How the kernel reads an inode while handles of it are open. Our count is never below
+/// the kernel's (it drops a handle before telling us), so a kind changes only when the
+/// kernel has no handle of the other kind either.
+enum InodeOpens {
+    /// Through us and the FUSE page cache.
+    Cached { handles: u32 },
+    /// From a local copy; every handle must name the same backing file.
+    Passthrough { backing: BackingId, handles: u32 },
 }
 
 /// Why an operation failed, mapped to an errno in `errno_of`.
@@ -131,7 +157,77 @@ impl ImageFs {
             stats,
             handles: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_handle: std::sync::atomic::AtomicU64::new(1),
+            plain: None,
+            opens: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Serves files that have local whole copies by passthrough (if the kernel allows).
+    pub fn with_plain_files(mut self, plain: Option<Arc<PlainFiles>>) -> Self {
+        self.plain = plain;
+        self
+    }
+
+    /// What a file is made of, hashed: the name of its whole copy.
+    fn file_id(&self, size: u64, extents: &[Extent]) -> FileId {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"slapshot whole file v1");
+        hasher.update(&size.to_le_bytes());
+        for e in extents {
+            if e.chunk == ZERO_CHUNK {
+                hasher.update(&[0u8; 64]);
+            } else {
+                let c = self.chunk_ref(e.chunk);
+                hasher.update(&c.name.0);
+                hasher.update(&c.key.0);
+            }
+            hasher.update(&e.offset.to_le_bytes());
+            hasher.update(&e.len.to_le_bytes());
+        }
+        *hasher.finalize().as_bytes()
+    }
+
+    /// The job of copying a file whole, for a read that reached its end; `None` if copies
+    /// are off or the file is too small to be worth one.
+    fn copy_job(&self, size: u64, extents: &[Extent]) -> Option<CopyJob> {
+        let plain = self.plain.as_ref()?;
+        if size < MIN_FILE {
+            return None;
+        }
+        let mut at = 0u64;
+        let parts = extents
+            .iter()
+            .map(|e| {
+                let part = CopyPart {
+                    file_offset: at,
+                    chunk: (e.chunk != ZERO_CHUNK).then(|| self.chunk_ref(e.chunk)),
+                    offset: e.offset,
+                    len: e.len,
+                };
+                at += u64::from(e.len);
+                part
+            })
+            .collect();
+        Some(CopyJob {
+            plain: plain.clone(),
+            tiers: self.tiers.clone(),
+            runtime: self.runtime.clone(),
+            id: self.file_id(size, extents),
+            size,
+            parts,
+        })
+    }
+
+    /// A local copy of the inode's file, if there is one.
+    fn local_copy(&self, inode: &Inode) -> Option<std::fs::File> {
+        let plain = self.plain.as_ref()?;
+        let InodeKind::File { size, extents } = &inode.kind else {
+            return None;
+        };
+        if *size < MIN_FILE {
+            return None;
+        }
+        plain.get(&self.file_id(*size, extents))
     }
 
     /// Which signals end a read that waits (fatal ones only, by default).
@@ -144,9 +240,9 @@ impl ImageFs {
     fn sequential(&self, fh: FileHandle, offset: u64, len: u64) -> bool {
         let mut handles = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         match handles.get_mut(&u64::from(fh)) {
-            Some(end) => {
-                let sequential = *end == offset && offset > 0;
-                *end = offset + len;
+            Some(handle) => {
+                let sequential = handle.read_end == offset && offset > 0;
+                handle.read_end = offset + len;
                 sequential
             }
             None => false,
@@ -407,8 +503,84 @@ fn pieces(extents: &[Extent], starts: Option<&[u64]>, offset: u64, len: u64) -> 
     out
 }
 
+/// Copying one file whole from local chunks into `PlainFiles`.
+struct CopyJob {
+    plain: Arc<PlainFiles>,
+    tiers: Arc<Tiers>,
+    runtime: tokio::runtime::Handle,
+    id: FileId,
+    size: u64,
+    parts: Vec<CopyPart>,
+}
+
+/// One extent of a file: where it goes, and which bytes of which chunk (none: zeros).
+struct CopyPart {
+    file_offset: u64,
+    chunk: Option<ChunkRef>,
+    offset: u32,
+    len: u32,
+}
+
+impl CopyJob {
+    /// Starts the copy on a blocking thread, if every chunk of the file is local (a copy
+    /// never fetches what no reader asked for), none is copied yet and no other copy runs.
+    fn start(self) {
+        let local = self.parts.iter().all(|part| match &part.chunk {
+            None => true,
+            Some(chunk) => {
+                self.tiers.cached(chunk).is_some()
+                    || self
+                        .tiers
+                        .disk()
+                        .is_some_and(|disk| disk.contains(&chunk.name))
+            }
+        });
+        if !local {
+            return;
+        }
+        let Some(making) = self.plain.begin(&self.id, self.size) else {
+            return;
+        };
+        let runtime = self.runtime.clone();
+        runtime.spawn_blocking(move || {
+            if let Err(e) = self.write(making) {
+                tracing::debug!(error = %e, "no whole-file copy");
+            }
+        });
+    }
+
+    fn write(&self, making: crate::plain::Making) -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self.plain.create_tmp(&making)?;
+        for part in &self.parts {
+            // Zeros are holes.
+            let Some(chunk) = &part.chunk else { continue };
+            // Verified by the tiers (memory holds verified chunks; the disk tier checks
+            // each against its name).
+            let bytes = self.runtime.block_on(self.tiers.load(chunk))?;
+            let piece = bytes
+                .get(part.offset as usize..(part.offset + part.len) as usize)
+                .ok_or_else(|| anyhow::anyhow!("an extent beyond its chunk"))?;
+            file.write_all_at(piece, part.file_offset)?;
+        }
+        file.set_len(self.size)?;
+        self.plain.finish(making, file, self.size)?;
+        Ok(())
+    }
+}
+
 impl Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Passthrough needs the kernel's consent; the backing files sit on a filesystem
+        // of stacking depth 0 (a plain local one), so one level is enough.
+        if self.plain.is_some() {
+            if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+                let _ = config.set_max_stack_depth(1);
+            } else {
+                tracing::info!("this kernel offers no FUSE passthrough: whole-file copies are off");
+                self.plain = None;
+            }
+        }
         let wanted = InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
@@ -457,16 +629,66 @@ impl Filesystem for ImageFs {
             Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => {
                 reply.error(errno_of(&FsError::ReadOnly))
             }
-            // The contents never change: the page cache may keep them across opens.
-            Ok(_) => {
+            Ok((index, inode)) => {
                 let fh = self
                     .next_handle
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.handles
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert(fh, 0);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+                    .insert(
+                        fh,
+                        OpenHandle {
+                            inode: index,
+                            read_end: 0,
+                        },
+                    );
+                // Decided and answered under the lock, so that two opens of one inode
+                // cannot choose different kinds.
+                let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+                match opens.get_mut(&index) {
+                    Some(InodeOpens::Passthrough { backing, handles }) => {
+                        *handles += 1;
+                        inc(&self.stats.passthrough_opens);
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
+                    }
+                    Some(InodeOpens::Cached { handles }) => {
+                        *handles += 1;
+                        // The contents never change: the page cache may keep them.
+                        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                    }
+                    None => {
+                        let backing = self.local_copy(inode).and_then(|file| {
+                            reply
+                                .open_backing(&file)
+                                .map_err(|e| {
+                                    tracing::warn!(error = %e, "the kernel refused a passthrough file; reading through the agent");
+                                })
+                                .ok()
+                        });
+                        match backing {
+                            Some(backing) => {
+                                inc(&self.stats.passthrough_opens);
+                                reply.opened_passthrough(
+                                    FileHandle(fh),
+                                    FopenFlags::empty(),
+                                    &backing,
+                                );
+                                opens.insert(
+                                    index,
+                                    InodeOpens::Passthrough {
+                                        backing,
+                                        handles: 1,
+                                    },
+                                );
+                            }
+                            None => {
+                                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                                opens.insert(index, InodeOpens::Cached { handles: 1 });
+                            }
+                        }
+                    }
+                }
             }
             Err(e) => reply.error(errno_of(&e)),
         }
@@ -482,10 +704,25 @@ impl Filesystem for ImageFs {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
-        self.handles
+        let handle = self
+            .handles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&u64::from(fh));
+        if let Some(handle) = handle {
+            let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+            let last = match opens.get_mut(&handle.inode) {
+                Some(InodeOpens::Cached { handles } | InodeOpens::Passthrough { handles, .. }) => {
+                    *handles -= 1;
+                    *handles == 0
+                }
+                None => false,
+            };
+            if last {
+                // Dropping a backing id tells the kernel it may close the backing file.
+                opens.remove(&handle.inode);
+            }
+        }
         reply.ok();
     }
 
@@ -505,9 +742,17 @@ impl Filesystem for ImageFs {
             Ok(found) => found,
             Err(e) => return reply.error(errno_of(&e)),
         };
-        let InodeKind::File { extents, .. } = &inode.kind else {
+        let InodeKind::File {
+            extents,
+            size: file_size,
+        } = &inode.kind
+        else {
             return reply.error(errno_of(&FsError::NotFile));
         };
+        // A read that reaches the end may earn the file a local copy, once it is served.
+        let copy = (offset + u64::from(size) >= *file_size)
+            .then(|| self.copy_job(*file_size, extents))
+            .flatten();
         let starts = self.extent_starts.get(&index);
         let pieces = pieces(extents, starts.map(Vec::as_slice), offset, u64::from(size));
         inc(&self.stats.reads);
@@ -544,7 +789,11 @@ impl Filesystem for ImageFs {
             let data = assemble(&pieces, &cached);
             add(&self.stats.read_bytes, data.len() as u64);
             self.stats.read_latency.observe(started.elapsed());
-            return reply.data(&data);
+            reply.data(&data);
+            if let Some(copy) = copy {
+                copy.start();
+            }
+            return;
         }
         // Otherwise the reply goes to a task on the runtime with the loads it waits for.
         let refs: Vec<Option<ChunkRef>> = pieces
@@ -589,6 +838,9 @@ impl Filesystem for ImageFs {
             add(&stats.read_bytes, data.len() as u64);
             stats.read_latency.observe(started.elapsed());
             reply.data(&data);
+            if let Some(copy) = copy {
+                copy.start();
+            }
         });
     }
 

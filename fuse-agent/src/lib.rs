@@ -10,6 +10,7 @@ pub mod disk;
 pub mod fs;
 pub mod hostimage;
 pub mod mount;
+pub mod plain;
 pub mod run;
 pub mod stats;
 pub mod tiers;

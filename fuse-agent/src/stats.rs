@@ -58,6 +58,10 @@ pub mod names {
     pub const PREFETCHES_DROPPED: &str = "slapshot_agent_prefetches_dropped_total";
     pub const FETCH_FAILURES: &str = "slapshot_agent_fetch_failures_total";
     pub const IMAGE_BYTES: &str = "slapshot_agent_image_bytes";
+    pub const PASSTHROUGH_OPENS: &str = "slapshot_agent_passthrough_opens_total";
+    pub const FILES_MADE: &str = "slapshot_agent_file_copies_made_total";
+    pub const FILES_EVICTED: &str = "slapshot_agent_file_copies_evicted_total";
+    pub const FILES_BYTES: &str = "slapshot_agent_file_copies_bytes";
 }
 
 #[derive(Debug, Default)]
@@ -87,6 +91,12 @@ pub struct Stats {
     pub fetch_failures: AtomicU64,
     /// File bytes of the mounted image, for "what fraction of the image was fetched".
     pub image_bytes: AtomicU64,
+    /// Opens answered with a local copy the kernel reads itself (passthrough).
+    pub passthrough_opens: AtomicU64,
+    /// Whole-file copies made for passthrough, evicted, and the bytes they hold.
+    pub files_made: AtomicU64,
+    pub files_evicted: AtomicU64,
+    pub files_bytes: AtomicU64,
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -248,6 +258,30 @@ impl Stats {
             "File bytes of the mounted image.",
             get(&self.image_bytes),
         );
+        prometheus::counter(
+            &mut out,
+            names::PASSTHROUGH_OPENS,
+            "Opens served by the kernel from a local whole-file copy (FUSE passthrough).",
+            get(&self.passthrough_opens),
+        );
+        prometheus::counter(
+            &mut out,
+            names::FILES_MADE,
+            "Whole-file copies made for passthrough.",
+            get(&self.files_made),
+        );
+        prometheus::counter(
+            &mut out,
+            names::FILES_EVICTED,
+            "Whole-file copies evicted to stay within their budget.",
+            get(&self.files_evicted),
+        );
+        prometheus::gauge(
+            &mut out,
+            names::FILES_BYTES,
+            "Bytes of whole-file copies on disk.",
+            get(&self.files_bytes),
+        );
         out
     }
 }
@@ -265,6 +299,8 @@ pub struct Summary {
     pub read_bytes: f64,
     pub read_errors: f64,
     pub image_bytes: f64,
+    pub passthrough_opens: f64,
+    pub files_bytes: f64,
 }
 
 impl Summary {
@@ -275,6 +311,8 @@ impl Summary {
             read_bytes: find(names::READ_BYTES),
             read_errors: find(names::READ_ERRORS),
             image_bytes: find(names::IMAGE_BYTES),
+            passthrough_opens: find(names::PASSTHROUGH_OPENS),
+            files_bytes: find(names::FILES_BYTES),
             ..Default::default()
         };
         for (i, tier) in Tier::ALL.iter().enumerate() {
@@ -354,6 +392,14 @@ impl Summary {
             human(self.read_bytes as u64),
             self.read_errors
         );
+        if self.passthrough_opens > 0.0 || self.files_bytes > 0.0 {
+            let _ = writeln!(
+                out,
+                "{} opens read by the kernel from whole-file copies ({} on disk)",
+                self.passthrough_opens,
+                human(self.files_bytes as u64)
+            );
+        }
         out
     }
 }

@@ -851,6 +851,75 @@ fn the_disk_cache_survives_restarts_and_damaged_entries_are_fetched_again() {
     mount.unmount(Duration::from_secs(5)).unwrap();
 }
 
+/// A file read to its end from local chunks gets a whole local copy, and later opens are
+/// read by the kernel from it (FUSE passthrough), not through the agent. While a handle
+/// read through the agent is open, new opens stay so (the kernel refuses to mix the two
+/// on one inode: such an open would fail with EIO).
+#[test]
+fn warm_files_are_read_by_the_kernel_from_whole_copies() {
+    if !can_mount("warm_files_are_read_by_the_kernel_from_whole_copies") {
+        return;
+    }
+    use std::io::Read;
+    let world = World::new();
+    let layout = world.path("oci");
+    let content = data_image(&layout, 3 << 20);
+    let manifest = world.flatten(&layout, "data");
+    let rt = runtime();
+    let (fetcher, _) = slow_origin(&world, Duration::ZERO);
+    let tiers = tiers_with(fetcher, Some(&world.path("cache")), &rt);
+    let stats = tiers.stats().clone();
+    let plain = Arc::new(
+        slapshot_fuse_agent::plain::PlainFiles::open(&world.path("files"), 64 << 20, stats.clone())
+            .unwrap(),
+    );
+    let mountpoint = world.path("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let fs = ImageFs::new(manifest.clone(), tiers.clone(), rt.handle().clone())
+        .with_plain_files(Some(plain.clone()));
+    let mount = Mount::new(fs, stats.clone(), &mountpoint, "test", 4).unwrap();
+    let big = mountpoint.join("data/big");
+    let read_all = |file: &mut std::fs::File| {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).unwrap();
+        assert!(bytes == content, "the file's bytes differ");
+    };
+
+    // Held open through the agent while another handle reads the file to its end.
+    let held = std::fs::File::open(&big).unwrap();
+    read_all(&mut std::fs::File::open(&big).unwrap());
+    wait_for("the whole-file copy", Duration::from_secs(10), || {
+        get(&stats.files_made) == 1
+    });
+    // The copy exists, but a handle reads through the agent: this open must too.
+    read_all(&mut std::fs::File::open(&big).unwrap());
+    assert_eq!(get(&stats.passthrough_opens), 0);
+    drop(held);
+
+    // Every handle closed (the agent hears of it a little after close returns): the next
+    // opens are passthrough, and their reads never reach the agent, even with the page
+    // cache dropped.
+    std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    let reads = get(&stats.reads);
+    wait_for("a passthrough open", Duration::from_secs(10), || {
+        drop(std::fs::File::open(&big).unwrap());
+        get(&stats.passthrough_opens) > 0
+    });
+    let opens = get(&stats.passthrough_opens);
+    let mut first = std::fs::File::open(&big).unwrap();
+    let mut second = std::fs::File::open(mountpoint.join("data/big-again")).unwrap();
+    read_all(&mut first);
+    read_all(&mut second);
+    assert_eq!(get(&stats.passthrough_opens), opens + 2);
+    assert_eq!(
+        get(&stats.reads),
+        reads,
+        "a passthrough read reached the agent"
+    );
+    drop((first, second));
+    mount.unmount(Duration::from_secs(5)).unwrap();
+}
+
 #[test]
 fn unmounting_during_reads_is_clean() {
     if !can_mount("unmounting_during_reads_is_clean") {
