@@ -12,7 +12,8 @@
 #   2. Sequential read of the 129 MB java `lib/modules` through `slapshot mount` (dd, 1 MiB
 #      blocks): cold (empty worker caches, warm fleet), warm from the agent (page cache
 #      dropped, agent memory large enough), and the same file read from an unpacked rootfs
-#      with the page cache dropped and warm; the mount agent's peak RSS (VmHWM).
+#      with the page cache dropped and warm; the mount agent's peak RSS (VmHWM). Once with
+#      whole-file copies read by passthrough (the default) and once with --files 0.
 #
 # Needs root, /dev/fuse, umoci, GNU time, and the corpus (../shared/corpus/build-images.sh
 # DIR, then pass DIR/oci). Usage: benches/run-vs-pull.sh OCI_LAYOUT [ROUNDS, default 3]
@@ -85,9 +86,6 @@ mount_pid=$!
 while ! mountpoint -q "$work/mnt"; do sleep 0.2; done
 dd if="$work/mnt/$file" of=/dev/null bs=1M 2>/dev/null   # fills the fleet
 kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true
-"$bin" mount java "$work/mnt" --cache-dir "$work/cache-java" --memory 512MiB 2>/dev/null &
-mount_pid=$!
-while ! mountpoint -q "$work/mnt"; do sleep 0.2; done
 mbps() { dd if="$1" of=/dev/null bs=1M 2>&1 | awk '/copied/ {print $(NF-1), $NF}'; }
 # Warm reads are short (tens of ms): ten in a row, three rounds alternating, medians.
 warm_gbps() {
@@ -96,17 +94,28 @@ warm_gbps() {
     t1=$(now); echo "10 * 128.882471 / 1000 / ($t1 - $t0)" | bc -l
 }
 umoci unpack --image "$layout:java" "$work/java" >/dev/null
-drop_caches
-echo "cold (warm fleet):            $(mbps "$work/mnt/$file")"
-drop_caches
-echo "warm (agent memory):          $(mbps "$work/mnt/$file")"
-drop_caches
-echo "native, cold page cache:      $(mbps "$work/java/rootfs/$file")"
-m=(); n=()
-for _ in 1 2 3; do
-    m+=("$(warm_gbps "$work/mnt/$file")"); n+=("$(warm_gbps "$work/java/rootfs/$file")")
+# Twice: with whole-file copies read by passthrough (the default), and without (--files 0:
+# every read through the agent and the FUSE page cache).
+for files in 1GiB 0; do
+    echo "-- --files $files"
+    rm -rf "$work/cache-java"
+    "$bin" mount java "$work/mnt" --cache-dir "$work/cache-java" --memory 512MiB --files "$files" 2>/dev/null &
+    mount_pid=$!
+    while ! mountpoint -q "$work/mnt"; do sleep 0.2; done
+    drop_caches
+    echo "cold (warm fleet):            $(mbps "$work/mnt/$file")"
+    sleep 2   # the whole-file copy, if any, is written after the read
+    drop_caches
+    echo "warm (agent), page cache dropped: $(mbps "$work/mnt/$file")"
+    drop_caches
+    echo "native, page cache dropped:   $(mbps "$work/java/rootfs/$file")"
+    m=(); n=()
+    for _ in 1 2 3; do
+        m+=("$(warm_gbps "$work/mnt/$file")"); n+=("$(warm_gbps "$work/java/rootfs/$file")")
+    done
+    mm=$(printf '%s\n' "${m[@]}" | median); nm=$(printf '%s\n' "${n[@]}" | median)
+    printf 'warm, page cache: mount %.2f GB/s, native %.2f GB/s (%.2fx)\n' "$mm" "$nm" "$(echo "$mm / $nm" | bc -l)"
+    echo "agent VmHWM: $(awk '/VmHWM/ {print $2, $3}' /proc/$mount_pid/status) (memory tier 512 MiB)"
+    "$bin" stats "$work/mnt" | tail -1
+    kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true; mount_pid=
 done
-mm=$(printf '%s\n' "${m[@]}" | median); nm=$(printf '%s\n' "${n[@]}" | median)
-printf 'warm, page cache: mount %.2f GB/s, native %.2f GB/s (%.2fx)\n' "$mm" "$nm" "$(echo "$mm / $nm" | bc -l)"
-echo "agent VmHWM: $(awk '/VmHWM/ {print $2, $3}' /proc/$mount_pid/status) (memory tier 512 MiB)"
-kill "$mount_pid"; wait "$mount_pid" 2>/dev/null || true; mount_pid=

@@ -24,8 +24,10 @@ pub struct CacheArgs {
     /// Disk tier: sealed chunks kept on disk, shared by all images [default: settings, 4GiB].
     #[arg(long, value_name = "BYTES")]
     pub disk: Option<ByteSize>,
-    /// Whole files kept decrypted on disk, which warm reads use through FUSE passthrough
-    /// at local-disk speed (Linux 6.9+); 0 turns them off [default: settings, 1GiB].
+    /// Whole files kept decrypted on disk, which warm reads of `slapshot mount` use through
+    /// FUSE passthrough at local-disk speed (Linux 6.9+; such a mount counts as one level
+    /// of filesystem stacking; `run` does without); 0 turns them off [default: settings,
+    /// 1GiB].
     #[arg(long, value_name = "BYTES")]
     pub files: Option<ByteSize>,
     /// Directory of the disk tier [default: settings, ~/.cache/slapshot].
@@ -199,10 +201,10 @@ pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
     spec.writable_bytes = args.writable_size.0;
     spec.network = args.network;
     let child = spec.child_pid.clone();
-    let plain = build_plain_files(&settings, &stats)?;
+    // No whole-file copies under `run`: a passthrough mount under its overlay would leave
+    // programs inside no stacking level for overlays of their own (see ImageFs).
     let fs = ImageFs::new(manifest.clone(), tiers, runtime)
-        .with_read_interrupts(args.reads.interrupts())
-        .with_plain_files(plain);
+        .with_read_interrupts(args.reads.interrupts());
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut quit = signal(SignalKind::quit())?;

@@ -1,8 +1,9 @@
 //! The worker's disk tier: sealed chunks in files named by their chunk name, shared by every
 //! image and every agent on the machine, kept across restarts, bounded in bytes.
 //!
-//! Chunks are stored sealed (as the origin has them), so the cache holds no plaintext, and
-//! a chunk is checked against its name every time it is read back: a damaged file is
+//! Chunks are stored sealed (as the origin has them), so this tier holds no plaintext
+//! (the whole-file copies beside it, `plain`, do), and a chunk is checked against its
+//! name every time it is read back: a damaged file is
 //! deleted, counted, and the chunk fetched again. Files are written to a temporary name
 //! and renamed, so a crash never leaves a partial chunk under a real name. Eviction is
 //! least-recently-used by file mtime, which a hit refreshes, so the order survives a

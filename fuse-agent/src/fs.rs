@@ -9,11 +9,12 @@
 //!
 //! Errors map to errno values in one place, `errno_of`.
 //!
-//! With whole-file copies enabled (`plain`), a file read to its end from local chunks gets
-//! a local copy, and later opens hand the kernel that copy (FUSE passthrough): warm reads
-//! and mappings then run at the local filesystem's speed without reaching us. The kernel
-//! requires every open handle of an inode to be of one kind, passthrough with one backing
-//! file or cached, so the kind is decided per inode while any handle is open (`opens`).
+//! With whole-file copies enabled (`plain`), a file whose chunks are all local when a
+//! handle of it is released gets a local copy, and later opens hand the kernel that copy
+//! (FUSE passthrough): warm reads and mappings then run at the local filesystem's speed
+//! without reaching us. The kernel requires every open handle of an inode to be of one
+//! kind, passthrough with one backing file or cached, so the kind is decided per inode
+//! while any handle is open (`opens`).
 
 use std::{
     ffi::OsStr,
@@ -70,6 +71,9 @@ pub struct ImageFs {
     next_handle: std::sync::atomic::AtomicU64,
     /// Whole-file copies for passthrough; `None` when off or the kernel lacks it.
     plain: Option<Arc<PlainFiles>>,
+    /// Set when the kernel refused a backing file (a cache directory on a stacked
+    /// filesystem, say): no more copies or passthrough opens for this mount.
+    passthrough_refused: std::sync::atomic::AtomicBool,
     /// Per inode (manifest index) with open handles: how the kernel reads it.
     opens: std::sync::Mutex<std::collections::HashMap<u32, InodeOpens>>,
 }
@@ -158,11 +162,16 @@ impl ImageFs {
             handles: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             plain: None,
+            passthrough_refused: std::sync::atomic::AtomicBool::new(false),
             opens: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
     /// Serves files that have local whole copies by passthrough (if the kernel allows).
+    ///
+    /// A passthrough mount counts as one level of filesystem stacking (the kernel allows
+    /// two): an overlay on it (as `run` makes) leaves no level for a program inside that
+    /// mounts an overlay of its own. `run` therefore goes without.
     pub fn with_plain_files(mut self, plain: Option<Arc<PlainFiles>>) -> Self {
         self.plain = plain;
         self
@@ -187,13 +196,37 @@ impl ImageFs {
         *hasher.finalize().as_bytes()
     }
 
-    /// The job of copying a file whole, for a read that reached its end; `None` if copies
-    /// are off or the file is too small to be worth one.
-    fn copy_job(&self, size: u64, extents: &[Extent]) -> Option<CopyJob> {
-        let plain = self.plain.as_ref()?;
-        if size < MIN_FILE {
-            return None;
+    /// Copies the file of inode `index` whole, in the background, if copies are on, it
+    /// is worth one, it has none, this agent is not copying another, and all of its chunks
+    /// are local (a copy never fetches).
+    fn offer_copy(&self, index: u32) {
+        let Some(plain) = self.plain.as_ref() else {
+            return;
+        };
+        let InodeKind::File { size, extents } = &self.manifest.inodes[index as usize].kind else {
+            return;
+        };
+        if *size < MIN_FILE
+            || plain.busy()
+            || self
+                .passthrough_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
         }
+        let id = self.file_id(*size, extents);
+        if plain.has(&id) {
+            return;
+        }
+        let local = extents
+            .iter()
+            .all(|e| e.chunk == ZERO_CHUNK || self.tiers.is_local(&self.chunk_ref(e.chunk)));
+        if !local {
+            return;
+        }
+        let Some(making) = plain.begin(&id, *size) else {
+            return;
+        };
         let mut at = 0u64;
         let parts = extents
             .iter()
@@ -208,19 +241,28 @@ impl ImageFs {
                 part
             })
             .collect();
-        Some(CopyJob {
+        let job = CopyJob {
             plain: plain.clone(),
             tiers: self.tiers.clone(),
-            runtime: self.runtime.clone(),
-            id: self.file_id(size, extents),
-            size,
+            size: *size,
             parts,
-        })
+        };
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = job.write(making) {
+                tracing::debug!(error = %e, "no whole-file copy");
+            }
+        });
     }
 
     /// A local copy of the inode's file, if there is one.
     fn local_copy(&self, inode: &Inode) -> Option<std::fs::File> {
         let plain = self.plain.as_ref()?;
+        if self
+            .passthrough_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
         let InodeKind::File { size, extents } = &inode.kind else {
             return None;
         };
@@ -507,8 +549,6 @@ fn pieces(extents: &[Extent], starts: Option<&[u64]>, offset: u64, len: u64) -> 
 struct CopyJob {
     plain: Arc<PlainFiles>,
     tiers: Arc<Tiers>,
-    runtime: tokio::runtime::Handle,
-    id: FileId,
     size: u64,
     parts: Vec<CopyPart>,
 }
@@ -522,49 +562,25 @@ struct CopyPart {
 }
 
 impl CopyJob {
-    /// Starts the copy on a blocking thread, if every chunk of the file is local (a copy
-    /// never fetches what no reader asked for), none is copied yet and no other copy runs.
-    fn start(self) {
-        let local = self.parts.iter().all(|part| match &part.chunk {
-            None => true,
-            Some(chunk) => {
-                self.tiers.cached(chunk).is_some()
-                    || self
-                        .tiers
-                        .disk()
-                        .is_some_and(|disk| disk.contains(&chunk.name))
-            }
-        });
-        if !local {
-            return;
-        }
-        let Some(making) = self.plain.begin(&self.id, self.size) else {
-            return;
-        };
-        let runtime = self.runtime.clone();
-        runtime.spawn_blocking(move || {
-            if let Err(e) = self.write(making) {
-                tracing::debug!(error = %e, "no whole-file copy");
-            }
-        });
-    }
-
+    /// Writes the copy from local chunks only (on a blocking thread) and publishes it; a
+    /// chunk gone from both local tiers meanwhile ends the copy, unpublished.
     fn write(&self, making: crate::plain::Making) -> anyhow::Result<()> {
         use std::os::unix::fs::FileExt;
-        let file = self.plain.create_tmp(&making)?;
+        let file = making.file();
         for part in &self.parts {
             // Zeros are holes.
             let Some(chunk) = &part.chunk else { continue };
-            // Verified by the tiers (memory holds verified chunks; the disk tier checks
-            // each against its name).
-            let bytes = self.runtime.block_on(self.tiers.load(chunk))?;
+            let bytes = self
+                .tiers
+                .local_plaintext(chunk)
+                .ok_or_else(|| anyhow::anyhow!("chunk {} is no longer local", chunk.name))?;
             let piece = bytes
                 .get(part.offset as usize..(part.offset + part.len) as usize)
                 .ok_or_else(|| anyhow::anyhow!("an extent beyond its chunk"))?;
             file.write_all_at(piece, part.file_offset)?;
         }
         file.set_len(self.size)?;
-        self.plain.finish(making, file, self.size)?;
+        self.plain.finish(making)?;
         Ok(())
     }
 }
@@ -662,7 +678,9 @@ impl Filesystem for ImageFs {
                             reply
                                 .open_backing(&file)
                                 .map_err(|e| {
-                                    tracing::warn!(error = %e, "the kernel refused a passthrough file; reading through the agent");
+                                    tracing::warn!(error = %e, "the kernel refused a whole-file copy as a backing file; every read goes through the agent from now on");
+                                    self.passthrough_refused
+                                        .store(true, std::sync::atomic::Ordering::Relaxed);
                                 })
                                 .ok()
                         });
@@ -711,17 +729,29 @@ impl Filesystem for ImageFs {
             .remove(&u64::from(fh));
         if let Some(handle) = handle {
             let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
-            let last = match opens.get_mut(&handle.inode) {
-                Some(InodeOpens::Cached { handles } | InodeOpens::Passthrough { handles, .. }) => {
+            let (last, cached) = match opens.get_mut(&handle.inode) {
+                Some(InodeOpens::Cached { handles }) => {
                     *handles -= 1;
-                    *handles == 0
+                    (*handles == 0, true)
                 }
-                None => false,
+                Some(InodeOpens::Passthrough { handles, .. }) => {
+                    *handles -= 1;
+                    (*handles == 0, false)
+                }
+                None => (false, false),
             };
             if last {
                 // Dropping a backing id tells the kernel it may close the backing file.
                 opens.remove(&handle.inode);
             }
+            drop(opens);
+            reply.ok();
+            // Every read of this handle is done: the file may have all its chunks local
+            // now, and earn a copy for the next opens.
+            if cached {
+                self.offer_copy(handle.inode);
+            }
+            return;
         }
         reply.ok();
     }
@@ -742,17 +772,9 @@ impl Filesystem for ImageFs {
             Ok(found) => found,
             Err(e) => return reply.error(errno_of(&e)),
         };
-        let InodeKind::File {
-            extents,
-            size: file_size,
-        } = &inode.kind
-        else {
+        let InodeKind::File { extents, .. } = &inode.kind else {
             return reply.error(errno_of(&FsError::NotFile));
         };
-        // A read that reaches the end may earn the file a local copy, once it is served.
-        let copy = (offset + u64::from(size) >= *file_size)
-            .then(|| self.copy_job(*file_size, extents))
-            .flatten();
         let starts = self.extent_starts.get(&index);
         let pieces = pieces(extents, starts.map(Vec::as_slice), offset, u64::from(size));
         inc(&self.stats.reads);
@@ -789,11 +811,7 @@ impl Filesystem for ImageFs {
             let data = assemble(&pieces, &cached);
             add(&self.stats.read_bytes, data.len() as u64);
             self.stats.read_latency.observe(started.elapsed());
-            reply.data(&data);
-            if let Some(copy) = copy {
-                copy.start();
-            }
-            return;
+            return reply.data(&data);
         }
         // Otherwise the reply goes to a task on the runtime with the loads it waits for.
         let refs: Vec<Option<ChunkRef>> = pieces
@@ -838,9 +856,6 @@ impl Filesystem for ImageFs {
             add(&stats.read_bytes, data.len() as u64);
             stats.read_latency.observe(started.elapsed());
             reply.data(&data);
-            if let Some(copy) = copy {
-                copy.start();
-            }
         });
     }
 

@@ -6,28 +6,35 @@
 //! passthrough (Linux 6.9+) the kernel reads and maps a local backing file itself, at the
 //! local filesystem's speed, without asking the agent.
 //!
-//! A file is made here only from chunks that are verified and already local (memory or
-//! disk tier), after a reader has read it to its end: lazy loading fetches nothing for it.
-//! Files are named by a hash of the extents they are made of (chunk names and keys,
-//! offsets, lengths), so images that share a file share its copy, and copies outlive the
-//! agent. Each is written under a temporary name, synced, then renamed: a name here is
-//! always a whole file. The directory is bounded in bytes; the least recently opened files
-//! go first. Its contents are plaintext at rest, readable by root only (as are the tenant
-//! key and the agent's memory on the same machine); `--files 0` turns it off.
+//! A file is copied here only from chunks that are already local (memory, or the disk
+//! tier, which checks each against its name): a copy never fetches anything. Files are
+//! named by a hash of the extents they are made of (chunk names and keys, offsets,
+//! lengths, and the size), so images that share a file share its copy, and copies outlive
+//! the agent. Each is written to a temporary file of its own, synced, then renamed: a name
+//! here is always a whole file, even with several agents sharing the directory. The
+//! directory itself is the record (sizes and last-open times are the files' own), so
+//! agents that share it share its budget: after each copy, the least recently opened
+//! files go until the directory is within it. Copies are plaintext at rest, readable by
+//! root only (as are the tenant key and the agent's memory on the same machine), and are
+//! not verified again when opened; `--files 0` turns them off.
 
 use std::{
-    collections::{HashMap, HashSet},
     fs::File,
-    io::{self, Write},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    io,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
-use crate::stats::{Stats, add, inc};
+use crate::stats::{Stats, inc};
 
 /// Files smaller than this are not worth a copy: a few reads through FUSE cost little.
 pub const MIN_FILE: u64 = 256 << 10;
+
+/// Temporary files older than this are leftovers of an agent that stopped mid-copy;
+/// younger ones may be another agent's copy in progress.
+const STALE_TEMP: Duration = Duration::from_secs(3600);
 
 /// A file's identity: the hash of what it is made of.
 pub type FileId = [u8; 32];
@@ -35,194 +42,169 @@ pub type FileId = [u8; 32];
 pub struct PlainFiles {
     dir: PathBuf,
     budget: u64,
-    state: Mutex<State>,
+    /// The copy this agent is making: one at a time keeps the disk for readers.
+    making: Mutex<Option<FileId>>,
     stats: Arc<Stats>,
 }
 
-#[derive(Default)]
-struct State {
-    files: HashMap<FileId, Entry>,
-    bytes: u64,
-    /// Logical clock of opens, for least-recently-opened eviction.
-    clock: u64,
-    /// Files being made (one at a time, see `begin`).
-    making: HashSet<FileId>,
-}
-
-struct Entry {
-    len: u64,
-    used: u64,
-}
-
-/// The right to make one file; gives its place back when dropped.
+/// The right to make one copy, with the temporary file it is written into (removed if the
+/// copy is not published).
 pub struct Making {
     files: Arc<PlainFiles>,
     id: FileId,
-    tmp: PathBuf,
+    file: Option<tempfile::NamedTempFile>,
+}
+
+impl Making {
+    /// The temporary file the copy is written into.
+    pub fn file(&self) -> &File {
+        self.file.as_ref().expect("until published").as_file()
+    }
 }
 
 impl PlainFiles {
-    /// Opens (creating) the directory, forgets unfinished copies and trims to the budget.
+    /// Opens (creating) the directory, removes stale temporary files and trims to the
+    /// budget.
     pub fn open(dir: &Path, budget: u64, stats: Arc<Stats>) -> io::Result<Self> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
-        let mut found = Vec::new();
+        // Also when it existed: plaintext is for root's eyes only.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
-            let path = entry.path();
-            let name = entry.file_name();
-            let id = name.to_str().and_then(parse_id);
-            match (id, entry.metadata()) {
-                (Some(id), Ok(meta)) if meta.is_file() => {
-                    let mtime = meta.modified().ok();
-                    found.push((mtime, id, meta.len()));
-                }
-                // Unfinished copies of an agent that stopped, and anything else.
-                _ => {
-                    let _ = std::fs::remove_file(&path);
-                }
+            let is_temp = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(".tmp"));
+            let stale = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_TEMP);
+            if is_temp && stale {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
-        // Oldest first, so that the clock orders them as they were last used.
-        found.sort();
-        let mut state = State::default();
-        for (_, id, len) in found {
-            state.clock += 1;
-            state.bytes += len;
-            state.files.insert(
-                id,
-                Entry {
-                    len,
-                    used: state.clock,
-                },
-            );
-        }
-        add(&stats.files_bytes, state.bytes);
         let files = Self {
             dir: dir.to_owned(),
             budget,
-            state: Mutex::new(state),
+            making: Mutex::new(None),
             stats,
         };
-        files.trim(&mut files.lock(), None);
+        files.trim(None);
         Ok(files)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn path(&self, id: &FileId) -> PathBuf {
         self.dir.join(hex(id))
     }
 
-    /// The copy of a file, opened for reading, if there is one.
+    /// The copy of a file, opened for reading, if there is one; it becomes the most
+    /// recently opened.
     pub fn get(&self, id: &FileId) -> Option<File> {
-        let mut state = self.lock();
-        state.files.get(id)?;
-        match File::open(self.path(id)) {
-            Ok(file) => {
-                state.clock += 1;
-                let clock = state.clock;
-                if let Some(entry) = state.files.get_mut(id) {
-                    entry.used = clock;
-                }
-                Some(file)
-            }
-            Err(_) => {
-                // Removed from outside: forget it.
-                if let Some(entry) = state.files.remove(id) {
-                    state.bytes -= entry.len;
-                    self.stats
-                        .files_bytes
-                        .fetch_sub(entry.len, std::sync::atomic::Ordering::Relaxed);
-                }
-                None
-            }
-        }
+        let file = File::open(self.path(id)).ok()?;
+        // The mtime carries the order of opens, across agents and restarts.
+        let _ = file.set_modified(SystemTime::now());
+        Some(file)
     }
 
-    /// Whether a file of `len` bytes is worth a copy now: big enough, within the budget,
-    /// not copied yet, and no copy being made (one at a time keeps the disk for readers).
+    /// Whether this agent is making a copy (then no other is started).
+    pub fn busy(&self) -> bool {
+        self.making
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Whether a copy of the file exists.
+    pub fn has(&self, id: &FileId) -> bool {
+        self.path(id).exists()
+    }
+
+    /// The right to copy a file of `len` bytes: `None` if it is too small or too large
+    /// for the budget, is copied already, or this agent is copying another.
     pub fn begin(self: &Arc<Self>, id: &FileId, len: u64) -> Option<Making> {
-        if len < MIN_FILE || len > self.budget / 2 {
+        if len < MIN_FILE || len > self.budget / 2 || self.has(id) {
             return None;
         }
-        let mut state = self.lock();
-        if state.files.contains_key(id) || !state.making.is_empty() {
+        let mut making = self.making.lock().unwrap_or_else(|p| p.into_inner());
+        if making.is_some() {
             return None;
         }
-        state.making.insert(*id);
+        let file = tempfile::Builder::new()
+            .prefix(".tmp")
+            .tempfile_in(&self.dir)
+            .ok()?;
+        *making = Some(*id);
         Some(Making {
             files: self.clone(),
             id: *id,
-            tmp: self.dir.join(format!("{}.tmp", hex(id))),
+            file: Some(file),
         })
     }
 
-    /// Publishes a finished copy: synced, renamed into place, counted; older copies are
-    /// evicted to stay within the budget.
-    pub fn finish(&self, making: Making, mut file: File, len: u64) -> io::Result<()> {
-        file.flush()?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&making.tmp, self.path(&making.id))?;
-        let mut state = self.lock();
-        state.clock += 1;
-        let clock = state.clock;
-        state.files.insert(making.id, Entry { len, used: clock });
-        state.bytes += len;
-        add(&self.stats.files_bytes, len);
+    /// Publishes a finished copy: synced, renamed into place; then the oldest copies go
+    /// until the directory is within the budget.
+    pub fn finish(&self, mut making: Making) -> io::Result<()> {
+        let file = making.file.take().expect("published once");
+        file.as_file().sync_all()?;
+        let _ = file.as_file().set_modified(SystemTime::now());
+        file.persist(self.path(&making.id)).map_err(|e| e.error)?;
+        let id = making.id;
         inc(&self.stats.files_made);
-        self.trim(&mut state, Some(&making.id));
+        self.trim(Some(&id));
         Ok(())
     }
 
-    /// Creates the temporary file a copy is written into.
-    pub fn create_tmp(&self, making: &Making) -> io::Result<File> {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&making.tmp)
-    }
-
-    /// Evicts the least recently opened copies (never `keep`) until within the budget.
-    /// A copy a reader has open stays readable: only its name goes.
-    fn trim(&self, state: &mut State, keep: Option<&FileId>) {
-        while state.bytes > self.budget {
-            let Some(oldest) = state
-                .files
-                .iter()
-                .filter(|(id, _)| Some(*id) != keep)
-                .min_by_key(|(_, entry)| entry.used)
-                .map(|(id, _)| *id)
-            else {
+    /// Removes the least recently opened copies (never `keep`) until the directory is
+    /// within the budget, and publishes its size. A copy a reader has open stays readable:
+    /// only its name goes.
+    fn trim(&self, keep: Option<&FileId>) {
+        let mut copies: Vec<(SystemTime, u64, FileId)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let id = parse_id(entry.file_name().to_str()?)?;
+                let meta = entry.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), id))
+            })
+            .collect();
+        copies.sort();
+        let mut bytes: u64 = copies.iter().map(|(_, len, _)| len).sum();
+        for (_, len, id) in copies {
+            if bytes <= self.budget {
                 break;
-            };
-            let entry = state.files.remove(&oldest).expect("just found");
-            state.bytes -= entry.len;
-            self.stats
-                .files_bytes
-                .fetch_sub(entry.len, std::sync::atomic::Ordering::Relaxed);
-            inc(&self.stats.files_evicted);
-            let _ = std::fs::remove_file(self.path(&oldest));
+            }
+            if Some(&id) == keep {
+                continue;
+            }
+            if std::fs::remove_file(self.path(&id)).is_ok() {
+                inc(&self.stats.files_evicted);
+            }
+            bytes -= len;
         }
+        self.stats
+            .files_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Bytes of copies in the directory (every agent's).
     pub fn bytes(&self) -> u64 {
-        self.lock().bytes
+        self.trim(None);
+        self.stats
+            .files_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl Drop for Making {
     fn drop(&mut self) {
-        // A copy that was not published leaves no file behind.
-        let _ = std::fs::remove_file(&self.tmp);
-        self.files.lock().making.remove(&self.id);
+        // The temporary file removes itself unless it was published.
+        *self.files.making.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
@@ -243,49 +225,62 @@ fn parse_id(name: &str) -> Option<FileId> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
     use super::*;
 
     fn make(files: &Arc<PlainFiles>, id: u8, len: u64) {
         let making = files.begin(&[id; 32], len).expect("may make it");
-        let mut file = files.create_tmp(&making).unwrap();
-        file.write_all(&vec![id; len as usize]).unwrap();
-        files.finish(making, file, len).unwrap();
+        making.file().write_all(&vec![id; len as usize]).unwrap();
+        files.finish(making).unwrap();
     }
 
     #[test]
-    fn copies_are_whole_bounded_and_kept_across_restarts() {
+    fn copies_are_whole_bounded_shared_and_kept_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let stats = Arc::new(Stats::default());
-        let files = Arc::new(PlainFiles::open(dir.path(), 3 * MIN_FILE, stats.clone()).unwrap());
+        let open = |budget| {
+            Arc::new(PlainFiles::open(dir.path(), budget, Arc::new(Stats::default())).unwrap())
+        };
+        let files = open(3 * MIN_FILE);
         assert!(files.begin(&[9; 32], MIN_FILE - 1).is_none(), "too small");
         make(&files, 1, MIN_FILE);
         make(&files, 2, MIN_FILE);
-        // One copy at a time, and none of a file already copied.
+        // One copy at a time per agent, and none of a file already copied; another agent
+        // sharing the directory copies on its own.
         let making = files.begin(&[3; 32], MIN_FILE).unwrap();
         assert!(files.begin(&[4; 32], MIN_FILE).is_none());
+        let other = open(3 * MIN_FILE);
+        assert!(other.begin(&[4; 32], MIN_FILE).is_some());
         drop(making);
         assert!(files.begin(&[1; 32], MIN_FILE).is_none());
-        // Opening 1 makes 2 the least recently used: it goes when 3 and 4 come.
+        // Opening 1 makes 2 the least recently opened: it goes when 3 and 4 come, made by
+        // two agents, each trimming the directory both share.
         assert!(files.get(&[1; 32]).is_some());
         make(&files, 3, MIN_FILE);
-        make(&files, 4, MIN_FILE);
+        make(&other, 4, MIN_FILE);
         assert!(
             files.get(&[2; 32]).is_none(),
             "the least recently opened stays"
         );
-        assert!(files.bytes() <= 3 * MIN_FILE);
-        assert_eq!(get_stat(&stats.files_bytes), files.bytes());
-        // A leftover temporary file is removed at the next open; copies are kept.
-        std::fs::write(dir.path().join(format!("{}.tmp", hex(&[5; 32]))), b"half").unwrap();
+        assert_eq!(files.bytes(), 3 * MIN_FILE);
+        // Temporary files: a stale one is removed at the next open, a recent one (another
+        // agent's copy in progress) is left alone.
+        let stale = dir.path().join(".tmp-stale");
+        let recent = dir.path().join(".tmp-recent");
+        for path in [&stale, &recent] {
+            std::fs::write(path, b"half").unwrap();
+        }
+        File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(SystemTime::now() - 2 * STALE_TEMP)
+            .unwrap();
         drop(files);
-        let files = PlainFiles::open(dir.path(), 3 * MIN_FILE, Arc::new(Stats::default())).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+        let files = open(3 * MIN_FILE);
+        assert!(!stale.exists() && recent.exists());
         let mut copy = Vec::new();
-        std::io::Read::read_to_end(&mut files.get(&[4; 32]).unwrap(), &mut copy).unwrap();
+        files.get(&[4; 32]).unwrap().read_to_end(&mut copy).unwrap();
         assert_eq!(copy, vec![4u8; MIN_FILE as usize]);
-    }
-
-    fn get_stat(counter: &std::sync::atomic::AtomicU64) -> u64 {
-        counter.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -209,6 +209,31 @@ impl Tiers {
         self.memory.get(&(chunk.name, chunk.key.0))
     }
 
+    /// Whether memory or disk holds the chunk (without touching either's use order).
+    pub fn is_local(&self, chunk: &ChunkRef) -> bool {
+        self.memory.contains_key(&(chunk.name, chunk.key.0))
+            || self
+                .disk
+                .as_ref()
+                .is_some_and(|disk| disk.contains(&chunk.name))
+    }
+
+    /// The decrypted chunk from memory or disk only, on the calling (blocking) thread:
+    /// never fetched, not counted, and not put in memory, so that copying a large file
+    /// whole does not flush the memory readers use. `None` if neither tier has it (or the
+    /// disk's copy fails verification).
+    pub fn local_plaintext(&self, chunk: &ChunkRef) -> Option<Bytes> {
+        if let Some(hit) = self.memory.peek(&(chunk.name, chunk.key.0)) {
+            return Some(hit);
+        }
+        let mut bytes = self.disk.as_ref()?.get(&chunk.name)?;
+        if bytes.len() != chunk.len as usize {
+            return None;
+        }
+        open_in_place(&chunk.name, &chunk.key, &mut bytes).ok()?;
+        Some(Bytes::from(bytes))
+    }
+
     /// The decrypted chunk, from whichever tier has it; a memory hit counts the whole
     /// chunk.
     pub async fn load(self: &Arc<Self>, chunk: &ChunkRef) -> Result<Bytes, LoadError> {
