@@ -681,6 +681,9 @@ impl Filesystem for ImageFs {
                                     tracing::warn!(error = %e, "the kernel refused a whole-file copy as a backing file; every read goes through the agent from now on");
                                     self.passthrough_refused
                                         .store(true, std::sync::atomic::Ordering::Relaxed);
+                                    self.stats
+                                        .passthrough_refused
+                                        .store(1, std::sync::atomic::Ordering::Relaxed);
                                 })
                                 .ok()
                         });

@@ -59,6 +59,7 @@ pub mod names {
     pub const FETCH_FAILURES: &str = "slapshot_agent_fetch_failures_total";
     pub const IMAGE_BYTES: &str = "slapshot_agent_image_bytes";
     pub const PASSTHROUGH_OPENS: &str = "slapshot_agent_passthrough_opens_total";
+    pub const PASSTHROUGH_REFUSED: &str = "slapshot_agent_passthrough_refused";
     pub const FILES_MADE: &str = "slapshot_agent_file_copies_made_total";
     pub const FILES_EVICTED: &str = "slapshot_agent_file_copies_evicted_total";
     pub const FILES_BYTES: &str = "slapshot_agent_file_copies_bytes";
@@ -93,6 +94,8 @@ pub struct Stats {
     pub image_bytes: AtomicU64,
     /// Opens answered with a local copy the kernel reads itself (passthrough).
     pub passthrough_opens: AtomicU64,
+    /// 1 once the kernel refused a copy as a backing file (passthrough is then off).
+    pub passthrough_refused: AtomicU64,
     /// Whole-file copies made for passthrough, evicted, and the bytes they hold.
     pub files_made: AtomicU64,
     pub files_evicted: AtomicU64,
@@ -263,6 +266,12 @@ impl Stats {
             names::PASSTHROUGH_OPENS,
             "Opens served by the kernel from a local whole-file copy (FUSE passthrough).",
             get(&self.passthrough_opens),
+        );
+        prometheus::gauge(
+            &mut out,
+            names::PASSTHROUGH_REFUSED,
+            "1 if the kernel refused a whole-file copy as a backing file (passthrough off).",
+            get(&self.passthrough_refused),
         );
         prometheus::counter(
             &mut out,

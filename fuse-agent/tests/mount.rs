@@ -918,8 +918,17 @@ fn warm_files_are_read_by_the_kernel_from_whole_copies() {
     let reads = get(&stats.reads);
     wait_for("a passthrough open", Duration::from_secs(10), || {
         drop(std::fs::File::open(&big).unwrap());
-        get(&stats.passthrough_opens) > 0
+        get(&stats.passthrough_opens) > 0 || get(&stats.passthrough_refused) == 1
     });
+    if get(&stats.passthrough_refused) == 1 {
+        // A temporary directory on a stacked filesystem (overlayfs, as in many containers)
+        // cannot hold backing files; the agent then reads everything itself.
+        eprintln!(
+            "SKIPPED the passthrough half of warm_files_are_read_by_the_kernel_from_whole_copies: the kernel refused a backing file in {}",
+            world.path("files").display()
+        );
+        return;
+    }
     let opens = get(&stats.passthrough_opens);
     let mut first = std::fs::File::open(&big).unwrap();
     let mut second = std::fs::File::open(mountpoint.join("data/big-again")).unwrap();
