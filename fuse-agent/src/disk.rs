@@ -32,7 +32,7 @@ use slapshot_core::ChunkName;
 use crate::stats::{Stats, inc};
 
 /// Temporary files older than this are leftovers of a crash, not writes in progress.
-const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+pub(crate) const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
 /// An agent rescans the directory after writing this fraction of the budget.
 const RESCAN_FRACTION: u64 = 16;
 /// The lock file agents take while they scan and evict.
@@ -300,22 +300,26 @@ fn scan(dir: &Path) -> io::Result<Index> {
                 }
                 // Leftovers of a write that crashed before its rename. Recent ones may be
                 // another agent's writes in progress: left alone.
-                Err(_) if name.starts_with(".tmp") => {
-                    let stale = file
-                        .metadata()
-                        .ok()
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > STALE_TEMP);
-                    if stale {
-                        let _ = std::fs::remove_file(file.path());
-                    }
-                }
+                Err(_) if name.starts_with(".tmp") => remove_if_stale(&file),
                 Err(_) => {}
             }
         }
     }
     Ok(index)
+}
+
+/// Removes a temporary file left by a write that crashed before its rename: one older
+/// than `STALE_TEMP`. Younger ones may be another agent's write in progress.
+pub(crate) fn remove_if_stale(entry: &std::fs::DirEntry) {
+    let stale = entry
+        .metadata()
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > STALE_TEMP);
+    if stale {
+        let _ = std::fs::remove_file(entry.path());
+    }
 }
 
 #[cfg(test)]

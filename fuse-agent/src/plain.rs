@@ -24,17 +24,13 @@ use std::{
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use crate::stats::{Stats, inc};
 
 /// Files smaller than this are not worth a copy: a few reads through FUSE cost little.
 pub const MIN_FILE: u64 = 256 << 10;
-
-/// Temporary files older than this are leftovers of an agent that stopped mid-copy;
-/// younger ones may be another agent's copy in progress.
-const STALE_TEMP: Duration = Duration::from_secs(3600);
 
 /// A file's identity: the hash of what it is made of.
 pub type FileId = [u8; 32];
@@ -74,18 +70,12 @@ impl PlainFiles {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
-            let is_temp = entry
+            if entry
                 .file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with(".tmp"));
-            let stale = entry
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > STALE_TEMP);
-            if is_temp && stale {
-                let _ = std::fs::remove_file(entry.path());
+                .is_some_and(|n| n.starts_with(".tmp"))
+            {
+                crate::disk::remove_if_stale(&entry);
             }
         }
         let files = Self {
@@ -274,7 +264,7 @@ mod tests {
             .write(true)
             .open(&stale)
             .unwrap()
-            .set_modified(SystemTime::now() - 2 * STALE_TEMP)
+            .set_modified(SystemTime::now() - 2 * crate::disk::STALE_TEMP)
             .unwrap();
         drop(files);
         let files = open(3 * MIN_FILE);
