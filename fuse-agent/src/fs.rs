@@ -90,7 +90,11 @@ enum InodeOpens {
     /// Through us and the FUSE page cache.
     Cached { handles: u32 },
     /// From a local copy; every handle must name the same backing file.
-    Passthrough { backing: BackingId, handles: u32 },
+    Passthrough {
+        id: FileId,
+        backing: BackingId,
+        handles: u32,
+    },
 }
 
 /// Why an operation failed, mapped to an errno in `errno_of`.
@@ -207,6 +211,7 @@ impl ImageFs {
             return;
         };
         if *size < MIN_FILE
+            || *size > plain.max_file()
             || plain.busy()
             || self
                 .passthrough_refused
@@ -254,8 +259,8 @@ impl ImageFs {
         });
     }
 
-    /// A local copy of the inode's file, if there is one.
-    fn local_copy(&self, inode: &Inode) -> Option<std::fs::File> {
+    /// A local copy of the inode's file, if there is one, with its id.
+    fn local_copy(&self, inode: &Inode) -> Option<(FileId, std::fs::File)> {
         let plain = self.plain.as_ref()?;
         if self
             .passthrough_refused
@@ -266,10 +271,29 @@ impl ImageFs {
         let InodeKind::File { size, extents } = &inode.kind else {
             return None;
         };
-        if *size < MIN_FILE {
+        if *size < MIN_FILE || *size > plain.max_file() {
             return None;
         }
-        plain.get(&self.file_id(*size, extents))
+        let id = self.file_id(*size, extents);
+        Some((id, plain.get(&id)?))
+    }
+
+    /// The kernel refused a copy as a backing file: no more copies or passthrough opens
+    /// for this mount (each would be refused the same way), said once.
+    fn refuse_passthrough(&self, error: &std::io::Error) {
+        if !self
+            .passthrough_refused
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(%error, "the kernel refused a whole-file copy as a backing file (ELOOP: the cache directory is on a stacked filesystem); every read goes through the agent from now on");
+            self.stats
+                .passthrough
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            self.stats.passthrough_refused_errno.store(
+                error.raw_os_error().unwrap_or(-1) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
     }
 
     /// Which signals end a read that waits (fatal ones only, by default).
@@ -592,6 +616,9 @@ impl Filesystem for ImageFs {
         if self.plain.is_some() {
             if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
                 let _ = config.set_max_stack_depth(1);
+                self.stats
+                    .passthrough
+                    .store(1, std::sync::atomic::Ordering::Relaxed);
             } else {
                 tracing::info!("this kernel offers no FUSE passthrough: whole-file copies are off");
                 self.plain = None;
@@ -659,11 +686,34 @@ impl Filesystem for ImageFs {
                             read_end: 0,
                         },
                     );
+                // Slow work first, outside the lock every open and release takes: finding
+                // a copy and registering it with the kernel (an open, an ioctl).
+                let idle = !self
+                    .opens
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&index);
+                let candidate = if idle {
+                    self.local_copy(inode)
+                        .and_then(|(id, file)| match reply.open_backing(&file) {
+                            Ok(backing) => Some((id, backing)),
+                            Err(e) => {
+                                self.refuse_passthrough(&e);
+                                None
+                            }
+                        })
+                } else {
+                    None
+                };
                 // Decided and answered under the lock, so that two opens of one inode
-                // cannot choose different kinds.
+                // cannot choose different kinds; a backing file registered above is
+                // dropped (closed) if another open decided first.
                 let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+                let mut used = None;
                 match opens.get_mut(&index) {
-                    Some(InodeOpens::Passthrough { backing, handles }) => {
+                    Some(InodeOpens::Passthrough {
+                        backing, handles, ..
+                    }) => {
                         *handles += 1;
                         inc(&self.stats.passthrough_opens);
                         reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing);
@@ -673,42 +723,30 @@ impl Filesystem for ImageFs {
                         // The contents never change: the page cache may keep them.
                         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
                     }
-                    None => {
-                        let backing = self.local_copy(inode).and_then(|file| {
-                            reply
-                                .open_backing(&file)
-                                .map_err(|e| {
-                                    tracing::warn!(error = %e, "the kernel refused a whole-file copy as a backing file; every read goes through the agent from now on");
-                                    self.passthrough_refused
-                                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                                    self.stats
-                                        .passthrough_refused
-                                        .store(1, std::sync::atomic::Ordering::Relaxed);
-                                })
-                                .ok()
-                        });
-                        match backing {
-                            Some(backing) => {
-                                inc(&self.stats.passthrough_opens);
-                                reply.opened_passthrough(
-                                    FileHandle(fh),
-                                    FopenFlags::empty(),
-                                    &backing,
-                                );
-                                opens.insert(
-                                    index,
-                                    InodeOpens::Passthrough {
-                                        backing,
-                                        handles: 1,
-                                    },
-                                );
-                            }
-                            None => {
-                                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                                opens.insert(index, InodeOpens::Cached { handles: 1 });
-                            }
+                    None => match candidate {
+                        Some((id, backing)) => {
+                            inc(&self.stats.passthrough_opens);
+                            reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                            opens.insert(
+                                index,
+                                InodeOpens::Passthrough {
+                                    id,
+                                    backing,
+                                    handles: 1,
+                                },
+                            );
+                            used = Some(id);
                         }
-                    }
+                        None => {
+                            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                            opens.insert(index, InodeOpens::Cached { handles: 1 });
+                        }
+                    },
+                }
+                drop(opens);
+                if let (Some(id), Some(plain)) = (used, &self.plain) {
+                    // In use: kept out of trims while open, and the most recently used.
+                    plain.pin(&id);
                 }
             }
             Err(e) => reply.error(errno_of(&e)),
@@ -743,11 +781,16 @@ impl Filesystem for ImageFs {
                 }
                 None => (false, false),
             };
-            if last {
-                // Dropping a backing id tells the kernel it may close the backing file.
-                opens.remove(&handle.inode);
-            }
+            // Dropping a backing id tells the kernel it may close the backing file.
+            let ended = if last {
+                opens.remove(&handle.inode)
+            } else {
+                None
+            };
             drop(opens);
+            if let (Some(InodeOpens::Passthrough { id, .. }), Some(plain)) = (ended, &self.plain) {
+                plain.unpin(&id);
+            }
             reply.ok();
             // Every read of this handle is done: the file may have all its chunks local
             // now, and earn a copy for the next opens.

@@ -40,6 +40,9 @@ pub struct PlainFiles {
     budget: u64,
     /// The copy this agent is making: one at a time keeps the disk for readers.
     making: Mutex<Option<FileId>>,
+    /// Copies this agent's kernel reads now (open handles): never trimmed, since the
+    /// space would not come back before they are closed, and they are in use.
+    pinned: Mutex<std::collections::HashMap<FileId, u32>>,
     stats: Arc<Stats>,
 }
 
@@ -82,6 +85,7 @@ impl PlainFiles {
             dir: dir.to_owned(),
             budget,
             making: Mutex::new(None),
+            pinned: Mutex::new(std::collections::HashMap::new()),
             stats,
         };
         files.trim(None);
@@ -92,13 +96,45 @@ impl PlainFiles {
         self.dir.join(hex(id))
     }
 
-    /// The copy of a file, opened for reading, if there is one; it becomes the most
-    /// recently opened.
+    /// The copy of a file, opened for reading, if there is one.
     pub fn get(&self, id: &FileId) -> Option<File> {
-        let file = File::open(self.path(id)).ok()?;
-        // The mtime carries the order of opens, across agents and restarts.
-        let _ = file.set_modified(SystemTime::now());
-        Some(file)
+        File::open(self.path(id)).ok()
+    }
+
+    /// The largest file worth a copy.
+    pub fn max_file(&self) -> u64 {
+        self.budget / 2
+    }
+
+    /// A copy is being read (a passthrough open): kept from trims until `unpin`.
+    pub fn pin(&self, id: &FileId) {
+        *self
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(*id)
+            .or_default() += 1;
+        self.touch(id);
+    }
+
+    /// A copy's last reader closed it: it becomes the most recently used.
+    pub fn unpin(&self, id: &FileId) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = pinned.get_mut(id) {
+            *count -= 1;
+            if *count == 0 {
+                pinned.remove(id);
+            }
+        }
+        drop(pinned);
+        self.touch(id);
+    }
+
+    /// The mtime carries the order of use, across agents and restarts.
+    fn touch(&self, id: &FileId) {
+        if let Ok(file) = File::open(self.path(id)) {
+            let _ = file.set_modified(SystemTime::now());
+        }
     }
 
     /// Whether this agent is making a copy (then no other is started).
@@ -117,7 +153,7 @@ impl PlainFiles {
     /// The right to copy a file of `len` bytes: `None` if it is too small or too large
     /// for the budget, is copied already, or this agent is copying another.
     pub fn begin(self: &Arc<Self>, id: &FileId, len: u64) -> Option<Making> {
-        if len < MIN_FILE || len > self.budget / 2 || self.has(id) {
+        if len < MIN_FILE || len > self.max_file() || self.has(id) {
             return None;
         }
         let mut making = self.making.lock().unwrap_or_else(|p| p.into_inner());
@@ -144,38 +180,51 @@ impl PlainFiles {
         let _ = file.as_file().set_modified(SystemTime::now());
         file.persist(self.path(&making.id)).map_err(|e| e.error)?;
         let id = making.id;
+        // Published: another copy may start (before it is counted, so that whoever waits
+        // for the count finds the slot free).
+        making.release();
         inc(&self.stats.files_made);
         self.trim(Some(&id));
         Ok(())
     }
 
-    /// Removes the least recently opened copies (never `keep`) until the directory is
-    /// within the budget, and publishes its size. A copy a reader has open stays readable:
-    /// only its name goes.
+    /// Removes the least recently used copies (never `keep`, never one this agent's kernel
+    /// reads) until the directory is within the budget, and publishes its size. Copies in
+    /// progress (temporary files) count but cannot be removed; a copy another agent's
+    /// kernel still reads stays allocated until it is closed.
     fn trim(&self, keep: Option<&FileId>) {
-        let mut copies: Vec<(SystemTime, u64, FileId)> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let id = parse_id(entry.file_name().to_str()?)?;
-                let meta = entry.metadata().ok()?;
-                Some((meta.modified().ok()?, meta.len(), id))
-            })
-            .collect();
+        let mut copies: Vec<(SystemTime, u64, FileId)> = Vec::new();
+        let mut bytes = 0u64;
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            bytes += meta.len();
+            if let Some(id) = entry.file_name().to_str().and_then(parse_id)
+                && let Ok(modified) = meta.modified()
+            {
+                copies.push((modified, meta.len(), id));
+            }
+        }
         copies.sort();
-        let mut bytes: u64 = copies.iter().map(|(_, len, _)| len).sum();
+        let pinned = self
+            .pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for (_, len, id) in copies {
             if bytes <= self.budget {
                 break;
             }
-            if Some(&id) == keep {
+            if Some(&id) == keep || pinned.contains_key(&id) {
                 continue;
             }
-            if std::fs::remove_file(self.path(&id)).is_ok() {
-                inc(&self.stats.files_evicted);
+            match std::fs::remove_file(self.path(&id)) {
+                Ok(()) => {
+                    inc(&self.stats.files_evicted);
+                    bytes -= len;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => bytes -= len,
+                Err(_) => {}
             }
-            bytes -= len;
         }
         self.stats
             .files_bytes
@@ -191,10 +240,20 @@ impl PlainFiles {
     }
 }
 
+impl Making {
+    /// Gives the agent's copy slot back (if it is still ours).
+    fn release(&self) {
+        let mut slot = self.files.making.lock().unwrap_or_else(|p| p.into_inner());
+        if *slot == Some(self.id) {
+            *slot = None;
+        }
+    }
+}
+
 impl Drop for Making {
     fn drop(&mut self) {
         // The temporary file removes itself unless it was published.
-        *self.files.making.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.release();
     }
 }
 
@@ -219,10 +278,21 @@ mod tests {
 
     use super::*;
 
+    const LONG_AGO: std::time::Duration = std::time::Duration::from_secs(7200);
+
     fn make(files: &Arc<PlainFiles>, id: u8, len: u64) {
         let making = files.begin(&[id; 32], len).expect("may make it");
         making.file().write_all(&vec![id; len as usize]).unwrap();
         files.finish(making).unwrap();
+    }
+
+    fn age(dir: &Path, name: &str) {
+        File::options()
+            .write(true)
+            .open(dir.join(name))
+            .unwrap()
+            .set_modified(SystemTime::now() - LONG_AGO)
+            .unwrap();
     }
 
     #[test]
@@ -243,34 +313,39 @@ mod tests {
         assert!(other.begin(&[4; 32], MIN_FILE).is_some());
         drop(making);
         assert!(files.begin(&[1; 32], MIN_FILE).is_none());
-        // Opening 1 makes 2 the least recently opened: it goes when 3 and 4 come, made by
+        // Reading 1 makes 2 the least recently used: it goes when 3 and 4 come, made by
         // two agents, each trimming the directory both share.
-        assert!(files.get(&[1; 32]).is_some());
+        age(dir.path(), &hex(&[1; 32]));
+        age(dir.path(), &hex(&[2; 32]));
+        files.pin(&[1; 32]);
+        files.unpin(&[1; 32]);
         make(&files, 3, MIN_FILE);
         make(&other, 4, MIN_FILE);
         assert!(
             files.get(&[2; 32]).is_none(),
-            "the least recently opened stays"
+            "the least recently used stays"
         );
+        assert!(files.get(&[1; 32]).is_some());
         assert_eq!(files.bytes(), 3 * MIN_FILE);
+        // A copy being read is never trimmed, however old: 1 stays, 3 goes.
+        files.pin(&[1; 32]);
+        age(dir.path(), &hex(&[1; 32]));
+        make(&files, 5, MIN_FILE);
+        assert!(files.get(&[1; 32]).is_some(), "a copy in use was trimmed");
+        assert!(files.get(&[3; 32]).is_none());
+        files.unpin(&[1; 32]);
         // Temporary files: a stale one is removed at the next open, a recent one (another
         // agent's copy in progress) is left alone.
-        let stale = dir.path().join(".tmp-stale");
-        let recent = dir.path().join(".tmp-recent");
-        for path in [&stale, &recent] {
-            std::fs::write(path, b"half").unwrap();
+        for name in [".tmp-stale", ".tmp-recent"] {
+            std::fs::write(dir.path().join(name), b"half").unwrap();
         }
-        File::options()
-            .write(true)
-            .open(&stale)
-            .unwrap()
-            .set_modified(SystemTime::now() - 2 * crate::disk::STALE_TEMP)
-            .unwrap();
+        age(dir.path(), ".tmp-stale");
         drop(files);
-        let files = open(3 * MIN_FILE);
-        assert!(!stale.exists() && recent.exists());
+        let files = open(4 * MIN_FILE);
+        assert!(!dir.path().join(".tmp-stale").exists());
+        assert!(dir.path().join(".tmp-recent").exists());
         let mut copy = Vec::new();
-        files.get(&[4; 32]).unwrap().read_to_end(&mut copy).unwrap();
-        assert_eq!(copy, vec![4u8; MIN_FILE as usize]);
+        files.get(&[5; 32]).unwrap().read_to_end(&mut copy).unwrap();
+        assert_eq!(copy, vec![5u8; MIN_FILE as usize]);
     }
 }

@@ -59,7 +59,8 @@ pub mod names {
     pub const FETCH_FAILURES: &str = "slapshot_agent_fetch_failures_total";
     pub const IMAGE_BYTES: &str = "slapshot_agent_image_bytes";
     pub const PASSTHROUGH_OPENS: &str = "slapshot_agent_passthrough_opens_total";
-    pub const PASSTHROUGH_REFUSED: &str = "slapshot_agent_passthrough_refused";
+    pub const PASSTHROUGH: &str = "slapshot_agent_passthrough";
+    pub const PASSTHROUGH_REFUSED: &str = "slapshot_agent_passthrough_refused_errno";
     pub const FILES_MADE: &str = "slapshot_agent_file_copies_made_total";
     pub const FILES_EVICTED: &str = "slapshot_agent_file_copies_evicted_total";
     pub const FILES_BYTES: &str = "slapshot_agent_file_copies_bytes";
@@ -94,8 +95,11 @@ pub struct Stats {
     pub image_bytes: AtomicU64,
     /// Opens answered with a local copy the kernel reads itself (passthrough).
     pub passthrough_opens: AtomicU64,
-    /// 1 once the kernel refused a copy as a backing file (passthrough is then off).
-    pub passthrough_refused: AtomicU64,
+    /// 1 while whole-file copies may be read by passthrough (the kernel offered it, and
+    /// has not refused a copy).
+    pub passthrough: AtomicU64,
+    /// The errno with which the kernel refused a copy as a backing file (0: never).
+    pub passthrough_refused_errno: AtomicU64,
     /// Whole-file copies made for passthrough, evicted, and the bytes they hold.
     pub files_made: AtomicU64,
     pub files_evicted: AtomicU64,
@@ -269,9 +273,15 @@ impl Stats {
         );
         prometheus::gauge(
             &mut out,
+            names::PASSTHROUGH,
+            "1 while whole-file copies are read by passthrough.",
+            get(&self.passthrough),
+        );
+        prometheus::gauge(
+            &mut out,
             names::PASSTHROUGH_REFUSED,
-            "1 if the kernel refused a whole-file copy as a backing file (passthrough off).",
-            get(&self.passthrough_refused),
+            "The errno with which the kernel refused a whole-file copy as a backing file (0: never).",
+            get(&self.passthrough_refused_errno),
         );
         prometheus::counter(
             &mut out,
