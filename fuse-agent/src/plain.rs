@@ -32,6 +32,9 @@ use crate::stats::{Stats, inc};
 /// Files smaller than this are not worth a copy: a few reads through FUSE cost little.
 pub const MIN_FILE: u64 = 256 << 10;
 
+/// How stale a copy's last-use time may get before an open or close refreshes it.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A file's identity: the hash of what it is made of.
 pub type FileId = [u8; 32];
 
@@ -130,9 +133,19 @@ impl PlainFiles {
         self.touch(id);
     }
 
-    /// The mtime carries the order of use, across agents and restarts.
+    /// The mtime carries the order of use, across agents and restarts. To the minute is
+    /// enough for that order, and spares a metadata write on every open and close.
     fn touch(&self, id: &FileId) {
-        if let Ok(file) = File::open(self.path(id)) {
+        let Ok(file) = File::open(self.path(id)) else {
+            return;
+        };
+        let recent = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < TOUCH_EVERY);
+        if !recent {
             let _ = file.set_modified(SystemTime::now());
         }
     }
