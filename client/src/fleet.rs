@@ -370,13 +370,13 @@ impl FleetClient {
             .collect()
     }
 
-    /// Node ids and whether the client currently considers each up.
     /// How long a hedged read waits for its k-th shard before it hedges: the configured
     /// delay, or the p95 of recent k-th arrivals.
     pub fn hedge_delay(&self) -> Duration {
         self.inner.hedge_delay()
     }
 
+    /// Node ids and whether the client currently considers each up.
     pub fn node_health(&self) -> Vec<(String, bool)> {
         self.inner
             .nodes

@@ -21,13 +21,13 @@
 use std::{
     collections::{BTreeSet, HashMap},
     fs::File,
-    io::{self, Write},
+    io::{self, Read, Write},
     path::{Path, PathBuf},
     sync::{Mutex, atomic::Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use slapshot_core::ChunkName;
+use slapshot_core::{ChunkName, SealedChunk};
 
 use crate::stats::{Stats, inc};
 
@@ -163,10 +163,15 @@ impl DiskCache {
     /// The chunk's stored bytes if the cache has them and they are still the chunk. A
     /// file this agent has not indexed is looked for too: agents share the directory, and
     /// another may have written it since.
-    pub fn get(&self, name: &ChunkName) -> Option<Vec<u8>> {
+    pub fn get(&self, name: &ChunkName) -> Option<SealedChunk> {
         let path = self.path(name);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
+        let read = File::open(&path).and_then(|mut file| {
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            Ok((file, bytes))
+        });
+        let (file, bytes) = match read {
+            Ok(read) => read,
             Err(_) => {
                 // Evicted by another agent sharing the directory, or removed by hand.
                 if self.lock().remove(name).is_some() {
@@ -175,26 +180,25 @@ impl DiskCache {
                 return None;
             }
         };
-        if !name.matches(&bytes) {
+        let Ok(sealed) = SealedChunk::verified(*name, bytes.into()) else {
             tracing::warn!(chunk = %name, path = %path.display(), "disk cache entry failed verification; fetching it again");
             inc(&self.stats.disk_corrupt);
             let _ = std::fs::remove_file(&path);
             self.lock().remove(name);
             self.publish_size();
             return None;
-        }
+        };
         let now = now_nanos();
-        // The mtime carries the use order across restarts.
-        if let Ok(file) = File::options().write(true).open(&path) {
-            let _ = file.set_modified(SystemTime::now());
-        }
+        // The mtime carries the use order across restarts (the owner may set it through
+        // a descriptor opened for reading).
+        let _ = file.set_modified(SystemTime::now());
         let known = {
             let mut index = self.lock();
             let known = index.entries.contains_key(name);
             if known {
                 index.touch(name, now);
             } else {
-                index.insert(*name, bytes.len() as u64, now);
+                index.insert(*name, sealed.len() as u64, now);
             }
             known
         };
@@ -202,7 +206,7 @@ impl DiskCache {
             self.evict_to_budget();
             self.publish_size();
         }
-        Some(bytes)
+        Some(sealed)
     }
 
     /// Stores a chunk's (verified) stored bytes, evicting the least recently used entries
@@ -335,7 +339,7 @@ mod tests {
         let (name, bytes) = chunk(7, 5000);
         a.put(&name, &bytes).unwrap();
         assert_eq!(
-            b.get(&name).unwrap(),
+            b.get(&name).unwrap().bytes().to_vec(),
             bytes,
             "b finds what a wrote after b opened"
         );
@@ -390,8 +394,8 @@ mod tests {
         );
         // The most recent chunks are there, for either agent.
         let (name, bytes) = last.last().unwrap();
-        assert_eq!(&a.get(name).unwrap(), bytes);
-        assert_eq!(&b.get(name).unwrap(), bytes);
+        assert_eq!(&a.get(name).unwrap().bytes().to_vec(), bytes);
+        assert_eq!(&b.get(name).unwrap().bytes().to_vec(), bytes);
     }
 
     /// An agent that finds another trimming the directory (holding its lock, even one that
@@ -441,7 +445,11 @@ mod tests {
         cache.put(&b, &b_bytes).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         cache.put(&c, &c_bytes).unwrap();
-        assert_eq!(cache.get(&a).unwrap(), a_bytes, "a is now the most recent");
+        assert_eq!(
+            cache.get(&a).unwrap().bytes().to_vec(),
+            a_bytes,
+            "a is now the most recent"
+        );
         let (d, d_bytes) = chunk(4, 1000);
         cache.put(&d, &d_bytes).unwrap();
         assert!(cache.get(&b).is_none(), "b was the least recently used");
@@ -458,8 +466,8 @@ mod tests {
         // A new agent finds what the old one left.
         drop(cache);
         let reopened = DiskCache::open(dir.path(), 3000, Arc::new(Stats::default())).unwrap();
-        assert_eq!(reopened.get(&a).unwrap(), a_bytes);
-        assert_eq!(reopened.get(&d).unwrap(), d_bytes);
+        assert_eq!(reopened.get(&a).unwrap().bytes().to_vec(), a_bytes);
+        assert_eq!(reopened.get(&d).unwrap().bytes().to_vec(), d_bytes);
         assert_eq!(reopened.bytes(), 2000);
         // A smaller budget trims at open.
         drop(reopened);

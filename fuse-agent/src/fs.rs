@@ -69,11 +69,9 @@ pub struct ImageFs {
     /// entry lives from open to release.
     handles: std::sync::Mutex<std::collections::HashMap<u64, OpenHandle>>,
     next_handle: std::sync::atomic::AtomicU64,
-    /// Whole-file copies for passthrough; `None` when off or the kernel lacks it.
+    /// Whole-file copies for passthrough; `None` when off or the kernel lacks it. In use
+    /// while `stats.passthrough` is 1 (it drops to 0 if the kernel refuses a copy).
     plain: Option<Arc<PlainFiles>>,
-    /// Set when the kernel refused a backing file (a cache directory on a stacked
-    /// filesystem, say): no more copies or passthrough opens for this mount.
-    passthrough_refused: std::sync::atomic::AtomicBool,
     /// Per inode (manifest index) with open handles: how the kernel reads it.
     opens: std::sync::Mutex<std::collections::HashMap<u32, InodeOpens>>,
 }
@@ -166,7 +164,6 @@ impl ImageFs {
             handles: std::sync::Mutex::new(std::collections::HashMap::new()),
             next_handle: std::sync::atomic::AtomicU64::new(1),
             plain: None,
-            passthrough_refused: std::sync::atomic::AtomicBool::new(false),
             opens: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -200,33 +197,41 @@ impl ImageFs {
         *hasher.finalize().as_bytes()
     }
 
-    /// Copies the file of inode `index` whole, in the background, if copies are on, it
-    /// is worth one, it has none, this agent is not copying another, and all of its chunks
-    /// are local (a copy never fetches).
-    fn offer_copy(&self, index: u32) {
-        let Some(plain) = self.plain.as_ref() else {
-            return;
-        };
-        let InodeKind::File { size, extents } = &self.manifest.inodes[index as usize].kind else {
-            return;
-        };
-        if *size < MIN_FILE
-            || *size > plain.max_file()
-            || plain.busy()
-            || self
-                .passthrough_refused
+    /// The copies, and the id of `inode`'s copy, if passthrough is on and the inode is a
+    /// file whose size is worth a copy.
+    fn copy_of<'a>(&'a self, inode: &Inode) -> Option<(&'a Arc<PlainFiles>, FileId)> {
+        let plain = self.plain.as_ref().filter(|_| {
+            self.stats
+                .passthrough
                 .load(std::sync::atomic::Ordering::Relaxed)
-        {
+                == 1
+        })?;
+        let InodeKind::File { size, extents } = &inode.kind else {
+            return None;
+        };
+        (MIN_FILE..=plain.max_file())
+            .contains(size)
+            .then(|| (plain, self.file_id(*size, extents)))
+    }
+
+    /// Copies the file of inode `index` whole, in the background, if it is worth a copy,
+    /// has none, this agent is not copying another, and all of its chunks are local (a
+    /// copy never fetches).
+    fn offer_copy(&self, index: u32) {
+        if self.plain.as_ref().is_none_or(|plain| plain.busy()) {
             return;
         }
-        let id = self.file_id(*size, extents);
-        if plain.has(&id) {
+        let inode = &self.manifest.inodes[index as usize];
+        let Some((plain, id)) = self.copy_of(inode) else {
             return;
-        }
+        };
+        let InodeKind::File { size, extents } = &inode.kind else {
+            return;
+        };
         let local = extents
             .iter()
             .all(|e| e.chunk == ZERO_CHUNK || self.tiers.is_local(&self.chunk_ref(e.chunk)));
-        if !local {
+        if !local || plain.has(&id) {
             return;
         }
         let Some(making) = plain.begin(&id, *size) else {
@@ -247,7 +252,6 @@ impl ImageFs {
             })
             .collect();
         let job = CopyJob {
-            plain: plain.clone(),
             tiers: self.tiers.clone(),
             size: *size,
             parts,
@@ -259,41 +263,44 @@ impl ImageFs {
         });
     }
 
-    /// A local copy of the inode's file, if there is one, with its id.
-    fn local_copy(&self, inode: &Inode) -> Option<(FileId, std::fs::File)> {
-        let plain = self.plain.as_ref()?;
-        if self
-            .passthrough_refused
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return None;
-        }
-        let InodeKind::File { size, extents } = &inode.kind else {
-            return None;
-        };
-        if *size < MIN_FILE || *size > plain.max_file() {
-            return None;
-        }
-        let id = self.file_id(*size, extents);
-        Some((id, plain.get(&id)?))
-    }
-
     /// The kernel refused a copy as a backing file: no more copies or passthrough opens
     /// for this mount (each would be refused the same way), said once.
     fn refuse_passthrough(&self, error: &std::io::Error) {
-        if !self
-            .passthrough_refused
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        if self
+            .stats
+            .passthrough
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+            == 1
         {
             tracing::warn!(%error, "the kernel refused a whole-file copy as a backing file (ELOOP: the cache directory is on a stacked filesystem); every read goes through the agent from now on");
-            self.stats
-                .passthrough
-                .store(0, std::sync::atomic::Ordering::Relaxed);
             self.stats.passthrough_refused_errno.store(
                 error.raw_os_error().unwrap_or(-1) as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
+    }
+
+    /// Forgets a released handle of inode `index`; true if the kernel read it through us
+    /// (cached). The last handle of a passthrough inode gives its copy back to trims.
+    fn forget_handle(&self, index: u32) -> bool {
+        let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = opens.get_mut(&index) else {
+            return false;
+        };
+        let (handles, cached) = match state {
+            InodeOpens::Cached { handles } => (handles, true),
+            InodeOpens::Passthrough { handles, .. } => (handles, false),
+        };
+        *handles -= 1;
+        if *handles == 0 {
+            // Dropping a backing id tells the kernel it may close the backing file.
+            let ended = opens.remove(&index);
+            drop(opens);
+            if let (Some(InodeOpens::Passthrough { id, .. }), Some(plain)) = (ended, &self.plain) {
+                plain.unpin(&id);
+            }
+        }
+        cached
     }
 
     /// Which signals end a read that waits (fatal ones only, by default).
@@ -571,7 +578,6 @@ fn pieces(extents: &[Extent], starts: Option<&[u64]>, offset: u64, len: u64) -> 
 
 /// Copying one file whole from local chunks into `PlainFiles`.
 struct CopyJob {
-    plain: Arc<PlainFiles>,
     tiers: Arc<Tiers>,
     size: u64,
     parts: Vec<CopyPart>,
@@ -604,7 +610,7 @@ impl CopyJob {
             file.write_all_at(piece, part.file_offset)?;
         }
         file.set_len(self.size)?;
-        self.plain.finish(making)?;
+        making.publish()?;
         Ok(())
     }
 }
@@ -694,7 +700,8 @@ impl Filesystem for ImageFs {
                     .unwrap_or_else(|p| p.into_inner())
                     .contains_key(&index);
                 let candidate = if idle {
-                    self.local_copy(inode)
+                    self.copy_of(inode)
+                        .and_then(|(plain, id)| Some((id, plain.get(&id)?)))
                         .and_then(|(id, file)| match reply.open_backing(&file) {
                             Ok(backing) => Some((id, backing)),
                             Err(e) => {
@@ -709,7 +716,6 @@ impl Filesystem for ImageFs {
                 // cannot choose different kinds; a backing file registered above is
                 // dropped (closed) if another open decided first.
                 let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
-                let mut used = None;
                 match opens.get_mut(&index) {
                     Some(InodeOpens::Passthrough {
                         backing, handles, ..
@@ -727,6 +733,11 @@ impl Filesystem for ImageFs {
                         Some((id, backing)) => {
                             inc(&self.stats.passthrough_opens);
                             reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                            // Kept from trims while open; pinned under the lock, so that
+                            // the last release (which takes it first) cannot unpin before.
+                            if let Some(plain) = &self.plain {
+                                plain.pin(&id);
+                            }
                             opens.insert(
                                 index,
                                 InodeOpens::Passthrough {
@@ -735,18 +746,12 @@ impl Filesystem for ImageFs {
                                     handles: 1,
                                 },
                             );
-                            used = Some(id);
                         }
                         None => {
                             reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
                             opens.insert(index, InodeOpens::Cached { handles: 1 });
                         }
                     },
-                }
-                drop(opens);
-                if let (Some(id), Some(plain)) = (used, &self.plain) {
-                    // In use: kept out of trims while open, and the most recently used.
-                    plain.pin(&id);
                 }
             }
             Err(e) => reply.error(errno_of(&e)),
@@ -768,38 +773,13 @@ impl Filesystem for ImageFs {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&u64::from(fh));
-        if let Some(handle) = handle {
-            let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
-            let (last, cached) = match opens.get_mut(&handle.inode) {
-                Some(InodeOpens::Cached { handles }) => {
-                    *handles -= 1;
-                    (*handles == 0, true)
-                }
-                Some(InodeOpens::Passthrough { handles, .. }) => {
-                    *handles -= 1;
-                    (*handles == 0, false)
-                }
-                None => (false, false),
-            };
-            // Dropping a backing id tells the kernel it may close the backing file.
-            let ended = if last {
-                opens.remove(&handle.inode)
-            } else {
-                None
-            };
-            drop(opens);
-            if let (Some(InodeOpens::Passthrough { id, .. }), Some(plain)) = (ended, &self.plain) {
-                plain.unpin(&id);
-            }
-            reply.ok();
-            // Every read of this handle is done: the file may have all its chunks local
-            // now, and earn a copy for the next opens.
-            if cached {
-                self.offer_copy(handle.inode);
-            }
-            return;
-        }
+        let cached = handle.as_ref().is_some_and(|h| self.forget_handle(h.inode));
         reply.ok();
+        // Every read of this handle is done: the file may have all its chunks local now,
+        // and earn a copy for the next opens.
+        if let Some(handle) = handle.filter(|_| cached) {
+            self.offer_copy(handle.inode);
+        }
     }
 
     fn read(

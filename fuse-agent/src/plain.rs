@@ -62,6 +62,22 @@ impl Making {
     pub fn file(&self) -> &File {
         self.file.as_ref().expect("until published").as_file()
     }
+
+    /// Publishes the finished copy: synced, renamed into place; then the oldest copies go
+    /// until the directory is within the budget.
+    pub fn publish(mut self) -> io::Result<()> {
+        let files = self.files.clone();
+        let file = self.file.take().expect("published once");
+        file.as_file().sync_all()?;
+        let _ = file.as_file().set_modified(SystemTime::now());
+        file.persist(files.path(&self.id)).map_err(|e| e.error)?;
+        // Published: another copy may start (before it is counted, so that whoever waits
+        // for the count finds the slot free).
+        self.release();
+        inc(&files.stats.files_made);
+        files.trim(Some(&self.id));
+        Ok(())
+    }
 }
 
 impl PlainFiles {
@@ -109,7 +125,8 @@ impl PlainFiles {
         self.budget / 2
     }
 
-    /// A copy is being read (a passthrough open): kept from trims until `unpin`.
+    /// A copy is being read (a passthrough open): kept from trims until `unpin`. Only a
+    /// count (callers pin under their own lock); its use is recorded when it is unpinned.
     pub fn pin(&self, id: &FileId) {
         *self
             .pinned
@@ -117,7 +134,6 @@ impl PlainFiles {
             .unwrap_or_else(|p| p.into_inner())
             .entry(*id)
             .or_default() += 1;
-        self.touch(id);
     }
 
     /// A copy's last reader closed it: it becomes the most recently used.
@@ -183,22 +199,6 @@ impl PlainFiles {
             id: *id,
             file: Some(file),
         })
-    }
-
-    /// Publishes a finished copy: synced, renamed into place; then the oldest copies go
-    /// until the directory is within the budget.
-    pub fn finish(&self, mut making: Making) -> io::Result<()> {
-        let file = making.file.take().expect("published once");
-        file.as_file().sync_all()?;
-        let _ = file.as_file().set_modified(SystemTime::now());
-        file.persist(self.path(&making.id)).map_err(|e| e.error)?;
-        let id = making.id;
-        // Published: another copy may start (before it is counted, so that whoever waits
-        // for the count finds the slot free).
-        making.release();
-        inc(&self.stats.files_made);
-        self.trim(Some(&id));
-        Ok(())
     }
 
     /// Removes the least recently used copies (never `keep`, never one this agent's kernel
@@ -296,7 +296,7 @@ mod tests {
     fn make(files: &Arc<PlainFiles>, id: u8, len: u64) {
         let making = files.begin(&[id; 32], len).expect("may make it");
         making.file().write_all(&vec![id; len as usize]).unwrap();
-        files.finish(making).unwrap();
+        making.publish().unwrap();
     }
 
     fn age(dir: &Path, name: &str) {

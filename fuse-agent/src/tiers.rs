@@ -20,7 +20,7 @@ use futures::{
     future::{BoxFuture, Shared},
 };
 use slapshot_client::{ChunkSource, FleetClient, Origin};
-use slapshot_core::{ChunkKey, ChunkName, chunk::open_in_place};
+use slapshot_core::{ChunkKey, ChunkName, SealedChunk, chunk::open};
 use tokio::sync::Semaphore;
 
 use crate::{
@@ -226,12 +226,8 @@ impl Tiers {
         if let Some(hit) = self.memory.peek(&(chunk.name, chunk.key.0)) {
             return Some(hit);
         }
-        let mut bytes = self.disk.as_ref()?.get(&chunk.name)?;
-        if bytes.len() != chunk.len as usize {
-            return None;
-        }
-        open_in_place(&chunk.name, &chunk.key, &mut bytes).ok()?;
-        Some(Bytes::from(bytes))
+        let sealed = self.disk.as_ref()?.get(&chunk.name)?;
+        (sealed.len() == chunk.len as usize).then(|| Bytes::from(open(&sealed, &chunk.key)))
     }
 
     /// The decrypted chunk, from whichever tier has it; a memory hit counts the whole
@@ -361,8 +357,9 @@ impl Tiers {
             }
             None => None,
         };
+        // Verified once, here or by the disk tier: what follows only decrypts.
         let (sealed, tier) = match from_disk {
-            Some(bytes) => (Bytes::from(bytes), Tier::Disk),
+            Some(sealed) => (sealed, Tier::Disk),
             None => {
                 let (bytes, tier) = self.fetcher.fetch(chunk.name).await.map_err(|message| {
                     LoadError::Unavailable {
@@ -372,13 +369,13 @@ impl Tiers {
                 })?;
                 // The fetcher verified the bytes; checking again costs one hash and keeps
                 // a buggy backend from planting other bytes in the tiers.
-                if !chunk.name.matches(&bytes) {
-                    return Err(LoadError::Unavailable {
+                let sealed = SealedChunk::verified(chunk.name, bytes).map_err(|_| {
+                    LoadError::Unavailable {
                         name: chunk.name,
                         message: "the remote tier returned bytes that do not match the name".into(),
-                    });
-                }
-                (bytes, tier)
+                    }
+                })?;
+                (sealed, tier)
             }
         };
         if sealed.len() != chunk.len as usize {
@@ -396,7 +393,7 @@ impl Tiers {
             match self.disk_write_permits.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let disk = disk.clone();
-                    let (name, bytes) = (chunk.name, sealed.clone());
+                    let (name, bytes) = (chunk.name, sealed.bytes().clone());
                     self.runtime.spawn_blocking(move || {
                         if let Err(e) = disk.put(&name, &bytes) {
                             tracing::warn!(chunk = %name, error = %e, "cannot write the disk cache");
@@ -407,14 +404,7 @@ impl Tiers {
                 Err(_) => inc(&self.stats.disk_writes_dropped),
             }
         }
-        let mut plaintext = sealed.to_vec();
-        open_in_place(&chunk.name, &chunk.key, &mut plaintext).map_err(|_| {
-            LoadError::Unavailable {
-                name: chunk.name,
-                message: "does not match its name".into(),
-            }
-        })?;
-        let plaintext = Bytes::from(plaintext);
+        let plaintext = Bytes::from(open(&sealed, &chunk.key));
         self.memory
             .insert((chunk.name, chunk.key.0), plaintext.clone());
         self.stats
