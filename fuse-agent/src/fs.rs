@@ -228,10 +228,13 @@ impl ImageFs {
         let InodeKind::File { size, extents } = &inode.kind else {
             return;
         };
+        if plain.has(&id) {
+            return;
+        }
         let local = extents
             .iter()
             .all(|e| e.chunk == ZERO_CHUNK || self.tiers.is_local(&self.chunk_ref(e.chunk)));
-        if !local || plain.has(&id) {
+        if !local {
             return;
         }
         let Some(making) = plain.begin(&id, *size) else {
@@ -716,6 +719,7 @@ impl Filesystem for ImageFs {
                 // cannot choose different kinds; a backing file registered above is
                 // dropped (closed) if another open decided first.
                 let mut opens = self.opens.lock().unwrap_or_else(|p| p.into_inner());
+                let mut opened = None;
                 match opens.get_mut(&index) {
                     Some(InodeOpens::Passthrough {
                         backing, handles, ..
@@ -738,6 +742,7 @@ impl Filesystem for ImageFs {
                             if let Some(plain) = &self.plain {
                                 plain.pin(&id);
                             }
+                            opened = Some(id);
                             opens.insert(
                                 index,
                                 InodeOpens::Passthrough {
@@ -752,6 +757,12 @@ impl Filesystem for ImageFs {
                             opens.insert(index, InodeOpens::Cached { handles: 1 });
                         }
                     },
+                }
+                drop(opens);
+                // Its use recorded (a file write, so outside the lock): agents sharing the
+                // directory see an open copy as recently used, not as old.
+                if let (Some(id), Some(plain)) = (opened, &self.plain) {
+                    plain.touch(&id);
                 }
             }
             Err(e) => reply.error(errno_of(&e)),

@@ -12,9 +12,9 @@
 //! lengths, and the size), so images that share a file share its copy, and copies outlive
 //! the agent. Each is written to a temporary file of its own, synced, then renamed: a name
 //! here is always a whole file, even with several agents sharing the directory. The
-//! directory itself is the record (sizes and last-open times are the files' own), so
-//! agents that share it share its budget: after each copy, the least recently opened
-//! files go until the directory is within it. Copies are plaintext at rest, readable by
+//! directory itself is the record (sizes and last-use times, at open and close, are the
+//! files' own), so agents that share it share its budget: after each copy, the least
+//! recently used files go until the directory is within it. Copies are plaintext at rest, readable by
 //! root only (as are the tenant key and the agent's memory on the same machine), and are
 //! not verified again when opened; `--files 0` turns them off.
 
@@ -125,8 +125,8 @@ impl PlainFiles {
         self.budget / 2
     }
 
-    /// A copy is being read (a passthrough open): kept from trims until `unpin`. Only a
-    /// count (callers pin under their own lock); its use is recorded when it is unpinned.
+    /// A copy is being read (a passthrough open): kept from this agent's trims until
+    /// `unpin`. Only a count (callers pin under their own lock); `touch` records the use.
     pub fn pin(&self, id: &FileId) {
         *self
             .pinned
@@ -149,9 +149,10 @@ impl PlainFiles {
         self.touch(id);
     }
 
-    /// The mtime carries the order of use, across agents and restarts. To the minute is
-    /// enough for that order, and spares a metadata write on every open and close.
-    fn touch(&self, id: &FileId) {
+    /// A copy was opened or closed: its mtime carries the order of use, across agents and
+    /// restarts. To the minute is enough for that order, and spares a metadata write on
+    /// every open and close.
+    pub fn touch(&self, id: &FileId) {
         let Ok(file) = File::open(self.path(id)) else {
             return;
         };
