@@ -31,6 +31,16 @@ enum Command {
     Experiment(experiment::ExperimentCommand),
 }
 
+/// mimalloc, not glibc's malloc: every chunk read allocates and frees buffers of 128 KiB
+/// and more (hyper's receive buffers, decrypted chunks), which glibc handed back to the
+/// kernel and faulted in again (page faults and madvise were 8% of a chunk reader's CPU);
+/// mimalloc keeps them for reuse. Built without its MADV_HUGEPAGE (feature `no_thp`): where
+/// THP defrag is `madvise` (this machine's default) those faults compact memory
+/// synchronously, and cold reads through the agent took 2-4x the CPU in some runs.
+/// Measured in docs/PERFORMANCE.md (issue 10, chunk reads).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = match &cli.log {
