@@ -169,7 +169,7 @@ struct GroupShard {
 /// A group's shards rebuilt into the chunk.
 struct Decoded {
     group: usize,
-    chunk: Vec<u8>,
+    chunk: SealedChunk,
     /// Shard indices the chunk was rebuilt from.
     used: Vec<usize>,
 }
@@ -198,7 +198,7 @@ type RankedFetch = BoxFuture<'static, (usize, Result<Option<Bytes>, NodeError>)>
 /// The outcome of asking the fleet.
 struct FleetRead {
     /// The chunk and the code it was decoded from.
-    chunk: Option<(Bytes, Code)>,
+    chunk: Option<(SealedChunk, Code)>,
     degraded: bool,
     /// Some k shards of one code rebuilt into other bytes: a node lies, and a repair is
     /// due even if every node answered with a shard.
@@ -224,7 +224,7 @@ struct Heard {
     asked: Vec<bool>,
 }
 
-type FlightResult = Option<Result<Bytes, ChunkError>>;
+type FlightResult = Option<Result<SealedChunk, ChunkError>>;
 
 /// An origin fetch in flight: its readers watch `result`.
 struct Flight {
@@ -408,10 +408,11 @@ impl FleetClient {
     }
 
     /// Reads a chunk: from any k of its M shards in the fleet, or from the origin (after
-    /// which the fleet is filled in the background). The bytes returned always match the
-    /// name. Dropping the future at any point leaves nothing behind but requests and an
-    /// origin fetch that end on their own.
-    pub async fn get_chunk(&self, name: &ChunkName) -> Result<Bytes, ChunkError> {
+    /// which the fleet is filled in the background). The chunk returned has been verified
+    /// against the name; read from the fleet, it is the data shards as they were received
+    /// ([`SealedChunk::parts`]), not copied into one buffer. Dropping the future at any
+    /// point leaves nothing behind but requests and an origin fetch that end on their own.
+    pub async fn get_chunk(&self, name: &ChunkName) -> Result<SealedChunk, ChunkError> {
         self.get_chunk_with_source(name)
             .await
             .map(|(chunk, _)| chunk)
@@ -422,7 +423,7 @@ impl FleetClient {
     pub async fn get_chunk_with_source(
         &self,
         name: &ChunkName,
-    ) -> Result<(Bytes, ChunkSource), ChunkError> {
+    ) -> Result<(SealedChunk, ChunkSource), ChunkError> {
         let inner = &self.inner;
         let ranked = inner.placement.rank(name, inner.code.total());
         let read = inner.read_fleet(name, &ranked).await;
@@ -434,7 +435,9 @@ impl FleetClient {
             // Read repair: nodes that answered without a valid shard (or with a second
             // copy of an index) get theirs back, in the code the chunk was read in.
             if read.lied || wants_repair(code, &read.heard.answers) {
-                inner.spawn_repair(*name, chunk.clone(), code, ranked, read.heard);
+                // A repair needs the chunk in one buffer to cut it into shards again: the
+                // join is paid here, by the rare read that repairs.
+                inner.spawn_repair(*name, chunk.to_bytes(), code, ranked, read.heard);
             }
             return Ok((chunk, ChunkSource::Fleet));
         }
@@ -464,7 +467,7 @@ impl FleetClient {
         let inner = &self.inner;
         let name = chunk.name();
         let code = inner.own_code(chunk.len())?;
-        let frames = inner.frames(name, chunk.bytes(), code)?;
+        let frames = inner.frames(name, &chunk.to_bytes(), code)?;
         let ranked = inner.placement.rank(name, inner.code.total());
         let targets: Vec<Target> = ranked
             .iter()
@@ -670,7 +673,7 @@ impl Inner {
                 lock(&self.kth_arrivals).record(waited);
             }
             read.degraded = decoded.used.iter().any(|&i| i >= code.params.data());
-            read.chunk = Some((Bytes::from(decoded.chunk), code));
+            read.chunk = Some((decoded.chunk, code));
         }
         read
     }
@@ -710,22 +713,26 @@ impl Inner {
         name: &ChunkName,
         group: &mut Group,
         attempts: &mut usize,
-    ) -> Option<(Vec<u8>, Vec<usize>)> {
+    ) -> Option<(SealedChunk, Vec<usize>)> {
         let code = group.code;
         let codec = self.codec(code.params, code.kind)?;
         let indices: Vec<usize> = group.shards.iter().map(|s| s.index).collect();
         let mut failed = false;
         let found = search_subsets(&indices, code.params.data(), attempts, |chosen| {
-            let parts: Vec<(usize, &[u8])> = chosen
+            let shards: Vec<(usize, Bytes)> = chosen
                 .iter()
                 .map(|&at| &group.shards[at])
-                .map(|s| (s.index, s.payload.as_ref()))
+                .map(|s| (s.index, s.payload.clone()))
                 .collect();
-            match codec.decode(code.chunk_len as usize, &parts) {
-                Ok(chunk) if name.matches(&chunk) => {
-                    Some((chunk, parts.iter().map(|(i, _)| *i).collect()))
-                }
-                _ => {
+            // The data shards stay where they were received: the chunk is verified and
+            // handed on in parts, never joined here.
+            let chunk = codec
+                .decode_parts(code.chunk_len as usize, &shards)
+                .ok()
+                .and_then(|parts| SealedChunk::verified_parts(*name, parts).ok());
+            match chunk {
+                Some(chunk) => Some((chunk, shards.iter().map(|(i, _)| *i).collect())),
+                None => {
                     failed = true;
                     None
                 }
@@ -855,7 +862,7 @@ impl Inner {
         name: &ChunkName,
         ranked: Vec<usize>,
         heard: Heard,
-    ) -> Result<Bytes, ChunkError> {
+    ) -> Result<SealedChunk, ChunkError> {
         let mut result = {
             let mut flights = lock(&self.flights);
             match flights.get(name) {
@@ -920,7 +927,8 @@ impl Inner {
             return;
         };
         if let Some(permit) = self.background.admit(name, write_bytes(code)) {
-            self.write_back(name, chunk, code, ranked, heard).await;
+            self.write_back(name, chunk.to_bytes(), code, ranked, heard)
+                .await;
             drop(permit);
         }
         drop(entry);
@@ -933,7 +941,7 @@ impl Inner {
         name: &ChunkName,
         id: u64,
         readers: &watch::Sender<FlightResult>,
-    ) -> Option<Result<Bytes, ChunkError>> {
+    ) -> Option<Result<SealedChunk, ChunkError>> {
         let origin = self.origin.as_ref().expect("only called with an origin");
         let timeout = self.config.timeouts.origin.0;
         // The wait for a permit is bounded too: when every permit is held by fetches from
@@ -965,11 +973,12 @@ impl Inner {
             }));
         };
         Some(match fetched {
-            Ok(Some(bytes)) if name.matches(&bytes) => Ok(bytes),
-            Ok(Some(_)) => Err(ChunkError::CorruptOrigin {
-                name: *name,
-                origin: origin.describe(),
-            }),
+            Ok(Some(bytes)) => {
+                SealedChunk::verified(*name, bytes).map_err(|_| ChunkError::CorruptOrigin {
+                    name: *name,
+                    origin: origin.describe(),
+                })
+            }
             Ok(None) => Err(ChunkError::NotFound {
                 name: *name,
                 origin: origin.describe(),

@@ -132,7 +132,7 @@ impl Origin for ObjectStoreOrigin {
                 Err(e) => return Err(self.error(e)),
             }
             self.store
-                .put(&path, PutPayload::from_bytes(chunk.bytes().clone()))
+                .put(&path, PutPayload::from_bytes(chunk.to_bytes()))
                 .await
                 .map_err(|e| self.error(e))?;
             Ok(true)

@@ -45,7 +45,7 @@ async fn read_concurrently(
         .map(|i| {
             let client = client.clone();
             let (name, bytes) = chunks[i % chunks.len()].clone();
-            async move { assert_eq!(client.get_chunk(&name).await.unwrap(), bytes) }
+            async move { assert_eq!(client.get_chunk(&name).await.unwrap().to_bytes(), bytes) }
         })
         .buffer_unordered(concurrency)
         .count()
@@ -69,7 +69,7 @@ async fn read_all(client: &slapshot_client::FleetClient, chunks: &[(ChunkName, B
             .get_chunk(name)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(&got, bytes, "{name} came back with other bytes");
+        assert_eq!(&got.to_bytes(), bytes, "{name} came back with other bytes");
     }
 }
 
@@ -134,7 +134,7 @@ async fn a_stopped_node_is_read_around_within_the_timeouts() {
     for reader in [&client, &hedged] {
         for (name, bytes) in &chunks {
             let started = Instant::now();
-            assert_eq!(&reader.get_chunk(name).await.unwrap(), bytes);
+            assert_eq!(&reader.get_chunk(name).await.unwrap().to_bytes(), bytes);
             let took = started.elapsed();
             // Well under the 3 s shard timeout: read around, not waited out.
             assert!(took < Duration::from_secs(2), "a read took {took:?}");
@@ -504,7 +504,7 @@ async fn concurrent_misses_share_one_origin_fetch() {
         })
         .collect();
     for reader in readers {
-        assert_eq!(reader.await.unwrap().unwrap(), bytes);
+        assert_eq!(reader.await.unwrap().unwrap().to_bytes(), bytes);
     }
     assert_eq!(origin.gets(), 1);
 }
@@ -533,7 +533,7 @@ async fn origin_fetches_are_limited_in_concurrency() {
         })
         .collect();
     for (reader, (_, bytes)) in readers.into_iter().zip(&chunks) {
-        assert_eq!(&reader.await.unwrap().unwrap(), bytes);
+        assert_eq!(&reader.await.unwrap().unwrap().to_bytes(), bytes);
     }
     assert_eq!(origin.gets(), 10);
     assert_eq!(origin.max_in_flight.load(Ordering::SeqCst), 2);
@@ -629,7 +629,7 @@ async fn a_byte_flipped_in_a_nodes_data_file_is_read_around() {
     config.read.mode = slapshot_client::config::ReadMode::Hedged;
     config.read.hedge_delay = Some(slapshot_core::HumanDuration(Duration::from_secs(10)));
     let (reader, _) = fleet.client_with(config);
-    assert_eq!(&reader.get_chunk(name).await.unwrap(), bytes);
+    assert_eq!(&reader.get_chunk(name).await.unwrap().to_bytes(), bytes);
     assert_eq!(get(&reader.metrics().degraded_rebuilds), 1);
     assert_eq!(origin.gets(), 0);
 }
@@ -746,12 +746,15 @@ async fn a_cancelled_origin_fetch_leaves_no_permit_behind() {
     let read = tokio::time::timeout(Duration::from_secs(5), client.get_chunk(&second.0))
         .await
         .expect("a read of another chunk finished");
-    assert_eq!(read.unwrap(), second.1);
+    assert_eq!(read.unwrap().to_bytes(), second.1);
     // The cancelled chunk's fetch went on and filled the fleet: it is read from there.
     let m = client.metrics().clone();
     eventually("both fills", || get(&m.fill_shards_written) == 10).await;
     assert_eq!(origin.gets(), 2);
-    assert_eq!(client.get_chunk(&first.0).await.unwrap(), first.1);
+    assert_eq!(
+        client.get_chunk(&first.0).await.unwrap().to_bytes(),
+        first.1
+    );
     assert_eq!(origin.gets(), 2);
 }
 
@@ -771,7 +774,10 @@ async fn a_timed_out_origin_fetch_is_not_inherited() {
         Err(ChunkError::OriginTimeout { .. })
     ));
     origin.set_delay(Duration::ZERO);
-    assert_eq!(client.get_chunk(&chunks[0].0).await.unwrap(), chunks[0].1);
+    assert_eq!(
+        client.get_chunk(&chunks[0].0).await.unwrap().to_bytes(),
+        chunks[0].1
+    );
     assert_eq!(origin.gets(), 2);
 }
 
@@ -792,7 +798,7 @@ async fn thirty_two_concurrent_misses_write_m_shards() {
         })
         .collect();
     for reader in readers {
-        assert_eq!(reader.await.unwrap().unwrap(), bytes);
+        assert_eq!(reader.await.unwrap().unwrap().to_bytes(), bytes);
     }
     let m = client.metrics().clone();
     eventually("the fill", || get(&m.fill_shards_written) == 5).await;
@@ -964,7 +970,7 @@ async fn a_lying_shard_that_comes_first_never_costs_the_correct_ones() {
         }
         let puts_before = support::shard_puts(&fleet);
 
-        let got = client.get_chunk(name).await.unwrap();
+        let got = client.get_chunk(name).await.unwrap().to_bytes();
         assert_eq!(&got, bytes);
         let m = client.metrics();
         let what = format!(
@@ -998,7 +1004,7 @@ async fn a_lying_shard_that_comes_first_never_costs_the_correct_ones() {
         }
         // A reader in the default mode reads the repaired chunk without a lie.
         let (plain, plain_origin) = fleet.client_with(config(ReadMode::All));
-        assert_eq!(&plain.get_chunk(name).await.unwrap(), bytes);
+        assert_eq!(&plain.get_chunk(name).await.unwrap().to_bytes(), bytes);
         assert_eq!(get(&plain.metrics().lying_reads), 0, "{what}");
         assert_eq!(plain_origin.gets(), 0);
     }
@@ -1058,7 +1064,7 @@ async fn a_cold_miss_does_not_wait_for_the_slowest_node() {
         put_in_origin(&client, &chunks).await;
         let reads = async {
             for (name, bytes) in &chunks {
-                assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+                assert_eq!(&client.get_chunk(name).await.unwrap().to_bytes(), bytes);
             }
         };
         tokio::time::timeout(Duration::from_secs(60), reads)
@@ -1214,7 +1220,7 @@ async fn repairs_of_a_4_of_6_chunk_give_distinct_indices() {
             .status,
         204
     );
-    assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+    assert_eq!(&client.get_chunk(name).await.unwrap().to_bytes(), bytes);
     let m = client.metrics();
     eventually("the repair", || get(&m.fill_shards_written) == 1).await;
     let mut indices: Vec<u8> = ranked
@@ -1266,7 +1272,7 @@ async fn connections_persist_over_ten_thousand_reads() {
             tokio::spawn(async move {
                 for i in 0..1250 {
                     let (name, bytes) = &chunks[(reader * 1250 + i) % chunks.len()];
-                    assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+                    assert_eq!(&client.get_chunk(name).await.unwrap().to_bytes(), bytes);
                 }
             })
         })
@@ -1420,7 +1426,7 @@ async fn a_fill_never_overwrites_a_shard_written_after_its_read() {
     config.total_shards = 6; // 4-of-6, GF(2^8)
     let (new, _) = fleet.client_with(config);
 
-    assert_eq!(&old.get_chunk(name).await.unwrap(), bytes);
+    assert_eq!(&old.get_chunk(name).await.unwrap().to_bytes(), bytes);
     assert_eq!(origin.gets(), 1);
     let held = &fleet.nodes[first];
     eventually("the fill's PUT held by the node", || {
@@ -1476,7 +1482,7 @@ async fn read_until_repaired(
     let m = client.metrics();
     let written = get(&m.fill_shards_written);
     for _ in 0..20 {
-        assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+        assert_eq!(&client.get_chunk(name).await.unwrap().to_bytes(), bytes);
         let deadline = Instant::now() + Duration::from_secs(3);
         while get(&m.fill_shards_written) < written + shards && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1521,7 +1527,7 @@ async fn background_work_beyond_its_bounds_is_dropped_and_counted() {
         })
         .collect();
     for (reader, (_, bytes)) in readers.into_iter().zip(&small) {
-        assert_eq!(&reader.await.unwrap().unwrap(), bytes);
+        assert_eq!(&reader.await.unwrap().unwrap().to_bytes(), bytes);
     }
     let m = client.metrics().clone();
     eventually("three fills dropped", || {

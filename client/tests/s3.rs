@@ -148,13 +148,13 @@ async fn the_fleet_falls_back_to_an_s3_origin_and_fills_itself() {
             .unwrap();
     }
     for (name, bytes) in &chunks {
-        assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+        assert_eq!(&client.get_chunk(name).await.unwrap().to_bytes(), bytes);
     }
     let m = client.metrics();
     assert_eq!(get(&m.origin_fetches), 6);
     eventually("fills", || get(&m.fill_shards_written) == 30).await;
     for (name, bytes) in &chunks {
-        assert_eq!(&client.get_chunk(name).await.unwrap(), bytes);
+        assert_eq!(&client.get_chunk(name).await.unwrap().to_bytes(), bytes);
     }
     assert_eq!(
         get(&m.origin_fetches),

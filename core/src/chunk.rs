@@ -47,6 +47,16 @@ impl ChunkName {
         blake3::hash(bytes) == blake3::Hash::from_bytes(self.0)
     }
 
+    /// True if `parts`, one after the other, are the chunk this name stands for: the same
+    /// hash as [`ChunkName::matches`] over their concatenation, without making it.
+    pub fn matches_parts(&self, parts: &[Bytes]) -> bool {
+        let mut hasher = blake3::Hasher::new();
+        for part in parts {
+            hasher.update(part);
+        }
+        hasher.finalize() == blake3::Hash::from_bytes(self.0)
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -144,17 +154,28 @@ fn apply_keystream(key: &ChunkKey, data: &mut [u8]) {
 #[derive(Debug, Clone)]
 pub struct SealedChunk {
     name: ChunkName,
-    bytes: Bytes,
+    /// The stored bytes, in order: one buffer, or the data shards a fleet read received,
+    /// left where they arrived (joining them would copy the whole chunk once more, only for
+    /// the reader to copy it again as it decrypts).
+    parts: Vec<Bytes>,
+    len: usize,
 }
 
 impl SealedChunk {
     /// Bytes read from a store under `name`, accepted only if they are that chunk.
     pub fn verified(name: ChunkName, bytes: Bytes) -> Result<Self, NameMismatch> {
-        if name.matches(&bytes) {
-            Ok(Self { name, bytes })
-        } else {
-            Err(NameMismatch(name))
+        Self::verified_parts(name, vec![bytes])
+    }
+
+    /// Like [`SealedChunk::verified`], for a chunk received in parts (the data shards of a
+    /// fleet read), which are kept as they are: none is copied.
+    pub fn verified_parts(name: ChunkName, mut parts: Vec<Bytes>) -> Result<Self, NameMismatch> {
+        if !name.matches_parts(&parts) {
+            return Err(NameMismatch(name));
         }
+        parts.retain(|part| !part.is_empty());
+        let len = parts.iter().map(Bytes::len).sum();
+        Ok(Self { name, parts, len })
     }
 
     /// Takes `bytes` as the stored form of a chunk without encrypting them: the caller
@@ -163,7 +184,8 @@ impl SealedChunk {
     pub fn assume_sealed(bytes: Bytes) -> Self {
         Self {
             name: ChunkName::of(&bytes),
-            bytes,
+            len: bytes.len(),
+            parts: vec![bytes],
         }
     }
 
@@ -171,17 +193,33 @@ impl SealedChunk {
         &self.name
     }
 
-    /// The stored (encrypted) bytes.
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
+    /// The stored (encrypted) bytes, in order, without copying them.
+    pub fn parts(&self) -> &[Bytes] {
+        &self.parts
+    }
+
+    /// The stored (encrypted) bytes in one buffer: shared if the chunk is one part, else
+    /// copied together (a chunk read from the fleet is its data shards).
+    pub fn to_bytes(&self) -> Bytes {
+        match self.parts.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => {
+                let mut joined = Vec::with_capacity(self.len);
+                for part in parts {
+                    joined.extend_from_slice(part);
+                }
+                Bytes::from(joined)
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len == 0
     }
 }
 
@@ -194,7 +232,8 @@ pub fn seal(salt: &Salt, mut plaintext: Vec<u8>) -> (SealedChunk, ChunkKey) {
     (
         SealedChunk {
             name,
-            bytes: Bytes::from(plaintext),
+            len: plaintext.len(),
+            parts: vec![Bytes::from(plaintext)],
         },
         key,
     )
@@ -217,10 +256,16 @@ pub fn open_in_place(
     Ok(())
 }
 
-/// Decrypts bytes already verified against their name (a [`SealedChunk`]).
+/// Decrypts bytes already verified against their name (a [`SealedChunk`]): one copy, each
+/// part decrypted as it lands, while it is still in cache.
 pub fn open(chunk: &SealedChunk, key: &ChunkKey) -> Vec<u8> {
-    let mut plaintext = chunk.bytes.to_vec();
-    apply_keystream(key, &mut plaintext);
+    let mut cipher = Aes256Ctr::new(&key.0.into(), &[0u8; 16].into());
+    let mut plaintext = Vec::with_capacity(chunk.len);
+    for part in &chunk.parts {
+        let at = plaintext.len();
+        plaintext.extend_from_slice(part);
+        cipher.apply_keystream(&mut plaintext[at..]);
+    }
     plaintext
 }
 
@@ -235,13 +280,60 @@ mod tests {
         let (a, key) = seal(&salt, plaintext.clone());
         let (b, _) = seal(&salt, plaintext.clone());
         assert_eq!(a.name(), b.name());
-        assert_eq!(a.bytes(), b.bytes());
-        assert_ne!(a.bytes()[..], plaintext[..]);
-        assert!(a.name().matches(a.bytes()));
-        let mut opened = a.bytes().to_vec();
+        assert_eq!(a.to_bytes(), b.to_bytes());
+        assert_ne!(a.to_bytes()[..], plaintext[..]);
+        assert!(a.name().matches(&a.to_bytes()));
+        let mut opened = a.to_bytes().to_vec();
         open_in_place(a.name(), &key, &mut opened).unwrap();
         assert_eq!(opened, plaintext);
         assert_eq!(open(&a, &key), plaintext);
+    }
+
+    /// A chunk received in parts (a fleet read's data shards) is the same chunk as its
+    /// concatenation, wherever the cuts fall: it verifies, opens to the same plaintext and
+    /// joins to the same bytes; parts out of order, or one changed, are refused.
+    #[test]
+    fn a_chunk_in_parts_is_its_concatenation() {
+        let plaintext: Vec<u8> = (0..CHUNK_SIZE + 777).map(|i| (i * 7 % 253) as u8).collect();
+        let (whole, key) = seal(&Salt::new(b"parts"), plaintext.clone());
+        let bytes = whole.to_bytes();
+        let expected_plain = open(&whole, &key);
+        assert_eq!(expected_plain, plaintext);
+        let mut reordered = 0;
+        // Cuts at shard sizes, off a BLAKE3 chunk boundary, an empty part, a one-byte part.
+        for cuts in [
+            vec![131_072, 262_144, 393_216],
+            vec![1, 1_000, 1_000, 300_001],
+            vec![64, 100_000],
+            vec![bytes.len()],
+        ] {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for cut in cuts {
+                parts.push(bytes.slice(at..cut));
+                at = cut;
+            }
+            parts.push(bytes.slice(at..));
+            let sealed = SealedChunk::verified_parts(*whole.name(), parts.clone()).unwrap();
+            assert_eq!(sealed.len(), bytes.len());
+            assert_eq!(sealed.to_bytes(), bytes);
+            assert_eq!(open(&sealed, &key), plaintext);
+            let last = parts.len() - 1;
+            parts.swap(0, last);
+            if parts.concat() != bytes {
+                assert!(SealedChunk::verified_parts(*whole.name(), parts).is_err());
+                reordered += 1;
+            }
+        }
+        assert_eq!(
+            reordered, 3,
+            "every cut but the whole one reorders the bytes"
+        );
+        let mut changed = vec![bytes.slice(..1000), bytes.slice(1000..)];
+        let mut last = changed[1].to_vec();
+        last[5] ^= 1;
+        changed[1] = Bytes::from(last);
+        assert!(SealedChunk::verified_parts(*whole.name(), changed).is_err());
     }
 
     #[test]
@@ -265,14 +357,14 @@ mod tests {
     #[test]
     fn tampered_ciphertext_is_refused() {
         let (sealed, key) = seal(&Salt::new(b"s"), b"payload".to_vec());
-        let mut bytes = sealed.bytes().to_vec();
+        let mut bytes = sealed.to_bytes().to_vec();
         bytes[0] ^= 1;
         assert_eq!(
             open_in_place(sealed.name(), &key, &mut bytes),
             Err(NameMismatch(*sealed.name()))
         );
         assert!(SealedChunk::verified(*sealed.name(), Bytes::from(bytes)).is_err());
-        assert!(SealedChunk::verified(*sealed.name(), sealed.bytes().clone()).is_ok());
+        assert!(SealedChunk::verified(*sealed.name(), sealed.to_bytes()).is_ok());
     }
 
     #[test]

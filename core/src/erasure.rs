@@ -14,6 +14,7 @@ mod field;
 mod gf256;
 mod kernels;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use gf256::Gf256Codec;
@@ -147,6 +148,51 @@ pub trait ErasureCodec: Send + Sync {
     /// Rebuilds a chunk of `chunk_len` bytes from shards given as (index, bytes), in any
     /// order; duplicates are ignored and any k distinct indices suffice.
     fn decode(&self, chunk_len: usize, shards: &[(usize, &[u8])]) -> Result<Vec<u8>, ErasureError>;
+
+    /// Like `decode`, but the chunk comes back as its k data shards in order (cut to
+    /// `chunk_len`), sharing the buffers it was given: with every data shard present
+    /// nothing is copied, and a codec that can rebuilds only the missing ones. The rest
+    /// fall back to one buffer from `decode`.
+    fn decode_parts(
+        &self,
+        chunk_len: usize,
+        shards: &[(usize, Bytes)],
+    ) -> Result<Vec<Bytes>, ErasureError> {
+        let refs: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
+        let slots = distinct(self.params(), chunk_len, &refs)?;
+        let k = self.params().data();
+        if slots[..k].iter().all(Option::is_some) {
+            return Ok(cut_to_chunk(first_copies(k, shards), chunk_len));
+        }
+        Ok(vec![Bytes::from(self.decode(chunk_len, &refs)?)])
+    }
+}
+
+/// The first copy of each of the indices `0..n` among `shards` (the copy `distinct` takes),
+/// shared; `None` where an index is absent.
+fn first_copies(n: usize, shards: &[(usize, Bytes)]) -> Vec<Option<Bytes>> {
+    let mut slots = vec![None; n];
+    for (index, bytes) in shards {
+        if *index < n && slots[*index].is_none() {
+            slots[*index] = Some(bytes.clone());
+        }
+    }
+    slots
+}
+
+/// The complete data shards as the chunk's parts: the padding past `chunk_len` cut off.
+fn cut_to_chunk(data: Vec<Option<Bytes>>, chunk_len: usize) -> Vec<Bytes> {
+    let mut left = chunk_len;
+    let mut parts = Vec::with_capacity(data.len());
+    for shard in data {
+        let shard = shard.expect("every data shard present");
+        let take = shard.len().min(left);
+        if take > 0 {
+            parts.push(shard.slice(..take));
+        }
+        left -= take;
+    }
+    parts
 }
 
 /// The codec new shards of `params` are written with ([`CodeParams::codec`]): XOR for
@@ -234,16 +280,37 @@ fn join(data: impl Iterator<Item = impl AsRef<[u8]>>, chunk_len: usize) -> Vec<u
     chunk
 }
 
-/// `dst ^= src`, over 64-byte blocks so that the compiler vectorises it.
-fn xor_into(dst: &mut [u8], src: &[u8]) {
-    for (d, s) in dst
-        .chunks_exact_mut(SHARD_ALIGN)
-        .zip(src.chunks_exact(SHARD_ALIGN))
-    {
-        for (x, y) in d.iter_mut().zip(s) {
-            *x ^= y;
+/// `dst ^= every src`, in one pass over 64-byte blocks: each block of `dst` is loaded and
+/// stored once whatever the number of sources (a pass per source moved `dst` through
+/// memory once per source), and the block loop vectorises.
+fn xor_all_into(dst: &mut [u8], srcs: &[&[u8]]) {
+    debug_assert!(srcs.iter().all(|s| s.len() == dst.len()));
+    for (at, d) in dst.chunks_exact_mut(SHARD_ALIGN).enumerate() {
+        let mut block = [0u8; SHARD_ALIGN];
+        block.copy_from_slice(d);
+        for src in srcs {
+            let s = &src[at * SHARD_ALIGN..(at + 1) * SHARD_ALIGN];
+            for (x, y) in block.iter_mut().zip(s) {
+                *x ^= y;
+            }
         }
+        d.copy_from_slice(&block);
     }
+}
+
+/// What rebuilds the one missing data shard of a XOR code: the parity shard, and the
+/// other data shards to XOR into it.
+fn parity_and_others<'a>(
+    slots: &[Option<&'a [u8]>],
+    k: usize,
+    missing: usize,
+) -> (&'a [u8], Vec<&'a [u8]>) {
+    let parity = slots[k].expect("parity present when a data shard is missing");
+    let others = (0..k)
+        .filter(|&i| i != missing)
+        .map(|i| slots[i].expect("all other data shards present"))
+        .collect();
+    (parity, others)
 }
 
 /// k data shards plus one XOR parity shard.
@@ -271,9 +338,8 @@ impl ErasureCodec for XorCodec {
     fn encode(&self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, ErasureError> {
         let mut shards = data_shards(self.params, chunk);
         let mut parity = shards[0].clone();
-        for shard in &shards[1..] {
-            xor_into(&mut parity, shard);
-        }
+        let rest: Vec<&[u8]> = shards[1..].iter().map(Vec::as_slice).collect();
+        xor_all_into(&mut parity, &rest);
         shards.push(parity);
         Ok(shards)
     }
@@ -285,22 +351,42 @@ impl ErasureCodec for XorCodec {
             return Ok(join(slots[..k].iter().flatten(), chunk_len));
         };
         // Exactly one data shard is missing (at least k of k + 1 are present): it is the
-        // parity XOR every other data shard.
-        let mut rebuilt = slots[k]
-            .expect("parity present when a data shard is missing")
-            .to_vec();
-        for (i, shard) in slots[..k].iter().enumerate() {
-            if i != missing {
-                xor_into(&mut rebuilt, shard.expect("all other data shards present"));
+        // parity XOR every other data shard, rebuilt where it belongs in the chunk (no
+        // temporary shard, no second copy by a join).
+        let (parity, others) = parity_and_others(&slots, k, missing);
+        let shard_len = parity.len();
+        let mut chunk = Vec::with_capacity(k * shard_len);
+        for (i, slot) in slots[..k].iter().enumerate() {
+            if i == missing {
+                let at = chunk.len();
+                chunk.extend_from_slice(parity);
+                xor_all_into(&mut chunk[at..], &others);
+            } else {
+                chunk.extend_from_slice(slot.expect("all other data shards present"));
             }
         }
-        let rebuilt = Some(rebuilt.as_slice());
-        Ok(join(
-            (0..k)
-                .map(|i| if i == missing { rebuilt } else { slots[i] })
-                .map(|s| s.expect("complete")),
-            chunk_len,
-        ))
+        chunk.truncate(chunk_len);
+        Ok(chunk)
+    }
+
+    fn decode_parts(
+        &self,
+        chunk_len: usize,
+        shards: &[(usize, Bytes)],
+    ) -> Result<Vec<Bytes>, ErasureError> {
+        let refs: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
+        let slots = distinct(self.params, chunk_len, &refs)?;
+        let k = self.params.data();
+        let mut data = first_copies(k, shards);
+        if let Some(missing) = slots[..k].iter().position(Option::is_none) {
+            // The one missing data shard is the parity XOR the others, in a buffer of its
+            // own; the others stay where they are.
+            let (parity, others) = parity_and_others(&slots, k, missing);
+            let mut rebuilt = parity.to_vec();
+            xor_all_into(&mut rebuilt, &others);
+            data[missing] = Some(Bytes::from(rebuilt));
+        }
+        Ok(cut_to_chunk(data, chunk_len))
     }
 }
 
@@ -521,7 +607,21 @@ mod tests {
                 order.swap(i, (picks[i % picks.len()] % (i as u64 + 1)) as usize);
             }
             let chosen: Vec<(usize, &[u8])> = order[..k].iter().map(|&i| (i, shards[i].as_slice())).collect();
-            prop_assert_eq!(codec.decode(len, &chosen).unwrap(), data);
+            prop_assert_eq!(&codec.decode(len, &chosen).unwrap(), &data);
+            // In parts: the same bytes, and every data shard given is shared, not copied.
+            let owned: Vec<(usize, Bytes)> =
+                chosen.iter().map(|&(i, b)| (i, Bytes::copy_from_slice(b))).collect();
+            let parts = codec.decode_parts(len, &owned).unwrap();
+            prop_assert_eq!(parts.concat(), data);
+            let shard_len = params.shard_len(len);
+            let rebuilt = owned.iter().any(|&(i, _)| i >= k);
+            if !rebuilt || parity == 1 {
+                for (i, given) in &owned {
+                    if *i < k && i * shard_len < len {
+                        prop_assert_eq!(parts[*i].as_ptr(), given.as_ptr());
+                    }
+                }
+            }
         }
 
         /// For the codes we run, EVERY k-subset of the M GF(2^8) shards rebuilds the chunk,

@@ -209,10 +209,11 @@ impl DiskCache {
         Some(sealed)
     }
 
-    /// Stores a chunk's (verified) stored bytes, evicting the least recently used entries
+    /// Stores a chunk's verified stored bytes, evicting the least recently used entries
     /// beyond the budget.
-    pub fn put(&self, name: &ChunkName, bytes: &[u8]) -> io::Result<()> {
-        if self.budget == 0 || bytes.len() as u64 > self.budget {
+    pub fn put(&self, chunk: &SealedChunk) -> io::Result<()> {
+        let (name, len) = (chunk.name(), chunk.len());
+        if self.budget == 0 || len as u64 > self.budget {
             return Ok(());
         }
         if self.lock().entries.contains_key(name) {
@@ -226,12 +227,14 @@ impl DiskCache {
         // No fsync: an entry lost in a crash is fetched again, and a damaged one fails
         // verification; durability would only cost latency.
         let mut temp = tempfile::Builder::new().prefix(".tmp").tempfile_in(dir)?;
-        temp.write_all(bytes)?;
+        for part in chunk.parts() {
+            temp.write_all(part)?;
+        }
         temp.persist(&path).map_err(|e| e.error)?;
         let rescan = {
             let mut index = self.lock();
-            index.insert(*name, bytes.len() as u64, now_nanos());
-            index.written_since_scan += bytes.len() as u64;
+            index.insert(*name, len as u64, now_nanos());
+            index.written_since_scan += len as u64;
             index.written_since_scan >= self.budget / RESCAN_FRACTION
         };
         if rescan {
@@ -331,15 +334,19 @@ mod tests {
     use super::*;
     use std::sync::{Arc, atomic::AtomicU64};
 
+    fn sealed(bytes: &[u8]) -> SealedChunk {
+        SealedChunk::assume_sealed(bytes::Bytes::copy_from_slice(bytes))
+    }
+
     #[test]
     fn two_agents_share_one_directory() {
         let dir = tempfile::tempdir().unwrap();
         let a = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
         let b = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
         let (name, bytes) = chunk(7, 5000);
-        a.put(&name, &bytes).unwrap();
+        a.put(&sealed(&bytes)).unwrap();
         assert_eq!(
-            b.get(&name).unwrap().bytes().to_vec(),
+            b.get(&name).unwrap().to_bytes().to_vec(),
             bytes,
             "b finds what a wrote after b opened"
         );
@@ -378,7 +385,7 @@ mod tests {
             let bytes = rng.bytes(1000);
             let name = ChunkName::of(&bytes);
             let agent = if i % 2 == 0 { &a } else { &b };
-            agent.put(&name, &bytes).unwrap();
+            agent.put(&sealed(&bytes)).unwrap();
             last.push((name, bytes));
         }
         let on_disk: u64 = std::fs::read_dir(dir.path())
@@ -394,8 +401,8 @@ mod tests {
         );
         // The most recent chunks are there, for either agent.
         let (name, bytes) = last.last().unwrap();
-        assert_eq!(&a.get(name).unwrap().bytes().to_vec(), bytes);
-        assert_eq!(&b.get(name).unwrap().bytes().to_vec(), bytes);
+        assert_eq!(&a.get(name).unwrap().to_bytes().to_vec(), bytes);
+        assert_eq!(&b.get(name).unwrap().to_bytes().to_vec(), bytes);
     }
 
     /// An agent that finds another trimming the directory (holding its lock, even one that
@@ -406,8 +413,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = DiskCache::open(dir.path(), 1 << 20, Arc::new(Stats::default())).unwrap();
         for i in 0..4 {
-            let (name, bytes) = chunk(i, 1000);
-            first.put(&name, &bytes).unwrap();
+            let (_, bytes) = chunk(i, 1000);
+            first.put(&sealed(&bytes)).unwrap();
         }
         let lock_path = dir.path().join(LOCK_FILE);
         let held = File::open(&lock_path).unwrap();
@@ -440,18 +447,18 @@ mod tests {
         let (a, a_bytes) = chunk(1, 1000);
         let (b, b_bytes) = chunk(2, 1000);
         let (c, c_bytes) = chunk(3, 1000);
-        cache.put(&a, &a_bytes).unwrap();
+        cache.put(&sealed(&a_bytes)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        cache.put(&b, &b_bytes).unwrap();
+        cache.put(&sealed(&b_bytes)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        cache.put(&c, &c_bytes).unwrap();
+        cache.put(&sealed(&c_bytes)).unwrap();
         assert_eq!(
-            cache.get(&a).unwrap().bytes().to_vec(),
+            cache.get(&a).unwrap().to_bytes().to_vec(),
             a_bytes,
             "a is now the most recent"
         );
         let (d, d_bytes) = chunk(4, 1000);
-        cache.put(&d, &d_bytes).unwrap();
+        cache.put(&sealed(&d_bytes)).unwrap();
         assert!(cache.get(&b).is_none(), "b was the least recently used");
         assert!(cache.get(&a).is_some() && cache.get(&c).is_some());
         assert_eq!(cache.bytes(), 3000);
@@ -466,8 +473,8 @@ mod tests {
         // A new agent finds what the old one left.
         drop(cache);
         let reopened = DiskCache::open(dir.path(), 3000, Arc::new(Stats::default())).unwrap();
-        assert_eq!(reopened.get(&a).unwrap().bytes().to_vec(), a_bytes);
-        assert_eq!(reopened.get(&d).unwrap().bytes().to_vec(), d_bytes);
+        assert_eq!(reopened.get(&a).unwrap().to_bytes().to_vec(), a_bytes);
+        assert_eq!(reopened.get(&d).unwrap().to_bytes().to_vec(), d_bytes);
         assert_eq!(reopened.bytes(), 2000);
         // A smaller budget trims at open.
         drop(reopened);

@@ -28,10 +28,10 @@ use crate::{
     stats::{Stats, Tier, inc},
 };
 
-/// The remote tiers: stored bytes of a chunk, verified against its name, and which tier had
-/// them. Behind a trait so that tests can put a slow or failing backend here.
+/// The remote tiers: a chunk's stored bytes, verified against its name (a [`SealedChunk`]
+/// is made by nothing else), and which tier had them. Behind a trait so that tests can put a slow or failing backend here.
 pub trait Fetcher: Send + Sync + 'static {
-    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>>;
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(SealedChunk, Tier), String>>;
 }
 
 /// The fleet, which falls back to its origin itself.
@@ -40,10 +40,10 @@ pub struct FleetFetcher {
 }
 
 impl Fetcher for FleetFetcher {
-    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(SealedChunk, Tier), String>> {
         let client = self.client.clone();
         Box::pin(async move {
-            let (bytes, source) = client
+            let (chunk, source) = client
                 .get_chunk_with_source(&name)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -51,7 +51,7 @@ impl Fetcher for FleetFetcher {
                 ChunkSource::Fleet => Tier::Fleet,
                 ChunkSource::Origin => Tier::Origin,
             };
-            Ok((bytes, tier))
+            Ok((chunk, tier))
         })
     }
 }
@@ -64,17 +64,20 @@ pub struct OriginFetcher {
 }
 
 impl Fetcher for OriginFetcher {
-    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(SealedChunk, Tier), String>> {
         let origin = self.origin.clone();
         let permits = self.permits.clone();
         Box::pin(async move {
             let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
             match origin.get(&name).await.map_err(|e| e.to_string())? {
-                Some(bytes) if name.matches(&bytes) => Ok((bytes, Tier::Origin)),
-                Some(_) => Err(format!(
-                    "chunk {name} from {} does not match its name",
-                    origin.describe()
-                )),
+                Some(bytes) => SealedChunk::verified(name, bytes)
+                    .map(|chunk| (chunk, Tier::Origin))
+                    .map_err(|_| {
+                        format!(
+                            "chunk {name} from {} does not match its name",
+                            origin.describe()
+                        )
+                    }),
                 None => Err(format!("chunk {name} is not in {}", origin.describe())),
             }
         })
@@ -361,20 +364,21 @@ impl Tiers {
         let (sealed, tier) = match from_disk {
             Some(sealed) => (sealed, Tier::Disk),
             None => {
-                let (bytes, tier) = self.fetcher.fetch(chunk.name).await.map_err(|message| {
+                let (sealed, tier) = self.fetcher.fetch(chunk.name).await.map_err(|message| {
                     LoadError::Unavailable {
                         name: chunk.name,
                         message,
                     }
                 })?;
-                // The fetcher verified the bytes; checking again costs one hash and keeps
-                // a buggy backend from planting other bytes in the tiers.
-                let sealed = SealedChunk::verified(chunk.name, bytes).map_err(|_| {
-                    LoadError::Unavailable {
+                // A SealedChunk's bytes match its name (the fetcher hashed them, once);
+                // what is left to check is that it is the chunk asked for, so that a
+                // buggy backend cannot plant another chunk in the tiers.
+                if sealed.name() != &chunk.name {
+                    return Err(LoadError::Unavailable {
                         name: chunk.name,
-                        message: "the remote tier returned bytes that do not match the name".into(),
-                    }
-                })?;
+                        message: format!("the remote tier returned chunk {}", sealed.name()),
+                    });
+                }
                 (sealed, tier)
             }
         };
@@ -393,10 +397,10 @@ impl Tiers {
             match self.disk_write_permits.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let disk = disk.clone();
-                    let (name, bytes) = (chunk.name, sealed.bytes().clone());
+                    let sealed = sealed.clone();
                     self.runtime.spawn_blocking(move || {
-                        if let Err(e) = disk.put(&name, &bytes) {
-                            tracing::warn!(chunk = %name, error = %e, "cannot write the disk cache");
+                        if let Err(e) = disk.put(&sealed) {
+                            tracing::warn!(chunk = %sealed.name(), error = %e, "cannot write the disk cache");
                         }
                         drop(permit);
                     });
@@ -440,13 +444,16 @@ mod tests {
 
     /// A fetcher over a map, with a delay and a fetch counter.
     struct MapFetcher {
-        chunks: HashMap<ChunkName, Bytes>,
+        chunks: HashMap<ChunkName, SealedChunk>,
         delay: Duration,
         fetches: AtomicUsize,
     }
 
     impl Fetcher for Arc<MapFetcher> {
-        fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+        fn fetch(
+            &self,
+            name: ChunkName,
+        ) -> BoxFuture<'static, Result<(SealedChunk, Tier), String>> {
             let this = self.clone();
             Box::pin(async move {
                 this.fetches.fetch_add(1, Ordering::SeqCst);
@@ -472,7 +479,7 @@ mod tests {
             len: sealed.len() as u32,
         };
         let fetcher = Arc::new(MapFetcher {
-            chunks: HashMap::from([(*sealed.name(), sealed.bytes().clone())]),
+            chunks: HashMap::from([(*sealed.name(), sealed.clone())]),
             delay,
             fetches: AtomicUsize::new(0),
         });

@@ -147,7 +147,7 @@ struct SlowOrigin {
 }
 
 impl Fetcher for SlowOrigin {
-    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(SealedChunk, Tier), String>> {
         let fetch = self.inner.fetch(name);
         let delay = self.delay;
         self.fetches.fetch_add(1, Ordering::SeqCst);
@@ -1151,14 +1151,15 @@ struct LyingOrigin {
 }
 
 impl Fetcher for LyingOrigin {
-    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(Bytes, Tier), String>> {
+    fn fetch(&self, name: ChunkName) -> BoxFuture<'static, Result<(SealedChunk, Tier), String>> {
         let fetch = self.inner.fetch(name);
         Box::pin(async move {
-            let (bytes, tier) = fetch.await?;
-            let mut lie = bytes.to_vec();
+            let (chunk, tier) = fetch.await?;
+            let mut lie = chunk.to_bytes().to_vec();
             let middle = lie.len() / 2;
             lie[middle] ^= 1;
-            Ok((Bytes::from(lie), tier))
+            // Well formed, as a buggy backend's would be: its own name matches its bytes.
+            Ok((SealedChunk::assume_sealed(Bytes::from(lie)), tier))
         })
     }
 }

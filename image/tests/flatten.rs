@@ -27,7 +27,7 @@ struct MemorySink {
 impl ChunkSink for MemorySink {
     fn put(&self, chunk: SealedChunk) -> Result<(), String> {
         *self.puts.lock().unwrap() += 1;
-        assert!(chunk.name().matches(chunk.bytes()));
+        assert!(chunk.name().matches(&chunk.to_bytes()));
         self.chunks.lock().unwrap().insert(*chunk.name(), chunk);
         Ok(())
     }
@@ -87,7 +87,8 @@ impl Flat {
             }
             let chunk = &self.manifest.chunks[extent.chunk as usize];
             let sealed = chunks.get(&chunk.name).expect("chunk stored");
-            let plain = open_chunk(&self.manifest, extent.chunk, sealed.bytes().to_vec()).unwrap();
+            let plain =
+                open_chunk(&self.manifest, extent.chunk, sealed.to_bytes().to_vec()).unwrap();
             let from = (extent.offset + start) as usize;
             out.extend_from_slice(&plain[from..from + len as usize]);
         }
@@ -256,7 +257,7 @@ fn every_kind_of_entry_survives() {
     // Nothing stored is plaintext: the tool's bytes do not appear in any chunk.
     let needle = &data(1, 64)[..];
     for chunk in flat.sink.chunks.lock().unwrap().values() {
-        assert!(!chunk.bytes().windows(64).any(|w| w == needle));
+        assert!(!chunk.to_bytes().windows(64).any(|w| w == needle));
     }
 }
 

@@ -176,12 +176,12 @@ fn record(
     recorder: &mut Recorder,
     live: &Live,
     elapsed: std::time::Duration,
-    result: &Result<bytes::Bytes, ChunkError>,
+    result: &Result<SealedChunk, ChunkError>,
 ) {
     match result {
-        Ok(bytes) => {
-            recorder.success(elapsed, bytes.len() as u64);
-            live.count(true, bytes.len() as u64);
+        Ok(chunk) => {
+            recorder.success(elapsed, chunk.len() as u64);
+            live.count(true, chunk.len() as u64);
         }
         Err(e) => {
             recorder.error(elapsed, error_kind(e));

@@ -112,10 +112,10 @@ pub async fn get(fleet: &FleetArgs, args: &GetArgs) -> anyhow::Result<()> {
                 while let Some((name, latency, result)) = reads.next().await {
                     latencies.push(latency);
                     match result {
-                        Ok(bytes) => {
-                            bytes_read += bytes.len();
+                        Ok(chunk) => {
+                            bytes_read += chunk.len();
                             let path = dir.join(name.to_hex());
-                            tokio::fs::write(&path, &bytes)
+                            tokio::fs::write(&path, chunk.to_bytes())
                                 .await
                                 .with_context(|| format!("cannot write {}", path.display()))?;
                         }
@@ -130,9 +130,9 @@ pub async fn get(fleet: &FleetArgs, args: &GetArgs) -> anyhow::Result<()> {
                 let mut reads = reads.buffered(concurrency);
                 if let Some((_, latency, result)) = reads.next().await {
                     latencies.push(latency);
-                    let bytes = result?;
-                    bytes_read += bytes.len();
-                    std::fs::write(path, &bytes)
+                    let chunk = result?;
+                    bytes_read += chunk.len();
+                    std::fs::write(path, chunk.to_bytes())
                         .with_context(|| format!("cannot write {}", path.display()))?;
                 }
             }
@@ -141,10 +141,12 @@ pub async fn get(fleet: &FleetArgs, args: &GetArgs) -> anyhow::Result<()> {
                 let mut reads = reads.buffered(concurrency);
                 while let Some((_, latency, result)) = reads.next().await {
                     latencies.push(latency);
-                    let bytes = result?;
-                    bytes_read += bytes.len();
+                    let chunk = result?;
+                    bytes_read += chunk.len();
                     let mut stdout = std::io::stdout().lock();
-                    stdout.write_all(&bytes)?;
+                    for part in chunk.parts() {
+                        stdout.write_all(part)?;
+                    }
                     stdout.flush()?;
                 }
             }
