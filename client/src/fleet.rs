@@ -410,8 +410,10 @@ impl FleetClient {
     /// Reads a chunk: from any k of its M shards in the fleet, or from the origin (after
     /// which the fleet is filled in the background). The chunk returned has been verified
     /// against the name; read from the fleet, it is the data shards as they were received
-    /// ([`SealedChunk::parts`]), not copied into one buffer. Dropping the future at any
-    /// point leaves nothing behind but requests and an origin fetch that end on their own.
+    /// ([`SealedChunk::parts`]), not copied into one buffer; those parts are slices of the
+    /// HTTP client's receive buffers, so a caller that keeps the chunk beyond its use keeps
+    /// [`SealedChunk::compact`] instead. Dropping the future at any point leaves nothing
+    /// behind but requests and an origin fetch that end on their own.
     pub async fn get_chunk(&self, name: &ChunkName) -> Result<SealedChunk, ChunkError> {
         self.get_chunk_with_source(name)
             .await

@@ -169,24 +169,26 @@ impl SealedChunk {
 
     /// Like [`SealedChunk::verified`], for a chunk received in parts (the data shards of a
     /// fleet read), which are kept as they are: none is copied.
-    pub fn verified_parts(name: ChunkName, mut parts: Vec<Bytes>) -> Result<Self, NameMismatch> {
+    pub fn verified_parts(name: ChunkName, parts: Vec<Bytes>) -> Result<Self, NameMismatch> {
         if !name.matches_parts(&parts) {
             return Err(NameMismatch(name));
         }
+        Ok(Self::from_parts(name, parts))
+    }
+
+    /// The one place a `SealedChunk` is put together: empty parts are dropped, so that an
+    /// empty chunk has no parts however it was made.
+    fn from_parts(name: ChunkName, mut parts: Vec<Bytes>) -> Self {
         parts.retain(|part| !part.is_empty());
         let len = parts.iter().map(Bytes::len).sum();
-        Ok(Self { name, parts, len })
+        Self { name, parts, len }
     }
 
     /// Takes `bytes` as the stored form of a chunk without encrypting them: the caller
     /// vouches that they are already sealed, or that they are meant to be stored in the
     /// clear (`slapshot chunk put`, tests of the fleet itself).
     pub fn assume_sealed(bytes: Bytes) -> Self {
-        Self {
-            name: ChunkName::of(&bytes),
-            len: bytes.len(),
-            parts: vec![bytes],
-        }
+        Self::from_parts(ChunkName::of(&bytes), vec![bytes])
     }
 
     pub fn name(&self) -> &ChunkName {
@@ -198,19 +200,30 @@ impl SealedChunk {
         &self.parts
     }
 
+    /// The same chunk copied into one buffer of its own size. Bytes received over HTTP
+    /// (a fleet read's shards, an origin's body) may be slices of the client's receive
+    /// buffers, each of which stays allocated whole (up to about 400 KiB) while a slice of
+    /// it lives: a chunk held beyond its read (queued for the disk tier, kept by a caller)
+    /// is compacted first, so that what it holds is bounded by its own length.
+    pub fn compact(&self) -> Self {
+        let mut joined = Vec::with_capacity(self.len);
+        for part in &self.parts {
+            joined.extend_from_slice(part);
+        }
+        Self::from_parts(self.name, vec![Bytes::from(joined)])
+    }
+
     /// The stored (encrypted) bytes in one buffer: shared if the chunk is one part, else
     /// copied together (a chunk read from the fleet is its data shards).
     pub fn to_bytes(&self) -> Bytes {
         match self.parts.as_slice() {
             [] => Bytes::new(),
             [one] => one.clone(),
-            parts => {
-                let mut joined = Vec::with_capacity(self.len);
-                for part in parts {
-                    joined.extend_from_slice(part);
-                }
-                Bytes::from(joined)
-            }
+            _ => self
+                .compact()
+                .parts
+                .pop()
+                .expect("a non-empty chunk has one part"),
         }
     }
 
@@ -230,11 +243,7 @@ pub fn seal(salt: &Salt, mut plaintext: Vec<u8>) -> (SealedChunk, ChunkKey) {
     apply_keystream(&key, &mut plaintext);
     let name = ChunkName::of(&plaintext);
     (
-        SealedChunk {
-            name,
-            len: plaintext.len(),
-            parts: vec![Bytes::from(plaintext)],
-        },
+        SealedChunk::from_parts(name, vec![Bytes::from(plaintext)]),
         key,
     )
 }
@@ -318,6 +327,11 @@ mod tests {
             assert_eq!(sealed.len(), bytes.len());
             assert_eq!(sealed.to_bytes(), bytes);
             assert_eq!(open(&sealed, &key), plaintext);
+            // Compacted: one buffer of its own, sharing none of the parts' buffers.
+            let compact = sealed.compact();
+            assert_eq!((compact.parts().len(), compact.len()), (1, bytes.len()));
+            assert_eq!(compact.to_bytes(), bytes);
+            assert!(!std::ptr::eq(compact.parts()[0].as_ptr(), bytes.as_ptr()));
             let last = parts.len() - 1;
             parts.swap(0, last);
             if parts.concat() != bytes {

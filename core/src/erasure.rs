@@ -561,6 +561,53 @@ mod tests {
         assert_eq!(codec.decode(data.len(), &first_k).unwrap(), data);
     }
 
+    /// `decode_parts` is `decode` without the copy: the same bytes (or the same error) for
+    /// every codec kind, at lengths of none, part of one shard and a few shards, with
+    /// shards lost, and with a second copy of an index (the first is the one used, whether
+    /// it is the true one or not).
+    #[test]
+    fn decode_parts_is_decode_in_parts() {
+        for (k, total) in [(4, 5), (4, 6), (1, 2), (3, 5)] {
+            let params = CodeParams::new(k, total).unwrap();
+            let codec = codec_for(params);
+            for len in [0usize, 1, 63, 200, 1000, 4096] {
+                let data = chunk(len, 9);
+                let shards: Vec<Bytes> = codec
+                    .encode(&data)
+                    .unwrap()
+                    .into_iter()
+                    .map(Bytes::from)
+                    .collect();
+                let mut damaged = shards[0].to_vec();
+                damaged[0] ^= 1;
+                let damaged = Bytes::from(damaged);
+                let all: Vec<(usize, Bytes)> = shards.iter().cloned().enumerate().collect();
+                let last_k: Vec<(usize, Bytes)> = all[total - k..].to_vec();
+                let mut true_first = all.clone();
+                true_first.insert(1, (0, damaged.clone()));
+                let mut damaged_first = all.clone();
+                damaged_first.insert(0, (0, damaged.clone()));
+                let too_few: Vec<(usize, Bytes)> = all[..k - 1].to_vec();
+                for (case, given) in [
+                    ("all", all),
+                    ("the last k", last_k),
+                    ("the true copy first", true_first),
+                    ("a damaged copy first", damaged_first),
+                    ("k - 1", too_few),
+                ] {
+                    let refs: Vec<(usize, &[u8])> =
+                        given.iter().map(|(i, b)| (*i, b.as_ref())).collect();
+                    let whole = codec.decode(len, &refs);
+                    let parts = codec.decode_parts(len, &given).map(|p| p.concat());
+                    assert_eq!(parts, whole, "{k}-of-{total}, {len} bytes, {case}");
+                    if case != "a damaged copy first" && case != "k - 1" {
+                        assert_eq!(parts.unwrap(), data, "{k}-of-{total}, {len} bytes, {case}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn too_few_or_malformed_shards_are_errors() {
         let codec = codec_for(CodeParams::new(3, 5).unwrap());

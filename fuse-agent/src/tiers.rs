@@ -397,7 +397,9 @@ impl Tiers {
             match self.disk_write_permits.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let disk = disk.clone();
-                    let sealed = sealed.clone();
+                    // Compacted: a fleet read's parts are slices of receive buffers that
+                    // a queued write would otherwise keep whole.
+                    let sealed = sealed.compact();
                     self.runtime.spawn_blocking(move || {
                         if let Err(e) = disk.put(&sealed) {
                             tracing::warn!(chunk = %sealed.name(), error = %e, "cannot write the disk cache");
@@ -478,8 +480,18 @@ mod tests {
             key,
             len: sealed.len() as u32,
         };
+        let (tiers, fetcher) = tiers_over(HashMap::from([(*sealed.name(), sealed)]), delay, disk);
+        (tiers, fetcher, chunk, plaintext)
+    }
+
+    /// Tiers whose remote tier answers from `chunks`.
+    fn tiers_over(
+        chunks: HashMap<ChunkName, SealedChunk>,
+        delay: Duration,
+        disk: Option<Arc<DiskCache>>,
+    ) -> (Arc<Tiers>, Arc<MapFetcher>) {
         let fetcher = Arc::new(MapFetcher {
-            chunks: HashMap::from([(*sealed.name(), sealed.clone())]),
+            chunks,
             delay,
             fetches: AtomicUsize::new(0),
         });
@@ -490,7 +502,77 @@ mod tests {
             Arc::new(Stats::default()),
             tokio::runtime::Handle::current(),
         );
-        (tiers, fetcher, chunk, plaintext)
+        (tiers, fetcher)
+    }
+
+    fn disk_in(dir: &tempfile::TempDir) -> Arc<DiskCache> {
+        Arc::new(DiskCache::open(dir.path(), 1 << 30, Arc::new(Stats::default())).unwrap())
+    }
+
+    /// Waits until the background write has put `name` on `disk`.
+    async fn wait_for_disk(disk: &DiskCache, name: &ChunkName) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !disk.contains(name) {
+            assert!(
+                Instant::now() < deadline,
+                "the chunk never reached the disk"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A remote tier that answers with another chunk (well formed: that chunk's name
+    /// matches its bytes) is refused, and nothing of it reaches memory or disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_remote_tier_that_answers_with_another_chunk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_in(&dir);
+        let (_, _, chunk, _) = setup(Duration::ZERO, None);
+        let (other, _) = seal(&Salt::new(b"t"), vec![7u8; chunk.len as usize]);
+        let (tiers, fetcher) = tiers_over(
+            HashMap::from([(chunk.name, other.clone())]),
+            Duration::ZERO,
+            Some(disk.clone()),
+        );
+        assert!(matches!(
+            tiers.load(&chunk).await,
+            Err(LoadError::Unavailable { .. })
+        ));
+        assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 1);
+        assert!(tiers.cached(&chunk).is_none());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!disk.contains(&chunk.name) && !disk.contains(other.name()));
+    }
+
+    /// A chunk fetched in parts, as a fleet read returns it, is decrypted whole into
+    /// memory and written whole to the disk tier.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_fetched_in_parts_reaches_memory_and_disk_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = disk_in(&dir);
+        let plaintext: Vec<u8> = (0..300_001u32).map(|i| (i % 241) as u8).collect();
+        let (sealed, key) = seal(&Salt::new(b"t"), plaintext.clone());
+        let bytes = sealed.to_bytes();
+        let parts = vec![
+            bytes.slice(..1_000),
+            bytes.slice(1_000..131_073),
+            bytes.slice(131_073..),
+        ];
+        let in_parts = SealedChunk::verified_parts(*sealed.name(), parts).unwrap();
+        assert_eq!(in_parts.parts().len(), 3);
+        let chunk = ChunkRef {
+            name: *sealed.name(),
+            key,
+            len: sealed.len() as u32,
+        };
+        let (tiers, _) = tiers_over(
+            HashMap::from([(chunk.name, in_parts)]),
+            Duration::ZERO,
+            Some(disk.clone()),
+        );
+        assert_eq!(tiers.load(&chunk).await.unwrap(), plaintext);
+        wait_for_disk(&disk, &chunk.name).await;
+        assert_eq!(disk.get(&chunk.name).unwrap().to_bytes(), bytes);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,8 +605,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_that_gives_up_still_fills_the_tiers() {
         let dir = tempfile::tempdir().unwrap();
-        let disk =
-            Arc::new(DiskCache::open(dir.path(), 1 << 30, Arc::new(Stats::default())).unwrap());
+        let disk = disk_in(&dir);
         let (tiers, fetcher, chunk, plaintext) =
             setup(Duration::from_millis(200), Some(disk.clone()));
         // The reader is dropped long before the fetch ends.
