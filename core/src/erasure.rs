@@ -151,8 +151,8 @@ pub trait ErasureCodec: Send + Sync {
 
     /// Like `decode`, but the chunk comes back as its k data shards in order (cut to
     /// `chunk_len`), sharing the buffers it was given: with every data shard present
-    /// nothing is copied, and a codec that can rebuilds only the missing ones. The rest
-    /// fall back to one buffer from `decode`.
+    /// nothing is copied, and a codec that can (`rebuild_in_parts`) rebuilds only the
+    /// missing ones. The rest fall back to one buffer from `decode`.
     fn decode_parts(
         &self,
         chunk_len: usize,
@@ -160,11 +160,18 @@ pub trait ErasureCodec: Send + Sync {
     ) -> Result<Vec<Bytes>, ErasureError> {
         let refs: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
         let slots = distinct(self.params(), chunk_len, &refs)?;
-        let k = self.params().data();
-        if slots[..k].iter().all(Option::is_some) {
-            return Ok(cut_to_chunk(first_copies(k, shards), chunk_len));
+        let mut data = first_copies(self.params().data(), shards);
+        if data.iter().any(Option::is_none) && !self.rebuild_in_parts(&slots, &mut data) {
+            return Ok(vec![Bytes::from(self.decode(chunk_len, &refs)?)]);
         }
-        Ok(vec![Bytes::from(self.decode(chunk_len, &refs)?)])
+        Ok(cut_to_chunk(data, chunk_len))
+    }
+
+    /// Fills the missing data shards of `data` (k entries) from `slots` (the first copy of
+    /// every index, checked, at least k of them), each in a buffer of its own; false if
+    /// this codec rebuilds only into one buffer, with `decode`.
+    fn rebuild_in_parts(&self, _slots: &[Option<&[u8]>], _data: &mut [Option<Bytes>]) -> bool {
+        false
     }
 }
 
@@ -369,24 +376,17 @@ impl ErasureCodec for XorCodec {
         Ok(chunk)
     }
 
-    fn decode_parts(
-        &self,
-        chunk_len: usize,
-        shards: &[(usize, Bytes)],
-    ) -> Result<Vec<Bytes>, ErasureError> {
-        let refs: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
-        let slots = distinct(self.params, chunk_len, &refs)?;
+    fn rebuild_in_parts(&self, slots: &[Option<&[u8]>], data: &mut [Option<Bytes>]) -> bool {
         let k = self.params.data();
-        let mut data = first_copies(k, shards);
         if let Some(missing) = slots[..k].iter().position(Option::is_none) {
             // The one missing data shard is the parity XOR the others, in a buffer of its
             // own; the others stay where they are.
-            let (parity, others) = parity_and_others(&slots, k, missing);
+            let (parity, others) = parity_and_others(slots, k, missing);
             let mut rebuilt = parity.to_vec();
             xor_all_into(&mut rebuilt, &others);
             data[missing] = Some(Bytes::from(rebuilt));
         }
-        Ok(cut_to_chunk(data, chunk_len))
+        true
     }
 }
 
