@@ -183,6 +183,21 @@ fn erasure(c: &mut Criterion) {
                 |b| b.iter(|| codec.decode(CHUNK_SIZE, black_box(&degraded)).unwrap()),
             );
         }
+        // What a fleet read does: the chunk in parts, the shards it received shared.
+        for lost in [0, 1] {
+            let owned: Vec<(usize, bytes::Bytes)> = without_data(&shards, k, lost)
+                .into_iter()
+                .map(|(i, s)| (i, bytes::Bytes::copy_from_slice(s)))
+                .collect();
+            assert_eq!(
+                codec.decode_parts(CHUNK_SIZE, &owned).unwrap().concat(),
+                data
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("decode_parts {lost} lost"), &label),
+                |b| b.iter(|| codec.decode_parts(CHUNK_SIZE, black_box(&owned)).unwrap()),
+            );
+        }
     }
     group.finish();
 }

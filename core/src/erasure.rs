@@ -287,37 +287,35 @@ fn join(data: impl Iterator<Item = impl AsRef<[u8]>>, chunk_len: usize) -> Vec<u
     chunk
 }
 
-/// `dst ^= every src`, in one pass over 64-byte blocks: each block of `dst` is loaded and
-/// stored once whatever the number of sources (a pass per source moved `dst` through
-/// memory once per source), and the block loop vectorises.
-fn xor_all_into(dst: &mut [u8], srcs: &[&[u8]]) {
-    debug_assert!(srcs.iter().all(|s| s.len() == dst.len()));
-    for (at, d) in dst.chunks_exact_mut(SHARD_ALIGN).enumerate() {
+/// Appends the XOR of `srcs` (of equal lengths, multiples of 64) to `out`, in one pass
+/// over 64-byte blocks: each block is written once whatever the number of sources (no copy
+/// of the first source to XOR the others into, no pass per source), and the block loop
+/// vectorises.
+fn extend_with_xor(out: &mut Vec<u8>, srcs: &[&[u8]]) {
+    let len = srcs[0].len();
+    debug_assert!(srcs.iter().all(|s| s.len() == len) && len % SHARD_ALIGN == 0);
+    out.reserve(len);
+    for at in (0..len).step_by(SHARD_ALIGN) {
         let mut block = [0u8; SHARD_ALIGN];
-        block.copy_from_slice(d);
         for src in srcs {
-            let s = &src[at * SHARD_ALIGN..(at + 1) * SHARD_ALIGN];
-            for (x, y) in block.iter_mut().zip(s) {
+            for (x, y) in block.iter_mut().zip(&src[at..at + SHARD_ALIGN]) {
                 *x ^= y;
             }
         }
-        d.copy_from_slice(&block);
+        out.extend_from_slice(&block);
     }
 }
 
-/// What rebuilds the one missing data shard of a XOR code: the parity shard, and the
-/// other data shards to XOR into it.
-fn parity_and_others<'a>(
-    slots: &[Option<&'a [u8]>],
-    k: usize,
-    missing: usize,
-) -> (&'a [u8], Vec<&'a [u8]>) {
-    let parity = slots[k].expect("parity present when a data shard is missing");
-    let others = (0..k)
-        .filter(|&i| i != missing)
-        .map(|i| slots[i].expect("all other data shards present"))
-        .collect();
-    (parity, others)
+/// What rebuilds the one missing data shard of a XOR code: the parity shard and the other
+/// data shards, to XOR together.
+fn rebuild_sources<'a>(slots: &[Option<&'a [u8]>], k: usize, missing: usize) -> Vec<&'a [u8]> {
+    let mut sources = vec![slots[k].expect("parity present when a data shard is missing")];
+    sources.extend(
+        (0..k)
+            .filter(|&i| i != missing)
+            .map(|i| slots[i].expect("all other data shards present")),
+    );
+    sources
 }
 
 /// k data shards plus one XOR parity shard.
@@ -344,9 +342,9 @@ impl ErasureCodec for XorCodec {
 
     fn encode(&self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, ErasureError> {
         let mut shards = data_shards(self.params, chunk);
-        let mut parity = shards[0].clone();
-        let rest: Vec<&[u8]> = shards[1..].iter().map(Vec::as_slice).collect();
-        xor_all_into(&mut parity, &rest);
+        let mut parity = Vec::new();
+        let data: Vec<&[u8]> = shards.iter().map(Vec::as_slice).collect();
+        extend_with_xor(&mut parity, &data);
         shards.push(parity);
         Ok(shards)
     }
@@ -360,14 +358,11 @@ impl ErasureCodec for XorCodec {
         // Exactly one data shard is missing (at least k of k + 1 are present): it is the
         // parity XOR every other data shard, rebuilt where it belongs in the chunk (no
         // temporary shard, no second copy by a join).
-        let (parity, others) = parity_and_others(&slots, k, missing);
-        let shard_len = parity.len();
-        let mut chunk = Vec::with_capacity(k * shard_len);
+        let sources = rebuild_sources(&slots, k, missing);
+        let mut chunk = Vec::with_capacity(k * sources[0].len());
         for (i, slot) in slots[..k].iter().enumerate() {
             if i == missing {
-                let at = chunk.len();
-                chunk.extend_from_slice(parity);
-                xor_all_into(&mut chunk[at..], &others);
+                extend_with_xor(&mut chunk, &sources);
             } else {
                 chunk.extend_from_slice(slot.expect("all other data shards present"));
             }
@@ -381,9 +376,8 @@ impl ErasureCodec for XorCodec {
         if let Some(missing) = slots[..k].iter().position(Option::is_none) {
             // The one missing data shard is the parity XOR the others, in a buffer of its
             // own; the others stay where they are.
-            let (parity, others) = parity_and_others(slots, k, missing);
-            let mut rebuilt = parity.to_vec();
-            xor_all_into(&mut rebuilt, &others);
+            let mut rebuilt = Vec::new();
+            extend_with_xor(&mut rebuilt, &rebuild_sources(slots, k, missing));
             data[missing] = Some(Bytes::from(rebuilt));
         }
         true
