@@ -293,7 +293,7 @@ fn join(data: impl Iterator<Item = impl AsRef<[u8]>>, chunk_len: usize) -> Vec<u
 /// vectorises.
 fn extend_with_xor(out: &mut Vec<u8>, srcs: &[&[u8]]) {
     let len = srcs[0].len();
-    debug_assert!(srcs.iter().all(|s| s.len() == len) && len % SHARD_ALIGN == 0);
+    debug_assert!(srcs.iter().all(|s| s.len() == len) && len.is_multiple_of(SHARD_ALIGN));
     out.reserve(len);
     for at in (0..len).step_by(SHARD_ALIGN) {
         let mut block = [0u8; SHARD_ALIGN];
