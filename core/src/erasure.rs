@@ -150,7 +150,7 @@ pub trait ErasureCodec: Send + Sync {
     fn decode(&self, chunk_len: usize, shards: &[(usize, &[u8])]) -> Result<Vec<u8>, ErasureError>;
 
     /// Like `decode`, but the chunk comes back as its k data shards in order (cut to
-    /// `chunk_len`), sharing the buffers it was given: with every data shard present
+    /// `chunk_len`, no part empty), sharing the buffers it was given: with every data shard present
     /// nothing is copied, and a codec that can (`rebuild_in_parts`) rebuilds only the
     /// missing ones. The rest fall back to one buffer from `decode`.
     fn decode_parts(
@@ -162,7 +162,11 @@ pub trait ErasureCodec: Send + Sync {
         let slots = distinct(self.params(), chunk_len, &refs)?;
         let mut data = first_copies(self.params().data(), shards);
         if data.iter().any(Option::is_none) && !self.rebuild_in_parts(&slots, &mut data) {
-            return Ok(vec![Bytes::from(self.decode(chunk_len, &refs)?)]);
+            let whole = self.decode(chunk_len, &refs)?;
+            return Ok(Some(Bytes::from(whole))
+                .into_iter()
+                .filter(|b| !b.is_empty())
+                .collect());
         }
         Ok(cut_to_chunk(data, chunk_len))
     }
@@ -279,11 +283,15 @@ fn distinct<'a>(
 
 /// Concatenates k data shards into the chunk.
 fn join(data: impl Iterator<Item = impl AsRef<[u8]>>, chunk_len: usize) -> Vec<u8> {
-    let mut chunk = Vec::with_capacity(chunk_len + SHARD_ALIGN);
+    // Only the chunk's bytes are copied, not the padding after them: k shards can exceed
+    // the chunk by up to k x 63 bytes, and a buffer sized for the chunk would then be
+    // reallocated (and the chunk copied again) by the last shard.
+    let mut chunk = Vec::with_capacity(chunk_len);
     for shard in data {
-        chunk.extend_from_slice(shard.as_ref());
+        let shard = shard.as_ref();
+        let take = shard.len().min(chunk_len - chunk.len());
+        chunk.extend_from_slice(&shard[..take]);
     }
-    chunk.truncate(chunk_len);
     chunk
 }
 
@@ -561,17 +569,29 @@ mod tests {
     /// it is the true one or not).
     #[test]
     fn decode_parts_is_decode_in_parts() {
-        for (k, total) in [(4, 5), (4, 6), (1, 2), (3, 5)] {
+        for (k, total) in [(4, 5), (4, 6), (1, 2), (3, 5), (10, 11)] {
             let params = CodeParams::new(k, total).unwrap();
             let codec = codec_for(params);
-            for len in [0usize, 1, 63, 200, 1000, 4096] {
-                let data = chunk(len, 9);
+            for len in [0usize, 1, 63, 200, 1000, 4096, 70_001] {
+                // Random bytes: a pattern with a short period would hide blocks XORed or
+                // copied from the wrong offset.
+                let data = random_chunk(len, (k * 1000 + len) as u64);
                 let shards: Vec<Bytes> = codec
                     .encode(&data)
                     .unwrap()
                     .into_iter()
                     .map(Bytes::from)
                     .collect();
+                if total == k + 1 {
+                    // Known answer: XOR parity is the bytewise XOR of the data shards.
+                    let mut parity = vec![0u8; shards[0].len()];
+                    for shard in &shards[..k] {
+                        for (p, b) in parity.iter_mut().zip(shard.iter()) {
+                            *p ^= b;
+                        }
+                    }
+                    assert_eq!(&shards[k][..], &parity[..], "{k}-of-{total}, {len} bytes");
+                }
                 let mut damaged = shards[0].to_vec();
                 damaged[0] ^= 1;
                 let damaged = Bytes::from(damaged);
@@ -592,11 +612,26 @@ mod tests {
                     let refs: Vec<(usize, &[u8])> =
                         given.iter().map(|(i, b)| (*i, b.as_ref())).collect();
                     let whole = codec.decode(len, &refs);
-                    let parts = codec.decode_parts(len, &given).map(|p| p.concat());
+                    let parts = codec.decode_parts(len, &given);
+                    if let Ok(parts) = &parts {
+                        assert!(parts.iter().all(|p| !p.is_empty()), "no empty part");
+                    }
+                    let parts = parts.map(|p| p.concat());
                     assert_eq!(parts, whole, "{k}-of-{total}, {len} bytes, {case}");
                     if case != "a damaged copy first" && case != "k - 1" {
                         assert_eq!(parts.unwrap(), data, "{k}-of-{total}, {len} bytes, {case}");
                     }
+                }
+                // Malformed with every data shard there: the same errors as `decode`.
+                let mut short = shards.iter().cloned().enumerate().collect::<Vec<_>>();
+                short[0].1 = short[0].1.slice(1..);
+                let mut outside = shards.iter().cloned().enumerate().collect::<Vec<_>>();
+                outside.push((total, shards[0].clone()));
+                for given in [short, outside] {
+                    let refs: Vec<(usize, &[u8])> =
+                        given.iter().map(|(i, b)| (*i, b.as_ref())).collect();
+                    let error = codec.decode_parts(len, &given).unwrap_err();
+                    assert_eq!(Err(error), codec.decode(len, &refs));
                 }
             }
         }
