@@ -1067,14 +1067,14 @@ impl CoreStore {
         Ok(())
     }
 
-    /// A free region for client writes. When none is free, eviction is started (if it is
-    /// not running already) and the write waits for it, up to `FREE_REGION_WAIT`; writes
-    /// are refused only if nothing can be evicted.
+    /// A free region for client writes, beyond the reinsertion reserve. When none is free,
+    /// eviction is started (if it is not running already) and the write waits for it, up
+    /// to `FREE_REGION_WAIT`; writes are refused only if nothing can be evicted.
     async fn wait_for_free_region(self: &Rc<Self>) -> Result<u32, StoreError> {
         let store = &*self.store;
         let deadline = std::time::Instant::now() + FREE_REGION_WAIT;
         loop {
-            if let Some(region) = store.regions.pop_free() {
+            if let Some(region) = store.regions.pop_free_above(store.reinsert_reserve) {
                 return Ok(region);
             }
             self.maybe_start_eviction();

@@ -117,7 +117,19 @@ impl Regions {
 
     /// A free region, now counted as open.
     pub fn pop_free(&self) -> Option<u32> {
-        let region = lock(&self.free).pop_front()?;
+        self.pop_free_above(0)
+    }
+
+    /// A free region, now counted as open, if more than `reserve` are free (checked and
+    /// taken under one lock).
+    pub fn pop_free_above(&self, reserve: usize) -> Option<u32> {
+        let region = {
+            let mut free = lock(&self.free);
+            if free.len() <= reserve {
+                return None;
+            }
+            free.pop_front()?
+        };
         self.open.fetch_add(1, Ordering::Relaxed);
         Some(region)
     }
