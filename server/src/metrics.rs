@@ -30,6 +30,7 @@ pub mod names {
     pub const EVICTED_REGIONS: &str = "slapshot_flash_evicted_regions_total";
     pub const EVICTED_SHARDS: &str = "slapshot_flash_evicted_shards_total";
     pub const REINSERTED_SHARDS: &str = "slapshot_flash_reinserted_shards_total";
+    pub const REGION_WAITS: &str = "slapshot_flash_region_waits_total";
     pub const REPLY_BODIES: &str = "slapshot_http_reply_bodies_total";
     pub const BUFFER_MAPS: &str = "slapshot_buffer_maps_total";
     pub const BUFFER_UNMAPS: &str = "slapshot_buffer_unmaps_total";
@@ -110,6 +111,7 @@ pub struct CoreMetrics {
     pub evicted_regions: AtomicU64,
     pub evicted_shards: AtomicU64,
     pub reinserted_shards: AtomicU64,
+    pub region_waits: AtomicU64,
     pub flushes: AtomicU64,
     pub flush_waiters: AtomicU64,
     pub flash_read_bytes: AtomicU64,
@@ -379,6 +381,12 @@ impl Metrics {
             names::EVICTED_REGIONS,
             "Flash regions reclaimed.",
             self.sum(|c| &c.evicted_regions),
+        );
+        counter(
+            w,
+            names::REGION_WAITS,
+            "Client writes that found no free region and waited for eviction.",
+            self.sum(|c| &c.region_waits),
         );
         counter(
             w,

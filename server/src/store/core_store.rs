@@ -1073,14 +1073,24 @@ impl CoreStore {
     async fn wait_for_free_region(self: &Rc<Self>) -> Result<u32, StoreError> {
         let store = &*self.store;
         let deadline = std::time::Instant::now() + FREE_REGION_WAIT;
+        let mut waited = false;
         loop {
             if let Some(region) = store.regions.pop_free_above(store.reinsert_reserve) {
                 return Ok(region);
             }
             self.maybe_start_eviction();
             let evicting = store.evictions_running.load(Ordering::Acquire) > 0;
-            if (!evicting && !store.regions.has_sealed()) || std::time::Instant::now() >= deadline {
+            if !evicting && !store.regions.has_sealed() {
+                // Nothing to evict, so nothing to reinsert either: the reserve is of no use
+                // to reinsertion now, and the write may have it.
+                return store.regions.pop_free().ok_or(StoreError::NoSpace);
+            }
+            if std::time::Instant::now() >= deadline {
                 return Err(StoreError::NoSpace);
+            }
+            if !waited {
+                waited = true;
+                add(&self.metrics().region_waits, 1);
             }
             monoio::time::sleep(std::time::Duration::from_micros(200)).await;
         }

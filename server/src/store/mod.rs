@@ -151,7 +151,8 @@ pub struct Store {
     reinsert_hits: u8,
     durability: Durability,
     /// Eviction starts when fewer regions than this are free: one per thread to open next,
-    /// plus one for reinsertion to spill into.
+    /// one more, and the reinsertion reserve, so that client writes keep a head start on
+    /// eviction above the reserve.
     low_watermark: usize,
     /// Free regions client writes leave to reinsertion: one per thread when reinsertion is
     /// on (each thread's eviction reinserts into a stream of its own), else none.
@@ -210,9 +211,10 @@ impl Store {
         let device = Device::open(&config.device)?;
         let region_count = device.superblock.region_count;
         let threads = config.threads.max(1);
-        let low_watermark = threads + 1;
-        // Two open regions per thread (client writes and reinsertions), the free reserve,
-        // and at least two sealed regions to evict.
+        let reinsert_reserve = if config.reinsert_hits > 0 { threads } else { 0 };
+        let low_watermark = threads + 1 + reinsert_reserve;
+        // Two open regions per thread (client writes and reinsertions), the free reserve
+        // (reinsertion's included), and at least two sealed regions to evict.
         let needed = u32::try_from(2 * threads + low_watermark + 2).unwrap_or(u32::MAX);
         if region_count < needed {
             return Err(StoreError::TooFewRegions {
@@ -238,7 +240,7 @@ impl Store {
             reinsert_hits: config.reinsert_hits,
             durability: config.device.durability,
             low_watermark,
-            reinsert_reserve: if config.reinsert_hits > 0 { threads } else { 0 },
+            reinsert_reserve,
             reinsert_credit: std::sync::atomic::AtomicI64::new(0),
             evictions_running: std::sync::atomic::AtomicUsize::new(0),
             settling: settling::Settling::default(),
