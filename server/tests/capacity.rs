@@ -89,26 +89,10 @@ fn writing_past_capacity_keeps_usage_bounded_and_recent_shards_served() {
 fn hot_shards_left_after_scan(node: &TestNode) -> usize {
     let mut client = node.client();
     let mut rng = Rng::new(12);
-    let hot: Vec<(String, Vec<u8>)> = (0..40)
-        .map(|i| (format!("hot{i}"), rng.bytes(SHARD)))
-        .collect();
-    for (i, (key, data)) in hot.iter().enumerate() {
-        assert_eq!(client.put(&format!("/v1/shards/{key}"), data).status, 201);
-        assert_eq!(
-            client
-                .put(&format!("/v1/shards/cold{i}"), &rng.bytes(SHARD))
-                .status,
-            201
-        );
-    }
+    let hot = write_hot_set(&mut client, &mut rng);
     let scan_data = rng.bytes(SHARD);
     for round in 0..25 {
-        for (key, data) in &hot {
-            let got = client.get(&format!("/v1/shards/{key}"));
-            if got.status == 200 {
-                assert!(got.body == *data, "{key} changed");
-            }
-        }
+        read_hot_set(&mut client, &hot);
         for j in 0..64 {
             assert_eq!(
                 client
@@ -121,6 +105,34 @@ fn hot_shards_left_after_scan(node: &TestNode) -> usize {
     hot.iter()
         .filter(|(key, _)| client_get_ok(&mut client, key))
         .count()
+}
+
+/// Writes 40 hot shards, each followed by a cold one: a region of hot shards alone would be
+/// more than the reinsertion credit of the first evictions (by design: rewrites stay
+/// bounded).
+fn write_hot_set(client: &mut Client, rng: &mut Rng) -> Vec<(String, Vec<u8>)> {
+    let hot: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("hot{i}"), rng.bytes(SHARD)))
+        .collect();
+    for (i, (key, data)) in hot.iter().enumerate() {
+        assert_eq!(client.put(&format!("/v1/shards/{key}"), data).status, 201);
+        let cold = rng.bytes(SHARD);
+        assert_eq!(
+            client.put(&format!("/v1/shards/cold{i}"), &cold).status,
+            201
+        );
+    }
+    hot
+}
+
+/// Reads every hot shard once; those served must be unchanged.
+fn read_hot_set(client: &mut Client, hot: &[(String, Vec<u8>)]) {
+    for (key, data) in hot {
+        let got = client.get(&format!("/v1/shards/{key}"));
+        if got.status == 200 {
+            assert!(got.body == *data, "{key} changed");
+        }
+    }
 }
 
 fn client_get_ok(client: &mut Client, key: &str) -> bool {
@@ -156,19 +168,7 @@ fn shards_that_are_read_survive_a_scan_under_write_pressure() {
     let node = small_store(dir.path(), &[]);
     let mut client = node.client();
     let mut rng = Rng::new(13);
-    let hot: Vec<(String, Vec<u8>)> = (0..40)
-        .map(|i| (format!("hot{i}"), rng.bytes(SHARD)))
-        .collect();
-    // Interleaved with cold shards, as above: a region of hot shards alone is more than
-    // the reinsertion credit of the first evictions (by design: rewrites stay bounded).
-    for (i, (key, data)) in hot.iter().enumerate() {
-        assert_eq!(client.put(&format!("/v1/shards/{key}"), data).status, 201);
-        let cold = rng.bytes(SHARD);
-        assert_eq!(
-            client.put(&format!("/v1/shards/cold{i}"), &cold).status,
-            201
-        );
-    }
+    let hot = write_hot_set(&mut client, &mut rng);
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
@@ -195,12 +195,7 @@ fn shards_that_are_read_survive_a_scan_under_write_pressure() {
             !writers.iter().any(std::thread::JoinHandle::is_finished),
             "a scan writer stopped early"
         );
-        for (key, data) in &hot {
-            let got = client.get(&format!("/v1/shards/{key}"));
-            if got.status == 200 {
-                assert!(got.body == *data, "{key} changed");
-            }
-        }
+        read_hot_set(&mut client, &hot);
     }
     stop.store(true, Ordering::Relaxed);
     let scanned: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
