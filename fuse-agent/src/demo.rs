@@ -175,7 +175,7 @@ async fn with_fleet(dir: &Path, layout: &Path) -> anyhow::Result<()> {
         println!("{row}");
     }
     println!();
-    println!("last pass, per tier:");
+    println!("the restarted agent's two passes (disk, then memory), per tier:");
     print!(
         "{}",
         Summary::from_text(&tiers_disk.stats().render()).table()
