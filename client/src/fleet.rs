@@ -437,9 +437,7 @@ impl FleetClient {
             // Read repair: nodes that answered without a valid shard (or with a second
             // copy of an index) get theirs back, in the code the chunk was read in.
             if read.lied || wants_repair(code, &read.heard.answers) {
-                // A repair needs the chunk in one buffer to cut it into shards again: the
-                // join is paid here, by the rare read that repairs.
-                inner.spawn_repair(*name, chunk.to_bytes(), code, ranked, read.heard);
+                inner.spawn_repair(*name, &chunk, code, ranked, read.heard);
             }
             return Ok((chunk, ChunkSource::Fleet));
         }
@@ -996,7 +994,7 @@ impl Inner {
     fn spawn_repair(
         self: &Arc<Self>,
         name: ChunkName,
-        chunk: Bytes,
+        chunk: &SealedChunk,
         code: Code,
         ranked: Vec<usize>,
         heard: Heard,
@@ -1004,6 +1002,9 @@ impl Inner {
         let Some(permit) = self.background.admit(name, write_bytes(code)) else {
             return;
         };
+        // A repair cuts the chunk into shards again, from one buffer: the join is paid
+        // only by a repair that was admitted.
+        let chunk = chunk.to_bytes();
         let inner = self.clone();
         tokio::spawn(async move {
             inner.write_back(name, chunk, code, ranked, heard).await;

@@ -140,8 +140,13 @@ pub fn chunk_key(salt: &Salt, plaintext: &[u8]) -> ChunkKey {
 
 /// Applies AES-256-CTR with a zero IV; encryption and decryption are the same operation.
 fn apply_keystream(key: &ChunkKey, data: &mut [u8]) {
-    let mut cipher = Aes256Ctr::new(&key.0.into(), &[0u8; 16].into());
-    cipher.apply_keystream(data);
+    cipher(key).apply_keystream(data);
+}
+
+/// The chunk's cipher: AES-256-CTR under its own key, with a zero IV (each key encrypts
+/// one plaintext only).
+fn cipher(key: &ChunkKey) -> Aes256Ctr {
+    Aes256Ctr::new(&key.0.into(), &[0u8; 16].into())
 }
 
 /// Bytes that may be written to a node or the origin: a chunk's stored form and its name.
@@ -158,7 +163,6 @@ pub struct SealedChunk {
     /// left where they arrived (joining them would copy the whole chunk once more, only for
     /// the reader to copy it again as it decrypts).
     parts: Vec<Bytes>,
-    len: usize,
 }
 
 impl SealedChunk {
@@ -180,8 +184,7 @@ impl SealedChunk {
     /// empty chunk has no parts however it was made.
     fn from_parts(name: ChunkName, mut parts: Vec<Bytes>) -> Self {
         parts.retain(|part| !part.is_empty());
-        let len = parts.iter().map(Bytes::len).sum();
-        Self { name, parts, len }
+        Self { name, parts }
     }
 
     /// Takes `bytes` as the stored form of a chunk without encrypting them: the caller
@@ -206,11 +209,7 @@ impl SealedChunk {
     /// it lives: a chunk held beyond its read (queued for the disk tier, kept by a caller)
     /// is compacted first, so that what it holds is bounded by its own length.
     pub fn compact(&self) -> Self {
-        let mut joined = Vec::with_capacity(self.len);
-        for part in &self.parts {
-            joined.extend_from_slice(part);
-        }
-        Self::from_parts(self.name, vec![Bytes::from(joined)])
+        Self::from_parts(self.name, vec![self.joined()])
     }
 
     /// The stored (encrypted) bytes in one buffer: shared if the chunk is one part, else
@@ -219,20 +218,25 @@ impl SealedChunk {
         match self.parts.as_slice() {
             [] => Bytes::new(),
             [one] => one.clone(),
-            _ => self
-                .compact()
-                .parts
-                .pop()
-                .expect("a non-empty chunk has one part"),
+            _ => self.joined(),
         }
     }
 
+    /// The parts copied into one new buffer.
+    fn joined(&self) -> Bytes {
+        let mut joined = Vec::with_capacity(self.len());
+        for part in &self.parts {
+            joined.extend_from_slice(part);
+        }
+        Bytes::from(joined)
+    }
+
     pub fn len(&self) -> usize {
-        self.len
+        self.parts.iter().map(Bytes::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.parts.is_empty()
     }
 }
 
@@ -268,8 +272,8 @@ pub fn open_in_place(
 /// Decrypts bytes already verified against their name (a [`SealedChunk`]): one copy, each
 /// part decrypted as it lands, while it is still in cache.
 pub fn open(chunk: &SealedChunk, key: &ChunkKey) -> Vec<u8> {
-    let mut cipher = Aes256Ctr::new(&key.0.into(), &[0u8; 16].into());
-    let mut plaintext = Vec::with_capacity(chunk.len);
+    let mut cipher = cipher(key);
+    let mut plaintext = Vec::with_capacity(chunk.len());
     for part in &chunk.parts {
         let at = plaintext.len();
         plaintext.extend_from_slice(part);

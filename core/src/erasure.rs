@@ -158,15 +158,20 @@ pub trait ErasureCodec: Send + Sync {
         chunk_len: usize,
         shards: &[(usize, Bytes)],
     ) -> Result<Vec<Bytes>, ErasureError> {
-        let refs: Vec<(usize, &[u8])> = shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
-        let slots = distinct(self.params(), chunk_len, &refs)?;
-        let mut data = first_copies(self.params().data(), shards);
-        if data.iter().any(Option::is_none) && !self.rebuild_in_parts(&slots, &mut data) {
-            let whole = self.decode(chunk_len, &refs)?;
-            return Ok(Some(Bytes::from(whole))
-                .into_iter()
-                .filter(|b| !b.is_empty())
-                .collect());
+        let slots = distinct(self.params(), chunk_len, shards)?;
+        let mut data = slots[..self.params().data()].to_vec();
+        if data.iter().any(Option::is_none) {
+            let views: Vec<Option<&[u8]>> = slots.iter().map(|s| s.as_deref()).collect();
+            if !self.rebuild_in_parts(&views, &mut data) {
+                let refs: Vec<(usize, &[u8])> =
+                    shards.iter().map(|(i, b)| (*i, b.as_ref())).collect();
+                let whole = Bytes::from(self.decode(chunk_len, &refs)?);
+                return Ok(if whole.is_empty() {
+                    vec![]
+                } else {
+                    vec![whole]
+                });
+            }
         }
         Ok(cut_to_chunk(data, chunk_len))
     }
@@ -177,18 +182,6 @@ pub trait ErasureCodec: Send + Sync {
     fn rebuild_in_parts(&self, _slots: &[Option<&[u8]>], _data: &mut [Option<Bytes>]) -> bool {
         false
     }
-}
-
-/// The first copy of each of the indices `0..n` among `shards` (the copy `distinct` takes),
-/// shared; `None` where an index is absent.
-fn first_copies(n: usize, shards: &[(usize, Bytes)]) -> Vec<Option<Bytes>> {
-    let mut slots = vec![None; n];
-    for (index, bytes) in shards {
-        if *index < n && slots[*index].is_none() {
-            slots[*index] = Some(bytes.clone());
-        }
-    }
-    slots
 }
 
 /// The complete data shards as the chunk's parts: the padding past `chunk_len` cut off.
@@ -248,24 +241,26 @@ fn data_shards(params: CodeParams, chunk: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// The first copy of each shard index, checked for range and length.
-fn distinct<'a>(
+fn distinct<T: AsRef<[u8]> + Clone>(
     params: CodeParams,
     chunk_len: usize,
-    shards: &[(usize, &'a [u8])],
-) -> Result<Vec<Option<&'a [u8]>>, ErasureError> {
+    shards: &[(usize, T)],
+) -> Result<Vec<Option<T>>, ErasureError> {
     let expected = params.shard_len(chunk_len);
     let mut slots = vec![None; params.total()];
-    for &(index, bytes) in shards {
+    for (index, bytes) in shards {
+        let (index, bytes) = (*index, bytes.clone());
         if index >= params.total() {
             return Err(ErasureError::ShardIndex {
                 index,
                 total: params.total(),
             });
         }
-        if bytes.len() != expected {
+        let len = bytes.as_ref().len();
+        if len != expected {
             return Err(ErasureError::ShardLength {
                 index,
-                len: bytes.len(),
+                len,
                 expected,
             });
         }

@@ -156,11 +156,9 @@ pub struct Store {
     low_watermark: usize,
     /// Free regions client writes leave to reinsertion: one per thread when reinsertion is
     /// on (each thread's eviction reinserts into a stream of its own), else none.
-    /// Reinsertion never waits for a region (it runs inside the eviction that frees them);
-    /// without the reserve, writes that wait on eviction under sustained pressure took
-    /// every region it freed, and hot shards were dropped when churn was highest (with a
-    /// reserve of one region for two threads, 1 run in 3 of the pressure test still lost
-    /// some). It is within the low watermark, which eviction keeps free anyway.
+    /// Reinsertion never waits for a region (it runs inside the eviction that frees them),
+    /// so without the reserve, writes waiting on eviction under sustained pressure took
+    /// every region it freed and hot shards were dropped (docs/PERFORMANCE.md).
     reinsert_reserve: usize,
     /// Blocks that eviction may still rewrite (reinsert). Each evicted region earns three
     /// quarters of a region; each reinserted block spends one. Rewrites therefore stay
