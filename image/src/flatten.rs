@@ -190,8 +190,14 @@ fn read_layers(
                         break;
                     }
                     let blob = &source.layers[i];
-                    let result =
-                        read_layer(i as u32, blob, &options.spool_dir, &options.limits, &usage);
+                    let result = read_layer(
+                        i as u32,
+                        blob,
+                        &options.spool_dir,
+                        &options.limits,
+                        &usage,
+                        &failed,
+                    );
                     if result.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }

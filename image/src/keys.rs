@@ -5,7 +5,7 @@
 use std::{
     fmt,
     io::Write,
-    os::unix::fs::OpenOptionsExt,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
 };
 
@@ -93,18 +93,30 @@ impl KeyFile {
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| fail(format!("no randomness: {e}")))?;
-        // create_new: two processes racing to create the key cannot both win; the loser
-        // reads the winner's key.
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&self.path)
-        {
-            Ok(mut file) => {
-                file.write_all(format!("{}\n", hex(&key)).as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .map_err(|e| fail(e.to_string()))?;
+        // The key is written whole to a file of its own, then linked into place: a link
+        // never replaces an existing file, so two processes racing to create the key
+        // cannot both win (the loser reads the winner's key), and no reader or crash ever
+        // sees the key file empty or half written.
+        let dir = match self.path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => std::path::Path::new("."),
+        };
+        let mut staged = tempfile::Builder::new()
+            .prefix(".key-")
+            .permissions(std::fs::Permissions::from_mode(0o600))
+            .tempfile_in(dir)
+            .map_err(|e| fail(e.to_string()))?;
+        staged
+            .write_all(format!("{}\n", hex(&key)).as_bytes())
+            .and_then(|()| staged.as_file().sync_all())
+            .map_err(|e| fail(e.to_string()))?;
+        // The staged file is removed when `staged` drops, whether or not the link is made.
+        match std::fs::hard_link(staged.path(), &self.path) {
+            Ok(()) => {
+                if let Ok(dir) = std::fs::File::open(dir) {
+                    // The new name is durable once its directory is.
+                    dir.sync_all().map_err(|e| fail(e.to_string()))?;
+                }
                 Ok(TenantKey(key))
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self
@@ -142,7 +154,6 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn created_once_with_0600_and_read_back() {
@@ -156,5 +167,33 @@ mod tests {
         assert_eq!(file.opening_key().unwrap(), key);
         std::fs::write(file.path(), "nonsense").unwrap();
         assert!(file.opening_key().is_err());
+    }
+
+    #[test]
+    fn processes_racing_to_create_the_key_all_get_the_winners() {
+        // Before the key was linked into place whole, a loser could read the winner's
+        // file while it was still empty and fail with "does not hold a key".
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("tenant-{round}.key"));
+            let barrier = std::sync::Barrier::new(6);
+            let keys: Vec<TenantKey> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..6)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            barrier.wait();
+                            KeyFile::new(path.clone()).sealing_key()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap().expect("every racer gets a key"))
+                    .collect()
+            });
+            assert!(keys.iter().all(|k| *k == keys[0]), "one key for all");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "only the key file is left");
+        }
     }
 }

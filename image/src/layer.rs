@@ -87,6 +87,8 @@ pub enum LayerError {
     },
     #[error("{layer}: the stream was not read to its end, so its digest could not be checked")]
     Unverified { layer: String },
+    #[error("{layer}: not read to its end, since another layer failed")]
+    Cancelled { layer: String },
     #[error("spool: {0}")]
     Spool(io::Error),
     #[error(transparent)]
@@ -168,6 +170,7 @@ pub fn read_layer(
     spool_dir: &Path,
     limits: &Limits,
     usage: &Usage,
+    cancel: &AtomicBool,
 ) -> Result<ParsedLayer, LayerError> {
     let label = blob.label.clone();
     let read_err = |source: io::Error| LayerError::Read {
@@ -184,18 +187,23 @@ pub fn read_layer(
             Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(read_err)?)
         }
     };
-    // Without a digest of the stored bytes (legacy docker archives), the config's diff_id
-    // is checked on the uncompressed stream instead.
-    let (stream, verified): (Box<dyn Read + Send>, Arc<AtomicBool>) =
-        match (stored_verified, blob.diff_id) {
-            (Some(flag), _) => (decoded, flag),
-            (None, Some(diff_id)) => {
-                let reader = VerifyingReader::new(decoded, diff_id, None, label.clone());
-                let flag = reader.verified_flag();
-                (Box::new(reader), flag)
-            }
-            (None, None) => return Err(LayerError::Unverified { layer: label }),
-        };
+    // The stored bytes are checked against their digest, and the uncompressed stream
+    // against the config's diff_id: the first ties the blob to the manifest, the second
+    // ties it to the image's config (and so to its id), as containerd checks. Legacy
+    // docker archives name no digest for their stored bytes, and have only the second.
+    let mut checks: Vec<Arc<AtomicBool>> = stored_verified.into_iter().collect();
+    let stream: Box<dyn Read + Send> = match blob.diff_id {
+        Some(diff_id) => {
+            let what = format!("{label}: the uncompressed layer (its diff_id)");
+            let reader = VerifyingReader::new(decoded, diff_id, None, what);
+            checks.push(reader.verified_flag());
+            Box::new(reader)
+        }
+        None => decoded,
+    };
+    if checks.is_empty() {
+        return Err(LayerError::Unverified { layer: label });
+    }
 
     let spool_file = tempfile::tempfile_in(spool_dir).map_err(LayerError::Spool)?;
     let mut spool = BufWriter::with_capacity(1 << 20, spool_file);
@@ -204,6 +212,9 @@ pub fn read_layer(
     let mut entries = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LayerError::Cancelled { layer: label });
+        }
         let header = match tar.next_entry() {
             Ok(Some(header)) => header,
             Ok(None) => break,
@@ -272,12 +283,30 @@ pub fn read_layer(
         entries.push(LayerEntry { header, content });
     }
     let tar_bytes = tar.offset();
-    // Read to the very end, through the decompressor, so that the digest is checked: the
-    // end-of-archive marker may be followed by padding, and all of it is in the digest.
+    // Read to the very end, through the decompressor, so that the digests are checked: the
+    // end-of-archive marker may be followed by padding, and all of it is in both digests.
+    // What follows the marker is charged to the byte limit like file contents, or a small
+    // compressed layer could make us decompress gigabytes of trailing zeros.
     let mut rest = tar.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(read_err)?;
+    loop {
+        let n = read_retrying(&mut rest, &mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        charge(&usage.bytes, n as u64, limits.max_bytes).map_err(|()| LayerError::Limit {
+            layer: label.clone(),
+            entry: "the data after the end of the archive".into(),
+            message: format!(
+                "more than {} bytes in the image (raise --max-bytes if this is real)",
+                limits.max_bytes
+            ),
+        })?;
+        if cancel.load(Ordering::Relaxed) {
+            return Err(LayerError::Cancelled { layer: label });
+        }
+    }
     drop(rest);
-    if !verified.load(Ordering::Acquire) {
+    if !checks.iter().all(|flag| flag.load(Ordering::Acquire)) {
         return Err(LayerError::Unverified { layer: label });
     }
     let file = spool
@@ -293,6 +322,15 @@ pub fn read_layer(
         },
         tar_bytes,
     })
+}
+
+fn read_retrying(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match reader.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
 }
 
 /// A path for messages.

@@ -88,6 +88,14 @@ pub fn resolve(manifest: &Manifest, path: &[u8]) -> Option<u32> {
     let mut links = 0;
     while let Some(part) = pending.pop() {
         let here = *walked.last().expect("the root is never popped");
+        // Only a directory has `.`, `..` or children: `file/..` and `file/` do not
+        // resolve (the kernel's ENOTDIR), rather than popping back past the file.
+        if !matches!(manifest.inodes[here as usize].kind, InodeKind::Dir(_)) {
+            return None;
+        }
+        if part == b"." {
+            continue;
+        }
         if part == b".." {
             if walked.len() > 1 {
                 walked.pop();
@@ -112,11 +120,18 @@ pub fn resolve(manifest: &Manifest, path: &[u8]) -> Option<u32> {
     walked.last().copied()
 }
 
+/// A path's components, without empty ones; a trailing slash becomes a final `.`, so that
+/// what it names must be a directory.
 fn split(path: &[u8]) -> Vec<Vec<u8>> {
-    path.split(|&b| b == b'/')
-        .filter(|p| !p.is_empty() && *p != b".")
+    let mut parts: Vec<Vec<u8>> = path
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty())
         .map(<[u8]>::to_vec)
-        .collect()
+        .collect();
+    if path.ends_with(b"/") && !parts.is_empty() {
+        parts.push(b".".to_vec());
+    }
+    parts
 }
 
 /// True for extents that read as zeros.
@@ -170,6 +185,14 @@ mod tests {
         assert_eq!(resolve(&manifest, b"/"), Some(0));
         assert_eq!(resolve(&manifest, b"/loop"), None);
         assert_eq!(resolve(&manifest, b"/bin/sh/x"), None);
+        // A file has no `..`, `.` or trailing slash (the kernel's ENOTDIR).
+        assert_eq!(resolve(&manifest, b"/bin/sh/.."), None);
+        assert_eq!(resolve(&manifest, b"/bin/sh/../sh"), None);
+        assert_eq!(resolve(&manifest, b"/bin/sh/."), None);
+        assert_eq!(resolve(&manifest, b"/bin/sh/"), None);
+        assert_eq!(resolve(&manifest, b"/usr/./bin/sh"), Some(4));
+        assert_eq!(resolve(&manifest, b"/usr/bin/"), Some(3));
+        assert_eq!(resolve(&manifest, b"/bin/"), Some(3));
         assert_eq!(resolve(&manifest, b"/nothing"), None);
     }
 

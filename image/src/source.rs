@@ -115,8 +115,8 @@ pub struct LayerBlob {
     /// The digest of the bytes as stored, when the source names one (OCI layouts, new
     /// docker archives).
     pub stored_digest: Option<Digest>,
-    /// The digest of the uncompressed tar (the config's diff_id), checked when there is no
-    /// stored digest (legacy docker archives).
+    /// The digest of the uncompressed tar (the config's diff_id), checked on the
+    /// uncompressed stream.
     pub diff_id: Option<Digest>,
 }
 
@@ -316,9 +316,20 @@ fn open_oci(
     let config_blob = read_blob(root, &manifest.config)?;
     let config: ConfigFile =
         serde_json::from_slice(&config_blob).map_err(|e| invalid(root, "the image config", e))?;
-    let (config, _diff_ids) = runtime_config(config);
+    let (config, diff_ids) = runtime_config(config);
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(invalid(
+            root,
+            "the image config",
+            format!(
+                "lists {} diff_ids for the manifest's {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            ),
+        ));
+    }
     let mut layers = Vec::with_capacity(manifest.layers.len());
-    for (i, layer) in manifest.layers.iter().enumerate() {
+    for (i, (layer, diff_id)) in manifest.layers.iter().zip(&diff_ids).enumerate() {
         if !is_layer_type(&layer.media_type) {
             return Err(invalid(
                 root,
@@ -347,7 +358,7 @@ fn open_oci(
             offset: 0,
             len,
             stored_digest: Some(digest),
-            diff_id: None,
+            diff_id: Some(parse_digest(root, &format!("layer {i}'s diff_id"), diff_id)?),
         });
     }
     Ok(ImageSource {

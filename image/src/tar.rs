@@ -105,9 +105,15 @@ pub struct TarReader<R> {
     finished: bool,
 }
 
-/// PAX fields that override a header's.
+/// PAX fields and GNU long names that override a header's. Each kind may come once per
+/// entry: readers disagree on how repeats combine (Go's archive/tar, which Docker and
+/// containerd read layers with, keeps only the last PAX header and lets a GNU long name win
+/// over a PAX path), so an entry that repeats one is refused rather than read one way.
 #[derive(Default)]
 struct Overrides {
+    seen_pax: bool,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
     path: Option<Vec<u8>>,
     link: Option<Vec<u8>>,
     size: Option<u64>,
@@ -166,26 +172,52 @@ impl<R: Read> TarReader<R> {
                     });
                 }
             }
+            let repeated = |what: &str| {
+                TarError::Invalid(format!(
+                    "an entry with two {what} (tar readers disagree on which one applies)"
+                ))
+            };
             match type_flag {
                 b'x' => {
+                    if overrides.seen_pax {
+                        return Err(repeated("PAX extended headers"));
+                    }
+                    overrides.seen_pax = true;
                     let body = self.read_extension(size, "a PAX extended header")?;
                     parse_pax(&body, &mut overrides)?;
                 }
                 // Global PAX headers set defaults for the rest of the archive. The only keys
                 // tools put there are comments and archive-wide times; none of them changes
-                // what an entry is, so they are read and ignored.
+                // what an entry is, so they are read and ignored. Go's reader returns a
+                // global header as an entry of its own and forgets the extended headers
+                // before it, so one that splits an entry from its extended headers is refused.
                 b'g' => {
+                    if overrides.seen_pax
+                        || overrides.long_name.is_some()
+                        || overrides.long_link.is_some()
+                    {
+                        return Err(TarError::Invalid(
+                            "a PAX global header between an entry's extended headers and the entry"
+                                .into(),
+                        ));
+                    }
                     self.read_extension(size, "a PAX global header")?;
                 }
                 b'L' => {
+                    if overrides.long_name.is_some() {
+                        return Err(repeated("GNU long names"));
+                    }
                     let mut body = self.read_extension(size, "a GNU long name")?;
                     trim_nul(&mut body);
-                    overrides.path = Some(body);
+                    overrides.long_name = Some(body);
                 }
                 b'K' => {
+                    if overrides.long_link.is_some() {
+                        return Err(repeated("GNU long links"));
+                    }
                     let mut body = self.read_extension(size, "a GNU long link")?;
                     trim_nul(&mut body);
-                    overrides.link = Some(body);
+                    overrides.long_link = Some(body);
                 }
                 _ => return self.entry(&block, type_flag, size, overrides).map(Some),
             }
@@ -199,6 +231,18 @@ impl<R: Read> TarReader<R> {
         size: u64,
         overrides: Overrides,
     ) -> Result<EntryHeader, TarError> {
+        if overrides.long_name.is_some() && overrides.path.is_some() {
+            return Err(TarError::Invalid(
+                "an entry with both a GNU long name and a PAX path (tar readers disagree on which one applies)"
+                    .into(),
+            ));
+        }
+        if overrides.long_link.is_some() && overrides.link.is_some() {
+            return Err(TarError::Invalid(
+                "an entry with both a GNU long link and a PAX linkpath (tar readers disagree on which one applies)"
+                    .into(),
+            ));
+        }
         let kind = match type_flag {
             b'0' | 0 | b'7' => EntryKind::Regular,
             b'1' => EntryKind::HardLink,
@@ -210,7 +254,7 @@ impl<R: Read> TarReader<R> {
             other => return Err(TarError::UnsupportedType(char::from(other))),
         };
         let ustar = &block[257..263] == b"ustar\0";
-        let path = match overrides.path {
+        let path = match overrides.long_name.or(overrides.path) {
             Some(path) => path,
             None => {
                 let name = field_bytes(&block[0..100]);
@@ -229,6 +273,13 @@ impl<R: Read> TarReader<R> {
         if path.is_empty() {
             return Err(TarError::EmptyPath);
         }
+        // Old archives mark directories with a trailing slash on a regular-file entry of
+        // the pre-POSIX type; Go's reader (and GNU tar) read those as directories.
+        let kind = if type_flag == 0 && path.ends_with(b"/") {
+            EntryKind::Directory
+        } else {
+            kind
+        };
         if path.len() > MAX_PATH_LEN {
             return Err(TarError::Invalid(format!("a path of {} bytes", path.len())));
         }
@@ -236,9 +287,12 @@ impl<R: Read> TarReader<R> {
         if size > MAX_ENTRY_SIZE {
             return Err(TarError::Invalid(format!("a size of {size} bytes")));
         }
-        // Only regular files (and, in some writers' pax mode, hard links) carry data; a
-        // directory, link or device that claims some is malformed.
-        if size > 0 && !matches!(kind, EntryKind::Regular | EntryKind::HardLink) {
+        // Only regular files carry data. Go's reader (and GNU tar) take every other entry
+        // as a header alone, whatever its size field says, so bytes after a hard link that
+        // claims some are read as the next header; skipping them as data would hide those
+        // entries from us and show them to Docker. An entry that claims data it cannot
+        // have is refused.
+        if size > 0 && kind != EntryKind::Regular {
             return Err(TarError::Invalid(format!(
                 "a {kind:?} entry that claims {size} bytes of data"
             )));
@@ -275,7 +329,8 @@ impl<R: Read> TarReader<R> {
             mtime_nanos,
             link: {
                 let link = overrides
-                    .link
+                    .long_link
+                    .or(overrides.link)
                     .unwrap_or_else(|| field_bytes(&block[157..257]).to_vec());
                 if link.len() > MAX_PATH_LEN {
                     return Err(TarError::Invalid(format!(
@@ -289,8 +344,6 @@ impl<R: Read> TarReader<R> {
             dev_minor: device_number(&block[337..345], "devminor")?,
             xattrs: overrides.xattrs,
         };
-        // Whatever the header says follows is skipped for entries without content, so that
-        // the stream stays in step (libarchive may store a hard link's data in pax mode).
         self.remaining = data;
         self.padding = padding(data);
         Ok(header)
@@ -330,22 +383,35 @@ impl<R: Read> TarReader<R> {
         Ok(())
     }
 
-    /// The next header block, or `None` at the end-of-archive marker (a zero block) or at
-    /// the end of the stream exactly on a block boundary.
+    /// The next header block, or `None` at the end-of-archive marker (two zero blocks, or
+    /// one that ends the stream) or at the end of the stream exactly on a block boundary.
+    /// A zero block followed by anything else is an error, as in Go's reader: stopping
+    /// there would hide the entries after it.
     fn read_header_block(&mut self) -> Result<Option<[u8; BLOCK]>, TarError> {
+        let Some(block) = self.read_block()? else {
+            return Ok(None);
+        };
+        if block.iter().any(|&b| b != 0) {
+            return Ok(Some(block));
+        }
+        match self.read_block()? {
+            Some(next) if next.iter().any(|&b| b != 0) => Err(TarError::Invalid(
+                "a lone zero block followed by more headers (a damaged archive)".into(),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// One whole block, or `None` at the end of the stream exactly on a block boundary.
+    fn read_block(&mut self) -> Result<Option<[u8; BLOCK]>, TarError> {
         let mut block = [0u8; BLOCK];
         let got = read_full(&mut self.inner, &mut block)?;
         self.offset += got as u64;
-        if got == 0 {
-            return Ok(None);
+        match got {
+            0 => Ok(None),
+            BLOCK => Ok(Some(block)),
+            _ => Err(TarError::Truncated("a header")),
         }
-        if got < BLOCK {
-            return Err(TarError::Truncated("a header"));
-        }
-        if block.iter().all(|&b| b == 0) {
-            return Ok(None);
-        }
-        Ok(Some(block))
     }
 
     fn read_extension(&mut self, size: u64, what: &'static str) -> Result<Vec<u8>, TarError> {

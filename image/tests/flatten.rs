@@ -476,8 +476,23 @@ fn hostile_entries_are_refused_with_the_layer_and_entry_named() {
     }
 }
 
-/// Builds a layout with a raw (possibly broken) layer blob.
-fn with_blob(dir: &Path, blob: &[u8], media_type: &str) -> String {
+/// Builds a layout with a raw (possibly broken) layer blob, whose config gives `diff_id`
+/// as the digest of the uncompressed layer.
+fn with_blob(
+    dir: &Path,
+    blob: &[u8],
+    media_type: &str,
+    diff_id: &slapshot_image::digest::Digest,
+) -> String {
+    with_blob_and_config(
+        dir,
+        blob,
+        media_type,
+        &format!(r#"{{"config":{{}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#),
+    )
+}
+
+fn with_blob_and_config(dir: &Path, blob: &[u8], media_type: &str, config: &str) -> String {
     use slapshot_image::digest::Digest;
     let root = dir.join("raw");
     std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
@@ -492,7 +507,7 @@ fn with_blob(dir: &Path, blob: &[u8], media_type: &str) -> String {
         d
     };
     let layer = put(blob);
-    let config = br#"{"config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config = config.as_bytes();
     let config_digest = put(config);
     let manifest = format!(
         r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"{media_type}","digest":"{layer}","size":{}}}]}}"#,
@@ -513,6 +528,7 @@ fn with_blob(dir: &Path, blob: &[u8], media_type: &str) -> String {
 
 #[test]
 fn sizes_that_lie_and_broken_streams_are_refused() {
+    use slapshot_image::digest::Digest;
     let dir = tempfile::tempdir().unwrap();
     let mut layer = LayerBuilder::new();
     layer
@@ -523,7 +539,12 @@ fn sizes_that_lie_and_broken_streams_are_refused() {
     // The tar cut short in a file's data: its header's size lies.
     let cut = &tar[..60_000];
     let err = flatten_ref(
-        &with_blob(dir.path(), cut, "application/vnd.oci.image.layer.v1.tar"),
+        &with_blob(
+            dir.path(),
+            cut,
+            "application/vnd.oci.image.layer.v1.tar",
+            &Digest::of(cut),
+        ),
         &options(1),
     )
     .err()
@@ -542,6 +563,7 @@ fn sizes_that_lie_and_broken_streams_are_refused() {
             dir.path(),
             &gz[..gz.len() / 2],
             "application/vnd.oci.image.layer.v1.tar+gzip",
+            &Digest::of(&tar),
         ),
         &options(1),
     )
@@ -559,6 +581,7 @@ fn sizes_that_lie_and_broken_streams_are_refused() {
             dir.path(),
             &bad_gz,
             "application/vnd.oci.image.layer.v1.tar+gzip",
+            &Digest::of(&tar),
         ),
         &options(1),
     )
@@ -575,6 +598,7 @@ fn sizes_that_lie_and_broken_streams_are_refused() {
             dir.path(),
             &zst[..zst.len() - 100],
             "application/vnd.oci.image.layer.v1.tar+zstd",
+            &Digest::of(&tar),
         ),
         &options(1),
     )
@@ -583,7 +607,12 @@ fn sizes_that_lie_and_broken_streams_are_refused() {
     assert!(err.contains("layer 0"), "{err}");
 
     // A blob that does not match its digest: rewrite it after the layout was made.
-    let reference = with_blob(dir.path(), &tar, "application/vnd.oci.image.layer.v1.tar");
+    let reference = with_blob(
+        dir.path(),
+        &tar,
+        "application/vnd.oci.image.layer.v1.tar",
+        &Digest::of(&tar),
+    );
     let blob = slapshot_image::digest::Digest::of(&tar);
     let path = dir.path().join("raw/blobs/sha256").join(blob.hex());
     let mut damaged = tar.clone();
@@ -690,4 +719,251 @@ fn a_file_replaced_in_a_later_layer_keeps_only_the_new_bytes() {
         .map(|c| c.len())
         .sum();
     assert!(total < 1000, "{total} bytes stored");
+}
+
+/// One raw ustar header block, checksummed: the tests below write archives that no
+/// well-behaved writer makes, block by block.
+fn raw_header(name: &str, type_flag: u8, size: usize, link: &str) -> Vec<u8> {
+    let mut block = vec![0u8; 512];
+    block[..name.len()].copy_from_slice(name.as_bytes());
+    block[100..107].copy_from_slice(b"0000644");
+    block[108..115].copy_from_slice(b"0000000");
+    block[116..123].copy_from_slice(b"0000000");
+    block[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+    block[136..147].copy_from_slice(b"00000000000");
+    block[156] = type_flag;
+    block[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    block[257..263].copy_from_slice(b"ustar\0");
+    block[263..265].copy_from_slice(b"00");
+    block[148..156].copy_from_slice(b"        ");
+    let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+    block[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    block
+}
+
+/// A header and its data, padded to whole blocks.
+fn raw_entry(name: &str, type_flag: u8, data: &[u8]) -> Vec<u8> {
+    let mut out = raw_header(name, type_flag, data.len(), "");
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A PAX record, its length counting itself.
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}")
+}
+
+fn end_of_archive() -> Vec<u8> {
+    vec![0u8; 1024]
+}
+
+/// Flattens a one-layer layout holding `tar` uncompressed, with a matching diff_id.
+fn flatten_raw(tar: &[u8]) -> Result<Flat, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = with_blob(
+        dir.path(),
+        tar,
+        "application/vnd.oci.image.layer.v1.tar",
+        &slapshot_image::digest::Digest::of(tar),
+    );
+    flatten_ref(&reference, &options(1))
+}
+
+#[test]
+fn tar_streams_that_go_reads_otherwise_are_refused_not_guessed() {
+    let good = raw_entry("good", b'0', b"hello");
+    // Each case is an archive that Go's archive/tar (Docker's and containerd's reader)
+    // reads as a different tree than a lenient reader would.
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            // Go takes a hard link as a header alone: the "data" after it is the next header.
+            "a hard link that claims data",
+            [
+                raw_entry("visible", b'0', b"v"),
+                raw_header("link", b'1', 512, "visible"),
+                raw_entry("hidden-suid", b'0', b"s"),
+                end_of_archive(),
+            ]
+            .concat(),
+            "claims 512 bytes",
+        ),
+        (
+            // Go keeps only the last PAX header of an entry.
+            "two PAX headers",
+            [
+                raw_entry("pax1", b'x', pax_record("path", "evil").as_bytes()),
+                raw_entry("pax2", b'x', pax_record("mtime", "1").as_bytes()),
+                good.clone(),
+                end_of_archive(),
+            ]
+            .concat(),
+            "two PAX extended headers",
+        ),
+        (
+            // Go lets a GNU long name win over a PAX path.
+            "a GNU long name and a PAX path",
+            [
+                raw_entry("././@LongLink", b'L', b"gnu-name\0"),
+                raw_entry("pax", b'x', pax_record("path", "pax-name").as_bytes()),
+                good.clone(),
+                end_of_archive(),
+            ]
+            .concat(),
+            "both a GNU long name and a PAX path",
+        ),
+        (
+            "two GNU long names",
+            [
+                raw_entry("././@LongLink", b'L', b"one\0"),
+                raw_entry("././@LongLink", b'L', b"two\0"),
+                good.clone(),
+                end_of_archive(),
+            ]
+            .concat(),
+            "two GNU long names",
+        ),
+        (
+            // Go returns a global header as an entry and forgets the extended header.
+            "a global header after an entry's PAX header",
+            [
+                raw_entry("pax", b'x', pax_record("path", "renamed").as_bytes()),
+                raw_entry("global", b'g', pax_record("comment", "hi").as_bytes()),
+                good.clone(),
+                end_of_archive(),
+            ]
+            .concat(),
+            "global header between",
+        ),
+        (
+            // Go refuses a zero block followed by a header; stopping there would hide it.
+            "a lone zero block",
+            [
+                raw_entry("first", b'0', b"1"),
+                vec![0u8; 512],
+                raw_entry("after", b'0', b"2"),
+                end_of_archive(),
+            ]
+            .concat(),
+            "lone zero block",
+        ),
+    ];
+    for (what, tar, needle) in cases {
+        match flatten_raw(&tar) {
+            Ok(flat) => panic!(
+                "{what}: accepted, as {} inodes",
+                flat.manifest.inodes.len()
+            ),
+            Err(err) => {
+                assert!(err.contains("layer 0"), "{what}: {err}: no layer named");
+                assert!(err.contains(needle), "{what}: {err}: does not say {needle}");
+            }
+        }
+    }
+
+    // What these readers agree on is read as they read it: one PAX header, one GNU long
+    // name, a global header before an entry's extended headers, a trailing slash on an
+    // old-style regular entry (a directory), and an archive ending on one zero block.
+    let tar = [
+        raw_entry("global", b'g', pax_record("comment", "hi").as_bytes()),
+        raw_entry("pax", b'x', pax_record("path", "from-pax").as_bytes()),
+        good.clone(),
+        raw_entry("././@LongLink", b'L', b"from-gnu\0"),
+        good.clone(),
+        raw_header("old-dir/", 0, 0, ""),
+        vec![0u8; 512],
+    ]
+    .concat();
+    let flat = flatten_raw(&tar).unwrap();
+    assert_eq!(flat.file("/from-pax"), b"hello");
+    assert_eq!(flat.file("/from-gnu"), b"hello");
+    let dir = flat.manifest.lookup("/old-dir").expect("old-dir");
+    assert!(matches!(
+        flat.manifest.inodes[dir as usize].kind,
+        InodeKind::Dir(_)
+    ));
+}
+
+#[test]
+fn layers_must_match_the_configs_diff_ids() {
+    use slapshot_image::digest::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let tar = [raw_entry("f", b'0', b"x"), end_of_archive()].concat();
+    let other = [raw_entry("g", b'0', b"y"), end_of_archive()].concat();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let gz = gz.finish().unwrap();
+    let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+    // The right diff_id: accepted.
+    assert!(flatten_ref(&with_blob(dir.path(), &gz, gzip, &Digest::of(&tar)), &options(1)).is_ok());
+    // Another layer's diff_id: the blob matches its own digest, but not the image's config.
+    let err = flatten_ref(
+        &with_blob(dir.path(), &gz, gzip, &Digest::of(&other)),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("layer 0") && err.contains("diff_id") && err.contains("digest mismatch"),
+        "{err}"
+    );
+    // The compressed blob's own digest given as the diff_id: also refused.
+    let err = flatten_ref(
+        &with_blob(dir.path(), &gz, gzip, &Digest::of(&gz)),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("diff_id"), "{err}");
+    // A config with more diff_ids than the manifest has layers.
+    let config = format!(
+        r#"{{"config":{{}},"rootfs":{{"type":"layers","diff_ids":["{}","{}"]}}}}"#,
+        Digest::of(&tar),
+        Digest::of(&other)
+    );
+    let err = flatten_ref(
+        &with_blob_and_config(dir.path(), &gz, gzip, &config),
+        &options(1),
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("2 diff_ids for the manifest's 1 layers"), "{err}");
+}
+
+#[test]
+fn data_after_the_end_of_the_archive_counts_against_the_byte_limit() {
+    use slapshot_image::digest::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    // A tiny archive, then 64 MiB of zeros: a few hundred KiB once compressed.
+    let mut layer = [raw_entry("f", b'0', b"x"), end_of_archive()].concat();
+    layer.resize(layer.len() + (64 << 20), 0);
+    let zst = zstd::bulk::compress(&layer, 3).unwrap();
+    assert!(zst.len() < 1 << 20);
+    let reference = with_blob(
+        dir.path(),
+        &zst,
+        "application/vnd.oci.image.layer.v1.tar+zstd",
+        &Digest::of(&layer),
+    );
+    let mut opts = options(1);
+    opts.limits = Limits {
+        max_bytes: 8 << 20,
+        ..Limits::default()
+    };
+    let err = flatten_ref(&reference, &opts).err().unwrap();
+    assert!(
+        err.contains("layer 0")
+            && err.contains("after the end of the archive")
+            && err.contains("max-bytes"),
+        "{err}"
+    );
+    // Under the default limits the same layer is read to its end and accepted.
+    let flat = flatten_ref(&reference, &options(1)).unwrap();
+    assert_eq!(flat.file("/f"), b"x");
 }

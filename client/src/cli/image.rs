@@ -352,7 +352,7 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<()> {
         if let InodeKind::Dir(children) = &manifest.inodes[ino as usize].kind {
             let base = if path == "/" { String::new() } else { path };
             for (name, child) in children.iter().rev() {
-                stack.push((*child, format!("{base}/{}", String::from_utf8_lossy(name))));
+                stack.push((*child, format!("{base}/{}", printable(name))));
             }
         }
     }
@@ -371,7 +371,7 @@ fn ls_line(manifest: &Manifest, ino: u32, path: &str) -> String {
         _ => inode.size().to_string(),
     };
     let target = match &inode.kind {
-        InodeKind::Symlink(target) => format!(" -> {}", String::from_utf8_lossy(target)),
+        InodeKind::Symlink(target) => format!(" -> {}", printable(target)),
         _ => String::new(),
     };
     format!(
@@ -383,6 +383,36 @@ fn ls_line(manifest: &Manifest, ino: u32, path: &str) -> String {
         size,
         utc(inode.meta.mtime),
     )
+}
+
+/// A name or link target from an image, safe to print on a terminal: names are bytes the
+/// image's author chose, and a newline or an escape sequence in one could forge lines of
+/// the listing or drive the terminal. Control characters, backslashes and bytes that are
+/// not UTF-8 are written as escapes (`\n`, `\x1b`, `\\`, `\xff`).
+pub fn printable(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_ascii_control() => {
+                    let _ = write!(out, "\\x{:02x}", u32::from(c));
+                }
+                c if c.is_control() => {
+                    let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+                }
+                c => out.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            let _ = write!(out, "\\x{byte:02x}");
+        }
+    }
+    out
 }
 
 /// `ls -l`'s mode column.
@@ -676,5 +706,19 @@ mod tests {
         assert_eq!(utc(0), "1970-01-01 00:00:00");
         assert_eq!(utc(1_700_000_000), "2023-11-14 22:13:20");
         assert_eq!(utc(-1), "1969-12-31 23:59:59");
+    }
+
+    #[test]
+    fn names_from_an_image_cannot_forge_lines_or_drive_the_terminal() {
+        // A name with a newline would print a second, forged line of the listing.
+        let forged = b"x\n-rwsr-xr-x   1     0     0  1 2020-01-01 00:00:00 /usr/bin/sudo";
+        let shown = printable(forged);
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.starts_with("x\\n-rwsr"), "{shown}");
+        assert_eq!(printable(b"\x1b[31mred"), "\\x1b[31mred");
+        assert_eq!(printable(b"a\\b\tc\r"), "a\\\\b\\tc\\r");
+        assert_eq!(printable(b"caf\xc3\xa9 \xff"), "caf\u{e9} \\xff");
+        assert_eq!(printable("\u{9b}".as_bytes()), "\\u{9b}");
+        assert_eq!(printable(b"plain/name.txt"), "plain/name.txt");
     }
 }
