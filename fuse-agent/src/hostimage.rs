@@ -256,15 +256,17 @@ fn find_program(name: &str) -> Option<PathBuf> {
 /// few files in /etc, and `extra_file` bytes of data at /data/blob (to show that only what
 /// is read travels). Returns the programs that made it in.
 pub fn build(layout: &Path, tag: &str, extra_file: usize) -> Result<Vec<String>, HostImageError> {
-    build_with(layout, tag, extra_file, None)
+    build_with(layout, tag, extra_file, None, "")
 }
 
-/// Like `build`, with one more layer on top (the tests add odd entries this way).
+/// Like `build`, with one more layer on top (the tests add odd entries this way), and the
+/// image's user (`UID[:GID]`, or empty for root).
 pub fn build_with(
     layout: &Path,
     tag: &str,
     extra_file: usize,
     extra_layer: Option<LayerBuilder>,
+    user: &str,
 ) -> Result<Vec<String>, HostImageError> {
     let mut base = Gathered::default();
     let mut programs = Gathered::default();
@@ -361,6 +363,7 @@ pub fn build_with(
         env: vec!["PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into()],
         cmd: vec!["/bin/sh".into()],
         working_dir: "/".into(),
+        user: user.into(),
         ..Default::default()
     };
     let mut layers = vec![

@@ -458,6 +458,12 @@ impl ChildSetup {
         if let Some(uid) = uid {
             nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
         }
+        // The kernel clears the parent-death signal when the credentials change, so a
+        // program run as another user would outlive a killed agent (holding its overlay
+        // over a dead FUSE connection): it is set again last. An agent that dies in the
+        // few system calls between setgid and here is not seen; an image program that is
+        // itself set-user-ID clears the signal again at exec, as the kernel decides.
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
         Ok(())
     }
 }

@@ -169,6 +169,8 @@ pub struct Tiers {
     stats: Arc<Stats>,
     runtime: tokio::runtime::Handle,
     load_timeout: Duration,
+    /// The memory tier's size: a chunk larger than it is never kept there.
+    memory_bytes: u64,
 }
 
 impl Tiers {
@@ -195,6 +197,7 @@ impl Tiers {
             stats,
             runtime,
             load_timeout: options.load_timeout,
+            memory_bytes: options.memory_bytes,
         })
     }
 
@@ -262,6 +265,12 @@ impl Tiers {
     /// Starts loading a chunk ahead of its reader, unless it is in memory, already
     /// loading, or the prefetch budget is spent (then it is dropped and counted).
     pub fn prefetch(self: &Arc<Self>, chunk: &ChunkRef) {
+        // A prefetched chunk must land where its reader will look: with no disk tier and a
+        // memory tier smaller than the chunk, it would be fetched and dropped, and its
+        // reader would fetch it again.
+        if self.disk.is_none() && u64::from(chunk.len) > self.memory_bytes {
+            return;
+        }
         let key = (chunk.name, chunk.key.0);
         if self.memory.contains_key(&key) || lock(&self.inflight).contains_key(&key) {
             return;
@@ -600,6 +609,42 @@ mod tests {
             memory_loads + 1
         );
         assert_eq!(fetcher.fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefetching_into_tiers_that_cannot_keep_the_chunk_fetches_nothing() {
+        let (_, _, chunk, plaintext) = setup(Duration::ZERO, None);
+        let (tiers_with_memory, _, _, _) = setup(Duration::ZERO, None);
+        let fetcher = Arc::new(MapFetcher {
+            chunks: HashMap::from([(
+                chunk.name,
+                seal(&Salt::new(b"t"), plaintext.clone()).0,
+            )]),
+            delay: Duration::ZERO,
+            fetches: AtomicUsize::new(0),
+        });
+        let tiers = Tiers::new(
+            &TierOptions {
+                memory_bytes: 0,
+                ..TierOptions::default()
+            },
+            None,
+            Arc::new(fetcher.clone()),
+            Arc::new(Stats::default()),
+            tokio::runtime::Handle::current(),
+        );
+        tiers.prefetch(&chunk);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(tiers.load(&chunk).await.unwrap(), plaintext);
+        assert_eq!(
+            fetcher.fetches.load(Ordering::SeqCst),
+            1,
+            "only the reader fetched the chunk"
+        );
+        // Tiers that can keep it do prefetch: the reader then finds it in memory.
+        tiers_with_memory.prefetch(&chunk);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(tiers_with_memory.cached(&chunk).is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -543,7 +543,7 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
         },
         Vec::new(),
     );
-    slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices)).unwrap();
+    slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices), "").unwrap();
     let source = format!("oci:{}:host", layout.display());
     let run_under = |launcher: &[&str], flags: &[&str], script: &str| {
         let mut command = world.slapshot_under(launcher);
@@ -685,6 +685,72 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
     let out = command.output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the image"));
+}
+
+#[test]
+fn a_program_run_as_another_user_dies_with_a_killed_agent() {
+    if !can_mount("a_program_run_as_another_user_dies_with_a_killed_agent") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("oci");
+    slapshot_fuse_agent::hostimage::build_with(&layout, "user", 0, None, "1000:1000").unwrap();
+    let source = format!("oci:{}:user", layout.display());
+    let mut command = world.slapshot();
+    command
+        .args(["run", &source, "--cache-dir"])
+        .arg(world.path("cache"))
+        // The run's scratch directory, left behind by the kill, goes with the world.
+        .env("TMPDIR", world.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    world.with_origin(&mut command);
+    command.args(["--", "/bin/sh", "-c", "id -u; exec sleep 300"]);
+    let mut agent = command.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(agent.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "1000\n", "the program runs as the image's user");
+    // The program is the agent's child: find it by its parent, once it is `sleep`.
+    let agent_pid = agent.id().to_string();
+    let find = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| {
+                        rest.split_whitespace().collect()
+                    });
+                    stat.contains("(sleep)") && fields.get(1) == Some(&agent_pid.as_str())
+                })
+            })
+    };
+    let mut program = None;
+    wait_for("the program to start", Duration::from_secs(10), || {
+        program = find();
+        program.is_some()
+    });
+    let program = program.unwrap();
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // Gone, or dead and not yet reaped by its new parent.
+    let dead = || {
+        std::fs::read_to_string(format!("/proc/{program}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dead() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let survived = !dead();
+    if survived {
+        let _ = Command::new("kill").args(["-9", &program]).status();
+    }
+    assert!(!survived, "the program outlived the agent that was killed");
 }
 
 #[test]

@@ -593,6 +593,15 @@ impl Manifest {
             return bad("the root is not a directory".into());
         }
         let n = self.inodes.len() as u64;
+        // Each chunk once: a name is the hash of the sealed bytes, so one name with two
+        // lengths or keys is a lie, and readers key their caches by name and key (a
+        // second entry's longer length would read past the end of the cached chunk).
+        let mut distinct = std::collections::HashSet::with_capacity(self.chunks.len());
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            if !distinct.insert(chunk.name) {
+                return bad(format!("chunk {i} repeats an earlier chunk's name"));
+            }
+        }
         // The directories form a tree: every inode but the root is reached, every
         // directory through exactly one name (readers walk it without cycle checks).
         let mut names = vec![0u32; self.inodes.len()];
@@ -943,6 +952,21 @@ mod tests {
         for len in [0, 10, 40, bytes.len() - 1] {
             assert!(Manifest::decode(&bytes[..len], &key).is_err());
         }
+    }
+
+    #[test]
+    fn a_chunk_named_twice_is_refused() {
+        let key = TenantKey([1; 32]);
+        let mut m = sample();
+        assert!(!m.chunks.is_empty());
+        let mut twin = m.chunks[0].clone();
+        twin.len += 1;
+        m.chunks.push(twin);
+        m.keys.push(m.keys[0].clone());
+        assert!(matches!(
+            Manifest::decode(&m.encode(&key).unwrap(), &key),
+            Err(ManifestError::Malformed(message)) if message.contains("repeats")
+        ));
     }
 
     #[test]
