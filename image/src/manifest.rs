@@ -959,7 +959,7 @@ mod tests {
         let key = TenantKey([1; 32]);
         let mut m = sample();
         assert!(!m.chunks.is_empty());
-        let mut twin = m.chunks[0].clone();
+        let mut twin = m.chunks[0];
         twin.len += 1;
         m.chunks.push(twin);
         m.keys.push(m.keys[0].clone());
