@@ -37,7 +37,7 @@ use std::{
 use bytes::Bytes;
 use futures::{FutureExt, future::BoxFuture};
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{
         Client,
@@ -78,6 +78,9 @@ const DETACHED_PER_CONNECTION: usize = 4;
 const MIN_DETACHED: usize = 64;
 /// Responses to `get_text` (health, metrics) are cut at this size.
 const TEXT_LIMIT: usize = 16 << 20;
+
+/// Largest reply to a PUT: a status and at most an error message, which is never used.
+const PUT_REPLY_LIMIT: usize = 64 << 10;
 
 /// Whether a shard PUT may replace what the node holds under the name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -418,7 +421,7 @@ impl Node {
         if mode == PutMode::IfAbsent {
             headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("*"));
         }
-        let result = match self.exchange(request, timeout, TEXT_LIMIT).await {
+        let result = match self.exchange(request, timeout, PUT_REPLY_LIMIT).await {
             Ok((StatusCode::CREATED | StatusCode::NO_CONTENT, _)) => Ok(PutDone::Written),
             Ok((StatusCode::PRECONDITION_FAILED, _)) if mode == PutMode::IfAbsent => {
                 Ok(PutDone::Taken)
@@ -455,10 +458,20 @@ impl Node {
         let went_down = {
             let mut health = self.health();
             health.no_writes_until = Some(Instant::now() + WRITE_PAUSE);
+            // A read sent before the node came back says nothing of it now, whatever
+            // went wrong with it.
+            let stale = read_started.is_some_and(|sent| {
+                health.trial_since.is_some_and(|since| sent < since)
+            });
             match error {
-                // A refused or broken connection is unambiguous, whatever the request: the
-                // node is gone (or restarting), and the prober sees when it is back.
-                NodeError::Unreachable | NodeError::Transport(_) => !health.down,
+                _ if stale => false,
+                // A refused connection is unambiguous, whatever the request: the node is
+                // gone (or restarting), and the prober sees when it is back.
+                NodeError::Unreachable => !health.down,
+                // So is a broken read. A broken write is not: a node short of memory for
+                // a body answers 503 and closes without reading it, and the client, still
+                // sending, sees a reset. Writes pause (above); reads judge the node.
+                NodeError::Transport(_) => read_started.is_some() && !health.down,
                 _ if read_started.is_some() => {
                     health.consecutive_failures += 1;
                     let on_trial = health
@@ -573,11 +586,19 @@ fn jitter(base: Duration) -> Duration {
     base.mul_f64(0.5 + (random >> 11) as f64 / (1u64 << 53) as f64)
 }
 
-/// Reads a response's whole body, at most `limit` bytes.
-async fn read_response(
-    response: http::Response<hyper::body::Incoming>,
+/// Reads a response's whole body, at most `limit` bytes, into one buffer as it arrives.
+/// A body in one frame is kept as it came; one in several is copied into a buffer of its
+/// announced length. Holding the frames until the end instead (as `collect` does) costs a
+/// list entry and a pinned slice of the receive buffer per frame, so a node that sends a
+/// shard as half a million one-byte chunks would cost tens of MiB per response.
+async fn read_response<B>(
+    response: http::Response<B>,
     limit: usize,
-) -> Result<(StatusCode, Bytes), NodeError> {
+) -> Result<(StatusCode, Bytes), NodeError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
     let status = response.status();
     // A body announced as larger than any shard is refused before it is read.
     let announced = response
@@ -588,17 +609,40 @@ async fn read_response(
     if announced.is_some_and(|len| len > limit as u64) {
         return Err(NodeError::TooLarge { limit });
     }
-    let body = Limited::new(response.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                NodeError::TooLarge { limit }
-            } else {
-                NodeError::Transport(e.to_string())
-            }
-        })?
-        .to_bytes();
+    let mut body = std::pin::pin!(response.into_body());
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    let mut total = 0usize;
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|e| NodeError::Transport(e.to_string()))?;
+        // Trailers carry nothing the client uses.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len();
+        if total > limit {
+            return Err(NodeError::TooLarge { limit });
+        }
+        if let Some(buffer) = &mut joined {
+            buffer.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            let capacity = announced.map_or(total, |len| len as usize).max(total);
+            let mut buffer = bytes::BytesMut::with_capacity(capacity);
+            buffer.extend_from_slice(&head);
+            buffer.extend_from_slice(&data);
+            joined = Some(buffer);
+        } else {
+            first = Some(data);
+        }
+    }
+    let body = match (joined, first) {
+        (Some(buffer), _) => buffer.freeze(),
+        (None, Some(head)) => head,
+        (None, None) => Bytes::new(),
+    };
     Ok((status, body))
 }
 
@@ -723,6 +767,65 @@ impl hyper::rt::Write for NodeConnection {
 mod tests {
     use super::*;
 
+    /// A response whose body arrives as `frames`, with `length` announced if given.
+    fn response_of(
+        frames: Vec<Bytes>,
+        length: Option<usize>,
+    ) -> http::Response<
+        http_body_util::StreamBody<
+            futures::stream::Iter<
+                std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+            >,
+        >,
+    > {
+        let frames: Vec<_> = frames
+            .into_iter()
+            .map(|b| Ok(hyper::body::Frame::data(b)))
+            .collect();
+        let mut builder = http::Response::builder().status(200);
+        if let Some(length) = length {
+            builder = builder.header(header::CONTENT_LENGTH, length);
+        }
+        builder
+            .body(http_body_util::StreamBody::new(futures::stream::iter(frames)))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn bodies_in_many_frames_are_joined_and_bounded() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        // One frame: kept as it came.
+        let one = Bytes::from(payload.clone());
+        let (_, body) = read_response(response_of(vec![one.clone()], None), 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(body, payload);
+        assert_eq!(body.as_ptr(), one.as_ptr(), "a single frame is not copied");
+        // One-byte frames, as a hostile node's chunked encoding could send them, with and
+        // without a length: joined in one buffer of the body's size.
+        for length in [Some(payload.len()), None] {
+            let tiny: Vec<Bytes> = payload.iter().map(|&b| Bytes::from(vec![b])).collect();
+            let (_, body) = read_response(response_of(tiny, length), 1 << 20)
+                .await
+                .unwrap();
+            assert_eq!(body, payload);
+        }
+        // Past the limit, announced or not: refused.
+        let tiny: Vec<Bytes> = payload.iter().map(|&b| Bytes::from(vec![b])).collect();
+        assert_eq!(
+            read_response(response_of(tiny, None), 99_999).await.err(),
+            Some(NodeError::TooLarge { limit: 99_999 })
+        );
+        assert_eq!(
+            read_response(response_of(vec![], Some(100_000)), 99_999)
+                .await
+                .err(),
+            Some(NodeError::TooLarge { limit: 99_999 })
+        );
+        let (_, empty) = read_response(response_of(vec![], None), 10).await.unwrap();
+        assert!(empty.is_empty());
+    }
+
     fn node() -> Arc<Node> {
         let settings = NodeSettings {
             connect_timeout: Duration::from_millis(100),
@@ -754,6 +857,9 @@ mod tests {
         ] {
             node.failed(&error, None);
         }
+        // A write whose connection broke (a node refusing a body it has no memory for
+        // closes without reading it) pauses writes too, and no more.
+        node.failed(&NodeError::Transport("connection reset".into()), None);
         assert!(node.is_up());
         assert!(!node.is_writable(), "writes pause after a failed write");
         // The same failures on reads do mark it down.
@@ -782,6 +888,15 @@ mod tests {
             Some(Duration::from_millis(800)),
             "the probes go on from where they were"
         );
+        // Nor does a broken connection of a read sent before it came back.
+        let third = super::tests::node();
+        let sent = Instant::now();
+        third.health().trial_since = Some(Instant::now());
+        third.failed(&NodeError::Transport("reset".into()), Some(sent));
+        third.failed(&NodeError::Unreachable, Some(sent));
+        assert!(third.is_up(), "a stale broken read marked the node down");
+        third.failed(&NodeError::Transport("reset".into()), Some(Instant::now()));
+        assert!(!third.is_up(), "a fresh broken read marks it down");
         // A request never sent says nothing: it neither counts nor ends a trial.
         let other = super::tests::node();
         other.health().trial_since = Some(Instant::now());

@@ -87,6 +87,8 @@ pub enum FrameError {
     Length { got: usize, expected: usize },
     #[error("crc32 mismatch")]
     Checksum,
+    #[error("a data shard has bytes past the chunk's end (its padding must be zeros)")]
+    Padding,
 }
 
 /// Frames a shard payload.
@@ -150,6 +152,18 @@ pub fn parse(bytes: &[u8]) -> Result<(ShardHeader, &[u8]), FrameError> {
             got: payload_len,
             expected,
         });
+    }
+    // A data shard carries its slice of the chunk padded with zeros. The padding is cut
+    // off when the data shards are read, so a shard with anything else there would pass
+    // every read that uses it, yet break each rebuild from parity that relies on it (and
+    // of a short chunk, whole data shards are padding). Checked here, it is a bad shard
+    // like any other: named, read around and repaired.
+    if usize::from(index) < usize::from(params.data) {
+        let starts_at = usize::from(index) * expected;
+        let chunk_bytes = (chunk_len as usize).saturating_sub(starts_at).min(expected);
+        if payload[chunk_bytes..].iter().any(|&b| b != 0) {
+            return Err(FrameError::Padding);
+        }
     }
     Ok((
         ShardHeader {
@@ -246,6 +260,37 @@ mod tests {
     }
 
     #[test]
+    fn a_data_shard_with_anything_but_zeros_past_the_chunk_is_refused() {
+        let params = CodeParams::default();
+        let k = usize::from(params.data);
+        // A 100-byte chunk: the first data shards hold it, the last ones are padding only.
+        let chunk_len = 100;
+        let len = params.shard_len(chunk_len);
+        assert!(len * k > chunk_len + len, "some data shard is padding only");
+        for index in 0..params.total() {
+            let real = chunk_len.saturating_sub(index * len).min(len);
+            if index < k && real == len {
+                continue; // no padding to test
+            }
+            let mut payload = vec![0u8; len];
+            if index < k {
+                payload[..real].fill(7);
+            }
+            let header = ShardHeader::new(&name(), params, index as u8, chunk_len as u32);
+            assert!(parse(&frame(&header, &payload)).is_ok(), "shard {index}");
+            // One byte past the chunk's end, with a crc that covers it.
+            payload[len - 1] = 1;
+            let framed = frame(&header, &payload);
+            let result = parse(&framed);
+            if index < k {
+                assert_eq!(result, Err(FrameError::Padding), "shard {index}");
+            } else {
+                assert!(result.is_ok(), "parity shard {index} has no padding of its own");
+            }
+        }
+    }
+
+    #[test]
     fn any_flipped_byte_is_detected() {
         let (header, payload) = sample();
         let framed = frame(&header, &payload);
@@ -269,26 +314,37 @@ mod tests {
             0u8..10,
             any::<[u8; NAME_TAG_LEN]>(),
             0u32..3000,
-            any::<bool>(),
+            // 0: a payload of another length; 1: the code's length, data shards padded
+            // with zeros; 2: the code's length, padding not zeroed.
+            prop_oneof![1 => Just(0u8), 2 => Just(1), 2 => Just(2)],
             prop_oneof![4 => Just(None), 1 => any::<u32>().prop_map(Some)],
             prop_oneof![4 => Just(None), 1 => (0usize..64, 1u8..=255).prop_map(Some)],
             0usize..40,
         )
             .prop_map(
                 |(magic, version, codec, k, m, index, tag, chunk_len, fit, bad_crc, flip, cut)| {
-                    // Half the payloads have the length the header's code implies, so that
+                    // Most payloads have the length the header's code implies, so that
                     // frames get through every check and the accepted ones are checked too.
-                    let payload_len = match CodeParams::new(usize::from(k), usize::from(m)) {
-                        Ok(params) if fit => params.shard_len(chunk_len as usize),
-                        _ => (chunk_len as usize * 7) % 700,
-                    };
+                    let (payload_len, padding_from) =
+                        match CodeParams::new(usize::from(k), usize::from(m)) {
+                            Ok(params) if fit > 0 => {
+                                let len = params.shard_len(chunk_len as usize);
+                                let start = usize::from(index) * len;
+                                let real = (chunk_len as usize).saturating_sub(start).min(len);
+                                let zeroed = fit == 1 && index < params.data;
+                                (len, if zeroed { real } else { len })
+                            }
+                            _ => ((chunk_len as usize * 7) % 700, usize::MAX),
+                        };
                     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload_len);
                     out.extend_from_slice(&magic);
                     out.extend_from_slice(&[version, codec, k, m, index]);
                     out.extend_from_slice(&tag);
                     out.extend_from_slice(&chunk_len.to_le_bytes());
                     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
-                    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 31) as u8).collect();
+                    let payload: Vec<u8> = (0..payload_len)
+                        .map(|i| if i >= padding_from { 0 } else { (i * 31) as u8 })
+                        .collect();
                     let mut crc = crc32fast::Hasher::new();
                     crc.update(&out);
                     crc.update(&payload);
@@ -318,6 +374,11 @@ mod tests {
         ]) {
             if let Ok((header, payload)) = parse(&bytes) {
                 prop_assert_eq!(payload.len(), header.params.shard_len(header.chunk_len as usize));
+                if header.index < header.params.data {
+                    let start = usize::from(header.index) * payload.len();
+                    let real = (header.chunk_len as usize).saturating_sub(start).min(payload.len());
+                    prop_assert!(payload[real..].iter().all(|&b| b == 0), "padding accepted");
+                }
                 prop_assert!(header.codec.fits(header.params));
                 prop_assert!(usize::from(header.index) < header.params.total());
                 prop_assert_eq!(frame(&header, payload), bytes);
@@ -352,6 +413,7 @@ mod tests {
                 Err(FrameError::BadHeader) => "header",
                 Err(FrameError::Length { .. }) => "length",
                 Err(FrameError::Checksum) => "checksum",
+                Err(FrameError::Padding) => "padding",
             };
             *seen.entry(outcome).or_insert(0u32) += 1;
         }
@@ -363,9 +425,12 @@ mod tests {
             "header",
             "length",
             "checksum",
+            "padding",
         ] {
             let count = seen.get(outcome).copied().unwrap_or(0);
-            assert!(count >= 40, "{outcome}: {count} of 4000 ({seen:?})");
+            // Dirty padding needs a valid code, a data shard and a chunk short of it: rarer.
+            let least = if outcome == "padding" { 10 } else { 40 };
+            assert!(count >= least, "{outcome}: {count} of 4000 ({seen:?})");
         }
     }
 
