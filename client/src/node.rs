@@ -767,17 +767,15 @@ impl hyper::rt::Write for NodeConnection {
 mod tests {
     use super::*;
 
+    type FrameStream = futures::stream::Iter<
+        std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    >;
+
     /// A response whose body arrives as `frames`, with `length` announced if given.
     fn response_of(
         frames: Vec<Bytes>,
         length: Option<usize>,
-    ) -> http::Response<
-        http_body_util::StreamBody<
-            futures::stream::Iter<
-                std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
-            >,
-        >,
-    > {
+    ) -> http::Response<http_body_util::StreamBody<FrameStream>> {
         let frames: Vec<_> = frames
             .into_iter()
             .map(|b| Ok(hyper::body::Frame::data(b)))
