@@ -109,6 +109,12 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     let mountpoint = args.mountpoint.clone();
     let threads = args.threads;
     let mount_stats = stats.clone();
+    // The handlers exist before the mount does, and for as long as it does: a signal that
+    // arrived with no handler installed would take its default action and leave the
+    // mount behind with no one serving it.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let mount = tokio::task::spawn_blocking(move || {
         Mount::new(fs, mount_stats, &mountpoint, &label, threads)
     })
@@ -130,10 +136,9 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
         human(manifest.file_bytes()),
         args.mountpoint.display()
     );
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
             () = tokio::time::sleep(Duration::from_millis(200)) => {
                 if mount.ended() {

@@ -172,9 +172,11 @@ impl DiskCache {
         });
         let (file, bytes) = match read {
             Ok(read) => read,
-            Err(_) => {
-                // Evicted by another agent sharing the directory, or removed by hand.
-                if self.lock().remove(name).is_some() {
+            Err(e) => {
+                // Evicted by another agent sharing the directory, or removed by hand. Any
+                // other error (out of descriptors, another user's file) says nothing of
+                // whether the file is there: it stays indexed, and counted.
+                if e.kind() == io::ErrorKind::NotFound && self.lock().remove(name).is_some() {
                     self.publish_size();
                 }
                 return None;
@@ -183,7 +185,7 @@ impl DiskCache {
         let Ok(sealed) = SealedChunk::verified(*name, bytes.into()) else {
             tracing::warn!(chunk = %name, path = %path.display(), "disk cache entry failed verification; fetching it again");
             inc(&self.stats.disk_corrupt);
-            let _ = std::fs::remove_file(&path);
+            remove_if_same(&path, &file);
             self.lock().remove(name);
             self.publish_size();
             return None;
@@ -329,6 +331,18 @@ pub(crate) fn remove_if_stale(entry: &std::fs::DirEntry) {
     }
 }
 
+/// Removes `path` if it is still the file `read` was opened from: another agent sharing
+/// the directory may have renamed a good copy into place since, and that one stays.
+fn remove_if_same(path: &Path, read: &File) {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(read), Ok(now)) = (read.metadata(), std::fs::symlink_metadata(path)) else {
+        return;
+    };
+    if (read.dev(), read.ino()) == (now.dev(), now.ino()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +350,24 @@ mod tests {
 
     fn sealed(bytes: &[u8]) -> SealedChunk {
         SealedChunk::assume_sealed(bytes::Bytes::copy_from_slice(bytes))
+    }
+
+    #[test]
+    fn a_damaged_copy_is_removed_but_not_a_good_one_renamed_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("entry");
+        std::fs::write(&path, b"damaged").unwrap();
+        let damaged = File::open(&path).unwrap();
+        // Another agent renames a good copy into place after the damaged one was read.
+        let good = dir.path().join(".tmp-good");
+        std::fs::write(&good, b"good").unwrap();
+        std::fs::rename(&good, &path).unwrap();
+        remove_if_same(&path, &damaged);
+        assert_eq!(std::fs::read(&path).unwrap(), b"good");
+        // Still the file that was read: removed.
+        let read = File::open(&path).unwrap();
+        remove_if_same(&path, &read);
+        assert!(!path.exists());
     }
 
     #[test]

@@ -495,6 +495,21 @@ fn signal_pending(tid: u32, interrupts: ReadInterrupts) -> bool {
 /// with it when a fatal signal (SIGKILL, or SIGINT without a handler, ...) arrives.
 const SIGKILL_BIT: u64 = 1 << 8;
 
+/// Signals whose default action dumps core (SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS,
+/// SIGFPE, SIGSEGV, SIGXCPU, SIGXFSZ, SIGSYS), bit n-1 for signal n. The kernel marks a
+/// process with SIGKILL's bit for the other fatal signals only, so these are looked for
+/// by name: uncaught, unblocked and not ignored, they end the process as surely.
+const CORE_DUMP_SIGNALS: u64 = {
+    let signals = [3u32, 4, 5, 6, 7, 8, 11, 24, 25, 31];
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < signals.len() {
+        mask |= 1 << (signals[i] - 1);
+        i += 1;
+    }
+    mask
+};
+
 /// From a /proc status of thread `tid`: a pending fatal signal, or (if asked for) one that
 /// is neither blocked nor left to its default. A signal sent to the process is counted
 /// for its main thread only, which is where the kernel delivers it when it can.
@@ -514,12 +529,14 @@ fn ends_read(status: &str, tid: u32, interrupts: ReadInterrupts) -> bool {
     if own & SIGKILL_BIT != 0 {
         return true;
     }
-    if interrupts == ReadInterrupts::Fatal {
-        return false;
-    }
     let main_thread = field("Tgid:").and_then(|t| t.parse::<u32>().ok()) == Some(tid);
     let pending = own | if main_thread { mask("ShdPnd:") } else { 0 };
-    pending & !mask("SigBlk:") & mask("SigCgt:") != 0
+    let delivered = pending & !mask("SigBlk:");
+    let (caught, ignored) = (mask("SigCgt:"), mask("SigIgn:"));
+    if delivered & !caught & !ignored & CORE_DUMP_SIGNALS != 0 {
+        return true;
+    }
+    interrupts == ReadInterrupts::Handled && delivered & caught != 0
 }
 
 /// One piece of a read: `len` bytes from `start` within extent `index`.
@@ -1087,10 +1104,13 @@ mod tests {
 
     #[test]
     fn reads_end_on_fatal_signals_and_if_asked_on_handled_ones() {
-        let status = |tgid: u32, pnd: &str, shd: &str, blk: &str, cgt: &str| {
+        let status_ignoring = |tgid: u32, pnd: &str, shd: &str, blk: &str, ign: &str, cgt: &str| {
             format!(
-                "Name:\tcat\nTgid:\t{tgid}\nSigQ:\t0/1000\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t0000000000000000\nSigCgt:\t{cgt}\n"
+                "Name:\tcat\nTgid:\t{tgid}\nSigQ:\t0/1000\nSigPnd:\t{pnd}\nShdPnd:\t{shd}\nSigBlk:\t{blk}\nSigIgn:\t{ign}\nSigCgt:\t{cgt}\n"
             )
+        };
+        let status = |tgid: u32, pnd: &str, shd: &str, blk: &str, cgt: &str| {
+            status_ignoring(tgid, pnd, shd, blk, "0000000000000000", cgt)
         };
         let none = "0000000000000000";
         let usr1 = "0000000000000200";
@@ -1120,6 +1140,18 @@ mod tests {
         );
         assert!(!ends_read(&status(7, none, none, none, usr1), 7, handled));
         assert!(!ends_read("", 7, handled));
+        // A signal that dumps core by default gets no SIGKILL bit from the kernel, yet
+        // ends the process: uncaught, it ends the read in both modes (Ctrl-\, abort()).
+        let quit = "0000000000000004";
+        assert!(ends_read(&status(7, none, quit, none, none), 7, fatal));
+        assert!(ends_read(&status(7, quit, none, none, none), 8, fatal));
+        assert!(!ends_read(&status(7, quit, none, quit, none), 7, fatal), "blocked");
+        assert!(
+            !ends_read(&status_ignoring(7, quit, none, none, quit, none), 7, fatal),
+            "ignored"
+        );
+        assert!(!ends_read(&status(7, quit, none, none, quit), 7, fatal), "caught");
+        assert!(ends_read(&status(7, quit, none, none, quit), 7, handled));
     }
 
     #[test]
