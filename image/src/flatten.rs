@@ -141,6 +141,7 @@ pub fn flatten(
     for layer in &layers {
         tree.apply_layer(&layer.label, &layer.entries)?;
     }
+    tree.check_symlinks()?;
     let flat = tree.finish();
 
     // 3. Plan the chunks.

@@ -9,7 +9,8 @@
 //! - absolute paths, `..` components, NUL bytes, names over 255 bytes, paths over 4096;
 //! - entries (and whiteouts) whose path goes through a symlink;
 //! - a symlink whose relative target climbs above the root (absolute targets are kept:
-//!   they are resolved inside the image's root, as in any container);
+//!   they are resolved inside the image's root, as in any container), checked on its own
+//!   as it is added, and once the tree is whole, followed through every other link;
 //! - hard links to a missing path, to a directory, or with `..` or absolute targets;
 //! - the same path twice in one layer;
 //! - more than 64 KiB of xattrs on one entry (Linux's own limit), or uid/gid above 2^32.
@@ -72,6 +73,10 @@ struct Node {
 /// The tree being built. Nodes replaced or removed stay in the arena unreachable.
 pub struct Tree {
     nodes: Vec<Node>,
+    /// The labels of the layers applied so far, and the layer each symlink came from, for
+    /// the errors of [`Tree::check_symlinks`].
+    labels: Vec<String>,
+    symlink_layers: HashMap<NodeId, u32>,
 }
 
 const ROOT: NodeId = 0;
@@ -97,11 +102,14 @@ impl Tree {
                 kind: Kind::Dir(BTreeMap::new()),
                 meta: implicit_dir_meta(),
             }],
+            labels: Vec::new(),
+            symlink_layers: HashMap::new(),
         }
     }
 
     /// Applies one layer's entries on top of the tree.
     pub fn apply_layer(&mut self, label: &str, entries: &[LayerEntry]) -> Result<(), TreeError> {
+        self.labels.push(label.to_owned());
         let mut seen: HashSet<Vec<&[u8]>> = HashSet::with_capacity(entries.len());
         let mut opaque: Vec<Vec<&[u8]>> = Vec::new();
         let mut whiteouts: Vec<(Vec<&[u8]>, &LayerEntry)> = Vec::new();
@@ -352,9 +360,126 @@ impl Tree {
             self.nodes[old as usize].meta = meta;
             return Ok(());
         }
+        let is_symlink = matches!(kind, Kind::Symlink(_));
         let id = self.push(Node { kind, meta });
+        if is_symlink {
+            let layer = u32::try_from(self.labels.len().saturating_sub(1)).unwrap_or(u32::MAX);
+            self.symlink_layers.insert(id, layer);
+        }
         self.children(parent).insert(name.to_vec(), id);
         Ok(())
+    }
+
+    /// Refuses a symlink that, followed as the kernel follows it (through the image's other
+    /// symlinks, absolute targets from the image's root), climbs above the image's root.
+    /// Each link's own target was checked when it was added; a chain of links that are
+    /// each harmless (`a/up -> ..`, then `e -> a/up/..`), or a hard link that gives a
+    /// symlink a shallower name, is only seen in the finished tree. Run once all layers
+    /// are applied; every name of every symlink is checked from its own directory.
+    pub fn check_symlinks(&self) -> Result<(), TreeError> {
+        // Depth first over the directories, with the directory chain of each.
+        let mut stack: Vec<(Vec<NodeId>, Vec<Vec<u8>>)> = vec![(vec![ROOT], Vec::new())];
+        while let Some((dirs, names)) = stack.pop() {
+            let here = *dirs.last().expect("the root at least");
+            let Kind::Dir(children) = &self.nodes[here as usize].kind else {
+                continue;
+            };
+            for (name, &child) in children {
+                match &self.nodes[child as usize].kind {
+                    Kind::Dir(_) => {
+                        let mut dirs = dirs.clone();
+                        dirs.push(child);
+                        let mut names = names.clone();
+                        names.push(name.clone());
+                        stack.push((dirs, names));
+                    }
+                    Kind::Symlink(target) if self.climbs_above_root(dirs.clone(), target) => {
+                        let layer = self
+                            .symlink_layers
+                            .get(&child)
+                            .and_then(|&i| self.labels.get(i as usize))
+                            .cloned()
+                            .unwrap_or_else(|| "a layer".into());
+                        let mut path: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+                        path.push(name);
+                        return Err(TreeError {
+                            layer,
+                            entry: join_all(&path),
+                            message: format!(
+                                "a symlink to {:?} that, followed through the image's other links, leaves the image's root",
+                                lossy(target)
+                            ),
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether following `target` from the directory chain `walked` (root first) ever
+    /// steps above the root. Past a missing component the rest is judged by its text
+    /// alone, since a container may create what is missing; past a file nothing
+    /// resolves; a loop resolves to nothing (ELOOP).
+    fn climbs_above_root<'a>(&'a self, mut walked: Vec<NodeId>, target: &'a [u8]) -> bool {
+        fn follow<'a>(target: &'a [u8], walked: &mut Vec<NodeId>, pending: &mut Vec<&'a [u8]>) {
+            if target.first() == Some(&b'/') {
+                walked.truncate(1);
+            }
+            pending.extend(target.split(|&b| b == b'/').rev());
+        }
+        let mut pending: Vec<&[u8]> = Vec::new();
+        follow(target, &mut walked, &mut pending);
+        let mut links = 0;
+        while let Some(part) = pending.pop() {
+            match part {
+                b"" | b"." => {}
+                b".." => {
+                    if walked.len() == 1 {
+                        return true;
+                    }
+                    walked.pop();
+                }
+                name => {
+                    let here = *walked.last().expect("the root at least");
+                    let child = match &self.nodes[here as usize].kind {
+                        Kind::Dir(children) => children.get(name).copied(),
+                        _ => None,
+                    };
+                    let Some(child) = child else {
+                        // Missing: the rest by its text, from one level below here.
+                        let mut depth = walked.len() as isize; // the missing name's level
+                        while let Some(part) = pending.pop() {
+                            match part {
+                                b"" | b"." => {}
+                                b".." => {
+                                    depth -= 1;
+                                    if depth < 0 {
+                                        return true;
+                                    }
+                                }
+                                _ => depth += 1,
+                            }
+                        }
+                        return false;
+                    };
+                    match &self.nodes[child as usize].kind {
+                        Kind::Dir(_) => walked.push(child),
+                        Kind::Symlink(next) => {
+                            links += 1;
+                            if links > 40 {
+                                return false;
+                            }
+                            follow(next, &mut walked, &mut pending);
+                        }
+                        // A file, device or fifo: anything after it fails (ENOTDIR).
+                        _ => return false,
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Adds a hard link; false if its target does not exist yet.
@@ -750,6 +875,76 @@ mod tests {
                 "{err} should mention {needle}"
             );
         }
+        // Chains of links that each stay inside, and a hard link that gives a symlink a
+        // shallower name, are caught once the tree is whole.
+        for (entries, culprit) in [
+            (
+                vec![
+                    entry("a", Directory),
+                    link("a/up", Symlink, ".."),
+                    link("e1", Symlink, "a/up/.."),
+                ],
+                "e1",
+            ),
+            (
+                vec![
+                    entry("a", Directory),
+                    link("a/up", Symlink, ".."),
+                    link("e1", Symlink, "a/up"),
+                    link("e2", Symlink, "e1/../etc/passwd"),
+                ],
+                "e2",
+            ),
+            (
+                vec![
+                    entry("a", Directory),
+                    entry("a/b", Directory),
+                    entry("a/b/c", Directory),
+                    link("a/b/c/l", Symlink, "../../../etc/passwd"),
+                    link("top", HardLink, "a/b/c/l"),
+                ],
+                "top",
+            ),
+            (
+                vec![
+                    entry("d", Directory),
+                    link("d/abs", Symlink, "/"),
+                    link("d/x", Symlink, "abs/../missing/../.."),
+                ],
+                "d/x",
+            ),
+        ] {
+            let mut tree = Tree::new();
+            tree.apply_layer("layer 3", &entries).unwrap();
+            let err = tree.check_symlinks().unwrap_err().to_string();
+            assert!(
+                err.contains("layer 3")
+                    && err.contains(&format!("{culprit:?}"))
+                    && err.contains("leaves the image's root"),
+                "{err}"
+            );
+        }
+        // What stays inside passes: links to the root and up to it, absolute targets,
+        // links through links, a missing component followed by as many `..`, loops.
+        let mut tree = Tree::new();
+        tree.apply_layer(
+            "l",
+            &[
+                entry("usr", Directory),
+                entry("usr/bin", Directory),
+                link("bin", Symlink, "usr/bin"),
+                link("usr/bin/root", Symlink, "../.."),
+                link("usr/bin/abs", Symlink, "/usr/bin/../../bin"),
+                link("usr/bin/via", Symlink, "root/bin/../usr"),
+                link("usr/gone", Symlink, "missing/.."),
+                link("usr/loop1", Symlink, "loop2"),
+                link("usr/loop2", Symlink, "loop1"),
+                link("usr/file-dotdot", Symlink, "../bin/../etc"),
+            ],
+        )
+        .unwrap();
+        tree.check_symlinks().unwrap();
+
         // A whiteout through a symlink is refused too.
         let mut tree = Tree::new();
         tree.apply_layer("l0", &[link("l", Symlink, "d"), entry("d", Directory)])
