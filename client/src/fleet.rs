@@ -1057,11 +1057,40 @@ impl Inner {
         while let Ok(Some((rank, result))) = tokio::time::timeout_at(deadline, asks.next()).await {
             (answers[rank], payloads[rank]) = self.examine(&name, rank, &ranked, result);
         }
+        // Every shard heard is compared with what its index holds, in its own code: a
+        // shard of another code (a rollout) is kept only if it is a true shard of this
+        // chunk in that code, and one that gives the chunk another length is a lie
+        // whatever its code (a chunk has one length, the one its name was read at).
+        let mut other_codes: Vec<(Code, Option<Vec<Bytes>>)> = Vec::new();
         for rank in 0..answers.len() {
-            if let (Answer::Shard(c, index), Some(payload)) = (answers[rank], &payloads[rank])
-                && c == code
-                && frames[usize::from(index)][FRAME_HEADER_LEN..] != payload[..]
-            {
+            let (Answer::Shard(c, index), Some(payload)) = (answers[rank], &payloads[rank])
+            else {
+                continue;
+            };
+            let truth: Option<&Vec<Bytes>> = if c == code {
+                Some(&frames)
+            } else if c.chunk_len as usize != chunk.len() {
+                None
+            } else {
+                let at = match other_codes.iter().position(|(k, _)| *k == c) {
+                    Some(at) => at,
+                    None => {
+                        other_codes.push((c, self.frames(&name, &chunk, c).ok()));
+                        other_codes.len() - 1
+                    }
+                };
+                match &other_codes[at].1 {
+                    Some(frames) => Some(frames),
+                    // A code this client cannot encode: nothing to judge it by.
+                    None => continue,
+                }
+            };
+            let lies = truth.is_none_or(|frames| {
+                frames
+                    .get(usize::from(index))
+                    .is_none_or(|frame| frame[FRAME_HEADER_LEN..] != payload[..])
+            });
+            if lies {
                 inc(&self.metrics.corrupt_shards);
                 let node = &self.nodes[ranked[rank]].id;
                 tracing::warn!(chunk = %name, node = %node, index, "a shard with a valid frame holds other bytes");
@@ -1175,16 +1204,17 @@ fn write_bytes(code: Code) -> usize {
     code.chunk_len as usize + code.params.total() * (FRAME_HEADER_LEN + 2 * code.shard_len())
 }
 
-/// Whether a read's answers call for a repair in `code`: a node lacks a shard, or two
-/// nodes hold the same index; and some index of the code is not known to be held (when
-/// every index is, as for a chunk of a 4-of-5 client read by a 4-of-6 one, there is
-/// nothing to give).
+/// Whether a read's answers call for a repair in `code`: a node lacks a shard, holds one
+/// that gives the chunk another length, or two nodes hold the same index; and some index
+/// of the code is not known to be held (when every index is, as for a chunk of a 4-of-5
+/// client read by a 4-of-6 one, there is nothing to give).
 fn wants_repair(code: Code, answers: &[Answer]) -> bool {
     let mut held = HashSet::new();
     let mut wanted = false;
     for answer in answers {
         match *answer {
             Answer::Missing | Answer::Bad => wanted = true,
+            Answer::Shard(c, _) if c.chunk_len != code.chunk_len => wanted = true,
             Answer::Shard(c, index) if c == code => wanted |= !held.insert(index),
             _ => {}
         }

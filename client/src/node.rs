@@ -312,12 +312,23 @@ impl Node {
                 inc(&self.metrics.queued_requests);
                 let node = self.clone();
                 async move {
-                    let slot = node
-                        .detached
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("the semaphore is never closed");
+                    // The wait for a slot is the client's queue, bounded like the wait
+                    // for a connection: a read that needs this node must learn in time
+                    // that its shard is not coming, to read around it or go to the origin.
+                    let wait = node.settings.connect_timeout + node.settings.shard_timeout;
+                    let slot = match tokio::time::timeout(
+                        wait,
+                        node.detached.clone().acquire_owned(),
+                    )
+                    .await
+                    {
+                        Ok(slot) => slot.expect("the semaphore is never closed"),
+                        Err(_) => return Err(NodeError::NoConnection),
+                    };
+                    // Marked down while this request waited: not sent.
+                    if !node.is_up() {
+                        return Err(NodeError::NoConnection);
+                    }
                     node.spawn_get(key, slot).await
                 }
                 .boxed()
@@ -822,6 +833,28 @@ mod tests {
         );
         let (_, empty) = read_response(response_of(vec![], None), 10).await.unwrap();
         assert!(empty.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_for_a_slot_gives_up_in_time() {
+        let node = node();
+        // Every slot taken by requests that never end.
+        let all = node.detached.available_permits() as u32;
+        let taken = node.detached.clone().acquire_many_owned(all).await.unwrap();
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            node.get_shard("a-key".into()),
+        )
+        .await
+        .expect("the wait for a slot is bounded");
+        assert_eq!(answer, Err(NodeError::NoConnection));
+        assert!(started.elapsed() >= Duration::from_millis(200), "it waited");
+        // A node marked down while a request waited: the request is not sent.
+        let waiting = node.get_shard("a-key".into());
+        node.health().down = true;
+        drop(taken);
+        assert_eq!(waiting.await, Err(NodeError::NoConnection));
     }
 
     fn node() -> Arc<Node> {
