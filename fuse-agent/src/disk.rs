@@ -173,10 +173,14 @@ impl DiskCache {
         let (file, bytes) = match read {
             Ok(read) => read,
             Err(e) => {
-                // Evicted by another agent sharing the directory, or removed by hand. Any
-                // other error (out of descriptors, another user's file) says nothing of
-                // whether the file is there: it stays indexed, and counted.
-                if e.kind() == io::ErrorKind::NotFound && self.lock().remove(name).is_some() {
+                // A shortage of descriptors or memory passes: the file stays indexed. Any
+                // other error (evicted by another agent, removed by hand, unreadable)
+                // drops it from the index, so that the next fetch writes it again.
+                let passing = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                );
+                if !passing && self.lock().remove(name).is_some() {
                     self.publish_size();
                 }
                 return None;

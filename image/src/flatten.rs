@@ -212,20 +212,25 @@ fn read_layers(
         .into_iter()
         .map(|slot| slot.into_inner().unwrap_or_else(|p| p.into_inner()))
         .collect();
-    // Workers take layers in order and stop taking them after a failure, so every layer
-    // left unread comes after one that failed: report the first failure.
+    // Workers take layers in order and stop after a failure, and a layer being read when
+    // another fails stops too (`Cancelled`): report the first failure that is not such a
+    // stop, whatever its layer's place.
     let mut layers = Vec::with_capacity(results.len());
     let mut first_error = None;
+    let mut first_cancelled = None;
     for result in results {
         match result {
             Some(Ok(layer)) => layers.push(layer),
+            Some(Err(e @ LayerError::Cancelled { .. })) => {
+                first_cancelled.get_or_insert(e);
+            }
             Some(Err(e)) => {
                 first_error.get_or_insert(e);
             }
             None => {}
         }
     }
-    if let Some(e) = first_error {
+    if let Some(e) = first_error.or(first_cancelled) {
         return Err(e.into());
     }
     Ok(layers)

@@ -93,10 +93,10 @@ impl KeyFile {
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| fail(format!("no randomness: {e}")))?;
-        // The key is written whole to a file of its own, then linked into place: a link
-        // never replaces an existing file, so two processes racing to create the key
-        // cannot both win (the loser reads the winner's key), and no reader or crash ever
-        // sees the key file empty or half written.
+        // The key is written whole to a file of its own, then moved into place only if no
+        // key file is there: two processes racing to create the key cannot both win (the
+        // loser reads the winner's key), and no reader or crash ever sees the key file
+        // empty or half written.
         let dir = match self.path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent,
             _ => std::path::Path::new("."),
@@ -110,9 +110,11 @@ impl KeyFile {
             .write_all(format!("{}\n", hex(&key)).as_bytes())
             .and_then(|()| staged.as_file().sync_all())
             .map_err(|e| fail(e.to_string()))?;
-        // The staged file is removed when `staged` drops, whether or not the link is made.
-        match std::fs::hard_link(staged.path(), &self.path) {
-            Ok(()) => {
+        // Renamed into place unless a file is there (renameat2 with RENAME_NOREPLACE, or a
+        // link and an unlink where the filesystem lacks it); the staged file is removed
+        // if the key was not taken from it.
+        match staged.persist_noclobber(&self.path).map_err(|e| e.error) {
+            Ok(_) => {
                 if let Ok(dir) = std::fs::File::open(dir) {
                     // The new name is durable once its directory is.
                     dir.sync_all().map_err(|e| fail(e.to_string()))?;

@@ -193,13 +193,14 @@ pub fn read_layer(
     // docker archives name no digest for their stored bytes, and have only the second.
     let mut checks: Vec<Arc<AtomicBool>> = stored_verified.into_iter().collect();
     let stream: Box<dyn Read + Send> = match blob.diff_id {
-        Some(diff_id) => {
+        // An uncompressed layer's stored digest is its diff_id: checked once is enough.
+        Some(diff_id) if !(compression == Compression::None && blob.stored_digest == Some(diff_id)) => {
             let what = format!("{label}: the uncompressed layer (its diff_id)");
             let reader = VerifyingReader::new(decoded, diff_id, None, what);
             checks.push(reader.verified_flag());
             Box::new(reader)
         }
-        None => decoded,
+        _ => decoded,
     };
     if checks.is_empty() {
         return Err(LayerError::Unverified { layer: label });

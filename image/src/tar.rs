@@ -287,16 +287,12 @@ impl<R: Read> TarReader<R> {
         if size > MAX_ENTRY_SIZE {
             return Err(TarError::Invalid(format!("a size of {size} bytes")));
         }
-        // Only regular files carry data. Go's reader (and GNU tar) take every other entry
-        // as a header alone, whatever its size field says, so bytes after a hard link that
-        // claims some are read as the next header; skipping them as data would hide those
-        // entries from us and show them to Docker. An entry that claims data it cannot
-        // have is refused.
-        if size > 0 && kind != EntryKind::Regular {
-            return Err(TarError::Invalid(format!(
-                "a {kind:?} entry that claims {size} bytes of data"
-            )));
-        }
+        // Only regular files carry data. Go's reader (Docker's and containerd's) takes every
+        // other entry as a header alone, whatever its size field says, and so does this
+        // one: the bytes after a hard link that claims data are read as the next header,
+        // as Docker reads them. Skipping them as data would hide entries from us that
+        // Docker shows.
+        let size = if kind == EntryKind::Regular { size } else { 0 };
         let xattr_bytes: usize = overrides
             .xattrs
             .iter()
@@ -324,7 +320,7 @@ impl<R: Read> TarReader<R> {
                 Some(gid) => gid,
                 None => number(&block[116..124], "gid")?,
             },
-            size: if kind == EntryKind::Regular { size } else { 0 },
+            size,
             mtime,
             mtime_nanos,
             link: {
@@ -979,14 +975,19 @@ mod tests {
     }
 
     #[test]
-    fn sizes_beyond_i64_and_data_on_directories_are_refused() {
+    fn sizes_beyond_i64_are_refused_and_directories_carry_no_data() {
         // A PAX size of 2^64 - 1 on a directory: refused, never an overflow.
         let mut bytes = pax_header(&pax_record("size", b"18446744073709551615"));
         bytes.extend_from_slice(&raw_block(b"d/", b'5', b"00000000000"));
         assert!(read_all(&bytes).is_err());
-        // A directory claiming data.
-        let bytes = raw_block(b"d/", b'5', b"00000001000");
-        assert!(matches!(read_all(&bytes), Err(TarError::Invalid(_))));
+        // A directory claiming data is a header alone, as Go reads it: what follows is
+        // the next header.
+        let mut bytes = raw_block(b"d/", b'5', b"00000001000").to_vec();
+        bytes.extend_from_slice(&raw_block(b"d/f", b'0', b"00000000000"));
+        let entries = read_all(&bytes).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].0.size, 0);
+        assert_eq!(entries[1].0.path, b"d/f");
     }
 
     #[test]

@@ -81,6 +81,18 @@ pub struct Tree {
 
 const ROOT: NodeId = 0;
 
+/// Steps all the symlink walks of one image may take together: a few per link in real
+/// images (a million links of twenty steps each fit), and a bound on what a hostile one
+/// can cost (about a second).
+const SYMLINK_STEPS: u64 = 20_000_000;
+
+/// Where following a symlink ends.
+enum Walk {
+    Inside,
+    Escapes,
+    OutOfSteps,
+}
+
 /// Metadata of directories that no entry describes (parents a layer implies).
 fn implicit_dir_meta() -> Meta {
     Meta {
@@ -370,77 +382,104 @@ impl Tree {
         Ok(())
     }
 
-    /// Refuses a symlink that, followed as the kernel follows it (through the image's other
-    /// symlinks, absolute targets from the image's root), climbs above the image's root.
-    /// Each link's own target was checked when it was added; a chain of links that are
-    /// each harmless (`a/up -> ..`, then `e -> a/up/..`), or a hard link that gives a
-    /// symlink a shallower name, is only seen in the finished tree. Run once all layers
-    /// are applied; every name of every symlink is checked from its own directory.
+    /// Refuses a relative symlink that, followed as the kernel follows it (through the
+    /// image's other symlinks), climbs above the image's root. Each link's own target was
+    /// checked when it was added; a chain of links that are each harmless (`a/up -> ..`,
+    /// then `e -> a/up/..`), or a hard link that gives a symlink a shallower name, is only
+    /// seen in the finished tree. Run once all layers are applied; every name of every
+    /// symlink is checked from its own directory. Once a walk reaches an absolute target it
+    /// is inside the image's root for good (`..` stops there, as in a container), as the
+    /// policy for absolute targets says.
+    ///
+    /// The walks share one budget of steps, so that a small image of many links through
+    /// long chains cannot make this take hours; an image past it is refused.
     pub fn check_symlinks(&self) -> Result<(), TreeError> {
-        // Depth first over the directories, with the directory chain of each.
-        let mut stack: Vec<(Vec<NodeId>, Vec<Vec<u8>>)> = vec![(vec![ROOT], Vec::new())];
+        let mut budget = SYMLINK_STEPS;
+        // Depth first over the directories, with the directory chain and names of each.
+        let mut stack: Vec<(Vec<NodeId>, Vec<&[u8]>)> = vec![(vec![ROOT], Vec::new())];
         while let Some((dirs, names)) = stack.pop() {
             let here = *dirs.last().expect("the root at least");
             let Kind::Dir(children) = &self.nodes[here as usize].kind else {
                 continue;
             };
             for (name, &child) in children {
-                match &self.nodes[child as usize].kind {
+                let message = match &self.nodes[child as usize].kind {
                     Kind::Dir(_) => {
                         let mut dirs = dirs.clone();
                         dirs.push(child);
                         let mut names = names.clone();
-                        names.push(name.clone());
+                        names.push(name);
                         stack.push((dirs, names));
+                        continue;
                     }
-                    Kind::Symlink(target) if self.climbs_above_root(dirs.clone(), target) => {
-                        let layer = self
-                            .symlink_layers
-                            .get(&child)
-                            .and_then(|&i| self.labels.get(i as usize))
-                            .cloned()
-                            .unwrap_or_else(|| "a layer".into());
-                        let mut path: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
-                        path.push(name);
-                        return Err(TreeError {
-                            layer,
-                            entry: join_all(&path),
-                            message: format!(
-                                "a symlink to {:?} that, followed through the image's other links, leaves the image's root",
-                                lossy(target)
-                            ),
-                        });
-                    }
-                    _ => {}
-                }
+                    Kind::Symlink(target) => match self.walk_link(dirs.clone(), target, &mut budget) {
+                        Walk::Inside => continue,
+                        Walk::Escapes => format!(
+                            "a symlink to {:?} that, followed through the image's other links, leaves the image's root",
+                            lossy(target)
+                        ),
+                        Walk::OutOfSteps => format!(
+                            "the image's symlinks take more than {SYMLINK_STEPS} steps to follow (links through long chains of links); refused"
+                        ),
+                    },
+                    _ => continue,
+                };
+                let layer = self
+                    .symlink_layers
+                    .get(&child)
+                    .and_then(|&i| self.labels.get(i as usize))
+                    .cloned()
+                    .unwrap_or_else(|| "a layer".into());
+                let mut path = names.clone();
+                path.push(name);
+                return Err(TreeError {
+                    layer,
+                    entry: join_all(&path),
+                    message,
+                });
             }
         }
         Ok(())
     }
 
-    /// Whether following `target` from the directory chain `walked` (root first) ever
-    /// steps above the root. Past a missing component the rest is judged by its text
-    /// alone, since a container may create what is missing; past a file nothing
-    /// resolves; a loop resolves to nothing (ELOOP).
-    fn climbs_above_root<'a>(&'a self, mut walked: Vec<NodeId>, target: &'a [u8]) -> bool {
-        fn follow<'a>(target: &'a [u8], walked: &mut Vec<NodeId>, pending: &mut Vec<&'a [u8]>) {
-            if target.first() == Some(&b'/') {
+    /// Follows `target` from the directory chain `walked` (root first). Past a missing
+    /// component the walk goes on by the text alone (a container may create what is
+    /// missing) until a `..` brings it back to the last real directory; past a file
+    /// nothing resolves; a loop resolves to nothing (ELOOP).
+    fn walk_link<'a>(&'a self, mut walked: Vec<NodeId>, target: &'a [u8], budget: &mut u64) -> Walk {
+        /// Queues a link's target; true if it is absolute (the walk restarts at the root).
+        fn follow<'a>(target: &'a [u8], walked: &mut Vec<NodeId>, pending: &mut Vec<&'a [u8]>) -> bool {
+            pending.extend(target.split(|&b| b == b'/').rev());
+            let absolute = target.first() == Some(&b'/');
+            if absolute {
                 walked.truncate(1);
             }
-            pending.extend(target.split(|&b| b == b'/').rev());
+            absolute
         }
         let mut pending: Vec<&[u8]> = Vec::new();
-        follow(target, &mut walked, &mut pending);
+        // Once an absolute target is followed, `..` at the root stays there.
+        let mut anchored = follow(target, &mut walked, &mut pending);
+        // Levels below the last real directory, where the walk went through missing names.
+        let mut virtual_depth = 0usize;
         let mut links = 0;
         while let Some(part) = pending.pop() {
+            if *budget == 0 {
+                return Walk::OutOfSteps;
+            }
+            *budget -= 1;
             match part {
                 b"" | b"." => {}
+                b".." if virtual_depth > 0 => virtual_depth -= 1,
                 b".." => {
                     if walked.len() == 1 {
-                        return true;
+                        if !anchored {
+                            return Walk::Escapes;
+                        }
+                    } else {
+                        walked.pop();
                     }
-                    walked.pop();
                 }
+                _ if virtual_depth > 0 => virtual_depth += 1,
                 name => {
                     let here = *walked.last().expect("the root at least");
                     let child = match &self.nodes[here as usize].kind {
@@ -448,38 +487,25 @@ impl Tree {
                         _ => None,
                     };
                     let Some(child) = child else {
-                        // Missing: the rest by its text, from one level below here.
-                        let mut depth = walked.len() as isize; // the missing name's level
-                        while let Some(part) = pending.pop() {
-                            match part {
-                                b"" | b"." => {}
-                                b".." => {
-                                    depth -= 1;
-                                    if depth < 0 {
-                                        return true;
-                                    }
-                                }
-                                _ => depth += 1,
-                            }
-                        }
-                        return false;
+                        virtual_depth = 1;
+                        continue;
                     };
                     match &self.nodes[child as usize].kind {
                         Kind::Dir(_) => walked.push(child),
                         Kind::Symlink(next) => {
                             links += 1;
                             if links > 40 {
-                                return false;
+                                return Walk::Inside;
                             }
-                            follow(next, &mut walked, &mut pending);
+                            anchored |= follow(next, &mut walked, &mut pending);
                         }
                         // A file, device or fifo: anything after it fails (ENOTDIR).
-                        _ => return false,
+                        _ => return Walk::Inside,
                     }
                 }
             }
         }
-        false
+        Walk::Inside
     }
 
     /// Adds a hard link; false if its target does not exist yet.
@@ -906,12 +932,13 @@ mod tests {
                 "top",
             ),
             (
+                // Past a missing name, `..` comes back to the real tree and its links.
                 vec![
-                    entry("d", Directory),
-                    link("d/abs", Symlink, "/"),
-                    link("d/x", Symlink, "abs/../missing/../.."),
+                    entry("a", Directory),
+                    link("a/up", Symlink, ".."),
+                    link("x", Symlink, "missing/../a/up/../../etc"),
                 ],
-                "d/x",
+                "x",
             ),
         ] {
             let mut tree = Tree::new();
@@ -940,10 +967,30 @@ mod tests {
                 link("usr/loop1", Symlink, "loop2"),
                 link("usr/loop2", Symlink, "loop1"),
                 link("usr/file-dotdot", Symlink, "../bin/../etc"),
+                // Absolute targets are resolved inside the image's root: `..` stops there.
+                link("usr/abs-up", Symlink, "/../etc"),
+                link("usr/slash", Symlink, "/"),
+                link("usr/through-slash", Symlink, "slash/../../etc"),
             ],
         )
         .unwrap();
         tree.check_symlinks().unwrap();
+
+        // Many links through long chains of links: refused once they cost too much to
+        // follow, not followed for hours.
+        let mut entries = Vec::new();
+        let padding = "./".repeat(1000);
+        for i in 0..40 {
+            entries.push(link(&format!("l{i}"), Symlink, &format!("{padding}l{}", i + 1)));
+        }
+        entries.push(entry("l40", Directory));
+        for i in 0..1000 {
+            entries.push(link(&format!("v{i}"), Symlink, "l0"));
+        }
+        let mut tree = Tree::new();
+        tree.apply_layer("heavy", &entries).unwrap();
+        let err = tree.check_symlinks().unwrap_err().to_string();
+        assert!(err.contains("heavy") && err.contains("steps"), "{err}");
 
         // A whiteout through a symlink is refused too.
         let mut tree = Tree::new();

@@ -782,18 +782,6 @@ fn tar_streams_that_go_reads_otherwise_are_refused_not_guessed() {
     // reads as a different tree than a lenient reader would.
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
-            // Go takes a hard link as a header alone: the "data" after it is the next header.
-            "a hard link that claims data",
-            [
-                raw_entry("visible", b'0', b"v"),
-                raw_header("link", b'1', 512, "visible"),
-                raw_entry("hidden-suid", b'0', b"s"),
-                end_of_archive(),
-            ]
-            .concat(),
-            "claims 512 bytes",
-        ),
-        (
             // Go keeps only the last PAX header of an entry.
             "two PAX headers",
             [
@@ -868,8 +856,15 @@ fn tar_streams_that_go_reads_otherwise_are_refused_not_guessed() {
 
     // What these readers agree on is read as they read it: one PAX header, one GNU long
     // name, a global header before an entry's extended headers, a trailing slash on an
-    // old-style regular entry (a directory), and an archive ending on one zero block.
+    // old-style regular entry (a directory), a hard link and a directory whose size fields
+    // claim data (Go takes them as headers alone, so what follows is the next header, not
+    // data to skip), and an archive ending on one zero block.
     let tar = [
+        raw_entry("visible", b'0', b"v"),
+        raw_header("link", b'1', 512, "visible"),
+        raw_entry("after-link", b'0', b"s"),
+        raw_header("sized-dir", b'5', 1024, ""),
+        raw_entry("sized-dir/after-dir", b'0', b"d"),
         raw_entry("global", b'g', pax_record("comment", "hi").as_bytes()),
         raw_entry("pax", b'x', pax_record("path", "from-pax").as_bytes()),
         good.clone(),
@@ -880,6 +875,9 @@ fn tar_streams_that_go_reads_otherwise_are_refused_not_guessed() {
     ]
     .concat();
     let flat = flatten_raw(&tar).unwrap();
+    assert_eq!(flat.file("/after-link"), b"s");
+    assert_eq!(flat.file("/link"), b"v");
+    assert_eq!(flat.file("/sized-dir/after-dir"), b"d");
     assert_eq!(flat.file("/from-pax"), b"hello");
     assert_eq!(flat.file("/from-gnu"), b"hello");
     let dir = flat.manifest.lookup("/old-dir").expect("old-dir");
@@ -966,4 +964,41 @@ fn data_after_the_end_of_the_archive_counts_against_the_byte_limit() {
     // Under the default limits the same layer is read to its end and accepted.
     let flat = flatten_ref(&reference, &options(1)).unwrap();
     assert_eq!(flat.file("/f"), b"x");
+}
+
+#[test]
+fn a_failed_layer_is_reported_not_the_layer_it_stopped() {
+    use slapshot_image::digest::Digest;
+    // Layer 0 takes a while to read; layer 1 fails at its first header. With two threads
+    // both are read at once, and layer 0 stops when layer 1 fails: the error is layer 1's.
+    let dir = tempfile::tempdir().unwrap();
+    let mut slow = LayerBuilder::new();
+    for i in 0..400 {
+        slow.file(&format!("f{i}"), 0o644, data(i, 256 << 10));
+    }
+    let mut broken = LayerBuilder::new();
+    broken.file("x", 0o644, b"x".to_vec());
+    let broken_tar = broken.tar().unwrap();
+    write_oci(
+        dir.path(),
+        "two",
+        &RuntimeConfig::default(),
+        &[(slow, LayerCompression::Gzip), (broken, LayerCompression::None)],
+    )
+    .unwrap();
+    // The first header's checksum field, damaged in place.
+    let blob = dir
+        .path()
+        .join("blobs/sha256")
+        .join(Digest::of(&broken_tar).hex());
+    let mut bytes = std::fs::read(&blob).unwrap();
+    bytes[148] ^= 0x01;
+    std::fs::write(&blob, bytes).unwrap();
+    let err = flatten_ref(&oci(dir.path(), "two"), &options(2))
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("layer 1") && err.contains("checksum") && !err.contains("not read to its end"),
+        "{err}"
+    );
 }

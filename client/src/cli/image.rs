@@ -402,7 +402,12 @@ pub fn printable(bytes: &[u8]) -> String {
                 c if c.is_ascii_control() => {
                     let _ = write!(out, "\\x{:02x}", u32::from(c));
                 }
-                c if c.is_control() => {
+                // Controls, and the marks that reorder text or break lines where a
+                // terminal shows them (bidi overrides and isolates, line and paragraph
+                // separators).
+                c if c.is_control()
+                    || matches!(c, '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+                {
                     let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
                 }
                 c => out.push(c),
@@ -719,6 +724,7 @@ mod tests {
         assert_eq!(printable(b"a\\b\tc\r"), "a\\\\b\\tc\\r");
         assert_eq!(printable(b"caf\xc3\xa9 \xff"), "caf\u{e9} \\xff");
         assert_eq!(printable("\u{9b}".as_bytes()), "\\u{9b}");
+        assert_eq!(printable("a\u{202e}b\u{2028}".as_bytes()), "a\\u{202e}b\\u{2028}");
         assert_eq!(printable(b"plain/name.txt"), "plain/name.txt");
     }
 }
