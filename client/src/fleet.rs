@@ -1063,8 +1063,7 @@ impl Inner {
         // whatever its code (a chunk has one length, the one its name was read at).
         let mut other_codes: Vec<(Code, Option<Vec<Bytes>>)> = Vec::new();
         for rank in 0..answers.len() {
-            let (Answer::Shard(c, index), Some(payload)) = (answers[rank], &payloads[rank])
-            else {
+            let (Answer::Shard(c, index), Some(payload)) = (answers[rank], &payloads[rank]) else {
                 continue;
             };
             let truth: Option<&Vec<Bytes>> = if c == code {

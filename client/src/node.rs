@@ -316,15 +316,13 @@ impl Node {
                     // for a connection: a read that needs this node must learn in time
                     // that its shard is not coming, to read around it or go to the origin.
                     let wait = node.settings.connect_timeout + node.settings.shard_timeout;
-                    let slot = match tokio::time::timeout(
-                        wait,
-                        node.detached.clone().acquire_owned(),
-                    )
-                    .await
-                    {
-                        Ok(slot) => slot.expect("the semaphore is never closed"),
-                        Err(_) => return Err(NodeError::NoConnection),
-                    };
+                    let slot =
+                        match tokio::time::timeout(wait, node.detached.clone().acquire_owned())
+                            .await
+                        {
+                            Ok(slot) => slot.expect("the semaphore is never closed"),
+                            Err(_) => return Err(NodeError::NoConnection),
+                        };
                     // Marked down while this request waited: not sent.
                     if !node.is_up() {
                         return Err(NodeError::NoConnection);
@@ -471,9 +469,8 @@ impl Node {
             health.no_writes_until = Some(Instant::now() + WRITE_PAUSE);
             // A read sent before the node came back says nothing of it now, whatever
             // went wrong with it.
-            let stale = read_started.is_some_and(|sent| {
-                health.trial_since.is_some_and(|since| sent < since)
-            });
+            let stale = read_started
+                .is_some_and(|sent| health.trial_since.is_some_and(|since| sent < since));
             match error {
                 _ if stale => false,
                 // A refused connection is unambiguous, whatever the request: the node is
@@ -796,7 +793,9 @@ mod tests {
             builder = builder.header(header::CONTENT_LENGTH, length);
         }
         builder
-            .body(http_body_util::StreamBody::new(futures::stream::iter(frames)))
+            .body(http_body_util::StreamBody::new(futures::stream::iter(
+                frames,
+            )))
             .unwrap()
     }
 
@@ -842,12 +841,9 @@ mod tests {
         let all = node.detached.available_permits() as u32;
         let taken = node.detached.clone().acquire_many_owned(all).await.unwrap();
         let started = Instant::now();
-        let answer = tokio::time::timeout(
-            Duration::from_secs(5),
-            node.get_shard("a-key".into()),
-        )
-        .await
-        .expect("the wait for a slot is bounded");
+        let answer = tokio::time::timeout(Duration::from_secs(5), node.get_shard("a-key".into()))
+            .await
+            .expect("the wait for a slot is bounded");
         assert_eq!(answer, Err(NodeError::NoConnection));
         assert!(started.elapsed() >= Duration::from_millis(200), "it waited");
         // A node marked down while a request waited: the request is not sent.

@@ -433,7 +433,10 @@ async fn damaged_shards_are_read_around() {
     eventually("read repair", || get(&m.fill_shards_written) == 2).await;
     let holder = client.placement(name)[0].to_owned();
     let node = &fleet.nodes[holder.trim_start_matches("node-").parse::<usize>().unwrap()];
-    assert_eq!(node.client().get(&format!("/v1/shards/{name}")).body, stored);
+    assert_eq!(
+        node.client().get(&format!("/v1/shards/{name}")).body,
+        stored
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,7 +483,11 @@ async fn a_shard_that_gives_the_chunk_another_length_is_repaired() {
         client.get_chunk(name).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(get(&m.fill_shards_written), written, "repaired, then left alone");
+    assert_eq!(
+        get(&m.fill_shards_written),
+        written,
+        "repaired, then left alone"
+    );
     assert_eq!(origin.gets(), 0);
 }
 

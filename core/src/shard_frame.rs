@@ -285,7 +285,10 @@ mod tests {
             if index < k {
                 assert_eq!(result, Err(FrameError::Padding), "shard {index}");
             } else {
-                assert!(result.is_ok(), "parity shard {index} has no padding of its own");
+                assert!(
+                    result.is_ok(),
+                    "parity shard {index} has no padding of its own"
+                );
             }
         }
     }

@@ -1145,12 +1145,18 @@ mod tests {
         let quit = "0000000000000004";
         assert!(ends_read(&status(7, none, quit, none, none), 7, fatal));
         assert!(ends_read(&status(7, quit, none, none, none), 8, fatal));
-        assert!(!ends_read(&status(7, quit, none, quit, none), 7, fatal), "blocked");
+        assert!(
+            !ends_read(&status(7, quit, none, quit, none), 7, fatal),
+            "blocked"
+        );
         assert!(
             !ends_read(&status_ignoring(7, quit, none, none, quit, none), 7, fatal),
             "ignored"
         );
-        assert!(!ends_read(&status(7, quit, none, none, quit), 7, fatal), "caught");
+        assert!(
+            !ends_read(&status(7, quit, none, none, quit), 7, fatal),
+            "caught"
+        );
         assert!(ends_read(&status(7, quit, none, none, quit), 7, handled));
     }
 

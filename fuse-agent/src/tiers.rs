@@ -616,10 +616,7 @@ mod tests {
         let (_, _, chunk, plaintext) = setup(Duration::ZERO, None);
         let (tiers_with_memory, _, _, _) = setup(Duration::ZERO, None);
         let fetcher = Arc::new(MapFetcher {
-            chunks: HashMap::from([(
-                chunk.name,
-                seal(&Salt::new(b"t"), plaintext.clone()).0,
-            )]),
+            chunks: HashMap::from([(chunk.name, seal(&Salt::new(b"t"), plaintext.clone()).0)]),
             delay: Duration::ZERO,
             fetches: AtomicUsize::new(0),
         });

@@ -543,7 +543,8 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
         },
         Vec::new(),
     );
-    slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices), "").unwrap();
+    slapshot_fuse_agent::hostimage::build_with(&layout, "host", 4 << 20, Some(devices), "")
+        .unwrap();
     let source = format!("oci:{}:host", layout.display());
     let run_under = |launcher: &[&str], flags: &[&str], script: &str| {
         let mut command = world.slapshot_under(launcher);
@@ -722,9 +723,9 @@ fn a_program_run_as_another_user_dies_with_a_killed_agent() {
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .find(|pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-                    let fields: Vec<&str> = stat.rsplit_once(')').map_or(vec![], |(_, rest)| {
-                        rest.split_whitespace().collect()
-                    });
+                    let fields: Vec<&str> = stat
+                        .rsplit_once(')')
+                        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
                     stat.contains("(sleep)") && fields.get(1) == Some(&agent_pid.as_str())
                 })
             })

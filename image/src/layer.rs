@@ -194,7 +194,9 @@ pub fn read_layer(
     let mut checks: Vec<Arc<AtomicBool>> = stored_verified.into_iter().collect();
     let stream: Box<dyn Read + Send> = match blob.diff_id {
         // An uncompressed layer's stored digest is its diff_id: checked once is enough.
-        Some(diff_id) if !(compression == Compression::None && blob.stored_digest == Some(diff_id)) => {
+        Some(diff_id)
+            if !(compression == Compression::None && blob.stored_digest == Some(diff_id)) =>
+        {
             let what = format!("{label}: the uncompressed layer (its diff_id)");
             let reader = VerifyingReader::new(decoded, diff_id, None, what);
             checks.push(reader.verified_flag());

@@ -358,7 +358,11 @@ fn open_oci(
             offset: 0,
             len,
             stored_digest: Some(digest),
-            diff_id: Some(parse_digest(root, &format!("layer {i}'s diff_id"), diff_id)?),
+            diff_id: Some(parse_digest(
+                root,
+                &format!("layer {i}'s diff_id"),
+                diff_id,
+            )?),
         });
     }
     Ok(ImageSource {

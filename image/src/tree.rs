@@ -412,16 +412,18 @@ impl Tree {
                         stack.push((dirs, names));
                         continue;
                     }
-                    Kind::Symlink(target) => match self.walk_link(dirs.clone(), target, &mut budget) {
-                        Walk::Inside => continue,
-                        Walk::Escapes => format!(
-                            "a symlink to {:?} that, followed through the image's other links, leaves the image's root",
-                            lossy(target)
-                        ),
-                        Walk::OutOfSteps => format!(
-                            "the image's symlinks take more than {SYMLINK_STEPS} steps to follow (links through long chains of links); refused"
-                        ),
-                    },
+                    Kind::Symlink(target) => {
+                        match self.walk_link(dirs.clone(), target, &mut budget) {
+                            Walk::Inside => continue,
+                            Walk::Escapes => format!(
+                                "a symlink to {:?} that, followed through the image's other links, leaves the image's root",
+                                lossy(target)
+                            ),
+                            Walk::OutOfSteps => format!(
+                                "the image's symlinks take more than {SYMLINK_STEPS} steps to follow (links through long chains of links); refused"
+                            ),
+                        }
+                    }
                     _ => continue,
                 };
                 let layer = self
@@ -446,9 +448,18 @@ impl Tree {
     /// component the walk goes on by the text alone (a container may create what is
     /// missing) until a `..` brings it back to the last real directory; past a file
     /// nothing resolves; a loop resolves to nothing (ELOOP).
-    fn walk_link<'a>(&'a self, mut walked: Vec<NodeId>, target: &'a [u8], budget: &mut u64) -> Walk {
+    fn walk_link<'a>(
+        &'a self,
+        mut walked: Vec<NodeId>,
+        target: &'a [u8],
+        budget: &mut u64,
+    ) -> Walk {
         /// Queues a link's target; true if it is absolute (the walk restarts at the root).
-        fn follow<'a>(target: &'a [u8], walked: &mut Vec<NodeId>, pending: &mut Vec<&'a [u8]>) -> bool {
+        fn follow<'a>(
+            target: &'a [u8],
+            walked: &mut Vec<NodeId>,
+            pending: &mut Vec<&'a [u8]>,
+        ) -> bool {
             pending.extend(target.split(|&b| b == b'/').rev());
             let absolute = target.first() == Some(&b'/');
             if absolute {
@@ -981,7 +992,11 @@ mod tests {
         let mut entries = Vec::new();
         let padding = "./".repeat(1000);
         for i in 0..40 {
-            entries.push(link(&format!("l{i}"), Symlink, &format!("{padding}l{}", i + 1)));
+            entries.push(link(
+                &format!("l{i}"),
+                Symlink,
+                &format!("{padding}l{}", i + 1),
+            ));
         }
         entries.push(entry("l40", Directory));
         for i in 0..1000 {

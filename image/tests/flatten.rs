@@ -843,10 +843,7 @@ fn tar_streams_that_go_reads_otherwise_are_refused_not_guessed() {
     ];
     for (what, tar, needle) in cases {
         match flatten_raw(&tar) {
-            Ok(flat) => panic!(
-                "{what}: accepted, as {} inodes",
-                flat.manifest.inodes.len()
-            ),
+            Ok(flat) => panic!("{what}: accepted, as {} inodes", flat.manifest.inodes.len()),
             Err(err) => {
                 assert!(err.contains("layer 0"), "{what}: {err}: no layer named");
                 assert!(err.contains(needle), "{what}: {err}: does not say {needle}");
@@ -899,7 +896,13 @@ fn layers_must_match_the_configs_diff_ids() {
     let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
 
     // The right diff_id: accepted.
-    assert!(flatten_ref(&with_blob(dir.path(), &gz, gzip, &Digest::of(&tar)), &options(1)).is_ok());
+    assert!(
+        flatten_ref(
+            &with_blob(dir.path(), &gz, gzip, &Digest::of(&tar)),
+            &options(1)
+        )
+        .is_ok()
+    );
     // Another layer's diff_id: the blob matches its own digest, but not the image's config.
     let err = flatten_ref(
         &with_blob(dir.path(), &gz, gzip, &Digest::of(&other)),
@@ -931,7 +934,10 @@ fn layers_must_match_the_configs_diff_ids() {
     )
     .err()
     .unwrap();
-    assert!(err.contains("2 diff_ids for the manifest's 1 layers"), "{err}");
+    assert!(
+        err.contains("2 diff_ids for the manifest's 1 layers"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -983,7 +989,10 @@ fn a_failed_layer_is_reported_not_the_layer_it_stopped() {
         dir.path(),
         "two",
         &RuntimeConfig::default(),
-        &[(slow, LayerCompression::Gzip), (broken, LayerCompression::None)],
+        &[
+            (slow, LayerCompression::Gzip),
+            (broken, LayerCompression::None),
+        ],
     )
     .unwrap();
     // The first header's checksum field, damaged in place.

@@ -724,7 +724,10 @@ mod tests {
         assert_eq!(printable(b"a\\b\tc\r"), "a\\\\b\\tc\\r");
         assert_eq!(printable(b"caf\xc3\xa9 \xff"), "caf\u{e9} \\xff");
         assert_eq!(printable("\u{9b}".as_bytes()), "\\u{9b}");
-        assert_eq!(printable("a\u{202e}b\u{2028}".as_bytes()), "a\\u{202e}b\\u{2028}");
+        assert_eq!(
+            printable("a\u{202e}b\u{2028}".as_bytes()),
+            "a\\u{202e}b\\u{2028}"
+        );
         assert_eq!(printable(b"plain/name.txt"), "plain/name.txt");
     }
 }
