@@ -91,6 +91,14 @@ impl Mount {
             path: mountpoint.to_owned(),
             source,
         };
+        // A mount left here by an agent that was killed (SIGKILL, the OOM killer) answers
+        // ENOTCONN: nothing serves it and nothing else would remove it. It is detached, so
+        // that an agent restarted at the same place mounts instead of failing.
+        // (Listing it asks the filesystem; a stat may be answered from the kernel's cache.)
+        if std::fs::read_dir(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
+            tracing::warn!(path = %mountpoint.display(), "detaching a dead mount left by an agent that was killed");
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
         let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(fail)?;
         let unmounter = session.unmount_callable();
         let thread = std::thread::Builder::new()

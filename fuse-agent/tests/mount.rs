@@ -515,6 +515,49 @@ fn the_mounted_tree_equals_umoci_unpack() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("unmounted"));
     assert!(!is_mounted(&mountpoint));
+
+    // An agent killed outright leaves a mount nobody serves (ENOTCONN); the next agent at
+    // the same place detaches it and mounts, and leaves nothing behind when it stops.
+    let start = || {
+        let mut command = world.slapshot();
+        command
+            .args(["mount", "t"])
+            .arg(&mountpoint)
+            .arg("--cache-dir")
+            .arg(world.path("cache"));
+        world.with_origin(&mut command);
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut killed = start();
+    wait_for("the second mount", Duration::from_secs(30), || {
+        is_mounted(&mountpoint)
+    });
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let dead = std::fs::read_dir(&mountpoint).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN));
+    let again = start();
+    wait_for(
+        "the mount over the dead one",
+        Duration::from_secs(30),
+        || std::fs::read(mountpoint.join("etc/passwd")).is_ok(),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(again.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = again.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&mountpoint), "a mount is left behind");
 }
 
 #[test]
