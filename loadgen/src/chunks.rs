@@ -141,12 +141,12 @@ async fn read_chunks_paced(
     seed: u64,
     live: Arc<Live>,
 ) -> (Recorder, crate::experiment::Paced) {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(crate::experiment::Stop::default());
     let timer = {
         let stop = stop.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(deadline.into()).await;
-            stop.store(true, Ordering::Relaxed);
+            stop.now();
         })
     };
     let recorder = Arc::new(std::sync::Mutex::new(Recorder::default()));

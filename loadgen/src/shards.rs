@@ -496,24 +496,53 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
     let duration = (args.requests.is_none()).then_some(args.duration.0);
     let schedule_length = duration
         .unwrap_or_else(|| Duration::from_secs_f64(args.requests.unwrap_or(0) as f64 / rate));
-    let dues = SharedReceiver(Arc::new(tokio::sync::Mutex::new(crate::pace::paced(
-        rate,
-        args.requests,
-        duration,
-    ))));
+    let mut schedule = crate::pace::paced(rate, args.requests, duration);
     // The run ends one timeout after the schedule: requests due and still unsent then (the
     // target is too slow for the rate) are counted as errors from their due time, rather
     // than sent long after the run was meant to end.
-    let deadline = tokio::time::Instant::now() + schedule_length + args.timeout.0;
+    let deadline = Instant::now() + schedule_length + args.timeout.0;
+    // Request i goes to target i mod the number of targets, through that target's own
+    // queue: a slow target keeps its share of the schedule, and its requests wait for it
+    // (charged from their due times), rather than moving to the targets that keep up.
+    let targets = shared.targets.len();
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..targets)
+        .map(|_| {
+            let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Instant)>(crate::pace::QUEUE);
+            (tx, SharedReceiver(Arc::new(tokio::sync::Mutex::new(rx))))
+        })
+        .unzip();
+    let dispatcher = tokio::spawn(async move {
+        // A target a whole queue behind will not send these before the deadline: they are
+        // not sent, and wait (at least) until the run ends.
+        let mut unsent = Recorder::default();
+        while let Some((i, due)) = schedule.recv().await {
+            let target = (i % targets as u64) as usize;
+            if let Err(full) = senders[target].try_send((i, due)) {
+                let (_, due) = full.into_inner();
+                unsent.error(deadline.saturating_duration_since(due), "not sent");
+            }
+        }
+        unsent
+    });
     let mut workers = tokio::task::JoinSet::new();
     for c in 0..args.connections {
-        let (shared, dues) = (shared.clone(), dues.clone());
+        let shared = shared.clone();
+        let target_index = c % targets;
+        let dues = receivers[target_index].clone();
         let (keys, put_fraction, seed) = (args.keys, args.put_fraction, args.seed);
         workers.spawn(async move {
-            let target = shared.targets[c % shared.targets.len()].clone();
+            let target = shared.targets[target_index].clone();
             let mut sender = None;
             let mut recorder = Recorder::default();
-            while let Ok(Some((i, due))) = tokio::time::timeout_at(deadline, dues.recv()).await {
+            // The deadline is checked before each request, whether or not one is queued:
+            // a backlog drains only until the run ends.
+            while Instant::now() < deadline {
+                let next = tokio::select! {
+                    biased;
+                    () = tokio::time::sleep_until(deadline.into()) => None,
+                    next = dues.recv() => next,
+                };
+                let Some((i, due)) = next else { break };
                 // Each request's operation comes from its index, so a seed gives the same
                 // sequence whichever connection sends it.
                 let mut rng = Rng::new(seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -526,8 +555,13 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
         });
     }
     let mut recorder = collect(workers).await;
-    while let Some((_, due)) = dues.recv().await {
-        recorder.error(due.elapsed(), "not sent");
+    if let Ok(unsent) = dispatcher.await {
+        recorder.merge(&unsent);
+    }
+    for dues in &receivers {
+        while let Ok((_, due)) = dues.0.lock().await.try_recv() {
+            recorder.error(due.elapsed(), "not sent");
+        }
     }
     recorder
 }
@@ -586,6 +620,91 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A server that answers every GET after `delay`, one at a time per connection, and
+    /// counts the requests it answered.
+    async fn slow_server(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answered = Arc::new(AtomicU64::new(0));
+        let count = answered.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut pending = Vec::new();
+                    loop {
+                        let n = match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            tokio::time::sleep(delay).await;
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if socket.write_all(reply).await.is_err() {
+                                return;
+                            }
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        (addr, answered)
+    }
+
+    /// A target too slow for the rate: the run still ends one timeout after the schedule,
+    /// and what was due and never sent is counted as such, from its due time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_loop_ends_on_time_however_far_behind_the_target_is() {
+        let (addr, _) = slow_server(Duration::from_millis(100)).await;
+        let mut open = args(addr);
+        open.rate = Some(200.0);
+        open.duration = HumanDuration(Duration::from_secs(1));
+        open.timeout = HumanDuration(Duration::from_millis(500));
+        let report = run(open).await.unwrap();
+        assert!(report.seconds < 2.5, "the run took {} s", report.seconds);
+        assert_eq!(report.requests, 200, "every request due is reported");
+        let unsent = report.errors_by_kind.get("not sent").copied().unwrap_or(0);
+        assert!(
+            unsent >= 150,
+            "{unsent} not sent (the target answers 10 a second)"
+        );
+        // Unsent requests wait (at least) until the run ends: 0.5 to 1.5 s after their due
+        // times.
+        assert!(report.p50_us >= 500_000, "p50 {} us", report.p50_us);
+    }
+
+    /// With two targets, each gets its share of the schedule: a slow one keeps its
+    /// requests (and their wait) rather than handing them to the fast one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_target_keeps_its_share_of_an_open_loop() {
+        let (slow, slow_answered) = slow_server(Duration::from_millis(100)).await;
+        let (fast, fast_answered) = slow_server(Duration::ZERO).await;
+        let mut open = args(slow);
+        open.targets.push(format!("http://{fast}"));
+        open.connections = 2;
+        open.rate = Some(200.0);
+        open.duration = HumanDuration(Duration::from_secs(1));
+        open.timeout = HumanDuration(Duration::from_secs(1));
+        let report = run(open).await.unwrap();
+        assert_eq!(report.requests, 200);
+        assert_eq!(
+            fast_answered.load(Ordering::Relaxed),
+            100,
+            "half the schedule"
+        );
+        // The slow one answers 10 a second for about two seconds; the rest of its half
+        // waited and was never sent.
+        let slow_answered = slow_answered.load(Ordering::Relaxed);
+        assert!((10..=30).contains(&slow_answered), "{slow_answered}");
+        let unsent = report.errors_by_kind.get("not sent").copied().unwrap_or(0);
+        assert_eq!(unsent + slow_answered, 100);
+        assert!(report.p90_us >= 1_000_000, "p90 {} us", report.p90_us);
     }
 
     fn args(addr: SocketAddr) -> ShardsArgs {

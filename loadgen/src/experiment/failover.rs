@@ -3,17 +3,14 @@
 //! the fleet hit rate over time (plotted) and latency per phase.
 
 use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use slapshot_client::{ChunkSource, FleetClient, config::ReadMode, metrics::get};
 use slapshot_core::HumanDuration;
 
-use super::{Common, open_loop, start_fleet};
+use super::{Common, Stop, open_loop, start_fleet};
 use crate::{
     chunks::error_kind,
     plot,
@@ -93,13 +90,15 @@ async fn experiment(
         phases.push(format!("node-{i} {down}"));
         phases.push(format!("node-{i} {back}"));
     }
-    let phase = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
+    // When each phase began (phase 0 now): a read belongs to the phase it was due in,
+    // found by its due time, however late it started or ended (a kill's slow reads are
+    // charged to the kill, not to the restart after it).
+    let phase_starts = Arc::new(Mutex::new(vec![Instant::now()]));
+    let stop = Arc::new(Stop::default());
     let live = Arc::new(crate::report::Live::default());
 
     // The load: reads started at a fixed rate (open loop), each recorded into the phase
-    // current when it ends.
-    // Per phase: the reads, and how many of them the origin served.
+    // it was due in. Per phase: the reads, and how many of them the origin served.
     let recorders: Arc<Vec<Mutex<(Recorder, u64)>>> = Arc::new(
         phases
             .iter()
@@ -113,10 +112,10 @@ async fn experiment(
             .collect(),
     );
     let load = {
-        let (client, names, phase, stop, live, recorders) = (
+        let (client, names, phase_starts, stop, live, recorders) = (
             client.clone(),
             names.clone(),
-            phase.clone(),
+            phase_starts.clone(),
             stop.clone(),
             live.clone(),
             recorders.clone(),
@@ -124,19 +123,18 @@ async fn experiment(
         let rate = args.rate;
         tokio::spawn(async move {
             open_loop(None, rate, Some(&stop), |i, due| {
-                let (client, names, live, recorders, picks) = (
+                let (client, names, live, recorders, picks, phase_starts) = (
                     client.clone(),
                     names.clone(),
                     live.clone(),
                     recorders.clone(),
                     picks.clone(),
+                    phase_starts.clone(),
                 );
-                // A read belongs to the phase it was due in (a kill's slow reads are
-                // charged to the kill, not to the restart after it).
-                let p = phase.load(Ordering::Relaxed).min(recorders.len() - 1);
                 async move {
                     let name = names[picks[i % PICKS]];
                     let result = client.get_chunk_with_source(&name).await;
+                    let p = phase_of(&phase_starts, due).min(recorders.len() - 1);
                     let (recorder, from_origin) =
                         &mut *recorders[p].lock().unwrap_or_else(|e| e.into_inner());
                     match result {
@@ -166,7 +164,7 @@ async fn experiment(
         let mut points: Vec<(f64, u64, u64, u64)> = Vec::new();
         let mut last = (0u64, 0u64, 0u64);
         let mut tick = tokio::time::interval(TICK);
-        while !timeline_stop.load(Ordering::Relaxed) {
+        while !timeline_stop.is_set() {
             tick.tick().await;
             let now = (
                 timeline_live.requests.load(Ordering::Relaxed),
@@ -189,39 +187,44 @@ async fn experiment(
     let origin_before = get(&client.metrics().origin_fetches);
     let mut origin_per_phase = vec![0u64; phases.len()];
     let mut last_origin = origin_before;
-    let mut next_phase = |p: usize, phase: &AtomicUsize, marks: &mut Vec<(f64, String)>| {
+    let mut current = 0;
+    let mut next_phase = |p: usize, marks: &mut Vec<(f64, String)>| {
         let origin = get(&client.metrics().origin_fetches);
-        origin_per_phase[phase.load(Ordering::Relaxed)] += origin - last_origin;
+        origin_per_phase[current] += origin - last_origin;
         last_origin = origin;
-        phase.store(p, Ordering::Relaxed);
+        current = p;
+        lock(&phase_starts).push(Instant::now());
         marks.push((started.elapsed().as_secs_f64(), phases[p].clone()));
     };
-    tokio::time::sleep(args.phase.0).await;
-    for i in 0..fleet.config.nodes.len() {
-        if stop_fault {
-            eprintln!("stopping node-{i} (SIGSTOP)");
-            fleet.pause_node(i);
-        } else {
-            eprintln!("killing node-{i}");
-            fleet.kill_node(i).await;
-        }
-        next_phase(1 + 2 * i, &phase, &mut marks);
+    let faults = async {
         tokio::time::sleep(args.phase.0).await;
-        if stop_fault {
-            eprintln!("continuing node-{i} (SIGCONT)");
-            fleet.resume_node(i);
-        } else {
-            eprintln!("restarting node-{i}");
-            fleet.restart_node(i).await?;
+        for i in 0..fleet.config.nodes.len() {
+            if stop_fault {
+                eprintln!("stopping node-{i} (SIGSTOP)");
+                fleet.pause_node(i);
+            } else {
+                eprintln!("killing node-{i}");
+                fleet.kill_node(i).await;
+            }
+            next_phase(1 + 2 * i, &mut marks);
+            tokio::time::sleep(args.phase.0).await;
+            if stop_fault {
+                eprintln!("continuing node-{i} (SIGCONT)");
+                fleet.resume_node(i);
+            } else {
+                eprintln!("restarting node-{i}");
+                fleet.restart_node(i).await?;
+            }
+            next_phase(2 + 2 * i, &mut marks);
+            tokio::time::sleep(args.phase.0).await;
         }
-        next_phase(2 + 2 * i, &phase, &mut marks);
-        tokio::time::sleep(args.phase.0).await;
+        anyhow::Ok(())
     }
-    {
-        let origin = get(&client.metrics().origin_fetches);
-        origin_per_phase[phase.load(Ordering::Relaxed)] += origin - last_origin;
-    }
-    stop.store(true, Ordering::Relaxed);
+    .await;
+    // The load and the timeline end whether or not the faults ran to the end.
+    stop.now();
+    faults?;
+    origin_per_phase[current] += get(&client.metrics().origin_fetches) - last_origin;
     let paced = load.await?;
     let late = paced.late;
     let lag_p99 = paced.lag.value_at_quantile(0.99);
@@ -287,10 +290,12 @@ async fn experiment(
         .map(|(t, reads, _, origin)| {
             (
                 *t,
+                // Origin fetches are counted as they start and reads as they end, so a
+                // tick can see more of the first than of the second: held to [0, 1].
                 if *reads == 0 {
                     1.0
                 } else {
-                    1.0 - *origin as f64 / *reads as f64
+                    (1.0 - *origin as f64 / *reads as f64).clamp(0.0, 1.0)
                 },
             )
         })
@@ -332,4 +337,15 @@ async fn experiment(
     )?;
     eprintln!("wrote {}", args.common.out.join("failover.json").display());
     Ok(())
+}
+
+/// The phase a read due at `due` belongs to: the last one that began at or before it.
+fn phase_of(starts: &Mutex<Vec<Instant>>, due: Instant) -> usize {
+    lock(starts)
+        .partition_point(|&start| start <= due)
+        .saturating_sub(1)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

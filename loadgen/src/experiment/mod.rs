@@ -129,8 +129,30 @@ pub fn histogram() -> Histogram<u64> {
 /// Reads in flight at most, in an open-loop run.
 pub const MAX_IN_FLIGHT: usize = 256;
 
+/// When an open-loop run ends: set once, with the time it was set. Reads due before then
+/// still run, however far behind the loop is (each charged from its due time); reads due
+/// after are not part of the run.
+#[derive(Debug, Default)]
+pub struct Stop(std::sync::OnceLock<std::time::Instant>);
+
+impl Stop {
+    /// Ends the run now.
+    pub fn now(&self) {
+        let _ = self.0.set(std::time::Instant::now());
+    }
+
+    /// When the run ends, once it is set.
+    pub fn at(&self) -> Option<std::time::Instant> {
+        self.0.get().copied()
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
 /// Runs `read(i, due)` for reads due at `rate` per second (open loop), `reads` of them or
-/// until `stop` is set, at most `MAX_IN_FLIGHT` at once. The load does not depend on how
+/// those due before `stop`, at most `MAX_IN_FLIGHT` at once. The load does not depend on how
 /// fast reads finish, so a slow or dead node does not lighten the load on the others, as
 /// it would in a closed loop. Reads time themselves from `due`, so a read that waited for
 /// a slot is charged with the wait (no coordinated omission). Returns how many reads
@@ -141,7 +163,7 @@ pub const MAX_IN_FLIGHT: usize = 256;
 pub async fn open_loop<F, Fut>(
     reads: Option<usize>,
     rate: f64,
-    stop: Option<&std::sync::atomic::AtomicBool>,
+    stop: Option<&Stop>,
     read: F,
 ) -> Paced
 where
@@ -161,7 +183,7 @@ where
         }
     };
     while let Some((i, due)) = dues.recv().await {
-        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+        if stop.and_then(Stop::at).is_some_and(|at| due > at) {
             break;
         }
         let permit = permits.clone().acquire_owned().await.expect("never closed");
@@ -242,5 +264,43 @@ mod tests {
         );
         let slowest = took.iter().max().unwrap();
         assert!(*slowest >= Duration::from_millis(650), "{slowest:?}");
+    }
+
+    /// Reads due before the stop run even when the loop is behind; none due after do.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_read_due_before_the_stop_runs() {
+        let stop = Arc::new(Stop::default());
+        let setter = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                stop.now();
+            })
+        };
+        let dues: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let started = Instant::now();
+        open_loop(None, 1000.0, Some(&stop), |_, due: Instant| {
+            let dues = dues.clone();
+            async move {
+                // Slower than the rate allows: the loop falls behind at once.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                dues.lock().unwrap().push(due);
+            }
+        })
+        .await;
+        setter.await.unwrap();
+        let at = stop.at().unwrap();
+        let dues = dues.lock().unwrap();
+        assert!(
+            dues.iter().all(|&due| due <= at),
+            "a read due after the stop ran"
+        );
+        // About 500 reads were due in the first 500 ms; 256 could start on time.
+        let due_before = ((at - started).as_secs_f64() * 1000.0) as usize;
+        assert!(
+            dues.len() + 5 >= due_before,
+            "{} of about {due_before} reads due before the stop ran",
+            dues.len()
+        );
     }
 }

@@ -234,6 +234,9 @@ async fn get(
 /// When a shard GET answered, or when it failed.
 type Answer = Result<Duration, Duration>;
 
+/// The five answers to one read's requests, and how late they went out.
+type Sample = ([Answer; 5], Duration);
+
 /// Idle keep-alive connections to each node, shared by the reads of a pass.
 struct Pool {
     targets: Vec<Target>,
@@ -286,7 +289,9 @@ async fn scenario_run(
     );
 
     // Pass 1: all five shards of a chunk asked at once, each answer's time recorded.
-    let samples: Arc<Mutex<Vec<[Answer; 5]>>> = Arc::new(Mutex::new(Vec::new()));
+    // Each sample with its start lag: the time from its due time to when its requests
+    // went out, part of every answer's time (they are timed from the due time).
+    let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::new()));
     let mut paced = open_loop(Some(args.reads), args.rate, None, |i, due| {
         let (pool, names, ranks, picks, samples) = (
             pool.clone(),
@@ -298,13 +303,14 @@ async fn scenario_run(
         async move {
             let j = picks[i];
             let key = names[j].to_hex();
+            let lag = due.elapsed();
             let gets = ranks[j].iter().map(|&n| pool.get(n, &key, due));
             let answers = futures::future::join_all(gets).await;
             let sample: [Answer; 5] = std::array::from_fn(|r| answers[r]);
             samples
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(sample);
+                .push((sample, lag));
         }
     })
     .await;
@@ -362,7 +368,7 @@ async fn scenario_run(
     let mut misses = vec![0u64; SCHEMES.len()];
     // The hedge trigger: the p95 of the 4th data-shard arrival without faults.
     let mut fourth = histogram();
-    for s in &samples {
+    for (s, _) in &samples {
         if let Some(d) = last_of(&s[..4]) {
             fourth.saturating_record(us(d));
         }
@@ -376,12 +382,12 @@ async fn scenario_run(
     let mut tokens = 10.0f64;
     let mut hedges = 0;
     let mut fallbacks = 0;
-    for s in &samples {
+    for (s, lag) in &samples {
         // 4-of-5 late binding.
         record(&mut hits[0], &mut misses[0], kth(s, 4));
         // 4-of-4.
         record(&mut hits[1], &mut misses[1], last_of(&s[..4]));
-        let latency = match hedged(s, trigger, &mut tokens) {
+        let latency = match hedged(s, *lag, trigger, &mut tokens) {
             (latency, Parity::Hedged) => {
                 hedges += 1;
                 latency
@@ -421,8 +427,15 @@ enum Parity {
 
 /// Hedged 4-of-5 on one sample: a 5% token bucket (10 banked), one token per hedge sent
 /// when the data shards are not all in by `trigger`; a failed data shard asks the parity
-/// shard at once, outside the budget. The parity's answer counts from when it was asked.
-fn hedged(s: &[Answer; 5], trigger: Duration, tokens: &mut f64) -> (Option<Duration>, Parity) {
+/// shard at once, outside the budget. The parity's answer counts from when it was asked:
+/// its own round trip is its time less the sample's start `lag` (every time in the sample
+/// is from the due time, the lag included once).
+fn hedged(
+    s: &[Answer; 5],
+    lag: Duration,
+    trigger: Duration,
+    tokens: &mut f64,
+) -> (Option<Duration>, Parity) {
     *tokens = (*tokens + 0.05).min(10.0);
     let first_failure = s[..4].iter().filter_map(|a| a.err()).min();
     // At the trigger, the client hedges if a data shard is still outstanding (slow, or
@@ -440,7 +453,8 @@ fn hedged(s: &[Answer; 5], trigger: Duration, tokens: &mut f64) -> (Option<Durat
         (false, Some(failed)) => (failed, Parity::AfterFailure),
         (false, None) => return (last_of(&s[..4]), Parity::NotAsked),
     };
-    let parity = s[4].map(|l| l + asked_at).map_err(|l| l + asked_at);
+    let round_trip = |l: Duration| asked_at + l.saturating_sub(lag);
+    let parity = s[4].map(round_trip).map_err(round_trip);
     (kth(&[s[0], s[1], s[2], s[3], parity], 4), why)
 }
 
@@ -585,13 +599,13 @@ mod tests {
         // All data shards in before the trigger: no hedge, the last data shard's time.
         let fast = [Ok(ms(1)), Ok(ms(2)), Ok(ms(1)), Ok(ms(2)), Ok(ms(1))];
         assert_eq!(
-            hedged(&fast, ms(3), &mut tokens),
+            hedged(&fast, ms(0), ms(3), &mut tokens),
             (Some(ms(2)), Parity::NotAsked)
         );
         // One slow data shard: the parity, asked at 3 ms, answers 1 ms later.
         let slow = [Ok(ms(1)), Ok(ms(40)), Ok(ms(1)), Ok(ms(2)), Ok(ms(1))];
         assert_eq!(
-            hedged(&slow, ms(3), &mut tokens),
+            hedged(&slow, ms(0), ms(3), &mut tokens),
             (Some(ms(4)), Parity::Hedged)
         );
         // A refused data shard asks the parity at once: 0.5 + 1 ms.
@@ -603,20 +617,28 @@ mod tests {
             Ok(ms(1)),
         ];
         assert_eq!(
-            hedged(&refused, ms(3), &mut tokens),
+            hedged(&refused, ms(0), ms(3), &mut tokens),
             (Some(Duration::from_micros(2000)), Parity::AfterFailure)
         );
         // A shard still out at the trigger that fails later: the hedge went at the trigger.
         let slow_then_failed = [Ok(ms(1)), Err(ms(40)), Ok(ms(1)), Ok(ms(2)), Ok(ms(1))];
         assert_eq!(
-            hedged(&slow_then_failed, ms(3), &mut tokens),
+            hedged(&slow_then_failed, ms(0), ms(3), &mut tokens),
             (Some(ms(4)), Parity::Hedged)
         );
         // The budget runs out: slow reads wait for their slow shard.
         let mut empty = 0.0;
         assert_eq!(
-            hedged(&slow, ms(3), &mut empty),
+            hedged(&slow, ms(0), ms(3), &mut empty),
             (Some(ms(40)), Parity::NotAsked)
+        );
+        // A sample whose requests went out 10 ms after they were due: every time in it
+        // holds those 10 ms once, and so does the hedged read's (asked at 12 ms from the
+        // due time, answered 1 ms later), not twice.
+        let late = [Ok(ms(11)), Ok(ms(11)), Ok(ms(11)), Ok(ms(50)), Ok(ms(11))];
+        assert_eq!(
+            hedged(&late, ms(10), ms(12), &mut tokens),
+            (Some(ms(13)), Parity::Hedged)
         );
     }
 
