@@ -18,6 +18,8 @@ use std::sync::{
 pub struct BodyBudget {
     limit: u64,
     used: AtomicU64,
+    /// The part of `used` held by HTTP/2 receive windows.
+    windows: AtomicU64,
     refused: AtomicU64,
 }
 
@@ -26,8 +28,34 @@ impl BodyBudget {
         Arc::new(Self {
             limit,
             used: AtomicU64::new(0),
+            windows: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         })
+    }
+
+    /// Reserves an HTTP/2 connection's receive window, for the connection's lifetime.
+    /// Windows together hold at most half the budget: a window is taken when the preface
+    /// arrives, before any request or token, so connections that send nothing else must
+    /// not be able to take what the bodies of real requests need.
+    pub fn try_take_window(self: &Arc<Self>, bytes: u64) -> Option<WindowPermit> {
+        let cap = self.limit / 2;
+        let within_cap = self
+            .windows
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|&total| total <= cap)
+            })
+            .is_ok();
+        if !within_cap {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match self.try_take(bytes) {
+            Some(body) => Some(WindowPermit { body }),
+            None => {
+                self.windows.fetch_sub(bytes, Ordering::AcqRel);
+                None
+            }
+        }
     }
 
     /// Reserves `bytes`, or counts a refusal and returns `None`.
@@ -112,6 +140,21 @@ impl Drop for BodyPermit {
     }
 }
 
+/// An HTTP/2 receive window reserved from the budget, given back when dropped.
+#[derive(Debug)]
+pub struct WindowPermit {
+    body: BodyPermit,
+}
+
+impl Drop for WindowPermit {
+    fn drop(&mut self) {
+        self.body
+            .budget
+            .windows
+            .fetch_sub(self.body.bytes, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +173,27 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn windows_take_at_most_half_the_budget() {
+        let budget = BodyBudget::new(100);
+        let a = budget.try_take_window(30).unwrap();
+        assert!(budget.try_take_window(30).is_none(), "past half");
+        assert_eq!(budget.refused(), 1);
+        // Bodies keep the other half and more.
+        let body = budget.try_take(70).unwrap();
+        assert_eq!(budget.used(), 100);
+        drop(body);
+        // A window that fits the half but not the whole budget is refused too, and
+        // leaves no trace in the windows' share.
+        let body = budget.try_take(60).unwrap();
+        assert!(budget.try_take_window(20).is_none());
+        drop(body);
+        let b = budget.try_take_window(20).unwrap();
+        drop(a);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+        assert!(budget.try_take_window(50).is_some());
     }
 }

@@ -309,7 +309,7 @@ fn over_budget_uploads_get_503_without_100_continue() {
 #[test]
 fn http2_connections_beyond_the_budget_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    // Room for two HTTP/2 receive windows of 1 MiB.
+    // Room for two HTTP/2 receive windows of 1 MiB: windows may hold half of the 4 MiB.
     let node = TestNode::start(
         dir.path(),
         &[
@@ -318,7 +318,7 @@ fn http2_connections_beyond_the_budget_are_refused() {
             "--region-size",
             "8MiB",
             "--max-body-memory",
-            "2MiB",
+            "4MiB",
         ],
     );
     let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -341,6 +341,10 @@ fn http2_connections_beyond_the_budget_are_refused() {
     let (_, closed) = read_for(&mut third, Duration::from_secs(5));
     assert!(closed, "the third HTTP/2 connection was kept");
     assert!(metric(&node, "slapshot_http_body_budget_refusals_total") >= 1.0);
+    // Connections that sent nothing but the preface (no request, no token) leave the
+    // other half to request bodies: a PUT of 1.5 MiB is taken.
+    let body = Rng::new(14).bytes(1_500_000);
+    assert_eq!(node.client().put("/v1/shards/beside-h2", &body).status, 201);
     // The admitted ones are served (they got the server's SETTINGS frame).
     for stream in &mut admitted {
         let mut frame = [0u8; 9];

@@ -165,3 +165,35 @@ fn no_checkpoint_when_shutdown_leaves_work_unfinished() {
     node.restart();
     assert!(!from_checkpoint(&node));
 }
+
+#[test]
+fn lowering_the_shard_size_limit_keeps_the_shards_already_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = |limit: &'static str| {
+        [
+            "--capacity",
+            "256MiB",
+            "--region-size",
+            "8MiB",
+            "--memory",
+            "0",
+            "--max-shard-size",
+            limit,
+        ]
+    };
+    let mut node = TestNode::start(dir.path(), &flags("1MiB"));
+    let big = Rng::new(21).bytes(800_000);
+    assert_eq!(node.client().put("/v1/shards/big", &big).status, 201);
+    node.kill();
+    // Restarted with a limit below the shard: recovered, and served, not dropped as
+    // corrupt (which also zeroed it for good); new PUTs get the new limit.
+    let node = TestNode::start(dir.path(), &flags("512KiB"));
+    let mut client = node.client();
+    let head = client.request("HEAD", "/v1/shards/big", &[], &[]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("800000"));
+    let got = client.get("/v1/shards/big");
+    assert_eq!(got.status, 200);
+    assert!(got.body == big, "other bytes");
+    assert_eq!(node.client().put("/v1/shards/another", &big).status, 413);
+}

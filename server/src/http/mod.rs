@@ -295,7 +295,7 @@ async fn sniff_http2(mut stream: TcpStream) -> std::io::Result<(TcpStream, Vec<u
 
 /// The receive window of an HTTP/2 connection, and of each of its streams. It is what a
 /// peer may send before the node reads it, so each HTTP/2 connection reserves it from the
-/// body budget for its lifetime. 1 MiB covers the bandwidth-delay product of a 10 Gbit/s
+/// body budget for its lifetime (all windows together at most half the budget). 1 MiB covers the bandwidth-delay product of a 10 Gbit/s
 /// link at 800 us, several times a data centre's round trip.
 const H2_WINDOW: u32 = 1 << 20;
 /// Concurrent streams per HTTP/2 connection; they share the connection's window.
@@ -313,7 +313,8 @@ async fn serve_hyper(
     // HTTP/2 flow control lets the peer send a whole window before the node reads a byte:
     // the window is paid from the body budget, or the connection is refused.
     let _window = if http2 {
-        match ctx.node.budget.try_take(u64::from(H2_WINDOW)) {
+        // Windows together take at most half the budget (see `try_take_window`).
+        match ctx.node.budget.try_take_window(u64::from(H2_WINDOW)) {
             Some(permit) => Some(permit),
             None => {
                 tracing::debug!("no body budget for another HTTP/2 connection; closing it");

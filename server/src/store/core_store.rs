@@ -528,7 +528,8 @@ impl CoreStore {
         };
         // A header that does not decode, or names another key, was overwritten by a racing
         // DELETE or PUT (or is damaged, which the next GET finds and handles): a miss.
-        let header = decode_record_header(buf.as_slice(), nonce, store.max_payload).ok()?;
+        let header =
+            decode_record_header(buf.as_slice(), nonce, store.record_payload_bound()).ok()?;
         (header.key == key.as_bytes() && header.payload_len == entry.payload_len).then_some(
             ShardInfo {
                 len: u64::from(entry.payload_len),
@@ -566,7 +567,7 @@ impl CoreStore {
         nonce: u64,
         payload_len: u32,
     ) -> Option<RecordHeader<'b>> {
-        let header = decode_record_header(buf, nonce, self.store.max_payload).ok()?;
+        let header = decode_record_header(buf, nonce, self.store.record_payload_bound()).ok()?;
         let start = header.header_len();
         let payload = buf.get(start..start + payload_len as usize)?;
         (header.payload_len == payload_len && crc32fast::hash(payload) == header.payload_crc)

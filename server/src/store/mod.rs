@@ -184,6 +184,14 @@ pub struct Store {
 }
 
 impl Store {
+    /// The largest payload a stored record may carry when it is read back: what this run
+    /// accepts, or more if an earlier run with a larger `--max-shard-size` wrote it (a
+    /// record never spans regions). Reads and recovery check records against it, so that
+    /// lowering the flag never turns the shards already stored into corrupt ones.
+    pub(crate) fn record_payload_bound(&self) -> u64 {
+        self.max_payload.max(self.device.superblock.region_size)
+    }
+
     /// Opens (formatting if new) the device and rebuilds the index from it.
     pub fn open(config: &StoreConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, StoreError> {
         let region_size = config.device.region_size;

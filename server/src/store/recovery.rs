@@ -189,11 +189,7 @@ fn scan_region(store: &Store, region: u32, buf: &mut AlignedBuf) -> std::io::Res
     let mut block = 1u32;
     while block < store.region_blocks {
         let start = block as usize * BLOCK_SIZE;
-        match decode_record_header(
-            &data[start..],
-            header.nonce,
-            store.max_payload.max(store.device.superblock.region_size),
-        ) {
+        match decode_record_header(&data[start..], header.nonce, store.record_payload_bound()) {
             Ok(record) => {
                 let blocks = record.blocks();
                 if block + blocks > store.region_blocks {
