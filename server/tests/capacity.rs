@@ -140,6 +140,42 @@ fn client_get_ok(client: &mut Client, key: &str) -> bool {
 }
 
 #[test]
+fn a_shard_written_twice_into_one_region_is_reinserted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // One thread: both writes go to its one open region.
+    let node = small_store(dir.path(), &["--threads", "1"]);
+    let mut client = node.client();
+    let mut rng = Rng::new(31);
+    let (first, second) = (rng.bytes(SHARD), rng.bytes(SHARD));
+    assert_eq!(client.put("/v1/shards/twice", &first).status, 201);
+    assert!([201, 204].contains(&client.put("/v1/shards/twice", &second).status));
+    let read_bytes = || node.metric("slapshot_flash_read_bytes_total");
+    let before = read_bytes();
+    assert!(client.get("/v1/shards/twice").body == second);
+    let one_record = read_bytes() - before;
+    assert!(one_record > 0.0);
+    // Somewhat more than the store's capacity of one-off shards: the region holding both
+    // copies is evicted, and the key, read since, is reinserted once (its copy has no
+    // reads, so it is not reinserted again). Nothing else is read from flash meanwhile:
+    // the scan's shards are never read.
+    let scan = rng.bytes(SHARD);
+    let before = read_bytes();
+    for j in 0..600 {
+        assert_eq!(
+            client.put(&format!("/v1/shards/scan{j}"), &scan).status,
+            201
+        );
+    }
+    assert_eq!(node.metric("slapshot_flash_reinserted_shards_total"), 1.0);
+    assert_eq!(
+        read_bytes() - before,
+        one_record,
+        "the key was read for reinsertion more than once"
+    );
+    assert!(client.get("/v1/shards/twice").body == second);
+}
+
+#[test]
 fn shards_that_are_read_survive_a_scan() {
     let dir = tempfile::tempdir().unwrap();
     let node = small_store(dir.path(), &[]);

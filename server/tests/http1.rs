@@ -60,6 +60,46 @@ fn pipelined_requests_are_answered_in_order() {
 }
 
 #[test]
+fn an_empty_line_before_a_request_is_ignored_however_it_arrives() {
+    let (_dir, node) = node(&[]);
+    let mut stream = raw(&node);
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    // The empty line in a segment of its own, as a client that ends a body with CRLF may
+    // send it.
+    stream.write_all(b"\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let reply = read_to_close(stream);
+    let statuses: Vec<&str> = reply
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &reply[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200"], "{reply}");
+}
+
+#[test]
+fn head_replies_announce_the_length_a_get_would_send() {
+    let (_dir, node) = node(&[]);
+    let mut client = node.client();
+    for path in ["/health", "/v1/shards/missing", "/nowhere"] {
+        let get = client.get(path);
+        let head = client.request("HEAD", path, &[], &[]);
+        assert_eq!(head.status, get.status, "{path}");
+        assert_eq!(
+            head.header("content-length"),
+            Some(get.body.len().to_string().as_str()),
+            "{path}"
+        );
+        assert!(head.body.is_empty());
+    }
+}
+
+#[test]
 fn expect_continue_invites_the_body_only_when_it_will_be_read() {
     let (_dir, node) = node(&[]);
     let mut stream = raw(&node);

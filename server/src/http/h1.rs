@@ -415,6 +415,8 @@ impl Conn<'_> {
     ) -> io::Result<()> {
         let (parts, body) = reply.into_parts();
         let spliceable = parts.extensions.get::<ZeroCopy>().is_some();
+        // The length a GET's body has, which a HEAD reply announces too (RFC 9110, 8.6).
+        let full_len = body.as_ref().map_or(0, Bytes::len);
         let body = if head_only {
             None
         } else {
@@ -445,9 +447,8 @@ impl Conn<'_> {
             out.extend_from_slice(b"\r\n");
         }
         if parts.status != StatusCode::NO_CONTENT && !has_length {
-            let len = body.as_ref().map_or(0, Bytes::len);
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(len.to_string().as_bytes());
+            out.extend_from_slice(full_len.to_string().as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         if !keep_alive {
@@ -535,8 +536,13 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 
 /// True if `bytes` could be the start of a request line (a token of method characters).
 fn starts_like_a_method(bytes: &[u8]) -> bool {
-    bytes
+    // Empty lines before a request line are ignored (RFC 9112, section 2.2; httparse skips
+    // them too): some clients send a CRLF after a body, and it may arrive on its own.
+    let line = bytes
         .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .map_or(&[][..], |start| &bytes[start..]);
+    line.iter()
         .take_while(|&&b| b != b' ')
         .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'_')
 }

@@ -1166,7 +1166,12 @@ impl CoreStore {
         let mut tickets = Vec::new();
         let mut hot = Vec::new();
         let mut evicted = 0;
-        for hash in meta.take_keys() {
+        // A key written more than once into the region is listed once per write; its
+        // entry is judged once (twice would reinsert it twice, and spend credit twice).
+        let mut keys = meta.take_keys();
+        keys.sort_unstable();
+        keys.dedup();
+        for hash in keys {
             let mut map = store.index.lock(hash);
             let Some(entry) = map.get(&hash).copied() else {
                 continue;
