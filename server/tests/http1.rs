@@ -120,6 +120,20 @@ fn expect_continue_invites_the_body_only_when_it_will_be_read() {
     let reply = read_to_close(stream);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     assert!(!reply.contains("100 Continue"));
+
+    // The hyper engine too: a body it will refuse is not invited.
+    let (_hyper_dir, hyper) = crate::node(&["--http1", "hyper"]);
+    let mut stream = raw(&hyper);
+    stream.write_all(b"PUT /v1/shards/big HTTP/1.1\r\nhost: t\r\ncontent-length: 2000000\r\nexpect: 100-continue\r\n\r\n").unwrap();
+    let (head, _) = read_response(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    let mut stream = raw(&hyper);
+    stream.write_all(b"PUT /v1/shards/e HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n").unwrap();
+    let (head, _) = read_response(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 100"), "{head}");
+    stream.write_all(b"data").unwrap();
+    let (head, _) = read_response(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 201"), "{head}");
 }
 
 #[test]

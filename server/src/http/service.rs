@@ -105,14 +105,20 @@ pub struct HyperBody {
     incoming: Incoming,
     activity: Rc<Activity>,
     started: bool,
+    /// The request asked for `100 Continue`, which hyper sends when the body is first
+    /// read: until then, reading would invite a body the service may mean to refuse.
+    expects_continue: bool,
+    polled: bool,
 }
 
 impl HyperBody {
-    pub fn new(incoming: Incoming, activity: Rc<Activity>) -> Self {
+    pub fn new(incoming: Incoming, activity: Rc<Activity>, expects_continue: bool) -> Self {
         Self {
             incoming,
             activity,
             started: false,
+            expects_continue,
+            polled: false,
         }
     }
 }
@@ -131,7 +137,12 @@ impl RequestBody for HyperBody {
         (hint.lower(), hint.exact())
     }
 
+    fn awaiting_continue(&self) -> bool {
+        self.expects_continue && !self.polled
+    }
+
     async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
+        self.polled = true;
         if !self.started && !self.incoming.is_end_stream() {
             self.started = true;
             self.activity.body_started(Instant::now());
@@ -173,7 +184,7 @@ pub async fn handle(
         &parts.method,
         parts.uri.path(),
         &parts.headers,
-        &mut HyperBody::new(body, activity),
+        &mut HyperBody::new(body, activity, expects_continue(&parts.headers)),
     )
     .await;
     Ok(response.map(|data| ResponseBody {
@@ -384,6 +395,13 @@ pub async fn drain<B: RequestBody>(body: &mut B, limit: u64) {
             _ => break,
         }
     }
+}
+
+/// Whether a request holds its body back for `100 Continue`.
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {
