@@ -432,18 +432,21 @@ fn the_mounted_tree_equals_umoci_unpack() {
     world.ok(&["flatten", &format!("oci:{layout_arg}:t"), "--name", "t"]);
     let mountpoint = world.path("mnt");
     std::fs::create_dir_all(&mountpoint).unwrap();
-    let mut command = world.slapshot();
-    command
-        .args(["mount", "t"])
-        .arg(&mountpoint)
-        .arg("--cache-dir")
-        .arg(world.path("cache"));
-    world.with_origin(&mut command);
-    let agent = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let start = || {
+        let mut command = world.slapshot();
+        command
+            .args(["mount", "t"])
+            .arg(&mountpoint)
+            .arg("--cache-dir")
+            .arg(world.path("cache"));
+        world.with_origin(&mut command);
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let agent = start();
     wait_for("the mount", Duration::from_secs(30), || {
         is_mounted(&mountpoint)
     });
@@ -518,20 +521,6 @@ fn the_mounted_tree_equals_umoci_unpack() {
 
     // An agent killed outright leaves a mount nobody serves (ENOTCONN); the next agent at
     // the same place detaches it and mounts, and leaves nothing behind when it stops.
-    let start = || {
-        let mut command = world.slapshot();
-        command
-            .args(["mount", "t"])
-            .arg(&mountpoint)
-            .arg("--cache-dir")
-            .arg(world.path("cache"));
-        world.with_origin(&mut command);
-        command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
     let mut killed = start();
     wait_for("the second mount", Duration::from_secs(30), || {
         is_mounted(&mountpoint)

@@ -585,53 +585,17 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A server that answers every GET with a small body, and stalls once, on the first
-    /// request, for `stall`.
-    async fn stalling_server(stall: Duration) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let mut first = true;
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let stall_now = std::mem::take(&mut first);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut stalled = !stall_now;
-                    let mut pending = Vec::new();
-                    loop {
-                        let n = match socket.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        pending.extend_from_slice(&buf[..n]);
-                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                            pending.drain(..end + 4);
-                            if !stalled {
-                                stalled = true;
-                                tokio::time::sleep(stall).await;
-                            }
-                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if socket.write_all(reply).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        addr
-    }
-
-    /// A server that answers every GET after `delay`, one at a time per connection, and
-    /// counts the requests it answered.
-    async fn slow_server(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+    /// A server that answers every GET with a small body after `each` (one at a time per
+    /// connection), the very first one after `first` as well, and counts its answers.
+    async fn test_server(first: Duration, each: Duration) -> (SocketAddr, Arc<AtomicU64>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let answered = Arc::new(AtomicU64::new(0));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let count = answered.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                let count = count.clone();
+                let (count, stalled) = (count.clone(), stalled.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut pending = Vec::new();
@@ -643,7 +607,10 @@ mod tests {
                         pending.extend_from_slice(&buf[..n]);
                         while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
                             pending.drain(..end + 4);
-                            tokio::time::sleep(delay).await;
+                            if !stalled.swap(true, Ordering::Relaxed) {
+                                tokio::time::sleep(first).await;
+                            }
+                            tokio::time::sleep(each).await;
                             let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if socket.write_all(reply).await.is_err() {
                                 return;
@@ -655,6 +622,16 @@ mod tests {
             }
         });
         (addr, answered)
+    }
+
+    /// A server that stalls once, on its first request, for `stall`.
+    async fn stalling_server(stall: Duration) -> SocketAddr {
+        test_server(stall, Duration::ZERO).await.0
+    }
+
+    /// A server that answers every request after `delay`.
+    async fn slow_server(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+        test_server(Duration::ZERO, delay).await
     }
 
     /// A target too slow for the rate: the run still ends one timeout after the schedule,

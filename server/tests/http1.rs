@@ -36,6 +36,14 @@ fn raw(node: &TestNode) -> TcpStream {
     stream
 }
 
+/// The status codes of the replies in `reply`, in order.
+fn statuses(reply: &str) -> Vec<&str> {
+    reply
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &reply[i + 9..i + 12])
+        .collect()
+}
+
 /// Everything the server sends until it closes.
 fn read_to_close(mut stream: TcpStream) -> String {
     let mut out = Vec::new();
@@ -51,11 +59,7 @@ fn pipelined_requests_are_answered_in_order() {
         .write_all(b"PUT /v1/shards/p HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhelloGET /v1/shards/p HTTP/1.1\r\nhost: t\r\n\r\nGET /v1/shards/missing HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
         .unwrap();
     let reply = read_to_close(stream);
-    let statuses: Vec<&str> = reply
-        .match_indices("HTTP/1.1 ")
-        .map(|(i, _)| &reply[i + 9..i + 12])
-        .collect();
-    assert_eq!(statuses, ["201", "200", "404"], "{reply}");
+    assert_eq!(statuses(&reply), ["201", "200", "404"], "{reply}");
     assert!(reply.contains("\r\n\r\nhello"));
 }
 
@@ -75,11 +79,7 @@ fn an_empty_line_before_a_request_is_ignored_however_it_arrives() {
         .write_all(b"GET /health HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
         .unwrap();
     let reply = read_to_close(stream);
-    let statuses: Vec<&str> = reply
-        .match_indices("HTTP/1.1 ")
-        .map(|(i, _)| &reply[i + 9..i + 12])
-        .collect();
-    assert_eq!(statuses, ["200", "200"], "{reply}");
+    assert_eq!(statuses(&reply), ["200", "200"], "{reply}");
 }
 
 #[test]

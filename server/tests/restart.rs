@@ -6,18 +6,17 @@ use std::{collections::BTreeMap, path::Path};
 
 use slapshot_testkit::{Rng, TestNode};
 
+const FLAGS: [&str; 6] = [
+    "--capacity",
+    "256MiB",
+    "--region-size",
+    "8MiB",
+    "--memory",
+    "0",
+];
+
 fn start(dir: &Path) -> TestNode {
-    TestNode::start(
-        dir,
-        &[
-            "--capacity",
-            "256MiB",
-            "--region-size",
-            "8MiB",
-            "--memory",
-            "0",
-        ],
-    )
+    TestNode::start(dir, &FLAGS)
 }
 
 fn from_checkpoint(node: &TestNode) -> bool {
@@ -169,18 +168,7 @@ fn no_checkpoint_when_shutdown_leaves_work_unfinished() {
 #[test]
 fn lowering_the_shard_size_limit_keeps_the_shards_already_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let flags = |limit: &'static str| {
-        [
-            "--capacity",
-            "256MiB",
-            "--region-size",
-            "8MiB",
-            "--memory",
-            "0",
-            "--max-shard-size",
-            limit,
-        ]
-    };
+    let flags = |limit: &'static str| [&FLAGS[..], &["--max-shard-size", limit]].concat();
     let mut node = TestNode::start(dir.path(), &flags("1MiB"));
     let big = Rng::new(21).bytes(800_000);
     assert_eq!(node.client().put("/v1/shards/big", &big).status, 201);
