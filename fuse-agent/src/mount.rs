@@ -91,14 +91,7 @@ impl Mount {
             path: mountpoint.to_owned(),
             source,
         };
-        // A mount left here by an agent that was killed (SIGKILL, the OOM killer) answers
-        // ENOTCONN: nothing serves it and nothing else would remove it. It is detached, so
-        // that an agent restarted at the same place mounts instead of failing.
-        // (Listing it asks the filesystem; a stat may be answered from the kernel's cache.)
-        if std::fs::read_dir(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)) {
-            tracing::warn!(path = %mountpoint.display(), "detaching a dead mount left by an agent that was killed");
-            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        }
+        detach_if_dead(mountpoint);
         let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(fail)?;
         let unmounter = session.unmount_callable();
         let thread = std::thread::Builder::new()
@@ -226,5 +219,85 @@ impl Drop for Mount {
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+    }
+}
+
+/// A slapshot mount left at `mountpoint` by an agent that was killed (SIGKILL, the OOM
+/// killer) answers ENOTCONN: nothing serves it and nothing else would remove it. It is
+/// detached, so that an agent restarted at the same place mounts instead of failing. Only
+/// a slapshot FUSE mount at exactly this path is touched, and only if it answers ENOTCONN
+/// within a moment: a live agent's mount answers (and is left alone), and one whose agent
+/// is stopped does not answer in time (and is left alone too).
+fn detach_if_dead(mountpoint: &Path) {
+    if !is_slapshot_mount(mountpoint) {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let probe = mountpoint.to_owned();
+    // Listing asks the filesystem (a stat may be answered from the kernel's cache). The
+    // probe runs on a thread of its own: a stopped agent would keep it waiting.
+    let _ = std::thread::Builder::new()
+        .name("dead-mount-probe".into())
+        .spawn(move || {
+            let _ = tx.send(std::fs::read_dir(&probe).map(drop));
+        });
+    if let Ok(Err(e)) = rx.recv_timeout(Duration::from_secs(2))
+        && e.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        tracing::warn!(path = %mountpoint.display(), "detaching a dead mount left by an agent that was killed");
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Whether the topmost mount at exactly `path` is a slapshot FUSE mount (by its source,
+/// `slapshot:LABEL`, which every agent mount has).
+fn is_slapshot_mount(path: &Path) -> bool {
+    let Ok(mountinfo) = std::fs::read("/proc/self/mountinfo") else {
+        return false;
+    };
+    let mountinfo = String::from_utf8_lossy(&mountinfo);
+    let wanted = mountinfo_escape(path);
+    // Later lines are mounted later: the last one at the path is the one on top.
+    mountinfo
+        .lines()
+        .rev()
+        .find(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+        .and_then(|line| line.split(" - ").nth(1))
+        .is_some_and(|rest| {
+            // The filesystem type, then the source: ours are "fuse" (or "fuse.slapshot"
+            // where the subtype is kept) from "slapshot:LABEL".
+            let mut fields = rest.split(' ');
+            matches!(fields.next(), Some("fuse" | "fuse.slapshot"))
+                && fields
+                    .next()
+                    .is_some_and(|source| source.starts_with("slapshot:"))
+        })
+}
+
+/// A path as /proc/self/mountinfo writes it: space, tab, newline and backslash as octal
+/// escapes.
+fn mountinfo_escape(path: &Path) -> String {
+    let mut out = Vec::new();
+    for &byte in path.as_os_str().as_encoded_bytes() {
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\\' => out.extend(format!("\\{byte:03o}").bytes()),
+            _ => out.push(byte),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_escaped_as_mountinfo_writes_them() {
+        assert_eq!(mountinfo_escape(Path::new("/tmp/a b")), "/tmp/a\\040b");
+        assert_eq!(mountinfo_escape(Path::new("/x\\y\tz")), "/x\\134y\\011z");
+        assert_eq!(mountinfo_escape(Path::new("/caf\u{e9}")), "/caf\u{e9}");
+        // Nothing is mounted at a fresh directory, so it is no slapshot mount.
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_slapshot_mount(dir.path()));
     }
 }

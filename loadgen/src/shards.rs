@@ -492,14 +492,19 @@ async fn collect(mut workers: tokio::task::JoinSet<Recorder>) -> Recorder {
     all
 }
 
+/// Requests queued for one target in an open loop before the generator stops keeping its
+/// backlog (tokio's channel allocates its blocks as they fill, not up front).
+const TARGET_BACKLOG: usize = 1 << 22;
+
 async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Recorder {
     let duration = (args.requests.is_none()).then_some(args.duration.0);
     let schedule_length = duration
         .unwrap_or_else(|| Duration::from_secs_f64(args.requests.unwrap_or(0) as f64 / rate));
     let mut schedule = crate::pace::paced(rate, args.requests, duration);
-    // The run ends one timeout after the schedule: requests due and still unsent then (the
-    // target is too slow for the rate) are counted as errors from their due time, rather
-    // than sent long after the run was meant to end.
+    // No request is sent later than one timeout after the schedule: requests due and still
+    // unsent then (the target is too slow for the rate) are counted as errors from their
+    // due time, rather than sent long after the run was meant to end. (One sent just
+    // before may take a timeout more.)
     let deadline = Instant::now() + schedule_length + args.timeout.0;
     // Request i goes to target i mod the number of targets, through that target's own
     // queue: a slow target keeps its share of the schedule, and its requests wait for it
@@ -507,19 +512,23 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
     let targets = shared.targets.len();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..targets)
         .map(|_| {
-            let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Instant)>(crate::pace::QUEUE);
+            let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Instant)>(TARGET_BACKLOG);
             (tx, SharedReceiver(Arc::new(tokio::sync::Mutex::new(rx))))
         })
         .unzip();
     let dispatcher = tokio::spawn(async move {
-        // A target a whole queue behind will not send these before the deadline: they are
-        // not sent, and wait (at least) until the run ends.
+        // A target millions of requests behind: the generator keeps no more of its backlog,
+        // and says so under a kind of its own (the time charged is the run's end, the
+        // least such a request would have waited had it been kept).
         let mut unsent = Recorder::default();
         while let Some((i, due)) = schedule.recv().await {
             let target = (i % targets as u64) as usize;
             if let Err(full) = senders[target].try_send((i, due)) {
                 let (_, due) = full.into_inner();
-                unsent.error(deadline.saturating_duration_since(due), "not sent");
+                unsent.error(
+                    deadline.saturating_duration_since(due),
+                    "not sent (generator backlog full)",
+                );
             }
         }
         unsent
@@ -611,11 +620,12 @@ mod tests {
                                 tokio::time::sleep(first).await;
                             }
                             tokio::time::sleep(each).await;
+                            // Counted before the client can have the answer.
+                            count.fetch_add(1, Ordering::Relaxed);
                             let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if socket.write_all(reply).await.is_err() {
                                 return;
                             }
-                            count.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 });

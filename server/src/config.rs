@@ -134,8 +134,9 @@ pub struct Options {
     pub max_connections: Option<usize>,
 
     /// Memory all request bodies in flight may take together: PUT buffers, grown read
-    /// buffers, and each HTTP/2 connection's 1 MiB receive window. A request that does not
-    /// fit gets 503 and its connection is closed [default: 1GiB].
+    /// buffers, and each HTTP/2 connection's 1 MiB receive window (HTTP/2 windows together
+    /// take at most half, so under 2MiB no HTTP/2 connection is accepted). A request that
+    /// does not fit gets 503 and its connection is closed [default: 1GiB].
     #[arg(long, value_name = "BYTES")]
     pub max_body_memory: Option<ByteSize>,
 

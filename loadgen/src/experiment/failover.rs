@@ -224,8 +224,9 @@ async fn experiment(
     // The load and the timeline end whether or not the faults ran to the end.
     stop.now();
     faults?;
-    origin_per_phase[current] += get(&client.metrics().origin_fetches) - last_origin;
     let paced = load.await?;
+    // After the load: reads due before the stop may still have been running.
+    origin_per_phase[current] += get(&client.metrics().origin_fetches) - last_origin;
     let late = paced.late;
     let lag_p99 = paced.lag.value_at_quantile(0.99);
     let (per_phase, origin_reads): (Vec<Recorder>, Vec<u64>) = recorders
@@ -348,4 +349,21 @@ fn phase_of(starts: &Mutex<Vec<Instant>>, due: Instant) -> usize {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_belongs_to_the_phase_it_was_due_in() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let starts = Mutex::new(vec![at(0), at(100), at(200)]);
+        assert_eq!(phase_of(&starts, at(0)), 0);
+        assert_eq!(phase_of(&starts, at(99)), 0);
+        assert_eq!(phase_of(&starts, at(100)), 1);
+        assert_eq!(phase_of(&starts, at(150)), 1);
+        assert_eq!(phase_of(&starts, at(5000)), 2);
+    }
 }

@@ -453,7 +453,8 @@ fn hedged(
         (false, Some(failed)) => (failed, Parity::AfterFailure),
         (false, None) => return (last_of(&s[..4]), Parity::NotAsked),
     };
-    let round_trip = |l: Duration| asked_at + l.saturating_sub(lag);
+    // Nothing is asked before the sample's requests went out, however late they did.
+    let round_trip = |l: Duration| asked_at.max(lag) + l.saturating_sub(lag);
     let parity = s[4].map(round_trip).map_err(round_trip);
     (kth(&[s[0], s[1], s[2], s[3], parity], 4), why)
 }
@@ -639,6 +640,13 @@ mod tests {
         assert_eq!(
             hedged(&late, ms(10), ms(12), &mut tokens),
             (Some(ms(13)), Parity::Hedged)
+        );
+        // Requests that went out after the trigger (a lag of 20 ms): the parity is asked
+        // when they went out, not before, and answers 1 ms later.
+        let later = [Ok(ms(21)), Ok(ms(21)), Ok(ms(21)), Ok(ms(60)), Ok(ms(21))];
+        assert_eq!(
+            hedged(&later, ms(20), ms(12), &mut tokens),
+            (Some(ms(21)), Parity::Hedged)
         );
     }
 
