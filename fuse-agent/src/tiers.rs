@@ -169,8 +169,6 @@ pub struct Tiers {
     stats: Arc<Stats>,
     runtime: tokio::runtime::Handle,
     load_timeout: Duration,
-    /// The memory tier's size: a chunk larger than it is never kept there.
-    memory_bytes: u64,
 }
 
 impl Tiers {
@@ -197,7 +195,6 @@ impl Tiers {
             stats,
             runtime,
             load_timeout: options.load_timeout,
-            memory_bytes: options.memory_bytes,
         })
     }
 
@@ -266,9 +263,10 @@ impl Tiers {
     /// loading, or the prefetch budget is spent (then it is dropped and counted).
     pub fn prefetch(self: &Arc<Self>, chunk: &ChunkRef) {
         // A prefetched chunk must land where its reader will look: with no disk tier and a
-        // memory tier smaller than the chunk, it would be fetched and dropped, and its
-        // reader would fetch it again.
-        if self.disk.is_none() && u64::from(chunk.len) > self.memory_bytes {
+        // memory tier whose shards are smaller than the chunk (the cache keeps nothing
+        // heavier than one shard), it would be fetched and dropped, and its reader would
+        // fetch it again.
+        if self.disk.is_none() && u64::from(chunk.len) > self.memory.shard_capacity() {
             return;
         }
         let key = (chunk.name, chunk.key.0);

@@ -86,21 +86,17 @@ impl KeyFile {
             path: self.path.clone(),
             message,
         };
-        if let Some(parent) = self.path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
-        }
+        let dir = match self.path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| fail(format!("no randomness: {e}")))?;
         // The key is written whole to a file of its own, then moved into place only if no
         // key file is there: two processes racing to create the key cannot both win (the
         // loser reads the winner's key), and no reader or crash ever sees the key file
         // empty or half written.
-        let dir = match self.path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => std::path::Path::new("."),
-        };
         let mut staged = tempfile::Builder::new()
             .prefix(".key-")
             .permissions(std::fs::Permissions::from_mode(0o600))

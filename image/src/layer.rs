@@ -20,7 +20,7 @@ use std::{
 use crate::{
     digest::VerifyingReader,
     source::LayerBlob,
-    tar::{EntryHeader, EntryKind, TarError, TarReader},
+    tar::{EntryHeader, EntryKind, TarError, TarReader, read_retrying},
 };
 
 /// Limits against tar bombs, shared by all the layers of one image.
@@ -325,15 +325,6 @@ pub fn read_layer(
         },
         tar_bytes,
     })
-}
-
-fn read_retrying(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match reader.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
-        }
-    }
 }
 
 /// A path for messages.

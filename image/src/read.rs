@@ -76,7 +76,7 @@ pub fn covering(extents: &[Extent], offset: u64, len: u64) -> Vec<(Extent, u32, 
 }
 
 /// Symlinks followed before a path is declared a loop (Linux's MAXSYMLINKS).
-const MAX_SYMLINKS: usize = 40;
+pub(crate) const MAX_SYMLINKS: usize = 40;
 
 /// The inode at `path`, following symlinks inside the image (absolute targets from the
 /// image's root, `..` stopping at the root, as in a chroot). `None` if a component is

@@ -448,7 +448,8 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-fn read_retrying(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// One read, retried on EINTR.
+pub(crate) fn read_retrying(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match reader.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

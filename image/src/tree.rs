@@ -505,7 +505,7 @@ impl Tree {
                         Kind::Dir(_) => walked.push(child),
                         Kind::Symlink(next) => {
                             links += 1;
-                            if links > 40 {
+                            if links > crate::read::MAX_SYMLINKS {
                                 return Walk::Inside;
                             }
                             anchored |= follow(next, &mut walked, &mut pending);

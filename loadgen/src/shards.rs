@@ -568,7 +568,8 @@ async fn open_loop(shared: &Arc<Shared>, args: &ShardsArgs, rate: f64) -> Record
         recorder.merge(&unsent);
     }
     for dues in &receivers {
-        while let Ok((_, due)) = dues.0.lock().await.try_recv() {
+        let mut queue = dues.0.lock().await;
+        while let Ok((_, due)) = queue.try_recv() {
             recorder.error(due.elapsed(), "not sent");
         }
     }

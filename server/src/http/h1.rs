@@ -223,7 +223,7 @@ pub async fn serve(
         };
         let mut keep_alive = head.keep_alive();
         let expects_continue =
-            !head.http10 && framing.has_body() && expects_continue(&head.headers);
+            !head.http10 && framing.has_body() && service::expects_continue(&head.headers);
         let mut body = Body::new(&mut conn, framing, expects_continue);
         let reply = service::respond(ctx, &head.method, &head.path, &head.headers, &mut body).await;
         if reply.extensions().get::<CloseConnection>().is_some() {
@@ -605,13 +605,6 @@ impl Head {
             !tokens("close")
         }
     }
-}
-
-fn expects_continue(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 /// How the request body is delimited.

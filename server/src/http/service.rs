@@ -107,8 +107,7 @@ pub struct HyperBody {
     started: bool,
     /// The request asked for `100 Continue`, which hyper sends when the body is first
     /// read: until then, reading would invite a body the service may mean to refuse.
-    expects_continue: bool,
-    polled: bool,
+    awaiting_continue: bool,
 }
 
 impl HyperBody {
@@ -117,8 +116,7 @@ impl HyperBody {
             incoming,
             activity,
             started: false,
-            expects_continue,
-            polled: false,
+            awaiting_continue: expects_continue,
         }
     }
 }
@@ -138,11 +136,11 @@ impl RequestBody for HyperBody {
     }
 
     fn awaiting_continue(&self) -> bool {
-        self.expects_continue && !self.polled
+        self.awaiting_continue
     }
 
     async fn next_chunk(&mut self) -> Option<Result<Bytes, String>> {
-        self.polled = true;
+        self.awaiting_continue = false;
         if !self.started && !self.incoming.is_end_stream() {
             self.started = true;
             self.activity.body_started(Instant::now());
@@ -397,11 +395,12 @@ pub async fn drain<B: RequestBody>(body: &mut B, limit: u64) {
     }
 }
 
-/// Whether a request holds its body back for `100 Continue`.
-fn expects_continue(headers: &HeaderMap) -> bool {
+/// Whether a request holds its body back for `100 Continue` (both engines ask).
+pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
     headers
         .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 fn authorized(ctx: &CoreContext, headers: &HeaderMap) -> bool {
