@@ -18,6 +18,11 @@
 //! Scenarios: no fault; one node slow for a fraction of its requests (the server's fault
 //! injector); one node killed (-9). Misses (reads a scheme cannot serve from the fleet) are
 //! slower than any hit: a quantile that falls among them reads "miss".
+//!
+//! The first two scenarios are compared with each other (the goal is a ratio of their
+//! p99s), so they run in alternating blocks, the fault switched on and off between them:
+//! whatever else loads the machine over the minutes of a run (the generator and five nodes
+//! share its cores) falls on both alike, instead of on whichever ran at the time.
 
 use std::{
     collections::BTreeMap,
@@ -50,6 +55,10 @@ pub struct TailArgs {
     /// Sampled reads per scenario and scheme pass.
     #[arg(long, value_name = "N", default_value_t = 9000)]
     pub reads: usize,
+    /// Blocks in which the no-fault and slow-node scenarios alternate, each block reading
+    /// reads/N chunks per pass.
+    #[arg(long, value_name = "N", default_value_t = 6)]
+    pub rounds: usize,
     /// Reads started per second in each pass (open loop: the load stays the same whatever
     /// a fault does to latency).
     #[arg(long, value_name = "R", default_value_t = 500.0)]
@@ -100,6 +109,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         args.reads > 0 && args.chunks > 0,
         "--reads and --chunks must be at least 1"
     );
+    anyhow::ensure!(
+        (1..=args.reads).contains(&args.rounds),
+        "--rounds must be between 1 and --reads ({})",
+        args.reads
+    );
 
     std::fs::create_dir_all(&args.common.out)?;
     let work = tempfile::Builder::new()
@@ -136,45 +150,70 @@ async fn experiment(
         put_whole(addrs[placement.rank(name, 1)[0]], name, Bytes::from(bytes)).await?;
     }
     let names = Arc::new(names);
+    let reads = Reads {
+        client: &client,
+        placement: &placement,
+        // One pool of keep-alive connections for every pass, the warm-up's included.
+        pool: Arc::new(Pool::new(&addrs, args.shard_timeout.0)),
+        names,
+        rate: args.rate,
+    };
     // A pass that is not recorded: connections opened, buffers and caches of both sides
     // warm, so that the first scenario does not pay for what the others reuse.
     eprintln!("warming up");
-    let warm_up = TailArgs {
-        reads: args.reads.min(500),
-        ..args.clone()
-    };
-    // One pool of keep-alive connections for every pass, the warm-up's included.
-    let pool = Arc::new(Pool::new(&addrs, args.shard_timeout.0));
-    scenario_run(&warm_up, &client, &placement, &pool, &names, None).await?;
+    reads.collect(args.reads.min(500), args.common.seed).await;
 
-    let mut results: BTreeMap<&str, Outcome> = BTreeMap::new();
-    let mut trigger = None;
-    for scenario in ["a-no-fault", "b-one-slow-node", "c-one-dead-node"] {
-        match scenario {
-            "b-one-slow-node" => {
-                faults::set(
-                    addrs[VICTIM],
-                    &Faults {
-                        delay_fraction: args.slow_fraction,
-                        delay: args.slow_delay.clone(),
-                        ..Faults::default()
-                    },
-                )
-                .await?;
-            }
-            "c-one-dead-node" => {
-                faults::set(addrs[VICTIM], &Faults::default()).await?;
-                fleet.kill_node(VICTIM).await;
-            }
-            _ => {}
+    let no_fault_faults = Faults::default();
+    let slow = Faults {
+        delay_fraction: args.slow_fraction,
+        delay: args.slow_delay.clone(),
+        ..Faults::default()
+    };
+    eprintln!(
+        "scenarios a-no-fault and b-one-slow-node: {} reads per pass each, in {} alternating blocks",
+        args.reads, args.rounds
+    );
+    let mut no_fault = Collected::new();
+    let mut one_slow = Collected::new();
+    for block in 0..args.rounds {
+        // Both scenarios read the same chunks in a block; each block reads others. Which
+        // goes first alternates too (a b, b a, ...), so that neither always follows the other.
+        let seed = args.common.seed.wrapping_add(block as u64);
+        let n = block_reads(args.reads, args.rounds, block);
+        let order = if block % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for slow_node in order {
+            let (injected, collected) = if slow_node {
+                (&slow, &mut one_slow)
+            } else {
+                (&no_fault_faults, &mut no_fault)
+            };
+            faults::set(addrs[VICTIM], injected).await?;
+            collected.merge(reads.collect(n, seed).await);
         }
-        eprintln!("scenario {scenario}: {} reads per pass", args.reads);
-        let outcome = scenario_run(args, &client, &placement, &pool, &names, trigger).await?;
-        trigger.get_or_insert(outcome.fourth_p95_us);
-        results.insert(scenario, outcome);
     }
+    faults::set(addrs[VICTIM], &no_fault_faults).await?;
+    fleet.kill_node(VICTIM).await;
+    eprintln!("scenario c-one-dead-node: {} reads per pass", args.reads);
+    let one_dead = reads.collect(args.reads, args.common.seed).await;
+
+    // The hedge trigger of every scenario: the fault-free p95 of the 4th data shard.
+    let trigger = no_fault.fourth_data_shard_p95_us();
+    let results: BTreeMap<&str, Outcome> = BTreeMap::from([
+        ("a-no-fault", no_fault.score(trigger)),
+        ("b-one-slow-node", one_slow.score(trigger)),
+        ("c-one-dead-node", one_dead.score(trigger)),
+    ]);
     // The fleet is stopped next, dead node and all.
     report(args, &results)
+}
+
+/// Reads per pass in block `block` of `rounds`: `reads` split as evenly as they go.
+fn block_reads(reads: usize, rounds: usize, block: usize) -> usize {
+    reads / rounds + usize::from(block < reads % rounds)
 }
 
 async fn put_whole(addr: SocketAddr, name: &ChunkName, bytes: Bytes) -> anyhow::Result<()> {
@@ -271,150 +310,216 @@ impl Pool {
     }
 }
 
-async fn scenario_run(
-    args: &TailArgs,
-    client: &FleetClient,
-    placement: &Placement,
-    pool: &Arc<Pool>,
-    names: &Arc<Vec<ChunkName>>,
-    trigger: Option<u64>,
-) -> anyhow::Result<Outcome> {
-    let ranks: Arc<Vec<Vec<usize>>> =
-        Arc::new(names.iter().map(|n| placement.rank(n, 5)).collect());
-    let mut rng = Rng::new(args.common.seed);
-    let picks: Arc<Vec<usize>> = Arc::new(
-        (0..args.reads)
-            .map(|_| rng.below(names.len() as u64) as usize)
-            .collect(),
-    );
+/// What every pass of a scenario reads with.
+struct Reads<'a> {
+    client: &'a FleetClient,
+    placement: &'a Placement,
+    pool: Arc<Pool>,
+    names: Arc<Vec<ChunkName>>,
+    rate: f64,
+}
 
-    // Pass 1: all five shards of a chunk asked at once, each answer's time recorded.
-    // Each sample with its start lag: the time from its due time to when its requests
-    // went out, part of every answer's time (they are timed from the due time).
-    let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::new()));
-    let mut paced = open_loop(Some(args.reads), args.rate, None, |i, due| {
-        let (pool, names, ranks, picks, samples) = (
-            pool.clone(),
-            names.clone(),
-            ranks.clone(),
-            picks.clone(),
-            samples.clone(),
-        );
-        async move {
-            let j = picks[i];
-            let key = names[j].to_hex();
-            let lag = due.elapsed();
-            let gets = ranks[j].iter().map(|&n| pool.get(n, &key, due));
-            let answers = futures::future::join_all(gets).await;
-            let sample: [Answer; 5] = std::array::from_fn(|r| answers[r]);
-            samples
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((sample, lag));
+/// The raw answers of a scenario's passes, to be scored once all its blocks are in.
+struct Collected {
+    /// Pass 1: each read's five shard answers, with its start lag.
+    samples: Vec<Sample>,
+    /// Pass 2: whole copies.
+    whole: Vec<Answer>,
+    /// Pass 3: the thin client's successes (timed) and failures.
+    client_hits: Histogram<u64>,
+    client_misses: u64,
+    paced: super::Paced,
+}
+
+impl Collected {
+    fn new() -> Self {
+        Self {
+            samples: Vec::new(),
+            whole: Vec::new(),
+            client_hits: histogram(),
+            client_misses: 0,
+            paced: super::Paced {
+                late: 0,
+                lag: histogram(),
+            },
         }
-    })
-    .await;
+    }
 
-    // Pass 2: whole copies, each from the chunk's first node.
-    let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
-    paced.merge(
-        open_loop(Some(args.reads), args.rate, None, |i, due| {
-            let (pool, names, ranks, picks, whole) = (
+    fn merge(&mut self, other: Collected) {
+        self.samples.extend(other.samples);
+        self.whole.extend(other.whole);
+        self.client_hits
+            .add(&other.client_hits)
+            .expect("same bounds");
+        self.client_misses += other.client_misses;
+        self.paced.merge(other.paced);
+    }
+
+    /// The p95 of the 4th arrival among the data shards (the hedge trigger).
+    fn fourth_data_shard_p95_us(&self) -> u64 {
+        let mut fourth = histogram();
+        for (s, _) in &self.samples {
+            if let Some(d) = last_of(&s[..4]) {
+                fourth.saturating_record(us(d));
+            }
+        }
+        if fourth.is_empty() {
+            1000
+        } else {
+            fourth.value_at_quantile(0.95)
+        }
+    }
+
+    /// Every scheme's latencies and misses, the hedged one with `trigger_us`.
+    fn score(self, trigger_us: u64) -> Outcome {
+        let mut hits: Vec<Histogram<u64>> = (0..SCHEMES.len()).map(|_| histogram()).collect();
+        let mut misses = vec![0u64; SCHEMES.len()];
+        let trigger = Duration::from_micros(trigger_us);
+        let mut tokens = 10.0f64;
+        let mut hedges = 0;
+        let mut fallbacks = 0;
+        for (s, lag) in &self.samples {
+            // 4-of-5 late binding.
+            record(&mut hits[0], &mut misses[0], kth(s, 4));
+            // 4-of-4.
+            record(&mut hits[1], &mut misses[1], last_of(&s[..4]));
+            let latency = match hedged(s, *lag, trigger, &mut tokens) {
+                (latency, Parity::Hedged) => {
+                    hedges += 1;
+                    latency
+                }
+                (latency, Parity::AfterFailure) => {
+                    fallbacks += 1;
+                    latency
+                }
+                (latency, Parity::NotAsked) => latency,
+            };
+            record(&mut hits[3], &mut misses[3], latency);
+        }
+        for w in &self.whole {
+            record(&mut hits[2], &mut misses[2], w.ok());
+        }
+        let fourth_p95_us = self.fourth_data_shard_p95_us();
+        hits[4] = self.client_hits;
+        misses[4] = self.client_misses;
+        Outcome {
+            hits,
+            misses,
+            fourth_p95_us,
+            hedges,
+            fallbacks,
+            paced: self.paced,
+            trigger_us,
+        }
+    }
+}
+
+impl Reads<'_> {
+    /// The three passes of one scenario block, `reads` reads each, over the chunks picked
+    /// by `seed`.
+    async fn collect(&self, reads: usize, seed: u64) -> Collected {
+        let Reads {
+            client,
+            placement,
+            pool,
+            names,
+            rate,
+        } = self;
+        let rate = *rate;
+        let ranks: Arc<Vec<Vec<usize>>> =
+            Arc::new(names.iter().map(|n| placement.rank(n, 5)).collect());
+        let mut rng = Rng::new(seed);
+        let picks: Arc<Vec<usize>> = Arc::new(
+            (0..reads)
+                .map(|_| rng.below(names.len() as u64) as usize)
+                .collect(),
+        );
+
+        // Pass 1: all five shards of a chunk asked at once, each answer's time recorded.
+        // Each sample with its start lag: the time from its due time to when its requests
+        // went out, part of every answer's time (they are timed from the due time).
+        let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut paced = open_loop(Some(reads), rate, None, |i, due| {
+            let (pool, names, ranks, picks, samples) = (
                 pool.clone(),
                 names.clone(),
                 ranks.clone(),
                 picks.clone(),
-                whole.clone(),
+                samples.clone(),
             );
             async move {
                 let j = picks[i];
-                let answer = pool
-                    .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()), due)
-                    .await;
-                whole.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
+                let key = names[j].to_hex();
+                let lag = due.elapsed();
+                let gets = ranks[j].iter().map(|&n| pool.get(n, &key, due));
+                let answers = futures::future::join_all(gets).await;
+                let sample: [Answer; 5] = std::array::from_fn(|r| answers[r]);
+                samples
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((sample, lag));
             }
         })
-        .await,
-    );
+        .await;
 
-    // Pass 3: the thin client itself: successes timed, failures counted (as misses).
-    let client_reads = Arc::new(Mutex::new((histogram(), 0u64)));
-    paced.merge(
-        open_loop(Some(args.reads), args.rate, None, |i, due| {
-            let (client, names, picks, recorder) = (
-                client.clone(),
-                names.clone(),
-                picks.clone(),
-                client_reads.clone(),
-            );
-            async move {
-                let result = client.get_chunk(&names[picks[i]]).await;
-                let (hits, misses) = &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
-                match result {
-                    Ok(_) => hits.saturating_record(us(due.elapsed())),
-                    Err(_) => *misses += 1,
+        // Pass 2: whole copies, each from the chunk's first node.
+        let whole: Arc<Mutex<Vec<Answer>>> = Arc::new(Mutex::new(Vec::new()));
+        paced.merge(
+            open_loop(Some(reads), rate, None, |i, due| {
+                let (pool, names, ranks, picks, whole) = (
+                    pool.clone(),
+                    names.clone(),
+                    ranks.clone(),
+                    picks.clone(),
+                    whole.clone(),
+                );
+                async move {
+                    let j = picks[i];
+                    let answer = pool
+                        .get(ranks[j][0], &format!("{}-whole", names[j].to_hex()), due)
+                        .await;
+                    whole.lock().unwrap_or_else(|p| p.into_inner()).push(answer);
                 }
-            }
-        })
-        .await,
-    );
-    let client_reads = std::mem::replace(
-        &mut *client_reads.lock().unwrap_or_else(|p| p.into_inner()),
-        (histogram(), 0),
-    );
+            })
+            .await,
+        );
 
-    let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let mut hits: Vec<Histogram<u64>> = (0..SCHEMES.len()).map(|_| histogram()).collect();
-    let mut misses = vec![0u64; SCHEMES.len()];
-    // The hedge trigger: the p95 of the 4th data-shard arrival without faults.
-    let mut fourth = histogram();
-    for (s, _) in &samples {
-        if let Some(d) = last_of(&s[..4]) {
-            fourth.saturating_record(us(d));
+        // Pass 3: the thin client itself: successes timed, failures counted (as misses).
+        let client_reads = Arc::new(Mutex::new((histogram(), 0u64)));
+        paced.merge(
+            open_loop(Some(reads), rate, None, |i, due| {
+                let (client, names, picks, recorder) = (
+                    (*client).clone(),
+                    names.clone(),
+                    picks.clone(),
+                    client_reads.clone(),
+                );
+                async move {
+                    let result = client.get_chunk(&names[picks[i]]).await;
+                    let (hits, misses) =
+                        &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
+                    match result {
+                        Ok(_) => hits.saturating_record(us(due.elapsed())),
+                        Err(_) => *misses += 1,
+                    }
+                }
+            })
+            .await,
+        );
+        let (client_hits, client_misses) = std::mem::replace(
+            &mut *client_reads.lock().unwrap_or_else(|p| p.into_inner()),
+            (histogram(), 0),
+        );
+        let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+        let whole = std::mem::take(&mut *whole.lock().unwrap_or_else(|p| p.into_inner()));
+        Collected {
+            samples,
+            whole,
+            client_hits,
+            client_misses,
+            paced,
         }
     }
-    let fourth_p95_us = if fourth.is_empty() {
-        1000
-    } else {
-        fourth.value_at_quantile(0.95)
-    };
-    let trigger = Duration::from_micros(trigger.unwrap_or(fourth_p95_us));
-    let mut tokens = 10.0f64;
-    let mut hedges = 0;
-    let mut fallbacks = 0;
-    for (s, lag) in &samples {
-        // 4-of-5 late binding.
-        record(&mut hits[0], &mut misses[0], kth(s, 4));
-        // 4-of-4.
-        record(&mut hits[1], &mut misses[1], last_of(&s[..4]));
-        let latency = match hedged(s, *lag, trigger, &mut tokens) {
-            (latency, Parity::Hedged) => {
-                hedges += 1;
-                latency
-            }
-            (latency, Parity::AfterFailure) => {
-                fallbacks += 1;
-                latency
-            }
-            (latency, Parity::NotAsked) => latency,
-        };
-        record(&mut hits[3], &mut misses[3], latency);
-    }
-    for w in whole.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        record(&mut hits[2], &mut misses[2], w.ok());
-    }
-    let (client_hits, client_misses) = client_reads;
-    hits[4] = client_hits;
-    misses[4] = client_misses;
-    Ok(Outcome {
-        hits,
-        misses,
-        fourth_p95_us,
-        hedges,
-        fallbacks,
-        paced,
-        trigger_us: us(trigger),
-    })
 }
 
 /// Why the hedged scheme asked the parity shard.
@@ -648,6 +753,16 @@ mod tests {
             hedged(&later, ms(20), ms(12), &mut tokens),
             (Some(ms(21)), Parity::Hedged)
         );
+    }
+
+    #[test]
+    fn blocks_split_the_reads_evenly() {
+        for (reads, rounds) in [(9000, 6), (200, 4), (100, 6), (7, 7), (1, 1), (10, 3)] {
+            let blocks: Vec<usize> = (0..rounds).map(|b| block_reads(reads, rounds, b)).collect();
+            assert_eq!(blocks.iter().sum::<usize>(), reads, "{blocks:?}");
+            let (min, max) = (blocks.iter().min().unwrap(), blocks.iter().max().unwrap());
+            assert!(*min >= 1 && max - min <= 1, "{blocks:?}");
+        }
     }
 
     #[test]
