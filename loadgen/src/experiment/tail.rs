@@ -496,8 +496,7 @@ impl Reads<'_> {
                 );
                 async move {
                     let result = client.get_chunk(&names[picks[i]]).await;
-                    let (hits, misses) =
-                        &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
+                    let (hits, misses) = &mut *recorder.lock().unwrap_or_else(|p| p.into_inner());
                     match result {
                         Ok(_) => hits.saturating_record(us(due.elapsed())),
                         Err(_) => *misses += 1,
