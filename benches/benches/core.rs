@@ -144,6 +144,29 @@ fn memory_bandwidth(c: &mut Criterion) {
         b.iter(|| dst.copy_from_slice(black_box(&src)))
     });
     group.finish();
+
+    // What the node's check of a shard read from flash costs: the buffer an O_DIRECT read
+    // just filled is not in the CPU's caches, so its crc32 runs at the speed of memory,
+    // not of the instructions. "from memory" walks 1 GiB, so that no buffer is cached.
+    const SHARD: usize = 128 << 10;
+    let mut group = c.benchmark_group("memory: crc32 of a shard");
+    group.throughput(Throughput::Bytes(SHARD as u64));
+    group.bench_function("128 KiB, cached", |b| {
+        b.iter(|| crc32fast::hash(black_box(&src[..SHARD])))
+    });
+    let arena: Vec<u8> = (0..1usize << 30).map(|i| (i * 7 + i / 4096) as u8).collect();
+    group.bench_function("128 KiB, from memory", |b| {
+        b.iter_custom(|iters| {
+            let mut next = 0;
+            let started = std::time::Instant::now();
+            for _ in 0..iters {
+                black_box(crc32fast::hash(&arena[next..next + SHARD]));
+                next = (next + SHARD) % arena.len();
+            }
+            started.elapsed()
+        })
+    });
+    group.finish();
 }
 
 /// The shards a read with the first `lost` data shards missing uses: the other data
