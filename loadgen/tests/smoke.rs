@@ -317,9 +317,11 @@ fn experiments_write_their_tables_json_and_plots() {
         "--reads",
         "200",
         "--rounds",
-        "4",
+        "2",
         "--slow-fraction",
         "0.5",
+        "--slow-delay",
+        "fixed:200ms",
         "--rate",
         "1000",
     ]);
@@ -348,19 +350,28 @@ fn experiments_write_their_tables_json_and_plots() {
         assert_eq!(u(&tail[scenario]["4-of-5 late binding"], "misses"), 0);
         assert_eq!(u(&tail[scenario]["4-of-5 (thin client)"], "misses"), 0);
     }
-    // The slow node shows: half its answers take 10-50 ms, and 4-of-4 waits for it in
-    // 4 reads of 5, so its p99 (and p90) is a delayed one (a no-op injector fails this).
+    // The slow node shows: half its answers take 200 ms, and 4-of-4 waits for it in 4
+    // reads of 5, so its p90 and p99 are delayed ones (a no-op injector fails this).
     let slow = &tail["b-one-slow-node"]["4-of-4 (no redundancy)"];
     for q in ["p90_us", "p99_us"] {
-        assert!(slow[q].as_u64().is_some_and(|v| v >= 10_000), "{slow}");
+        assert!(slow[q].as_u64().is_some_and(|v| v >= 190_000), "{slow}");
     }
-    // The fault is off in every no-fault block, which alternate with the slow ones: were it
-    // left on, about 40% of those reads would wait 10-50 ms for 4-of-4, its p90 with them.
+    // The fault is off in both no-fault blocks, which alternate with the slow ones: were
+    // it left on in one of them, 4-of-4 would wait 200 ms in about 20% of (a)'s reads, and
+    // its p90 with them. (It takes a stall of the whole machine of over 100 ms to move
+    // 10% of the reads past 100 ms without the fault.)
     let fault_free = &tail["a-no-fault"]["4-of-4 (no redundancy)"];
     assert!(
-        fault_free["p90_us"].as_u64().is_some_and(|v| v < 10_000),
+        fault_free["p90_us"].as_u64().is_some_and(|v| v < 100_000),
         "{fault_free}"
     );
+    let blocks = tail["late_binding_p99_us_by_block"].as_array().unwrap();
+    assert_eq!(blocks.len(), 2, "{blocks:?}");
+    for block in blocks {
+        for scenario in ["a-no-fault", "b-one-slow-node"] {
+            assert!(block[scenario].as_u64().is_some(), "{block}");
+        }
+    }
     // With one node of five dead, 4-of-4 cannot read the chunks with a shard there.
     assert!(u(&tail["c-one-dead-node"]["4-of-4 (no redundancy)"], "misses") > 0);
 

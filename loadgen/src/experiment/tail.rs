@@ -52,11 +52,12 @@ pub struct TailArgs {
     /// Distinct chunks (512 KiB each) to read.
     #[arg(long, value_name = "N", default_value_t = 200)]
     pub chunks: usize,
-    /// Sampled reads per scenario and scheme pass.
+    /// Sampled reads per scenario and scheme pass (over all of a scenario's blocks).
     #[arg(long, value_name = "N", default_value_t = 9000)]
     pub reads: usize,
-    /// Blocks in which the no-fault and slow-node scenarios alternate, each block reading
-    /// reads/N chunks per pass.
+    /// Blocks in which the no-fault and slow-node scenarios alternate (a b, b a, ...),
+    /// each with reads/N reads per pass; an even N puts each first equally often. The
+    /// dead-node scenario runs after them, in one block.
     #[arg(long, value_name = "N", default_value_t = 6)]
     pub rounds: usize,
     /// Reads started per second in each pass (open loop: the load stays the same whatever
@@ -175,16 +176,20 @@ async fn experiment(
     );
     let mut no_fault = Collected::new();
     let mut one_slow = Collected::new();
+    // Late binding's p99 in each block, (a) and (b): whether drift fell on both alike.
+    let mut block_p99s: Vec<[Option<u64>; 2]> = Vec::with_capacity(args.rounds);
     for block in 0..args.rounds {
-        // Both scenarios read the same chunks in a block; each block reads others. Which
-        // goes first alternates too (a b, b a, ...), so that neither always follows the other.
-        let seed = args.common.seed.wrapping_add(block as u64);
+        // Both scenarios read the same chunks in a block; each block reads others (and
+        // none the warm-up's). Which goes first alternates too (a b, b a, ...), so that
+        // neither always follows the other.
+        let seed = args.common.seed.wrapping_add(1 + block as u64);
         let n = block_reads(args.reads, args.rounds, block);
         let order = if block % 2 == 0 {
             [false, true]
         } else {
             [true, false]
         };
+        let mut p99s = [None; 2];
         for slow_node in order {
             let (injected, collected) = if slow_node {
                 (&slow, &mut one_slow)
@@ -192,8 +197,11 @@ async fn experiment(
                 (&no_fault_faults, &mut no_fault)
             };
             faults::set(addrs[VICTIM], injected).await?;
-            collected.merge(reads.collect(n, seed).await);
+            let block = reads.collect(n, seed).await;
+            p99s[usize::from(slow_node)] = block.late_binding_p99_us();
+            collected.merge(block);
         }
+        block_p99s.push(p99s);
     }
     faults::set(addrs[VICTIM], &no_fault_faults).await?;
     fleet.kill_node(VICTIM).await;
@@ -208,7 +216,7 @@ async fn experiment(
         ("c-one-dead-node", one_dead.score(trigger)),
     ]);
     // The fleet is stopped next, dead node and all.
-    report(args, &results)
+    report(args, &results, &block_p99s)
 }
 
 /// Reads per pass in block `block` of `rounds`: `reads` split as evenly as they go.
@@ -353,6 +361,17 @@ impl Collected {
             .expect("same bounds");
         self.client_misses += other.client_misses;
         self.paced.merge(other.paced);
+    }
+
+    /// The p99 of 4-of-5 late binding (the 4th answer of 5), if any read had 4 answers.
+    fn late_binding_p99_us(&self) -> Option<u64> {
+        let mut late_binding = histogram();
+        for (s, _) in &self.samples {
+            if let Some(d) = kth(s, 4) {
+                late_binding.saturating_record(us(d));
+            }
+        }
+        (!late_binding.is_empty()).then(|| late_binding.value_at_quantile(0.99))
     }
 
     /// The p95 of the 4th arrival among the data shards (the hedge trigger).
@@ -591,7 +610,11 @@ fn last_of(sample: &[Answer]) -> Option<Duration> {
         .max()
 }
 
-fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<()> {
+fn report(
+    args: &TailArgs,
+    results: &BTreeMap<&str, Outcome>,
+    block_p99s: &[[Option<u64>; 2]],
+) -> anyhow::Result<()> {
     let mut json = serde_json::Map::new();
     let mut table = String::new();
     use std::fmt::Write;
@@ -667,6 +690,14 @@ fn report(args: &TailArgs, results: &BTreeMap<&str, Outcome>) -> anyhow::Result<
             (slow as f64 / base as f64).into(),
         );
     }
+    json.insert(
+        "late_binding_p99_us_by_block".into(),
+        block_p99s
+            .iter()
+            .map(|[a, b]| serde_json::json!({ "a-no-fault": a, "b-one-slow-node": b }))
+            .collect::<Vec<_>>()
+            .into(),
+    );
     crate::print_stdout(&table)?;
     std::fs::write(args.common.out.join("tail.md"), &table)?;
     let path = args.common.out.join("tail.json");
