@@ -161,8 +161,12 @@ async fn experiment(
     };
     // A pass that is not recorded: connections opened, buffers and caches of both sides
     // warm, so that the first scenario does not pay for what the others reuse.
+    // As long as a block (at least 500 reads), so that the first block is not the end of it.
     eprintln!("warming up");
-    reads.collect(args.reads.min(500), args.common.seed).await;
+    let block = args.reads.div_ceil(args.rounds);
+    reads
+        .collect(args.reads.min(block.max(500)), args.common.seed)
+        .await;
 
     let no_fault_faults = Faults::default();
     let slow = Faults {
