@@ -154,7 +154,9 @@ fn memory_bandwidth(c: &mut Criterion) {
     group.bench_function("128 KiB, cached", |b| {
         b.iter(|| crc32fast::hash(black_box(&src[..SHARD])))
     });
-    let arena: Vec<u8> = (0..1usize << 30).map(|i| (i * 7 + i / 4096) as u8).collect();
+    let arena: Vec<u8> = (0..1usize << 30)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
     group.bench_function("128 KiB, from memory", |b| {
         b.iter_custom(|iters| {
             let mut next = 0;

@@ -305,6 +305,17 @@ impl FleetConfig {
         }
         slapshot_core::Placement::new(&self.members())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Placement puts a chunk's shards on distinct ids; two ids at one address would
+        // put two shards of a chunk on one node, and losing it would lose both.
+        let mut addrs: std::collections::HashMap<String, &str> = Default::default();
+        for node in &self.nodes {
+            if let Some(other) = addrs.insert(node.addr.to_ascii_lowercase(), &node.id) {
+                return Err(ConfigError::Invalid(format!(
+                    "nodes {other:?} and {:?} have the same address {}: two shards of a chunk would be on one node",
+                    node.id, node.addr
+                )));
+            }
+        }
         if !(0.0..=1.0).contains(&self.read.hedge_budget) {
             return Err(ConfigError::Invalid(format!(
                 "hedge-budget must be between 0 and 1, not {}",
@@ -383,5 +394,18 @@ mod tests {
         let mut bad = FleetConfig::new(nodes(6));
         bad.nodes[1].id = "node-0".into();
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn two_nodes_at_one_address_is_an_error() {
+        let mut bad = FleetConfig::new(nodes(6));
+        bad.nodes[4].addr = bad.nodes[2].addr.clone();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("\"node-2\" and \"node-4\" have the same address 127.0.0.1:7002"),
+            "{err}"
+        );
+        bad.nodes[4].addr = "127.0.0.1:7004".into();
+        bad.validate().unwrap();
     }
 }

@@ -1387,7 +1387,7 @@ async fn two_codes_side_by_side() {
     // of the other code reads the chunk: it repairs the loss in the chunk's own code, and
     // overwrites no valid shard of either code. The 4-of-5 reader does not ask the sixth
     // node of a 4-of-6 chunk, so it must not give away the index that node holds.
-    let frames = |name: &ChunkName| -> Vec<Option<(u8, u8, u8)>> {
+    let frames = |name: &ChunkName| -> Vec<Option<(usize, usize, u8)>> {
         fleet
             .nodes
             .iter()
@@ -1395,7 +1395,7 @@ async fn two_codes_side_by_side() {
                 let got = node.client().get(&format!("/v1/shards/{name}"));
                 (got.status == 200).then(|| {
                     let (header, _) = shard_frame::parse(&got.body).unwrap();
-                    (header.params.data, header.params.total, header.index)
+                    (header.params.data(), header.params.total(), header.index)
                 })
             })
             .collect()
@@ -1510,7 +1510,7 @@ async fn a_fill_never_overwrites_a_shard_written_after_its_read() {
     assert_eq!(got.status, 200);
     let (header, _) = shard_frame::parse(&got.body).unwrap();
     assert_eq!(
-        (header.params.data, header.params.total),
+        (header.params.data(), header.params.total()),
         (4, 6),
         "the fill overwrote the other code's shard"
     );

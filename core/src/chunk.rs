@@ -89,17 +89,33 @@ impl FromStr for ChunkName {
     type Err = ChunkNameError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ChunkNameError(s.to_owned());
-        if s.len() != 64 {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-                .map_err(|_| bad())?;
-        }
-        Ok(Self(out))
+        decode_hex32(s)
+            .map(Self)
+            .ok_or_else(|| ChunkNameError(s.to_owned()))
     }
+}
+
+/// 32 bytes from exactly 64 lowercase hexadecimal digits: the one spelling `to_hex` (and
+/// every name on disk or in a URL) uses. Uppercase digits and signs, which
+/// `u8::from_str_radix` would take, are refused, so that no two texts name one value (a
+/// file named in another spelling would be indexed under a name whose path is not its own).
+pub fn decode_hex32(text: &str) -> Option<[u8; 32]> {
+    fn digit(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let text = text.as_bytes();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(text.chunks_exact(2)) {
+        *byte = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
 }
 
 /// The key a chunk is encrypted under. Its Debug output is redacted.
@@ -432,5 +448,15 @@ mod tests {
         assert_eq!(name.to_hex().parse::<ChunkName>().unwrap(), name);
         assert!("zz".parse::<ChunkName>().is_err());
         assert!("g".repeat(64).parse::<ChunkName>().is_err());
+        // One spelling only: what to_hex writes.
+        let hex = name.to_hex();
+        assert!(hex.to_uppercase().parse::<ChunkName>().is_err());
+        let signed = format!("+{}", &hex[1..]);
+        assert!(signed.parse::<ChunkName>().is_err(), "{signed}");
+        assert!(format!("{}é", &hex[..62]).parse::<ChunkName>().is_err());
+        for text in ["0".repeat(64), "f".repeat(64), hex.clone()] {
+            let parsed: ChunkName = text.parse().unwrap();
+            assert_eq!(parsed.to_hex(), text);
+        }
     }
 }

@@ -15,7 +15,6 @@ mod gf256;
 mod kernels;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 pub use gf256::Gf256Codec;
 pub use kernels::Kernel;
@@ -52,11 +51,13 @@ pub enum ErasureError {
     },
 }
 
-/// k-of-M: `data` shards carry the chunk, `total - data` carry parity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// k-of-M: `data` shards carry the chunk, `total - data` carry parity. Made only by `new`,
+/// which checks them (k at least 1, k < M <= 64): nothing outside this crate can build one
+/// that divides by zero or overflows a shard mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CodeParams {
-    pub data: u8,
-    pub total: u8,
+    pub(crate) data: u8,
+    pub(crate) total: u8,
 }
 
 impl CodeParams {

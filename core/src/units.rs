@@ -123,12 +123,12 @@ impl de::Visitor<'_> for ByteSizeVisitor {
     }
 }
 
-/// A duration. Parses a number with a unit: `us`, `ms`, `s`, `m`, `h` (a bare number is
-/// seconds).
+/// A duration. Parses a number with a unit: `ns`, `us`, `ms`, `s`, `m`, `h` (a bare number
+/// is seconds); prints in the largest of `s`, `ms`, `us`, `ns` that keeps it exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct HumanDuration(pub Duration);
 
-const DURATION_UNITS: &str = "use us, ms, s, m or h";
+const DURATION_UNITS: &str = "use ns, us, ms, s, m or h";
 
 impl FromStr for HumanDuration {
     type Err = UnitParseError;
@@ -136,6 +136,7 @@ impl FromStr for HumanDuration {
     fn from_str(input: &str) -> Result<Self, Self::Err> {
         let (number, unit) = split_number(input)?;
         let nanos_per_unit: u64 = match unit.to_ascii_lowercase().as_str() {
+            "ns" => 1,
             "us" | "µs" => 1_000,
             "ms" => 1_000_000,
             "" | "s" => 1_000_000_000,
@@ -160,8 +161,11 @@ impl fmt::Display for HumanDuration {
             write!(f, "{}s", d.as_secs())
         } else if d.as_nanos().is_multiple_of(1_000_000) {
             write!(f, "{}ms", d.as_millis())
-        } else {
+        } else if d.as_nanos().is_multiple_of(1_000) {
             write!(f, "{}us", d.as_micros())
+        } else {
+            // Not "0us" for 100 ns: a config written back must read as it was.
+            write!(f, "{}ns", d.as_nanos())
         }
     }
 }
@@ -323,8 +327,13 @@ mod tests {
 
     #[test]
     fn display_round_trips_through_parse() {
-        for d in ["250ms", "30s", "100us"] {
+        for d in ["250ms", "30s", "100us", "100ns", "1500ns"] {
             assert_eq!(d.parse::<HumanDuration>().unwrap().to_string(), d);
+        }
+        for (input, printed) in [("0.1us", "100ns"), ("1.5us", "1500ns"), ("1.5ms", "1500us")] {
+            let parsed: HumanDuration = input.parse().unwrap();
+            assert_eq!(parsed.to_string(), printed);
+            assert_eq!(printed.parse::<HumanDuration>().unwrap(), parsed, "{input}");
         }
         assert_eq!(
             "512MiB"

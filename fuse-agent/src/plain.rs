@@ -275,15 +275,10 @@ fn hex(id: &FileId) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A copy's id from its file name, in the one spelling `hex` writes: a stray file named in
+/// another is not taken for the copy it would spell.
 fn parse_id(name: &str) -> Option<FileId> {
-    if name.len() != 64 {
-        return None;
-    }
-    let mut id = [0u8; 32];
-    for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(id)
+    slapshot_core::chunk::decode_hex32(name)
 }
 
 #[cfg(test)]

@@ -73,9 +73,9 @@ impl ImageId {
         crate::keys::hex(&self.0)
     }
 
+    /// An id as a user may type it: 64 hexadecimal digits, in either case.
     pub fn parse(text: &str) -> Option<Self> {
-        let name: ChunkName = text.parse().ok()?;
-        Some(Self(name.0))
+        slapshot_core::chunk::decode_hex32(&text.to_ascii_lowercase()).map(Self)
     }
 }
 
@@ -848,6 +848,16 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_ids_parse_in_either_case_and_print_in_lower() {
+        let id = ImageId([0xab; 32]);
+        for text in [id.to_hex(), id.to_hex().to_uppercase()] {
+            assert_eq!(ImageId::parse(&text), Some(id), "{text}");
+        }
+        assert_eq!(ImageId::parse(&format!("+{}", &id.to_hex()[1..])), None);
+        assert_eq!(ImageId::parse("python"), None);
+    }
 
     pub(crate) fn sample() -> Manifest {
         let meta = |mode| Meta {
