@@ -109,7 +109,8 @@ impl ImageStore {
         Ok(out)
     }
 
-    async fn read_ref(&self, name: &str) -> Result<Option<ImageId>, ImageError> {
+    /// The image a name points at, if the name exists.
+    pub async fn read_ref(&self, name: &str) -> Result<Option<ImageId>, ImageError> {
         let Some(bytes) = self.origin.get_object(&format!("refs/{name}")).await? else {
             return Ok(None);
         };

@@ -161,15 +161,39 @@ impl Settings {
         toml::to_string_pretty(self).expect("settings serialise")
     }
 
-    /// The origin, which every image command needs.
+    /// The origin, to read images from: a local directory must exist (a mistyped path is
+    /// an error, not an empty origin made on the spot).
     pub fn origin(&self) -> anyhow::Result<std::sync::Arc<dyn Origin>> {
-        let location = self.origin.as_deref().ok_or_else(|| {
+        let location = self.origin_location()?;
+        let local = location.strip_prefix("file://").unwrap_or(location);
+        if !location.contains("://") || location.starts_with("file://") {
+            match std::fs::metadata(local) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => anyhow::bail!("origin {local} is not a directory"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                    "origin {local} does not exist (`slapshot flatten` creates it with the first image)"
+                ),
+                Err(e) => anyhow::bail!("origin {local}: {e}"),
+            }
+        }
+        Ok(open_origin_with(location, &self.origin_options)?)
+    }
+
+    /// The origin, to store images in: a local directory is created if missing.
+    pub fn origin_to_write(&self) -> anyhow::Result<std::sync::Arc<dyn Origin>> {
+        Ok(open_origin_with(
+            self.origin_location()?,
+            &self.origin_options,
+        )?)
+    }
+
+    fn origin_location(&self) -> anyhow::Result<&str> {
+        self.origin.as_deref().ok_or_else(|| {
             anyhow::anyhow!(
                 "no origin: pass --origin DIR|s3://bucket/prefix, or name one in slapshot.toml \
                  (--config, ${ENV_CONFIG}, or ./slapshot.toml)"
             )
-        })?;
-        Ok(open_origin_with(location, &self.origin_options)?)
+        })
     }
 
     /// The tenant key file: from the settings, else ~/.config/slapshot/tenant.key.

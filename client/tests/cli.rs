@@ -40,9 +40,13 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
             "--capacity",
             "128MiB",
             "--server-arg=--region-size=8MiB",
+            // Relative to the current directory, as every --origin is.
+            "--origin",
+            "my-origin",
             "--dir",
         ])
         .arg(&fleet_dir)
+        .current_dir(dir.path())
         .env("SLAPSHOT_SERVER_BIN", slapshot_testkit::server_binary())
         .stdout(Stdio::null())
         .spawn()
@@ -61,6 +65,15 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     let fleet_file = fleet_dir.join("fleet.toml");
     wait_for(&fleet_file, up);
     let fleet = fleet_file.to_str().unwrap();
+    // Recorded absolute: the files' readers resolve relative paths from the files' directory.
+    let origin = dir.path().join("my-origin");
+    for file in ["fleet.toml", "slapshot.toml"] {
+        let text = std::fs::read_to_string(fleet_dir.join(file)).unwrap();
+        assert!(
+            text.contains(&format!("origin = \"{}\"", origin.display())),
+            "{file}: {text}"
+        );
+    }
 
     let data = slapshot_testkit::Rng::new(51).bytes(512 * 1024);
     let file = dir.path().join("chunk");

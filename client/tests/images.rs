@@ -211,6 +211,66 @@ fn a_failed_flatten_publishes_nothing() {
     assert!(!env.origin().join("refs").exists(), "a name was published");
 }
 
+/// Typos do not make things: a missing origin is an error for the commands that read, and
+/// a reference that does not open leaves no key and no origin behind; a name is not taken
+/// over by an image sealed under another key.
+#[test]
+fn mistakes_are_refused_before_anything_is_made() {
+    let env = Env::new();
+    for args in [&["images"][..], &["ls", "small"], &["cat", "small", "/x"]] {
+        let out = env.run(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("does not exist"), "{args:?}: {err}");
+        assert!(!env.origin().exists(), "{args:?} made the origin");
+    }
+    let out = env.run(&["flatten", "oci:/no/such/layout:v1", "--name", "x"]);
+    assert!(!out.status.success());
+    assert!(!env.origin().exists(), "a failed flatten made the origin");
+    assert!(
+        !env.dir.path().join("tenant.key").exists(),
+        "a failed flatten made a key"
+    );
+
+    let layout = env.dir.path().join("layout");
+    small_image(&layout);
+    let gz = format!("oci:{}:gz", layout.display());
+    let first = json(&env.ok(&["flatten", &gz, "--name", "small", "--json"]));
+    // Another key file (a typo: it is made on first use) may not take the name over.
+    let other_key = env.dir.path().join("typo.key");
+    let flatten_with_other_key = |name: &str| {
+        Command::new(slapshot_bin())
+            .args(["flatten", &gz, "--name", name, "--json", "--origin"])
+            .arg(env.origin())
+            .arg("--key-file")
+            .arg(&other_key)
+            .env_remove("SLAPSHOT_CONFIG")
+            .current_dir(env.dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = flatten_with_other_key("small");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the name \"small\" belongs to image") && err.contains("typo.key"),
+        "{err}"
+    );
+    assert_eq!(env.ok(&["cat", "small", "/etc/motd"]), b"replaced\n");
+    let images = String::from_utf8(env.ok(&["images"])).unwrap();
+    assert!(
+        images.contains(&first["image_id"].as_str().unwrap()[..12]),
+        "{images}"
+    );
+    // A name of its own is fine.
+    let out = flatten_with_other_key("small-other-tenant");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn settings_come_from_slapshot_toml() {
     let dir = tempfile::tempdir().unwrap();

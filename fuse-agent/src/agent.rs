@@ -85,9 +85,16 @@ pub async fn resolve_image(
     settings: &Settings,
     reference: &str,
 ) -> anyhow::Result<(ImageId, Arc<Manifest>)> {
-    let store = ImageStore::new(settings.origin()?);
+    // A source is flattened into the origin (made if missing); a name or id is read from it.
+    let is_source = SourceRef::looks_like_source(reference);
+    let origin = if is_source {
+        settings.origin_to_write()?
+    } else {
+        settings.origin()?
+    };
+    let store = ImageStore::new(origin);
     let key_file = KeyFile::new(settings.key_file());
-    if SourceRef::looks_like_source(reference) {
+    if is_source {
         let source_ref = SourceRef::parse(reference)?;
         let source = tokio::task::spawn_blocking(move || open_source(&source_ref)).await??;
         // A source is known by its layers and configuration, and by everything else that

@@ -22,7 +22,7 @@ use std::{
     time::Instant,
 };
 
-use slapshot_core::{ChunkKey, ChunkName, Salt, SealedChunk, chunk::seal};
+use slapshot_core::{CHUNK_SIZE, ChunkKey, ChunkName, Salt, SealedChunk, chunk::seal};
 
 use crate::{
     layer::{LayerError, Limits, ParsedLayer, Usage, read_layer},
@@ -129,6 +129,14 @@ pub fn flatten(
 ) -> Result<Flattened, FlattenError> {
     let started = Instant::now();
     options.layout.validate().map_err(FlattenError::Layout)?;
+    // Planning (`slapshot dedup`) may try larger chunks; stored ones must be readable, and
+    // every reader refuses a chunk over CHUNK_SIZE.
+    if matches!(mode, Mode::Seal(_)) && options.layout.chunk_size as usize > CHUNK_SIZE {
+        return Err(FlattenError::Layout(format!(
+            "a chunk size of {} bytes: stored chunks are at most {CHUNK_SIZE} bytes (512 KiB), which readers enforce; larger sizes are for `slapshot dedup` only",
+            options.layout.chunk_size
+        )));
+    }
     let threads = options.threads.max(1);
 
     // 1. Read the layers.

@@ -1011,3 +1011,33 @@ fn a_failed_layer_is_reported_not_the_layer_it_stopped() {
         "{err}"
     );
 }
+
+#[test]
+fn stored_chunks_stay_within_what_readers_take_while_plans_may_go_larger() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = LayerBuilder::new();
+    layer.file("big", 0o644, data(13, 3 << 20));
+    write_oci(
+        dir.path(),
+        "c",
+        &RuntimeConfig::default(),
+        &[(layer, LayerCompression::Gzip)],
+    )
+    .unwrap();
+    let mut opts = options(2);
+    opts.layout.chunk_size = 4 << 20;
+    let err = match flatten_ref(&oci(dir.path(), "c"), &opts) {
+        Ok(_) => panic!("a flatten with 4 MiB chunks was stored"),
+        Err(e) => e,
+    };
+    assert!(err.contains("at most 524288 bytes"), "{err}");
+    // `slapshot dedup` plans with them.
+    let source = open_source(&SourceRef::parse(&oci(dir.path(), "c")).unwrap()).unwrap();
+    let planned = slapshot_image::flatten(&source, &opts, Mode::PlanOnly, &NoProgress).unwrap();
+    assert_eq!(planned.manifest.chunks.len(), 1);
+    // The largest stored size works, and makes chunks of it.
+    opts.layout.chunk_size = slapshot_core::CHUNK_SIZE as u32;
+    let flat = flatten_ref(&oci(dir.path(), "c"), &opts).unwrap();
+    assert_eq!(flat.file("/big"), data(13, 3 << 20));
+    assert_eq!(flat.manifest.chunks.len(), 6);
+}

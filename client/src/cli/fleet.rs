@@ -225,13 +225,25 @@ impl LocalFleet {
         let mut config = FleetConfig::new(configs);
         config.data_shards = code.data();
         config.total_shards = code.total();
-        config.origin = Some(args.origin.clone().unwrap_or_else(|| "origin".into()));
+        // A relative --origin means what it means everywhere else, from the current
+        // directory; the files record it absolute, since their readers resolve relative
+        // paths from the files' own directory.
+        let origin = match &args.origin {
+            Some(origin) if !origin.contains("://") && Path::new(origin).is_relative() => Some(
+                std::path::absolute(origin)
+                    .with_context(|| format!("--origin {origin}"))?
+                    .display()
+                    .to_string(),
+            ),
+            other => other.clone(),
+        };
+        config.origin = Some(origin.clone().unwrap_or_else(|| "origin".into()));
         let fleet_file = args.dir.join("fleet.toml");
         let tmp = fleet_file.with_extension("toml.tmp");
         std::fs::write(&tmp, config.to_toml()).and_then(|()| std::fs::rename(&tmp, &fleet_file))?;
         // Read it back so that relative paths (the origin) resolve as any reader's would.
         let config = FleetConfig::load(&fleet_file)?;
-        write_settings(&args.dir, &config, args.origin.as_deref())?;
+        write_settings(&args.dir, &config, origin.as_deref())?;
         Ok(LocalFleet {
             nodes,
             config,

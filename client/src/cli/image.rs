@@ -11,11 +11,11 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use slapshot_core::{ByteSize, ChunkName, Salt};
 use slapshot_image::{
-    FlattenOptions, ImageId, KeyFile, KeyProvider, Manifest, Mode, SourceRef,
+    FlattenOptions, ImageId, KeyFile, KeyProvider, Manifest, Mode, SourceRef, TenantKey,
     flatten::{FlattenStats, Progress},
     layer::Limits,
     layout::LayoutParams,
-    manifest::InodeKind,
+    manifest::{self, InodeKind},
     open_source,
     read::{covering, is_zero, open_chunk, resolve},
 };
@@ -29,7 +29,8 @@ use crate::{
 /// change them to experiment (`slapshot dedup` shows the effect).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LayoutArgs {
-    /// Largest chunk; large files are cut into chunks of this size.
+    /// Largest chunk; large files are cut into chunks of this size (4 KiB to 512 KiB for
+    /// `flatten`, whose chunks readers take up to 512 KiB; up to 64 MiB for `dedup`).
     #[arg(long, value_name = "BYTES", default_value = "512KiB")]
     pub chunk_size: ByteSize,
     /// Files (and tails of large files) shorter than this are packed together.
@@ -165,17 +166,26 @@ pub async fn flatten_image(
     show_progress: bool,
 ) -> anyhow::Result<FlattenReport> {
     let started = Instant::now();
-    let origin = settings.origin()?;
-    let key_file = KeyFile::new(settings.key_file());
-    let key = key_file
-        .sealing_key()
-        .context("cannot get the tenant key")?;
+    // Everything that can be checked is, before a key or an origin is created for a run
+    // that cannot succeed.
     let source_ref = SourceRef::parse(image)?;
+    let source = tokio::task::spawn_blocking(move || open_source(&source_ref))
+        .await
+        .context("the thread opening the image failed")??;
     let salt = args
         .salt
         .clone()
         .unwrap_or_else(|| settings.salt().to_owned());
     let options = args.layout.options(&salt)?;
+    let origin = settings.origin_to_write()?;
+    let key_file = KeyFile::new(settings.key_file());
+    let key = key_file
+        .sealing_key()
+        .context("cannot get the tenant key")?;
+    let store = ImageStore::new(origin.clone());
+    if let Some(name) = &args.name {
+        check_name_is_ours(&store, name, &key, &key_file).await?;
+    }
     let sink = Arc::new(OriginSink::new(
         origin.clone(),
         tokio::runtime::Handle::current(),
@@ -184,7 +194,6 @@ pub async fn flatten_image(
     let progress = Bar::new(show_progress && std::io::stderr().is_terminal());
     let task_sink = sink.clone();
     let (flattened, manifest, sink_report) = tokio::task::spawn_blocking(move || {
-        let source = open_source(&source_ref)?;
         let result =
             slapshot_image::flatten(&source, &options, Mode::Seal(task_sink.as_ref()), &progress);
         // Wait for every upload whatever happened, so that none outlives the command.
@@ -203,7 +212,6 @@ pub async fn flatten_image(
     let sink_report = sink_report.map_err(|e| anyhow::anyhow!("uploading chunks: {e}"))?;
     let manifest_bytes = manifest.len() as u64;
     // Published last: a failed run leaves no manifest and no name behind.
-    let store = ImageStore::new(origin);
     let id = store.put_manifest(Bytes::from(manifest)).await?;
     if let Some(name) = &args.name {
         store.set_name(name, &id).await?;
@@ -224,6 +232,32 @@ pub async fn flatten_image(
         manifest_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A name already given to an image sealed under another tenant key is not taken over: a
+/// mistyped `--key-file` (a new key, made on first use) would otherwise point the name at an
+/// image its owners cannot open.
+async fn check_name_is_ours(
+    store: &ImageStore,
+    name: &str,
+    key: &TenantKey,
+    key_file: &KeyFile,
+) -> anyhow::Result<()> {
+    let Some(current) = store.read_ref(name).await? else {
+        return Ok(());
+    };
+    let Ok(bytes) = store.manifest_bytes(&current).await else {
+        // The image it named is gone or damaged: nothing to protect.
+        return Ok(());
+    };
+    match Manifest::decode(&bytes, key) {
+        Err(e @ manifest::ManifestError::WrongKey { .. }) => anyhow::bail!(
+            "the name {name:?} belongs to image {current}, and {e}: flatten under another name, \
+             or with the key file that made it (this run's is {})",
+            key_file.describe()
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn print_report(r: &FlattenReport) {
