@@ -266,6 +266,24 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     assert!(!after.status.success(), "status of a stopped fleet fails");
 }
 
+/// Warnings to a pipe or a file are plain text: colour codes are for terminals.
+#[test]
+fn log_lines_off_a_terminal_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = dir.path().join("dead.toml");
+    // Five nodes on ports nothing listens on: every node is marked down, with a warning.
+    let nodes: String = (0..5)
+        .map(|i| format!("[[nodes]]\nid = \"n{i}\"\naddr = \"127.0.0.1:{}\"\n", 9 + i))
+        .collect();
+    std::fs::write(&fleet, nodes).unwrap();
+    let name = "0".repeat(64);
+    let output = slapshot(&["chunk", "get", "--fleet", fleet.to_str().unwrap(), &name]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+}
+
 #[test]
 fn fleet_up_refuses_fewer_nodes_than_the_code_needs() {
     let dir = tempfile::tempdir().unwrap();
@@ -369,4 +387,16 @@ fn errors_print_each_cause_once() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("invalid fleet file"), "{stderr}");
     assert_eq!(stderr.matches("invalid type").count(), 1, "{stderr}");
+
+    let origin = dir.path().join("origin");
+    let output = slapshot(&[
+        "flatten",
+        "docker-archive:/nonexistent.tar",
+        "--origin",
+        origin.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot read /nonexistent.tar"), "{stderr}");
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
 }

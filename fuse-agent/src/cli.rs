@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use slapshot_client::settings::{Settings, SettingsArgs};
 use slapshot_core::ByteSize;
 
@@ -97,6 +97,25 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     check_can_mount()?;
     let mut settings = Settings::resolve(&args.settings)?;
     args.cache.apply(&mut settings);
+    // What can fail fast does, before an image is flattened or fetched for nothing. A dead
+    // slapshot mount there (ENOTCONN) is for the mount itself to clear.
+    match std::fs::metadata(&args.mountpoint) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => bail!(
+            "cannot mount at {}: not a directory",
+            args.mountpoint.display()
+        ),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        Err(e) => bail!("cannot mount at {}: {e}", args.mountpoint.display()),
+    }
+    let metrics = match &args.metrics_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let (id, manifest) = resolve_image(&settings, &args.image).await?;
     let runtime = tokio::runtime::Handle::current();
     let tiers = build_tiers(&settings, runtime.clone())?;
@@ -122,10 +141,7 @@ pub async fn mount(args: MountArgs) -> anyhow::Result<()> {
     .context("the mount thread failed")??;
     let _socket = StatsSocket::start(&args.mountpoint, stats.clone())
         .context("cannot open the stats socket")?;
-    if let Some(addr) = &args.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+    if let Some(listener) = metrics {
         tokio::spawn(serve_metrics(listener, stats.clone()));
     }
     eprintln!(

@@ -51,10 +51,10 @@ const LIBRARY_DIRS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostImageError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Elf { path: PathBuf, message: String },
@@ -76,7 +76,7 @@ impl Gathered {
     fn include(&mut self, path: &Path) -> Result<PathBuf, HostImageError> {
         let io = |source| HostImageError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         };
         let mut current = PathBuf::from("/");
         let mut pending: VecDeque<PathBuf> = components(path);
@@ -141,7 +141,7 @@ struct ElfNeeds {
 fn elf_dependencies(path: &Path) -> Result<ElfNeeds, HostImageError> {
     let bytes = std::fs::read(path).map_err(|source| HostImageError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let bad = |message: &str| HostImageError::Elf {
         path: path.to_owned(),
@@ -375,7 +375,7 @@ pub fn build_with(
     }
     write_oci(layout, tag, &config, &layers).map_err(|source| HostImageError::Io {
         path: layout.to_owned(),
-        source,
+        error: source,
     })?;
     Ok(found)
 }
@@ -397,11 +397,11 @@ fn add_all(layer: &mut LayerBuilder, gathered: &Gathered) -> Result<(), HostImag
     for file in &gathered.files {
         let meta = std::fs::metadata(file).map_err(|source| HostImageError::Io {
             path: file.clone(),
-            source,
+            error: source,
         })?;
         let bytes = std::fs::read(file).map_err(|source| HostImageError::Io {
             path: file.clone(),
-            source,
+            error: source,
         })?;
         layer.file(&relative(file), meta.mode() & 0o7777, bytes);
     }

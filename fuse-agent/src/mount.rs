@@ -23,10 +23,10 @@ pub enum MountError {
         "mounting needs root (or CAP_SYS_ADMIN) and /dev/fuse; {0}. Without them, `slapshot cat` reads files through the same tiers"
     )]
     NotPermitted(String),
-    #[error("cannot mount at {path}: {source}")]
-    Mount { path: PathBuf, source: io::Error },
-    #[error("cannot unmount {path}: {source}")]
-    Unmount { path: PathBuf, source: io::Error },
+    #[error("cannot mount at {path}: {error}")]
+    Mount { path: PathBuf, error: io::Error },
+    #[error("cannot unmount {path}: {error}")]
+    Unmount { path: PathBuf, error: io::Error },
 }
 
 /// Checks what mounting needs, with a message that says what is missing.
@@ -89,7 +89,7 @@ impl Mount {
         config.clone_fd = true;
         let fail = |source| MountError::Mount {
             path: mountpoint.to_owned(),
-            source,
+            error: source,
         };
         detach_if_dead(mountpoint);
         let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(fail)?;
@@ -142,13 +142,13 @@ impl Mount {
             if e.raw_os_error() != Some(libc::EBUSY) {
                 return Err(MountError::Unmount {
                     path: self.mountpoint.clone(),
-                    source: e,
+                    error: e,
                 });
             }
             nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(
                 |e| MountError::Unmount {
                     path: self.mountpoint.clone(),
-                    source: e.into(),
+                    error: e.into(),
                 },
             )?;
             outcome = Unmounted::Detached;

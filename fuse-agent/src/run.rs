@@ -33,21 +33,18 @@ use crate::{
 pub enum RunError {
     #[error(transparent)]
     Mount(#[from] MountError),
-    #[error("setting up the container: {what}: {source}")]
-    Setup {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("setting up the container: {what}: {error}")]
+    Setup { what: String, error: std::io::Error },
     #[error("{0:?} is not in the image (searched PATH={1})")]
     NotFound(String, String),
     #[error("user {0:?}: only numeric users (UID or UID:GID) are supported")]
     User(String),
     #[error("no command: give one after --, or flatten an image with an entrypoint or cmd")]
     NoCommand,
-    #[error("cannot start {program}: {source}")]
+    #[error("cannot start {program}: {error}")]
     Spawn {
         program: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -168,13 +165,13 @@ pub fn run(
         .spawn(move || run_here(fs, stats, spec, program, uid, gid))
         .map_err(|source| RunError::Setup {
             what: "starting the run thread".into(),
-            source,
+            error: source,
         })?
         .join()
         .unwrap_or_else(|_| {
             Err(RunError::Setup {
                 what: "the run thread".into(),
-                source: std::io::Error::other("panicked"),
+                error: std::io::Error::other("panicked"),
             })
         })
 }
@@ -183,13 +180,13 @@ fn setup_err(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> RunEr
     let what = what.into();
     move |e| RunError::Setup {
         what,
-        source: e.into(),
+        error: e.into(),
     }
 }
 
 fn io_setup_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
-    move |source| RunError::Setup { what, source }
+    move |error| RunError::Setup { what, error }
 }
 
 fn run_here(
@@ -253,13 +250,13 @@ fn run_here(
         }
         let mut child = command.spawn().map_err(|source| RunError::Spawn {
             program: spec.command[0].clone(),
-            source,
+            error: source,
         })?;
         spec.child_pid
             .store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
         let status = child.wait().map_err(|source| RunError::Spawn {
             program: spec.command[0].clone(),
-            source,
+            error: source,
         });
         spec.child_pid.store(0, std::sync::atomic::Ordering::SeqCst);
         Ok(RunOutcome {
@@ -329,7 +326,7 @@ impl ChildSetup {
         let c = |bytes: &[u8], what: &str| {
             CString::new(bytes).map_err(|e| RunError::Setup {
                 what: what.to_owned(),
-                source: std::io::Error::other(e),
+                error: std::io::Error::other(e),
             })
         };
         let mut workdirs = Vec::new();

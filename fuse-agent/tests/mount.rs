@@ -326,6 +326,34 @@ fn umoci(args: &[&str]) {
     );
 }
 
+/// A mountpoint that cannot be mounted on is found before the image is flattened (or a
+/// key and an origin made for it).
+#[test]
+fn mount_checks_its_mountpoint_before_it_flattens() {
+    if !can_mount("mount_checks_its_mountpoint_before_it_flattens") {
+        return;
+    }
+    let world = World::new();
+    let layout = world.path("layout");
+    data_image(&layout, 1000);
+    let reference = format!("oci:{}:data", layout.display());
+    for mountpoint in [world.path("no-such-dir"), layout.join("oci-layout")] {
+        let mut command = world.slapshot();
+        command.arg("mount").arg(&reference).arg(&mountpoint);
+        world.with_origin(&mut command);
+        let out = command.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains(&format!("cannot mount at {}", mountpoint.display())),
+            "{err}"
+        );
+        assert!(!err.contains("flattening"), "{err}");
+        assert!(!world.path("origin").exists(), "{err}");
+        assert!(!world.path("tenant.key").exists(), "{err}");
+    }
+}
+
 #[test]
 fn the_mounted_tree_equals_umoci_unpack() {
     if !can_mount("the_mounted_tree_equals_umoci_unpack") {

@@ -71,13 +71,13 @@ pub struct Usage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("{layer}: {source}")]
-    Read { layer: String, source: io::Error },
-    #[error("{layer}: entry {entry:?}: {source}")]
+    #[error("{layer}: {error}")]
+    Read { layer: String, error: io::Error },
+    #[error("{layer}: entry {entry:?}: {error}")]
     Tar {
         layer: String,
         entry: String,
-        source: TarError,
+        error: TarError,
     },
     #[error("{layer}: entry {entry:?}: {message}")]
     Limit {
@@ -175,7 +175,7 @@ pub fn read_layer(
     let label = blob.label.clone();
     let read_err = |source: io::Error| LayerError::Read {
         layer: label.clone(),
-        source,
+        error: source,
     };
     let (raw, stored_verified) = blob.open()?;
     let mut buffered = BufReader::with_capacity(1 << 20, raw);
@@ -228,7 +228,7 @@ pub fn read_layer(
                         .last()
                         .map(|e: &LayerEntry| format!("after {}", lossy(&e.header.path)))
                         .unwrap_or_else(|| "the first".into()),
-                    source,
+                    error: source,
                 });
             }
         };
@@ -265,7 +265,7 @@ pub fn read_layer(
                 let n = tar.read_data(&mut buf).map_err(|source| LayerError::Tar {
                     layer: label.clone(),
                     entry: entry_name.clone(),
-                    source,
+                    error: source,
                 })?;
                 if n == 0 {
                     break;

@@ -29,8 +29,8 @@ const MAX_JSON_BLOB: u64 = 16 << 20;
 pub enum SourceError {
     #[error("{0:?} is not an image reference: use oci:PATH[:TAG] or docker-archive:PATH")]
     BadReference(String),
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     #[error("{what} in {path}: {message}")]
     Invalid {
         path: PathBuf,
@@ -127,7 +127,7 @@ impl LayerBlob {
     pub fn open(&self) -> Result<OpenedBlob, SourceError> {
         let io_err = |source| SourceError::Io {
             path: self.file.clone(),
-            source,
+            error: source,
         };
         let mut file = File::open(&self.file).map_err(io_err)?;
         file.seek(SeekFrom::Start(self.offset)).map_err(io_err)?;
@@ -342,7 +342,7 @@ fn open_oci(
         let len = std::fs::metadata(&file)
             .map_err(|source| SourceError::Io {
                 path: file.clone(),
-                source,
+                error: source,
             })?
             .len();
         if len != layer.size {
@@ -438,7 +438,7 @@ fn read_blob(root: &Path, descriptor: &Descriptor) -> Result<Vec<u8>, SourceErro
     let path = blob_path(root, &digest);
     let bytes = std::fs::read(&path).map_err(|source| SourceError::Io {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     if bytes.len() as u64 != descriptor.size || Digest::of(&bytes) != digest {
         return Err(invalid(
@@ -456,14 +456,14 @@ fn read_blob(root: &Path, descriptor: &Descriptor) -> Result<Vec<u8>, SourceErro
 fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SourceError> {
     let file = File::open(path).map_err(|source| SourceError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     })?;
     let mut bytes = Vec::new();
     file.take(MAX_JSON_BLOB + 1)
         .read_to_end(&mut bytes)
         .map_err(|source| SourceError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         })?;
     if bytes.len() as u64 > MAX_JSON_BLOB {
         return Err(invalid(path, "a JSON file", "too large"));
@@ -491,7 +491,7 @@ struct Member {
 fn open_docker_archive(reference: &SourceRef, path: &Path) -> Result<ImageSource, SourceError> {
     let io_err = |source| SourceError::Io {
         path: path.to_owned(),
-        source,
+        error: source,
     };
     // Index the archive's members. `docker save` writes an uncompressed tar, so each
     // member can be read in place by its offset.
