@@ -50,7 +50,9 @@ enum Command {
     /// fleet and origin. Stays in the foreground; SIGINT or SIGTERM unmounts. Needs root.
     Mount(agent::MountArgs),
     /// Run a program inside an image (mounted on demand, with a writable layer discarded at
-    /// exit), pass its exit code through, and print what it fetched. Needs root.
+    /// exit), pass its exit code through, and print what it fetched. Needs root. As with
+    /// `docker run`, slapshot's own failures exit 125, a program it cannot start 126, and a
+    /// program that is not in the image 127.
     Run(agent::RunArgs),
     /// Print the statistics of a running `slapshot mount`: chunks, bytes and latency per tier.
     Stats(agent::StatsArgs),
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let is_run = matches!(cli.command, Command::Run(_));
     let result = runtime.block_on(async {
         let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
         match cli.command {
@@ -123,7 +126,23 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("slapshot: {e:#}");
-            ExitCode::FAILURE
+            if is_run {
+                run_failure_code(&e)
+            } else {
+                ExitCode::FAILURE
+            }
         }
+    }
+}
+
+/// `run` passes the program's exit code through, so its own failures take the codes
+/// `docker run` gives them: 127 when the program is not in the image, 126 when it cannot
+/// be started, 125 when slapshot itself failed.
+fn run_failure_code(e: &anyhow::Error) -> ExitCode {
+    use slapshot_fuse_agent::run::RunError;
+    match e.chain().find_map(|c| c.downcast_ref::<RunError>()) {
+        Some(RunError::NotFound(..)) => ExitCode::from(127),
+        Some(RunError::Spawn { .. }) => ExitCode::from(126),
+        _ => ExitCode::from(125),
     }
 }

@@ -48,7 +48,7 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("invalid fleet file {path}: {error}")]
+    #[error("{path}: {error}")]
     Parse {
         path: PathBuf,
         error: toml::de::Error,

@@ -98,7 +98,8 @@ pub struct SettingsArgs {
     /// Origin: a directory or s3://bucket/prefix (overrides the settings file).
     #[arg(long, value_name = "LOCATION")]
     pub origin: Option<String>,
-    /// Tenant key file (overrides the settings file).
+    /// Tenant key file (overrides the settings file) [default: ~/.config/slapshot/tenant.key].
+    /// `flatten` creates it (0600) if missing; the other commands need it to exist.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 }

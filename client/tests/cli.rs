@@ -385,8 +385,30 @@ fn errors_print_each_cause_once() {
     std::fs::write(&bad, "data-shards = \"four\"\n").unwrap();
     let output = slapshot(&["chunk", "get", "--fleet", bad.to_str().unwrap(), &name]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("invalid fleet file"), "{stderr}");
+    assert!(stderr.contains(&format!("{}: ", bad.display())), "{stderr}");
     assert_eq!(stderr.matches("invalid type").count(), 1, "{stderr}");
+    // A settings file is not called a fleet file.
+    let settings = dir.path().join("slapshot.toml");
+    std::fs::write(&settings, "orign = \"o\"\n").unwrap();
+    let output = slapshot(&["images", "--config", settings.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("{}: ", settings.display())) && stderr.contains("orign"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("fleet file"), "{stderr}");
+
+    // Flags a command would ignore are refused, not ignored.
+    let output = slapshot(&["run", "x", "--files", "1GiB", "--", "true"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(125), "{stderr}");
+    assert!(
+        stderr.contains("--files is for `slapshot mount`"),
+        "{stderr}"
+    );
+    let output = slapshot(&["demo", "--concurrency", "4"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--chunks"));
 
     let origin = dir.path().join("origin");
     let output = slapshot(&[

@@ -160,6 +160,12 @@ fn flatten_names_lists_and_reads_images() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
     let out = env.run(&["flatten", &gz, "--name", "bad/name"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid image name"));
+    let out = env.run(&["flatten", &gz, "--spool-dir", "/nonexistent-spool"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spool file in /nonexistent-spool (--spool-dir)"),
+        "{err}"
+    );
 
     // Another tenant key cannot open the image, and says why.
     let out = Command::new(slapshot_bin())

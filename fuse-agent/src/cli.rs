@@ -211,6 +211,9 @@ pub struct RunArgs {
 
 /// Runs a program inside an image; returns its exit code.
 pub async fn run_command(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.cache.files.is_some() {
+        bail!("--files is for `slapshot mount`: `run` reads every file through the agent");
+    }
     check_can_mount()?;
     let mut settings = Settings::resolve(&args.settings)?;
     args.cache.apply(&mut settings);

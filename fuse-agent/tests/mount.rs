@@ -744,8 +744,17 @@ fn run_passes_output_and_exit_codes_and_gives_a_writable_root() {
     world.with_origin(&mut command);
     command.args(["--", "no-such-program"]);
     let out = command.output().unwrap();
-    assert!(!out.status.success());
+    // As `docker run`: 127 for a program not found, 125 for slapshot's own failures, so
+    // that neither is taken for the program's own exit code.
+    assert_eq!(out.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not in the image"));
+    let mut command = world.slapshot();
+    command.args(["run", "no-such-image"]);
+    world.with_origin(&mut command);
+    command.args(["--", "true"]);
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-image"));
 }
 
 #[test]

@@ -89,8 +89,11 @@ pub enum LayerError {
     Unverified { layer: String },
     #[error("{layer}: not read to its end, since another layer failed")]
     Cancelled { layer: String },
-    #[error("spool: {0}")]
-    Spool(io::Error),
+    #[error("spool file in {dir} (--spool-dir): {error}")]
+    Spool {
+        dir: std::path::PathBuf,
+        error: io::Error,
+    },
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
 }
@@ -208,7 +211,11 @@ pub fn read_layer(
         return Err(LayerError::Unverified { layer: label });
     }
 
-    let spool_file = tempfile::tempfile_in(spool_dir).map_err(LayerError::Spool)?;
+    let spool_err = |error: io::Error| LayerError::Spool {
+        dir: spool_dir.to_owned(),
+        error,
+    };
+    let spool_file = tempfile::tempfile_in(spool_dir).map_err(spool_err)?;
     let mut spool = BufWriter::with_capacity(1 << 20, spool_file);
     let mut spool_len = 0u64;
     let mut tar = TarReader::new(stream);
@@ -271,7 +278,7 @@ pub fn read_layer(
                     break;
                 }
                 hasher.update(&buf[..n]);
-                spool.write_all(&buf[..n]).map_err(LayerError::Spool)?;
+                spool.write_all(&buf[..n]).map_err(spool_err)?;
                 spool_len += n as u64;
             }
             Some(Content {
@@ -312,9 +319,7 @@ pub fn read_layer(
     if !checks.iter().all(|flag| flag.load(Ordering::Acquire)) {
         return Err(LayerError::Unverified { layer: label });
     }
-    let file = spool
-        .into_inner()
-        .map_err(|e| LayerError::Spool(e.into_error()))?;
+    let file = spool.into_inner().map_err(|e| spool_err(e.into_error()))?;
     Ok(ParsedLayer {
         index,
         label,

@@ -22,10 +22,10 @@ use crate::{
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Chunks of 512 KiB to seal and read (with --chunks).
-    #[arg(long, value_name = "N", default_value_t = 256)]
+    #[arg(long, value_name = "N", default_value_t = 256, requires = "chunks")]
     pub chunk_count: usize,
-    /// Concurrent chunk reads.
-    #[arg(long, default_value_t = 16)]
+    /// Concurrent chunk reads (with --chunks).
+    #[arg(long, value_name = "N", default_value_t = 16, requires = "chunks")]
     pub concurrency: usize,
     /// Keep the demo's files (fleet, origin, caches) here instead of a temporary directory.
     #[arg(long, value_name = "DIR")]

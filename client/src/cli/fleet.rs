@@ -15,8 +15,8 @@ use crate::{FleetClient, FleetConfig, config::NodeConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
-    /// Number of nodes.
-    #[arg(long, value_name = "N")]
+    /// Number of nodes (at least M, the shards written per chunk).
+    #[arg(long, value_name = "N", default_value_t = 5)]
     pub nodes: usize,
     /// Directory for the nodes' data and logs (DIR/node-I), the fleet file (DIR/fleet.toml)
     /// and the settings for image commands (DIR/slapshot.toml).

@@ -112,7 +112,8 @@ pub struct FlattenArgs {
     /// A name for the image in the origin (`slapshot images` lists names).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// Convergent-encryption salt (overrides the settings file).
+    /// Convergent-encryption salt (overrides the settings file) [default: slapshot-default-salt].
+    /// Images deduplicate only with images flattened under the same salt.
     #[arg(long, value_name = "SALT")]
     pub salt: Option<String>,
     /// Print one JSON object on stdout instead of the summary.
