@@ -194,7 +194,8 @@ impl Origin for ObjectStoreOrigin {
 /// - `s3://bucket/prefix`: S3 or an S3-compatible server, configured by the standard AWS
 ///   environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 ///   and `AWS_ENDPOINT` plus `AWS_ALLOW_HTTP=true` for a plain-HTTP compatible server);
-/// - `file:///path` or a plain path: a local directory, created if missing.
+/// - `file:///path` or a plain path: a local directory, created if missing (the command line
+///   makes it only for commands that store images: `Settings::origin_to_write`).
 pub fn open_origin(location: &str) -> Result<Arc<dyn Origin>, OriginError> {
     open_origin_with(location, &BTreeMap::new())
 }
