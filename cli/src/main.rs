@@ -51,8 +51,8 @@ enum Command {
     Mount(agent::MountArgs),
     /// Run a program inside an image (mounted on demand, with a writable layer discarded at
     /// exit), pass its exit code through, and print what it fetched. Needs root. As with
-    /// `docker run`, slapshot's own failures exit 125, a program it cannot start 126, and a
-    /// program that is not in the image 127.
+    /// `docker run`, slapshot's own failures exit 125, a program it cannot execute 126, and
+    /// a program that is not in the image 127 (bad arguments: 2).
     Run(agent::RunArgs),
     /// Print the statistics of a running `slapshot mount`: chunks, bytes and latency per tier.
     Stats(agent::StatsArgs),
@@ -136,13 +136,18 @@ fn main() -> ExitCode {
 }
 
 /// `run` passes the program's exit code through, so its own failures take the codes
-/// `docker run` gives them: 127 when the program is not in the image, 126 when it cannot
-/// be started, 125 when slapshot itself failed.
+/// `docker run` gives them: 127 when the program (or its interpreter) is not in the image,
+/// 126 when it cannot be executed, 125 when slapshot itself failed (setting up the
+/// container included). Bad arguments exit 2, as for every command.
 fn run_failure_code(e: &anyhow::Error) -> ExitCode {
     use slapshot_fuse_agent::run::RunError;
     match e.chain().find_map(|c| c.downcast_ref::<RunError>()) {
         Some(RunError::NotFound(..)) => ExitCode::from(127),
-        Some(RunError::Spawn { .. }) => ExitCode::from(126),
+        Some(RunError::Spawn { error, .. }) => match error.raw_os_error() {
+            Some(libc::ENOENT) => ExitCode::from(127),
+            Some(libc::EACCES | libc::ENOEXEC) => ExitCode::from(126),
+            _ => ExitCode::from(125),
+        },
         _ => ExitCode::from(125),
     }
 }

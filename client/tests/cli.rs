@@ -271,13 +271,28 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
 fn log_lines_off_a_terminal_have_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let fleet = dir.path().join("dead.toml");
-    // Five nodes on ports nothing listens on: every node is marked down, with a warning.
-    let nodes: String = (0..5)
-        .map(|i| format!("[[nodes]]\nid = \"n{i}\"\naddr = \"127.0.0.1:{}\"\n", 9 + i))
+    // Five nodes on ports nothing listens on any more: every node is marked down, with a
+    // warning.
+    let closed: Vec<u16> = (0..5)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        })
+        .collect();
+    let nodes: String = closed
+        .iter()
+        .enumerate()
+        .map(|(i, port)| format!("[[nodes]]\nid = \"n{i}\"\naddr = \"127.0.0.1:{port}\"\n"))
         .collect();
     std::fs::write(&fleet, nodes).unwrap();
     let name = "0".repeat(64);
-    let output = slapshot(&["chunk", "get", "--fleet", fleet.to_str().unwrap(), &name]);
+    let output = Command::new(slapshot_bin())
+        .args(["chunk", "get", "--log", "warn", "--fleet"])
+        .arg(&fleet)
+        .arg(&name)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("WARN"), "{stderr}");

@@ -259,9 +259,26 @@ fn mistakes_are_refused_before_anything_is_made() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("the name \"small\" belongs to image") && err.contains("typo.key"),
+        err.contains("the name \"small\" belongs to image")
+            && err.contains("typo.key (no such file)"),
         "{err}"
     );
+    assert!(!other_key.exists(), "the refused run made a key");
+    // A key file that exists, but is not the name's, is refused as well.
+    std::fs::write(&other_key, format!("{}\n", "ab".repeat(32))).unwrap();
+    let out = flatten_with_other_key("small");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("which is not the key in"), "{err}");
+    std::fs::remove_file(&other_key).unwrap();
+    // The name's own key may flatten under it again.
+    env.ok(&["flatten", &gz, "--name", "small"]);
+    // A chunk size readers would refuse makes nothing either.
+    let fresh = Env::new();
+    let out = fresh.run(&["flatten", &gz, "--chunk-size", "1MiB"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 524288 bytes"));
+    assert!(!fresh.origin().exists() && !fresh.dir.path().join("tenant.key").exists());
     assert_eq!(env.ok(&["cat", "small", "/etc/motd"]), b"replaced\n");
     let images = String::from_utf8(env.ok(&["images"])).unwrap();
     assert!(

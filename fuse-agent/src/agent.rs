@@ -85,18 +85,13 @@ pub async fn resolve_image(
     settings: &Settings,
     reference: &str,
 ) -> anyhow::Result<(ImageId, Arc<Manifest>)> {
-    // A source is flattened into the origin (made if missing); a name or id is read from it.
-    let is_source = SourceRef::looks_like_source(reference);
-    let origin = if is_source {
-        settings.origin_to_write()?
-    } else {
-        settings.origin()?
-    };
-    let store = ImageStore::new(origin);
     let key_file = KeyFile::new(settings.key_file());
-    if is_source {
+    if SourceRef::looks_like_source(reference) {
+        // Opened before the origin is made (if missing) to flatten it into: a mistyped
+        // source makes nothing.
         let source_ref = SourceRef::parse(reference)?;
         let source = tokio::task::spawn_blocking(move || open_source(&source_ref)).await??;
+        let store = ImageStore::new(settings.origin_to_write()?);
         // A source is known by its layers and configuration, and by everything else that
         // decides what flattening makes of it (tenant key, salt, layout, format): the id
         // it flattened to is remembered in the origin, so that a second run starts at once.
@@ -145,6 +140,7 @@ pub async fn resolve_image(
         let manifest = Manifest::decode(&bytes, &key).with_context(|| format!("image {id}"))?;
         return Ok((id, Arc::new(manifest)));
     }
+    let store = ImageStore::new(settings.origin()?);
     let key = key_file.opening_key()?;
     let (id, manifest) = store.load(reference, &key).await?;
     Ok((id, Arc::new(manifest)))

@@ -121,6 +121,18 @@ enum Built {
     Stored { name: ChunkName, key: ChunkKey },
 }
 
+/// Planning (`slapshot dedup`) may try larger chunks; stored ones must be readable, and
+/// every reader refuses a chunk over CHUNK_SIZE.
+pub fn check_storable(layout: &LayoutParams) -> Result<(), FlattenError> {
+    if layout.chunk_size as usize > CHUNK_SIZE {
+        return Err(FlattenError::Layout(format!(
+            "a chunk size of {} bytes: stored chunks are at most {CHUNK_SIZE} bytes (512 KiB), which readers enforce; larger sizes are for `slapshot dedup` only",
+            layout.chunk_size
+        )));
+    }
+    Ok(())
+}
+
 pub fn flatten(
     source: &ImageSource,
     options: &FlattenOptions,
@@ -129,13 +141,8 @@ pub fn flatten(
 ) -> Result<Flattened, FlattenError> {
     let started = Instant::now();
     options.layout.validate().map_err(FlattenError::Layout)?;
-    // Planning (`slapshot dedup`) may try larger chunks; stored ones must be readable, and
-    // every reader refuses a chunk over CHUNK_SIZE.
-    if matches!(mode, Mode::Seal(_)) && options.layout.chunk_size as usize > CHUNK_SIZE {
-        return Err(FlattenError::Layout(format!(
-            "a chunk size of {} bytes: stored chunks are at most {CHUNK_SIZE} bytes (512 KiB), which readers enforce; larger sizes are for `slapshot dedup` only",
-            options.layout.chunk_size
-        )));
+    if matches!(mode, Mode::Seal(_)) {
+        check_storable(&options.layout)?;
     }
     let threads = options.threads.max(1);
 

@@ -241,9 +241,9 @@ impl Manifest {
         Ok(out)
     }
 
-    /// Checks and decodes a manifest sealed under `key`.
-    pub fn decode(bytes: &[u8], key: &TenantKey) -> Result<Self, ManifestError> {
-        let malformed = |what: &str| ManifestError::Malformed(what.to_owned());
+    /// The id of the tenant key a manifest says it was sealed under, from its header alone
+    /// (not authenticated: `decode` checks it against the key before trusting anything).
+    pub fn sealing_key_id(bytes: &[u8]) -> Result<[u8; 16], ManifestError> {
         if bytes.len() < HEADER_LEN || bytes[..8] != MAGIC {
             return Err(ManifestError::BadMagic);
         }
@@ -251,7 +251,13 @@ impl Manifest {
         if version != VERSION {
             return Err(ManifestError::Version(version));
         }
-        let key_id: [u8; 16] = bytes[12..28].try_into().expect("16 bytes");
+        Ok(bytes[12..28].try_into().expect("16 bytes"))
+    }
+
+    /// Checks and decodes a manifest sealed under `key`.
+    pub fn decode(bytes: &[u8], key: &TenantKey) -> Result<Self, ManifestError> {
+        let malformed = |what: &str| ManifestError::Malformed(what.to_owned());
+        let key_id = Self::sealing_key_id(bytes)?;
         if key_id != key.id() {
             return Err(ManifestError::WrongKey {
                 expected: crate::keys::hex(&key_id),

@@ -11,17 +11,17 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use slapshot_core::{ByteSize, ChunkName, Salt};
 use slapshot_image::{
-    FlattenOptions, ImageId, KeyFile, KeyProvider, Manifest, Mode, SourceRef, TenantKey,
+    FlattenOptions, ImageId, KeyFile, KeyProvider, Manifest, Mode, SourceRef,
     flatten::{FlattenStats, Progress},
     layer::Limits,
     layout::LayoutParams,
-    manifest::{self, InodeKind},
+    manifest::InodeKind,
     open_source,
     read::{covering, is_zero, open_chunk, resolve},
 };
 
 use crate::{
-    images::{ImageStore, OriginSink, validate_name},
+    images::{ImageError, ImageStore, OriginSink, validate_name},
     settings::{Settings, SettingsArgs},
 };
 
@@ -178,15 +178,17 @@ pub async fn flatten_image(
         .clone()
         .unwrap_or_else(|| settings.salt().to_owned());
     let options = args.layout.options(&salt)?;
+    slapshot_image::flatten::check_storable(&options.layout)?;
     let origin = settings.origin_to_write()?;
+    let store = ImageStore::new(origin.clone());
     let key_file = KeyFile::new(settings.key_file());
+    // Before a key is made on first use: a name already taken needs the key that took it.
+    if let Some(name) = &args.name {
+        check_name_is_ours(&store, name, &key_file).await?;
+    }
     let key = key_file
         .sealing_key()
         .context("cannot get the tenant key")?;
-    let store = ImageStore::new(origin.clone());
-    if let Some(name) = &args.name {
-        check_name_is_ours(&store, name, &key, &key_file).await?;
-    }
     let sink = Arc::new(OriginSink::new(
         origin.clone(),
         tokio::runtime::Handle::current(),
@@ -237,28 +239,52 @@ pub async fn flatten_image(
 
 /// A name already given to an image sealed under another tenant key is not taken over: a
 /// mistyped `--key-file` (a new key, made on first use) would otherwise point the name at an
-/// image its owners cannot open.
+/// image its owners cannot open. Only the manifest's header is read (its key id). Between
+/// this check and the new name being written, another flatten may set the name: the last
+/// one wins, as before.
 async fn check_name_is_ours(
     store: &ImageStore,
     name: &str,
-    key: &TenantKey,
     key_file: &KeyFile,
 ) -> anyhow::Result<()> {
-    let Some(current) = store.read_ref(name).await? else {
-        return Ok(());
+    let current = match store.read_ref(name).await {
+        Ok(Some(id)) => id,
+        // Free, or a damaged ref: nothing to protect.
+        Ok(None) | Err(ImageError::BadRef { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
     };
-    let Ok(bytes) = store.manifest_bytes(&current).await else {
+    let bytes = match store.manifest_bytes(&current).await {
+        Ok(bytes) => bytes,
         // The image it named is gone or damaged: nothing to protect.
+        Err(ImageError::UnknownId { .. } | ImageError::Damaged { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let Ok(theirs) = Manifest::sealing_key_id(&bytes) else {
         return Ok(());
     };
-    match Manifest::decode(&bytes, key) {
-        Err(e @ manifest::ManifestError::WrongKey { .. }) => anyhow::bail!(
-            "the name {name:?} belongs to image {current}, and {e}: flatten under another name, \
-             or with the key file that made it (this run's is {})",
-            key_file.describe()
-        ),
-        _ => Ok(()),
+    let ours = match key_file.opening_key() {
+        Ok(key) => Some(key.id()),
+        // No key yet: this run would make one, which cannot be the name's.
+        Err(_) if !key_file.path().exists() => None,
+        Err(e) => return Err(e.into()),
+    };
+    if ours == Some(theirs) {
+        return Ok(());
     }
+    bail!(
+        "the name {name:?} belongs to image {current}, sealed with tenant key {}, which is not \
+         the key in {}{}: flatten under another name, or with the key file that made it",
+        theirs
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        key_file.describe(),
+        if ours.is_none() {
+            " (no such file)"
+        } else {
+            ""
+        },
+    )
 }
 
 fn print_report(r: &FlattenReport) {
