@@ -217,10 +217,13 @@ fn fleet_up_serves_chunks_and_stops_cleanly() {
     assert!(partial_dir.join(&names[1]).exists() && partial_dir.join(&names[3]).exists());
     assert!(!partial_dir.join(&absent).exists());
 
-    let status = slapshot(&["fleet", "status", "--fleet", fleet]);
+    let status = slapshot(&["fleet", "status", "--fleet", fleet, "--metrics"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{text}");
     assert!(text.contains("5 of 5 nodes healthy"), "{text}");
+    // --metrics prints the client's own, as for the chunk commands.
+    let metrics = String::from_utf8_lossy(&status.stderr);
+    assert!(metrics.contains("# TYPE slapshot_client_"), "{metrics}");
 
     // Bad input gets a clear message and a failing exit status.
     let big = dir.path().join("big");
@@ -421,6 +424,9 @@ fn errors_print_each_cause_once() {
         stderr.contains("--files is for `slapshot mount`"),
         "{stderr}"
     );
+    let output = slapshot(&["fleet", "status", "--fleet", "f.toml", "--origin", "o"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--origin does not apply"));
     let output = slapshot(&["demo", "--concurrency", "4"]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--chunks"));

@@ -493,6 +493,9 @@ fn find_server_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
 }
 
 pub async fn status(fleet: &super::FleetArgs) -> anyhow::Result<()> {
+    if fleet.origin.is_some() {
+        bail!("fleet status reads no chunks: --origin does not apply to it");
+    }
     let config = fleet.load()?;
     let client = FleetClient::with_origin(config, None)?;
     let health = client.get_from_each_node("/health").await;
@@ -546,6 +549,9 @@ pub async fn status(fleet: &super::FleetArgs) -> anyhow::Result<()> {
         );
     }
     println!("{healthy} of {} nodes healthy", client.config().nodes.len());
+    if fleet.metrics {
+        eprint!("{}", client.metrics().render());
+    }
     if healthy < client.config().data_shards {
         bail!(
             "fewer healthy nodes than the {} a read needs",
