@@ -236,12 +236,11 @@ pub fn open_origin_with(
             "origin options apply to s3:// origins only".into(),
         ));
     }
-    if location.contains("://") && !location.starts_with("file://") {
+    let Some(dir) = local_dir(location) else {
         return Err(url_error(
             "use a directory, file:///path or s3://bucket/prefix".into(),
         ));
-    }
-    let dir = Path::new(location.strip_prefix("file://").unwrap_or(location));
+    };
     std::fs::create_dir_all(dir).map_err(|e| url_error(e.to_string()))?;
     let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| url_error(e.to_string()))?;
     Ok(Arc::new(ObjectStoreOrigin::new(
@@ -249,6 +248,15 @@ pub fn open_origin_with(
         ObjectPath::default(),
         dir.display().to_string(),
     )))
+}
+
+/// The directory a plain path or `file://` location names; `None` for any other scheme.
+pub fn local_dir(location: &str) -> Option<&Path> {
+    match location.strip_prefix("file://") {
+        Some(path) => Some(Path::new(path)),
+        None if !location.contains("://") => Some(Path::new(location)),
+        None => None,
+    }
 }
 
 #[cfg(test)]

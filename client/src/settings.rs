@@ -166,9 +166,9 @@ impl Settings {
     /// an error, not an empty origin made on the spot).
     pub fn origin(&self) -> anyhow::Result<std::sync::Arc<dyn Origin>> {
         let location = self.origin_location()?;
-        let local = location.strip_prefix("file://").unwrap_or(location);
-        if !location.contains("://") || location.starts_with("file://") {
-            match std::fs::metadata(local) {
+        if let Some(dir) = crate::origin::local_dir(location) {
+            let local = dir.display();
+            match std::fs::metadata(dir) {
                 Ok(meta) if meta.is_dir() => {}
                 Ok(_) => anyhow::bail!("origin {local} is not a directory"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(

@@ -95,6 +95,16 @@ impl FromStr for ChunkName {
     }
 }
 
+/// Bytes as lowercase hexadecimal digits, the spelling `decode_hex32` reads.
+pub fn encode_hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut out = String::with_capacity(2 * bytes.len());
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
 /// 32 bytes from exactly 64 lowercase hexadecimal digits: the one spelling `to_hex` (and
 /// every name on disk or in a URL) uses. Uppercase digits and signs, which
 /// `u8::from_str_radix` would take, are refused, so that no two texts name one value (a

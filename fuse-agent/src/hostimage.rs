@@ -74,9 +74,9 @@ impl Gathered {
     /// Adds `path` as the host resolves it: every symlink met on the way (so that the
     /// image resolves it the same way), its directories, and the file it ends at.
     fn include(&mut self, path: &Path) -> Result<PathBuf, HostImageError> {
-        let io = |source| HostImageError::Io {
+        let io = |error| HostImageError::Io {
             path: path.to_owned(),
-            error: source,
+            error,
         };
         let mut current = PathBuf::from("/");
         let mut pending: VecDeque<PathBuf> = components(path);
@@ -139,9 +139,9 @@ struct ElfNeeds {
 
 /// The program's interpreter and needed libraries, from its ELF headers.
 fn elf_dependencies(path: &Path) -> Result<ElfNeeds, HostImageError> {
-    let bytes = std::fs::read(path).map_err(|source| HostImageError::Io {
+    let bytes = std::fs::read(path).map_err(|error| HostImageError::Io {
         path: path.to_owned(),
-        error: source,
+        error,
     })?;
     let bad = |message: &str| HostImageError::Elf {
         path: path.to_owned(),
@@ -373,9 +373,9 @@ pub fn build_with(
     if let Some(extra) = extra_layer {
         layers.push((extra, LayerCompression::Gzip));
     }
-    write_oci(layout, tag, &config, &layers).map_err(|source| HostImageError::Io {
+    write_oci(layout, tag, &config, &layers).map_err(|error| HostImageError::Io {
         path: layout.to_owned(),
-        error: source,
+        error,
     })?;
     Ok(found)
 }
@@ -395,13 +395,13 @@ fn add_all(layer: &mut LayerBuilder, gathered: &Gathered) -> Result<(), HostImag
         layer.symlink(&relative(link), &target.display().to_string());
     }
     for file in &gathered.files {
-        let meta = std::fs::metadata(file).map_err(|source| HostImageError::Io {
+        let meta = std::fs::metadata(file).map_err(|error| HostImageError::Io {
             path: file.clone(),
-            error: source,
+            error,
         })?;
-        let bytes = std::fs::read(file).map_err(|source| HostImageError::Io {
+        let bytes = std::fs::read(file).map_err(|error| HostImageError::Io {
             path: file.clone(),
-            error: source,
+            error,
         })?;
         layer.file(&relative(file), meta.mode() & 0o7777, bytes);
     }

@@ -87,9 +87,9 @@ impl Mount {
         config.acl = SessionACL::All;
         config.n_threads = Some(threads.max(1));
         config.clone_fd = true;
-        let fail = |source| MountError::Mount {
+        let fail = |error| MountError::Mount {
             path: mountpoint.to_owned(),
-            error: source,
+            error,
         };
         detach_if_dead(mountpoint);
         let mut session = fuser::Session::new(fs, mountpoint, &config).map_err(fail)?;

@@ -272,7 +272,7 @@ impl Drop for Making {
 }
 
 fn hex(id: &FileId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    slapshot_core::chunk::encode_hex(id)
 }
 
 /// A copy's id from its file name, in the one spelling `hex` writes: a stray file named in

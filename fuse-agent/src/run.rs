@@ -163,9 +163,9 @@ pub fn run(
     std::thread::Builder::new()
         .name("slapshot-run".into())
         .spawn(move || run_here(fs, stats, spec, program, uid, gid))
-        .map_err(|source| RunError::Setup {
+        .map_err(|error| RunError::Setup {
             what: "starting the run thread".into(),
-            error: source,
+            error,
         })?
         .join()
         .unwrap_or_else(|_| {
@@ -248,15 +248,15 @@ fn run_here(
         unsafe {
             command.pre_exec(move || child_setup.enter(gid, uid));
         }
-        let mut child = command.spawn().map_err(|source| RunError::Spawn {
+        let mut child = command.spawn().map_err(|error| RunError::Spawn {
             program: spec.command[0].clone(),
-            error: source,
+            error,
         })?;
         spec.child_pid
             .store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
-        let status = child.wait().map_err(|source| RunError::Spawn {
+        let status = child.wait().map_err(|error| RunError::Spawn {
             program: spec.command[0].clone(),
-            error: source,
+            error,
         });
         spec.child_pid.store(0, std::sync::atomic::Ordering::SeqCst);
         Ok(RunOutcome {

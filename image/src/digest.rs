@@ -22,7 +22,7 @@ impl Digest {
     }
 
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        slapshot_core::chunk::encode_hex(&self.0)
     }
 }
 

@@ -9,13 +9,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use slapshot_core::chunk::{decode_hex32, encode_hex};
+
 /// A 256-bit tenant key. Debug output is redacted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TenantKey(pub [u8; 32]);
 
 impl fmt::Debug for TenantKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TenantKey({})", hex(&self.id()))
+        write!(f, "TenantKey({})", encode_hex(&self.id()))
     }
 }
 
@@ -59,7 +61,8 @@ impl KeyFile {
         &self.path
     }
 
-    fn read(&self) -> Result<Option<TenantKey>, KeyError> {
+    /// The key in the file, or `None` if there is no file.
+    pub fn read(&self) -> Result<Option<TenantKey>, KeyError> {
         let fail = |message: String| KeyError::File {
             path: self.path.clone(),
             message,
@@ -69,15 +72,9 @@ impl KeyFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(fail(e.to_string())),
         };
-        let text = text.trim();
-        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(fail("does not hold a key (64 hexadecimal digits)".into()));
-        }
-        let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte =
-                u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| fail(e.to_string()))?;
-        }
+        // Either case: the file may have been written by hand.
+        let key = decode_hex32(&text.trim().to_ascii_lowercase())
+            .ok_or_else(|| fail("does not hold a key (64 hexadecimal digits)".into()))?;
         Ok(Some(TenantKey(key)))
     }
 
@@ -103,7 +100,7 @@ impl KeyFile {
             .tempfile_in(dir)
             .map_err(|e| fail(e.to_string()))?;
         staged
-            .write_all(format!("{}\n", hex(&key)).as_bytes())
+            .write_all(format!("{}\n", encode_hex(&key)).as_bytes())
             .and_then(|()| staged.as_file().sync_all())
             .map_err(|e| fail(e.to_string()))?;
         // Renamed into place unless a file is there (renameat2 with RENAME_NOREPLACE, or a
@@ -143,10 +140,6 @@ impl KeyProvider for KeyFile {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

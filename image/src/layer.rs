@@ -176,9 +176,9 @@ pub fn read_layer(
     cancel: &AtomicBool,
 ) -> Result<ParsedLayer, LayerError> {
     let label = blob.label.clone();
-    let read_err = |source: io::Error| LayerError::Read {
+    let read_err = |error: io::Error| LayerError::Read {
         layer: label.clone(),
-        error: source,
+        error,
     };
     let (raw, stored_verified) = blob.open()?;
     let mut buffered = BufReader::with_capacity(1 << 20, raw);
@@ -228,14 +228,14 @@ pub fn read_layer(
         let header = match tar.next_entry() {
             Ok(Some(header)) => header,
             Ok(None) => break,
-            Err(source) => {
+            Err(error) => {
                 return Err(LayerError::Tar {
                     layer: label,
                     entry: entries
                         .last()
                         .map(|e: &LayerEntry| format!("after {}", lossy(&e.header.path)))
                         .unwrap_or_else(|| "the first".into()),
-                    error: source,
+                    error,
                 });
             }
         };
@@ -269,10 +269,10 @@ pub fn read_layer(
             let offset = spool_len;
             let mut hasher = blake3::Hasher::new();
             loop {
-                let n = tar.read_data(&mut buf).map_err(|source| LayerError::Tar {
+                let n = tar.read_data(&mut buf).map_err(|error| LayerError::Tar {
                     layer: label.clone(),
                     entry: entry_name.clone(),
-                    error: source,
+                    error,
                 })?;
                 if n == 0 {
                     break;

@@ -70,7 +70,7 @@ impl ImageId {
     }
 
     pub fn to_hex(&self) -> String {
-        crate::keys::hex(&self.0)
+        slapshot_core::chunk::encode_hex(&self.0)
     }
 
     /// An id as a user may type it: 64 hexadecimal digits, in either case.
@@ -260,8 +260,8 @@ impl Manifest {
         let key_id = Self::sealing_key_id(bytes)?;
         if key_id != key.id() {
             return Err(ManifestError::WrongKey {
-                expected: crate::keys::hex(&key_id),
-                given: crate::keys::hex(&key.id()),
+                expected: slapshot_core::chunk::encode_hex(&key_id),
+                given: slapshot_core::chunk::encode_hex(&key.id()),
             });
         }
         let plain_len = u64::from_le_bytes(bytes[28..36].try_into().expect("8 bytes"));

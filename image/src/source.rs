@@ -125,9 +125,9 @@ impl LayerBlob {
     /// stream, and the flag that says the check passed. Without a stored digest there is
     /// no flag, and the caller must check `diff_id` on the uncompressed stream.
     pub fn open(&self) -> Result<OpenedBlob, SourceError> {
-        let io_err = |source| SourceError::Io {
+        let io_err = |error| SourceError::Io {
             path: self.file.clone(),
-            error: source,
+            error,
         };
         let mut file = File::open(&self.file).map_err(io_err)?;
         file.seek(SeekFrom::Start(self.offset)).map_err(io_err)?;
@@ -340,9 +340,9 @@ fn open_oci(
         let digest = parse_digest(root, &format!("layer {i}"), &layer.digest)?;
         let file = blob_path(root, &digest);
         let len = std::fs::metadata(&file)
-            .map_err(|source| SourceError::Io {
+            .map_err(|error| SourceError::Io {
                 path: file.clone(),
-                error: source,
+                error,
             })?
             .len();
         if len != layer.size {
@@ -436,9 +436,9 @@ fn read_blob(root: &Path, descriptor: &Descriptor) -> Result<Vec<u8>, SourceErro
         ));
     }
     let path = blob_path(root, &digest);
-    let bytes = std::fs::read(&path).map_err(|source| SourceError::Io {
+    let bytes = std::fs::read(&path).map_err(|error| SourceError::Io {
         path: path.clone(),
-        error: source,
+        error,
     })?;
     if bytes.len() as u64 != descriptor.size || Digest::of(&bytes) != digest {
         return Err(invalid(
@@ -454,16 +454,16 @@ fn read_blob(root: &Path, descriptor: &Descriptor) -> Result<Vec<u8>, SourceErro
 }
 
 fn read_json_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SourceError> {
-    let file = File::open(path).map_err(|source| SourceError::Io {
+    let file = File::open(path).map_err(|error| SourceError::Io {
         path: path.to_owned(),
-        error: source,
+        error,
     })?;
     let mut bytes = Vec::new();
     file.take(MAX_JSON_BLOB + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| SourceError::Io {
+        .map_err(|error| SourceError::Io {
             path: path.to_owned(),
-            error: source,
+            error,
         })?;
     if bytes.len() as u64 > MAX_JSON_BLOB {
         return Err(invalid(path, "a JSON file", "too large"));
@@ -489,9 +489,9 @@ struct Member {
 }
 
 fn open_docker_archive(reference: &SourceRef, path: &Path) -> Result<ImageSource, SourceError> {
-    let io_err = |source| SourceError::Io {
+    let io_err = |error| SourceError::Io {
         path: path.to_owned(),
-        error: source,
+        error,
     };
     // Index the archive's members. `docker save` writes an uncompressed tar, so each
     // member can be read in place by its offset.

@@ -262,22 +262,15 @@ async fn check_name_is_ours(
     let Ok(theirs) = Manifest::sealing_key_id(&bytes) else {
         return Ok(());
     };
-    let ours = match key_file.opening_key() {
-        Ok(key) => Some(key.id()),
-        // No key yet: this run would make one, which cannot be the name's.
-        Err(_) if !key_file.path().exists() => None,
-        Err(e) => return Err(e.into()),
-    };
+    // No key yet: this run would make one, which cannot be the name's.
+    let ours = key_file.read()?.map(|key| key.id());
     if ours == Some(theirs) {
         return Ok(());
     }
     bail!(
         "the name {name:?} belongs to image {current}, sealed with tenant key {}, which is not \
          the key in {}{}: flatten under another name, or with the key file that made it",
-        theirs
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
+        slapshot_core::chunk::encode_hex(&theirs),
         key_file.describe(),
         if ours.is_none() {
             " (no such file)"

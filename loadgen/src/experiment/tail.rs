@@ -367,30 +367,25 @@ impl Collected {
         self.paced.merge(other.paced);
     }
 
-    /// The p99 of 4-of-5 late binding (the 4th answer of 5), if any read had 4 answers.
-    fn late_binding_p99_us(&self) -> Option<u64> {
-        let mut late_binding = histogram();
+    /// The `q` quantile of the times `pick` finds in the samples, if it finds any.
+    fn quantile_us(&self, q: f64, pick: impl Fn(&[Answer; 5]) -> Option<Duration>) -> Option<u64> {
+        let mut times = histogram();
         for (s, _) in &self.samples {
-            if let Some(d) = kth(s, 4) {
-                late_binding.saturating_record(us(d));
+            if let Some(d) = pick(s) {
+                times.saturating_record(us(d));
             }
         }
-        (!late_binding.is_empty()).then(|| late_binding.value_at_quantile(0.99))
+        (!times.is_empty()).then(|| times.value_at_quantile(q))
+    }
+
+    /// The p99 of 4-of-5 late binding (the 4th answer of 5), if any read had 4 answers.
+    fn late_binding_p99_us(&self) -> Option<u64> {
+        self.quantile_us(0.99, |s| kth(s, 4))
     }
 
     /// The p95 of the 4th arrival among the data shards (the hedge trigger).
     fn fourth_data_shard_p95_us(&self) -> u64 {
-        let mut fourth = histogram();
-        for (s, _) in &self.samples {
-            if let Some(d) = last_of(&s[..4]) {
-                fourth.saturating_record(us(d));
-            }
-        }
-        if fourth.is_empty() {
-            1000
-        } else {
-            fourth.value_at_quantile(0.95)
-        }
+        self.quantile_us(0.95, |s| last_of(&s[..4])).unwrap_or(1000)
     }
 
     /// Every scheme's latencies and misses, the hedged one with `trigger_us`.
